@@ -1,0 +1,213 @@
+//! Map keys and values shared by the BPF datapath (`lb-ebpf`) and the node agent (`lb-userspace`).
+//!
+//! Every type is `#[repr(C)]` with every byte a named field, so that hash keys never carry
+//! uninitialised padding and both sides agree on the layout. Addresses and ports are stored in
+//! network byte order (the bytes as they appear on the wire, read as a native integer); counts,
+//! ids and flags are in host byte order. The `user` feature derives `bytemuck::Pod`, which
+//! rejects any implicit padding at compile time, and `aya::Pod` for the map APIs.
+#![no_std]
+
+/// IP protocol numbers the datapath translates.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Map names (the pinned file names under the agent's `--pin-path`).
+pub mod map_names {
+    pub const SERVICES_V4: &str = "LB4_SERVICES";
+    pub const BACKEND_SLOTS: &str = "LB_SLOTS";
+    pub const BACKENDS_V4: &str = "LB4_BACKENDS";
+    pub const CONNTRACK_V4: &str = "LB4_CONNTRACK";
+    pub const STATS: &str = "LB_STATS";
+    pub const SERVICE_STATS: &str = "LB_SVC_STATS";
+}
+
+/// Name of the XDP program in the object file.
+pub const XDP_PROGRAM: &str = "lb_xdp";
+
+/// Capacity of the maps (entries). The conntrack size can be changed at load time.
+pub const MAX_SERVICES: u32 = 65_536;
+pub const MAX_BACKENDS: u32 = 65_536;
+pub const MAX_BACKEND_SLOTS: u32 = 262_144;
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+/// Service ids index `LB_SVC_STATS`, so they stay below this bound. Id 0 is never used.
+pub const MAX_SERVICE_IDS: u32 = 65_536;
+
+/// Source address a hairpin flow (a pod reaching itself through a Service) is translated to,
+/// so that the pod's reply leaves the pod and comes back through the node: 169.254.42.1.
+pub const HAIRPIN_SNAT_V4: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
+
+/// How long (ns) a conntrack entry's `last_seen_ns` may lag before a packet refreshes it.
+pub const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+macro_rules! map_type {
+    ($(#[$meta:meta])* pub struct $name:ident { $($body:tt)* } size $size:expr;) => {
+        $(#[$meta])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+        #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+        pub struct $name { $($body)* }
+
+        const _: () = assert!(core::mem::size_of::<$name>() == $size);
+
+        #[cfg(feature = "user")]
+        // SAFETY: `bytemuck::Pod` (derived above) proves the type has no padding and every
+        // bit pattern is valid, which is what `aya::Pod` requires.
+        unsafe impl aya::Pod for $name {}
+    };
+}
+
+map_type! {
+    /// A frontend: an IPv4 address, port and protocol that traffic is addressed to
+    /// (a ClusterIP, a node address with a NodePort, an external or load-balancer IP).
+    pub struct ServiceKeyV4 {
+        /// Network byte order.
+        pub addr: u32,
+        /// Network byte order.
+        pub port: u16,
+        pub proto: u8,
+        /// `SCOPE_*`: which endpoint set this entry serves.
+        pub scope: u8,
+    }
+    size 8;
+}
+
+/// The entry serves every client (`ServiceKeyV4::scope`).
+pub const SCOPE_ALL: u8 = 0;
+
+map_type! {
+    /// What a frontend resolves to. Its usable backends are the `count` slots
+    /// `BackendSlotKey { svc_id, slot: 0..count }`.
+    pub struct ServiceV4 {
+        /// Identifies the slot list and the per-service counters; never 0.
+        pub svc_id: u32,
+        /// Number of usable backends; 0 means the frontend rejects (or drops, see flags).
+        pub count: u32,
+        /// `SVC_F_*`.
+        pub flags: u32,
+        pub _reserved: u32,
+    }
+    size 16;
+}
+
+/// Frontend kinds (informational: the datapath treats them alike).
+pub const SVC_F_CLUSTER_IP: u32 = 1 << 0;
+pub const SVC_F_NODE_PORT: u32 = 1 << 1;
+pub const SVC_F_EXTERNAL_IP: u32 = 1 << 2;
+pub const SVC_F_LOAD_BALANCER: u32 = 1 << 3;
+/// With no usable backend, drop the packet instead of answering with RST / ICMP
+/// port-unreachable (a Local traffic policy with endpoints only on other nodes).
+pub const SVC_F_DROP_NO_ENDPOINTS: u32 = 1 << 8;
+
+map_type! {
+    /// One slot of a service's backend list.
+    pub struct BackendSlotKey {
+        pub svc_id: u32,
+        pub slot: u32,
+    }
+    size 8;
+}
+
+map_type! {
+    /// A backend (an endpoint address and target port), keyed by backend id (never 0).
+    pub struct BackendV4 {
+        /// Network byte order.
+        pub addr: u32,
+        /// Network byte order.
+        pub port: u16,
+        pub proto: u8,
+        /// `BACKEND_F_*`.
+        pub flags: u8,
+    }
+    size 8;
+}
+
+/// The backend runs on this node.
+pub const BACKEND_F_LOCAL: u8 = 1 << 0;
+/// The backend is terminating: it keeps its flows but is only chosen when nothing else is.
+pub const BACKEND_F_TERMINATING: u8 = 1 << 1;
+
+map_type! {
+    /// A conntrack key: the 5-tuple as the packet carries it when it reaches the program.
+    pub struct CtKeyV4 {
+        pub saddr: u32,
+        pub daddr: u32,
+        pub sport: u16,
+        pub dport: u16,
+        pub proto: u8,
+        pub _pad: [u8; 3],
+    }
+    size 16;
+}
+
+map_type! {
+    /// A conntrack entry: the tuple the packet is rewritten to, and whose flow it is.
+    pub struct CtEntryV4 {
+        /// `bpf_ktime_get_ns()` of the last packet (refreshed at most every `CT_REFRESH_NS`).
+        pub last_seen_ns: u64,
+        pub nat_saddr: u32,
+        pub nat_daddr: u32,
+        pub nat_sport: u16,
+        pub nat_dport: u16,
+        pub backend_id: u32,
+        pub svc_id: u32,
+        /// `CT_F_*`.
+        pub flags: u16,
+        pub _pad: u16,
+    }
+    size 32;
+}
+
+/// Client → frontend direction: destination becomes the backend.
+pub const CT_F_FORWARD: u16 = 1 << 0;
+/// Backend → client direction: source becomes the frontend again.
+pub const CT_F_REPLY: u16 = 1 << 1;
+/// The client is the backend itself; its source is translated to `HAIRPIN_SNAT_V4`.
+pub const CT_F_HAIRPIN: u16 = 1 << 2;
+
+map_type! {
+    /// Per-service counters (`LB_SVC_STATS`, per CPU, indexed by service id).
+    pub struct ServiceStats {
+        pub packets: u64,
+        pub bytes: u64,
+        pub new_flows: u64,
+        pub rejected: u64,
+    }
+    size 32;
+}
+
+/// Indexes of the global per-CPU counters in `LB_STATS`.
+pub mod stat {
+    pub const RX: u32 = 0;
+    pub const PASS_NOT_IPV4: u32 = 1;
+    pub const PASS_IP_OPTIONS: u32 = 2;
+    pub const PASS_FRAGMENT: u32 = 3;
+    pub const PASS_OTHER_PROTO: u32 = 4;
+    pub const PASS_NO_SERVICE: u32 = 5;
+    pub const DNAT_NEW: u32 = 6;
+    pub const DNAT_ESTABLISHED: u32 = 7;
+    pub const REVERSE_NAT: u32 = 8;
+    pub const REJECT_TCP: u32 = 9;
+    pub const REJECT_UDP: u32 = 10;
+    pub const DROP_NO_LOCAL: u32 = 11;
+    pub const DROP_INCONSISTENT: u32 = 12;
+    pub const PASS_TRUNCATED: u32 = 13;
+    pub const COUNT: u32 = 14;
+
+    /// Names in index order, for the agent's output.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "rx",
+        "pass_not_ipv4",
+        "pass_ip_options",
+        "pass_fragment",
+        "pass_other_proto",
+        "pass_no_service",
+        "dnat_new",
+        "dnat_established",
+        "reverse_nat",
+        "reject_tcp",
+        "reject_udp",
+        "drop_no_local",
+        "drop_inconsistent",
+        "pass_truncated",
+    ];
+}

@@ -1,0 +1,585 @@
+//! The XDP service datapath: ClusterIP / NodePort translation for IPv4 TCP and UDP.
+//!
+//! Per packet: parse Ethernet + IPv4 (no options, no fragments) + TCP/UDP, then
+//! 1. conntrack hit in the reply direction → restore the frontend as source (reverse NAT);
+//! 2. conntrack hit in the forward direction → rewrite to the flow's backend;
+//! 3. otherwise a frontend lookup → pick a backend uniformly among the service's slots,
+//!    record both directions in conntrack, rewrite; a frontend without a usable backend
+//!    answers TCP with RST and UDP with ICMP port-unreachable (or drops, per its flags);
+//! 4. anything else passes untouched.
+//!
+//! Every packet access is bounds-checked against `data_end` right before it, and no path can
+//! panic. Per-packet work is a fixed number of hash lookups, whatever the number of Services.
+#![no_std]
+#![no_main]
+
+use core::mem;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    macros::{map, xdp},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{
+    stat, BackendSlotKey, BackendV4, CtEntryV4, CtKeyV4, ServiceKeyV4, ServiceStats, ServiceV4,
+    CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, CT_REFRESH_NS, DEFAULT_CONNTRACK_ENTRIES,
+    HAIRPIN_SNAT_V4, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_SERVICES,
+    MAX_SERVICE_IDS, SCOPE_ALL, SVC_F_DROP_NO_ENDPOINTS,
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+#[map]
+static LB4_SERVICES: HashMap<ServiceKeyV4, ServiceV4> = HashMap::pinned(MAX_SERVICES, 0);
+#[map]
+static LB_SLOTS: HashMap<BackendSlotKey, u32> = HashMap::pinned(MAX_BACKEND_SLOTS, 0);
+#[map]
+static LB4_BACKENDS: HashMap<u32, BackendV4> = HashMap::pinned(MAX_BACKENDS, 0);
+#[map]
+static LB4_CONNTRACK: LruHashMap<CtKeyV4, CtEntryV4> =
+    LruHashMap::pinned(DEFAULT_CONNTRACK_ENTRIES, 0);
+#[map]
+static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
+#[map]
+static LB_SVC_STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(MAX_SERVICE_IDS, 0);
+
+const ETH_LEN: usize = mem::size_of::<EthHdr>();
+const IP_LEN: usize = mem::size_of::<Ipv4Hdr>();
+const L4_OFF: usize = ETH_LEN + IP_LEN;
+const TCP_LEN: usize = 20;
+const UDP_LEN: usize = 8;
+const ICMP_LEN: usize = 8;
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// A TCP or UDP header's first four bytes.
+#[repr(C)]
+struct Ports {
+    src: [u8; 2],
+    dst: [u8; 2],
+}
+
+/// The addresses and ports of a packet (network byte order, as stored in the headers).
+#[derive(Clone, Copy)]
+struct Tuple {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+}
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    count(stat::RX);
+    process(&ctx)
+}
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+#[inline(always)]
+fn count(idx: u32) {
+    if let Some(c) = LB_STATS.get_ptr_mut(idx) {
+        // SAFETY: a per-CPU slot, only this CPU writes it.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn count_service(svc_id: u32, bytes: u64, new_flow: bool, rejected: bool) {
+    if let Some(s) = LB_SVC_STATS.get_ptr_mut(svc_id) {
+        // SAFETY: a per-CPU slot, only this CPU writes it.
+        let s = unsafe { &mut *s };
+        s.packets += 1;
+        s.bytes += bytes;
+        s.new_flows += new_flow as u64;
+        s.rejected += rejected as u64;
+    }
+}
+
+#[inline(always)]
+fn pass(idx: u32) -> u32 {
+    count(idx);
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn process(ctx: &XdpContext) -> u32 {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return pass(stat::PASS_TRUNCATED);
+    };
+    // SAFETY: `eth` was bounds-checked by ptr_at.
+    if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
+        return pass(stat::PASS_NOT_IPV4);
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
+        return pass(stat::PASS_TRUNCATED);
+    };
+    // SAFETY: `ip` was bounds-checked by ptr_at.
+    let (vihl, frags, proto, tot_len) = unsafe {
+        (
+            (*ip).vihl,
+            u16::from_be_bytes((*ip).frags),
+            (*ip).proto,
+            u16::from_be_bytes((*ip).tot_len) as usize,
+        )
+    };
+    if vihl >> 4 != 4 {
+        return pass(stat::PASS_NOT_IPV4);
+    }
+    if vihl & 0x0f != 5 {
+        return pass(stat::PASS_IP_OPTIONS);
+    }
+    // More-fragments flag or a fragment offset: only the first fragment has ports, and
+    // later ones would not follow it, so fragments are left to the stack.
+    if frags & 0x3fff != 0 {
+        return pass(stat::PASS_FRAGMENT);
+    }
+    let (l4_len, csum_off) = match proto {
+        IPPROTO_TCP => (TCP_LEN, 16),
+        IPPROTO_UDP => (UDP_LEN, 6),
+        _ => return pass(stat::PASS_OTHER_PROTO),
+    };
+    if tot_len < IP_LEN + l4_len || ETH_LEN + tot_len > ctx.data_end() - ctx.data() {
+        return pass(stat::PASS_TRUNCATED);
+    }
+    if ctx.data() + L4_OFF + l4_len > ctx.data_end() {
+        return pass(stat::PASS_TRUNCATED);
+    }
+    let Some(ports) = ptr_at::<Ports>(ctx, L4_OFF) else {
+        return pass(stat::PASS_TRUNCATED);
+    };
+    let Some(csum) = ptr_at::<[u8; 2]>(ctx, L4_OFF + csum_off) else {
+        return pass(stat::PASS_TRUNCATED);
+    };
+    let tcp_flags = if proto == IPPROTO_TCP {
+        match ptr_at::<u8>(ctx, L4_OFF + 13) {
+            // SAFETY: bounds-checked by ptr_at.
+            Some(f) => unsafe { *f },
+            None => return pass(stat::PASS_TRUNCATED),
+        }
+    } else {
+        0
+    };
+    // SAFETY: `ip` and `ports` were bounds-checked by ptr_at.
+    let pkt = unsafe {
+        Tuple {
+            saddr: u32::from_ne_bytes((*ip).src_addr),
+            daddr: u32::from_ne_bytes((*ip).dst_addr),
+            sport: u16::from_ne_bytes((*ports).src),
+            dport: u16::from_ne_bytes((*ports).dst),
+        }
+    };
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let hdr = Headers {
+        ip,
+        ports,
+        csum,
+        udp: proto == IPPROTO_UDP,
+    };
+
+    let ct_key = CtKeyV4 {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto,
+        _pad: [0; 3],
+    };
+    if let Some(entry) = LB4_CONNTRACK.get_ptr_mut(&ct_key) {
+        // SAFETY: a map value pointer returned by the kernel, valid for this program run.
+        let entry = unsafe { &mut *entry };
+        let to = Tuple {
+            saddr: entry.nat_saddr,
+            daddr: entry.nat_daddr,
+            sport: entry.nat_sport,
+            dport: entry.nat_dport,
+        };
+        if entry.flags & CT_F_REPLY != 0 {
+            refresh(entry);
+            hdr.rewrite(&pkt, &to);
+            return pass(stat::REVERSE_NAT);
+        }
+        // A SYN without ACK opens a new connection on a reused tuple: choose again.
+        let new_syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        // A backend that left the maps (its endpoint was deleted) no longer takes the flow.
+        let backend_alive = LB4_BACKENDS.get_ptr(entry.backend_id).is_some();
+        if !new_syn && backend_alive {
+            refresh(entry);
+            count_service(entry.svc_id, bytes, false, false);
+            hdr.rewrite(&pkt, &to);
+            return pass(stat::DNAT_ESTABLISHED);
+        }
+    }
+
+    let svc_key = ServiceKeyV4 {
+        addr: pkt.daddr,
+        port: pkt.dport,
+        proto,
+        scope: SCOPE_ALL,
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(svc) = (unsafe { LB4_SERVICES.get(&svc_key) }).copied() else {
+        return pass(stat::PASS_NO_SERVICE);
+    };
+    if svc.count == 0 {
+        count_service(svc.svc_id, bytes, false, true);
+        if svc.flags & SVC_F_DROP_NO_ENDPOINTS != 0 {
+            count(stat::DROP_NO_LOCAL);
+            return xdp_action::XDP_DROP;
+        }
+        return if proto == IPPROTO_TCP {
+            reject_tcp(ctx, tcp_flags)
+        } else {
+            reject_udp(ctx)
+        };
+    }
+
+    // SAFETY: bpf_get_prandom_u32 has no preconditions.
+    let slot = unsafe { bpf_get_prandom_u32() } % svc.count;
+    let slot_key = BackendSlotKey {
+        svc_id: svc.svc_id,
+        slot,
+    };
+    // SAFETY: values are copied out at once.
+    let backend = unsafe { LB_SLOTS.get(&slot_key) }
+        .copied()
+        .and_then(|id| unsafe { LB4_BACKENDS.get(id) }.map(|b| (id, *b)));
+    let Some((backend_id, backend)) = backend else {
+        // The agent writes backends before the slots and slots before the count,
+        // so this is only reached if the maps were changed by something else.
+        count(stat::DROP_INCONSISTENT);
+        return xdp_action::XDP_DROP;
+    };
+
+    let hairpin = backend.addr == pkt.saddr;
+    let flags = if hairpin { CT_F_HAIRPIN } else { 0 };
+    let to = Tuple {
+        saddr: if hairpin { HAIRPIN_SNAT_V4 } else { pkt.saddr },
+        daddr: backend.addr,
+        sport: pkt.sport,
+        dport: backend.port,
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let reply_key = CtKeyV4 {
+        saddr: to.daddr,
+        daddr: to.saddr,
+        sport: to.dport,
+        dport: to.sport,
+        proto,
+        _pad: [0; 3],
+    };
+    let reply = CtEntryV4 {
+        last_seen_ns: now,
+        nat_saddr: pkt.daddr,
+        nat_daddr: pkt.saddr,
+        nat_sport: pkt.dport,
+        nat_dport: pkt.sport,
+        backend_id,
+        svc_id: svc.svc_id,
+        flags: CT_F_REPLY | flags,
+        _pad: 0,
+    };
+    let forward = CtEntryV4 {
+        last_seen_ns: now,
+        nat_saddr: to.saddr,
+        nat_daddr: to.daddr,
+        nat_sport: to.sport,
+        nat_dport: to.dport,
+        backend_id,
+        svc_id: svc.svc_id,
+        flags: CT_F_FORWARD | flags,
+        _pad: 0,
+    };
+    // The reply entry goes in first, so that no reply can be seen before it exists. A failed
+    // insert (map full of entries in use) still forwards this packet; the LRU frees space.
+    let _ = LB4_CONNTRACK.insert(&reply_key, &reply, 0);
+    let _ = LB4_CONNTRACK.insert(&ct_key, &forward, 0);
+    count_service(svc.svc_id, bytes, true, false);
+    hdr.rewrite(&pkt, &to);
+    pass(stat::DNAT_NEW)
+}
+
+#[inline(always)]
+fn refresh(entry: &mut CtEntryV4) {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(entry.last_seen_ns) > CT_REFRESH_NS {
+        entry.last_seen_ns = now;
+    }
+}
+
+/// Bounds-checked pointers into the current packet's headers.
+struct Headers {
+    ip: *mut Ipv4Hdr,
+    ports: *mut Ports,
+    csum: *mut [u8; 2],
+    udp: bool,
+}
+
+impl Headers {
+    /// Rewrites addresses and ports from `from` to `to`, updating the IPv4 and L4 checksums
+    /// incrementally (RFC 1624).
+    #[inline(always)]
+    fn rewrite(&self, from: &Tuple, to: &Tuple) {
+        let addr_diff = csum_diff32(from.saddr, to.saddr) + csum_diff32(from.daddr, to.daddr);
+        let l4_diff =
+            addr_diff + csum_diff16(from.sport, to.sport) + csum_diff16(from.dport, to.dport);
+        // SAFETY: all three pointers were bounds-checked when `Headers` was built, and
+        // nothing has resized the packet since.
+        unsafe {
+            let ip_csum = u16::from_ne_bytes((*self.ip).check);
+            (*self.ip).check = csum_apply(ip_csum, addr_diff).to_ne_bytes();
+            let l4_csum = u16::from_ne_bytes(*self.csum);
+            // A UDP checksum of zero means "none": leave it so.
+            if !(self.udp && l4_csum == 0) {
+                let mut c = csum_apply(l4_csum, l4_diff);
+                if self.udp && c == 0 {
+                    c = 0xffff;
+                }
+                *self.csum = c.to_ne_bytes();
+            }
+            (*self.ip).src_addr = to.saddr.to_ne_bytes();
+            (*self.ip).dst_addr = to.daddr.to_ne_bytes();
+            (*self.ports).src = to.sport.to_ne_bytes();
+            (*self.ports).dst = to.dport.to_ne_bytes();
+        }
+    }
+}
+
+/// One's complement of `old` plus `new`, as 16-bit words (RFC 1624 eqn. 3 terms).
+#[inline(always)]
+fn csum_diff32(old: u32, new: u32) -> u64 {
+    (!(old as u16)) as u64
+        + (!((old >> 16) as u16)) as u64
+        + (new & 0xffff) as u64
+        + (new >> 16) as u64
+}
+
+#[inline(always)]
+fn csum_diff16(old: u16, new: u16) -> u64 {
+    (!old) as u64 + new as u64
+}
+
+#[inline(always)]
+fn csum_fold(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// HC' = ~(~HC + ~m + m')
+#[inline(always)]
+fn csum_apply(check: u16, diff: u64) -> u16 {
+    !csum_fold((!check) as u64 + diff)
+}
+
+/// Sum of `N` 16-bit words starting at `p` (read in memory order).
+///
+/// # Safety
+/// `p .. p + 2N` must have been bounds-checked against the packet end.
+#[inline(always)]
+unsafe fn sum_words<const N: usize>(p: *const u8) -> u64 {
+    let mut sum = 0u64;
+    let mut i = 0;
+    while i < N {
+        // SAFETY: within the range the caller checked.
+        sum += unsafe { u16::from_ne_bytes([*p.add(2 * i), *p.add(2 * i + 1)]) } as u64;
+        i += 1;
+    }
+    sum
+}
+
+#[inline(always)]
+fn addr_words(a: u32) -> u64 {
+    (a & 0xffff) as u64 + (a >> 16) as u64
+}
+
+/// Resizes the frame to exactly `len` bytes (shrinking only).
+#[inline(always)]
+fn truncate(ctx: &XdpContext, len: usize) -> bool {
+    let cur = ctx.data_end() - ctx.data();
+    if cur == len {
+        return true;
+    }
+    if cur < len {
+        return false;
+    }
+    // SAFETY: ctx.ctx is the program's own context; the delta shrinks the frame.
+    unsafe { bpf_xdp_adjust_tail(ctx.ctx as *mut _, (len as i32) - (cur as i32)) == 0 }
+}
+
+/// Turns a TCP segment to a frontend without backends into the RST a closed port sends
+/// (RFC 9293 3.10.7.1) and sends it back out of the interface it came in on.
+#[inline(always)]
+fn reject_tcp(ctx: &XdpContext, in_flags: u8) -> u32 {
+    if in_flags & TCP_RST != 0 {
+        count(stat::DROP_NO_LOCAL);
+        return xdp_action::XDP_DROP;
+    }
+    let (Some(eth), Some(ip), Some(tcp)) = (
+        ptr_at::<EthHdr>(ctx, 0),
+        ptr_at::<Ipv4Hdr>(ctx, ETH_LEN),
+        ptr_at::<[u8; TCP_LEN]>(ctx, L4_OFF),
+    ) else {
+        return pass(stat::PASS_TRUNCATED);
+    };
+    // SAFETY: all three were bounds-checked by ptr_at.
+    let (mac_dst, mac_src, saddr, daddr, tot_len, hdr) = unsafe {
+        (
+            (*eth).dst_addr,
+            (*eth).src_addr,
+            (*ip).src_addr,
+            (*ip).dst_addr,
+            u16::from_be_bytes((*ip).tot_len) as u32,
+            *tcp,
+        )
+    };
+    let doff = ((hdr[12] >> 4) as u32) * 4;
+    let payload = tot_len.saturating_sub(IP_LEN as u32 + doff);
+    let in_seq = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+    let in_ack = [hdr[8], hdr[9], hdr[10], hdr[11]];
+    let (seq, ack, flags) = if in_flags & TCP_ACK != 0 {
+        (in_ack, [0u8; 4], TCP_RST)
+    } else {
+        let syn_fin = (in_flags & TCP_SYN != 0) as u32 + (in_flags & TCP_FIN != 0) as u32;
+        (
+            [0u8; 4],
+            in_seq.wrapping_add(payload + syn_fin).to_be_bytes(),
+            TCP_RST | TCP_ACK,
+        )
+    };
+
+    if !truncate(ctx, L4_OFF + TCP_LEN) {
+        return xdp_action::XDP_DROP;
+    }
+    let (Some(eth), Some(ip), Some(tcp)) = (
+        ptr_at::<EthHdr>(ctx, 0),
+        ptr_at::<Ipv4Hdr>(ctx, ETH_LEN),
+        ptr_at::<[u8; TCP_LEN]>(ctx, L4_OFF),
+    ) else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: all three were bounds-checked by ptr_at after the resize.
+    unsafe {
+        (*eth).dst_addr = mac_src;
+        (*eth).src_addr = mac_dst;
+        write_ipv4(ip, daddr, saddr, IPPROTO_TCP, (IP_LEN + TCP_LEN) as u16);
+        let t = &mut *tcp;
+        let (sport, dport) = ([hdr[2], hdr[3]], [hdr[0], hdr[1]]);
+        *t = [
+            sport[0], sport[1], dport[0], dport[1], seq[0], seq[1], seq[2], seq[3], ack[0],
+            ack[1], ack[2], ack[3], 0x50, flags, 0, 0, 0, 0, 0, 0,
+        ];
+        let sum = addr_words(u32::from_ne_bytes(daddr))
+            + addr_words(u32::from_ne_bytes(saddr))
+            + u16::from_ne_bytes([0, IPPROTO_TCP]) as u64
+            + u16::from_ne_bytes((TCP_LEN as u16).to_be_bytes()) as u64
+            + sum_words::<{ TCP_LEN / 2 }>(tcp as *const u8);
+        let c = (!csum_fold(sum)).to_ne_bytes();
+        t[16] = c[0];
+        t[17] = c[1];
+    }
+    count(stat::REJECT_TCP);
+    xdp_action::XDP_TX
+}
+
+/// Answers a UDP datagram to a frontend without backends with ICMP port-unreachable
+/// (RFC 792: the original IP header and the first 8 bytes of its payload), sent back out
+/// of the interface it came in on.
+#[inline(always)]
+fn reject_udp(ctx: &XdpContext) -> u32 {
+    let (Some(eth), Some(ip)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)) else {
+        return pass(stat::PASS_TRUNCATED);
+    };
+    // SAFETY: both were bounds-checked by ptr_at.
+    let (mac_dst, mac_src, saddr, daddr) = unsafe {
+        (
+            (*eth).dst_addr,
+            (*eth).src_addr,
+            (*ip).src_addr,
+            (*ip).dst_addr,
+        )
+    };
+    const GROW: i32 = (IP_LEN + ICMP_LEN) as i32;
+    // SAFETY: ctx.ctx is the program's own context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx as *mut _, -GROW) } != 0 {
+        return xdp_action::XDP_DROP;
+    }
+    // New frame: Ethernet, IPv4, ICMP, then the original IPv4 header and UDP header,
+    // which are already in place (they moved back by exactly GROW bytes).
+    const TOTAL: usize = ETH_LEN + IP_LEN + ICMP_LEN + IP_LEN + UDP_LEN;
+    if !truncate(ctx, TOTAL) {
+        return xdp_action::XDP_DROP;
+    }
+    let (Some(eth), Some(ip), Some(icmp)) = (
+        ptr_at::<EthHdr>(ctx, 0),
+        ptr_at::<Ipv4Hdr>(ctx, ETH_LEN),
+        ptr_at::<[u8; ICMP_LEN + IP_LEN + UDP_LEN]>(ctx, L4_OFF),
+    ) else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: all three were bounds-checked by ptr_at after the resize.
+    unsafe {
+        (*eth).dst_addr = mac_src;
+        (*eth).src_addr = mac_dst;
+        (*eth).ether_type = ETH_P_IP_BE;
+        write_ipv4(ip, daddr, saddr, 1, (TOTAL - ETH_LEN) as u16);
+        let m = &mut *icmp;
+        m[..ICMP_LEN].copy_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]);
+        let sum = sum_words::<{ (ICMP_LEN + IP_LEN + UDP_LEN) / 2 }>(icmp as *const u8);
+        let c = (!csum_fold(sum)).to_ne_bytes();
+        m[2] = c[0];
+        m[3] = c[1];
+    }
+    count(stat::REJECT_UDP);
+    xdp_action::XDP_TX
+}
+
+/// Writes a fresh IPv4 header (no options, DF, TTL 64) with its checksum.
+///
+/// # Safety
+/// `ip` must point to a bounds-checked IPv4 header.
+#[inline(always)]
+unsafe fn write_ipv4(ip: *mut Ipv4Hdr, saddr: [u8; 4], daddr: [u8; 4], proto: u8, len: u16) {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        let h = &mut *ip;
+        h.vihl = 0x45;
+        h.tos = 0;
+        h.tot_len = len.to_be_bytes();
+        h.id = [0, 0];
+        h.frags = 0x4000u16.to_be_bytes();
+        h.ttl = 64;
+        h.proto = proto;
+        h.check = [0, 0];
+        h.src_addr = saddr;
+        h.dst_addr = daddr;
+        let sum = sum_words::<{ IP_LEN / 2 }>(ip as *const u8);
+        h.check = (!csum_fold(sum)).to_ne_bytes();
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

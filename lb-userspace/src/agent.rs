@@ -1,0 +1,196 @@
+//! `lb-agent run`: load (or take over) the datapath, attach it to the node's interfaces as
+//! they appear, and keep the maps equal to what the manifests say.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::{
+    bpf::{self, Datapath, PinnedMaps},
+    http::{self, SharedStatus, Status},
+    manifests::ManifestDir,
+    node,
+    reconcile::Reconciler,
+    translate::{translate, NodeInfo},
+};
+
+/// How often interfaces, addresses and manifests are looked at.
+const POLL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub manifests: Option<PathBuf>,
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: String,
+    pub ext_ifaces: Vec<String>,
+    pub pod_iface_prefix: String,
+    pub cgroup: Option<PathBuf>,
+    pub pin_path: PathBuf,
+    pub metrics_addr: SocketAddr,
+    pub healthz_addr: SocketAddr,
+    pub conntrack_entries: u32,
+}
+
+pub async fn run(cfg: RunConfig) -> Result<()> {
+    let Some(manifest_dir) = cfg.manifests.clone() else {
+        bail!(
+            "only the standalone source is available in this version: pass --manifests DIR \
+             (the Kubernetes API source, --kubeconfig or in-cluster, is not built yet)"
+        );
+    };
+    if cfg.cgroup.is_some() {
+        tracing::warn!("--cgroup: socket-level translation for host processes is not built yet; ignored");
+    }
+    if !manifest_dir.is_dir() {
+        bail!("--manifests {}: not a directory", manifest_dir.display());
+    }
+
+    let mut datapath = Datapath::load(&cfg.pin_path, cfg.conntrack_entries)?;
+    tracing::info!(
+        pin_path = %cfg.pin_path.display(),
+        taken_over = datapath.taken_over,
+        "datapath ready"
+    );
+    let status: SharedStatus = Arc::new(Mutex::new(Status::default()));
+    let pin = cfg.pin_path.clone();
+    let metrics_status = status.clone();
+    let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+        if let Ok(counters) = bpf::read_stats(&pin) {
+            if let Ok(mut s) = metrics_status.lock() {
+                s.datapath_counters = counters;
+            }
+        }
+    });
+    for (addr, what) in [(cfg.healthz_addr, "healthz"), (cfg.metrics_addr, "metrics")] {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the {what} address {addr}"))?;
+        tracing::info!(%addr, "serving {what}");
+        tokio::spawn(http::serve(listener, status.clone(), refresh.clone()));
+    }
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut reconciler: Option<Reconciler<PinnedMaps>> = None;
+    let mut manifests = ManifestDir::default();
+    let mut addresses: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    let mut dirty = true;
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+
+        if let Err(e) = attach_interfaces(&mut datapath, &cfg) {
+            tracing::warn!(error = format!("{e:#}"), "interface scan failed");
+        }
+
+        match node::addresses() {
+            Ok(a) if a != addresses => {
+                tracing::info!(addresses = ?a, "node addresses");
+                addresses = a;
+                dirty = true;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "reading node addresses failed"),
+        }
+
+        match manifests.scan(&manifest_dir) {
+            Ok(scan) => {
+                for e in &scan.errors {
+                    tracing::error!("{e}; keeping the last good state of that file");
+                }
+                dirty |= scan.changed;
+            }
+            Err(e) => tracing::error!("{e}; keeping the last good state"),
+        }
+
+        if !dirty {
+            continue;
+        }
+        let started = Instant::now();
+        let node = NodeInfo {
+            name: cfg.node_name.clone(),
+            addresses: addresses.iter().copied().collect(),
+        };
+        let t = translate(&manifests.objects(), &node);
+        for w in &t.warnings {
+            tracing::warn!("{w}");
+        }
+        let r = match reconciler.as_mut() {
+            Some(r) => r,
+            None => match PinnedMaps::open(&cfg.pin_path).map(Reconciler::new) {
+                Ok(Ok(r)) => reconciler.insert(r),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "reading the pinned maps failed");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "opening the pinned maps failed");
+                    continue;
+                }
+            },
+        };
+        match r.apply(&t.desired) {
+            Ok(stats) => {
+                let took = started.elapsed();
+                tracing::info!(
+                    frontends = t.desired.frontends.len(),
+                    writes = stats.writes,
+                    deletes = stats.deletes,
+                    took_us = took.as_micros() as u64,
+                    "datapath programmed"
+                );
+                if let Ok(mut s) = status.lock() {
+                    s.record_sync(took);
+                }
+                dirty = false;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "programming the datapath failed; will retry");
+                if let Ok(mut s) = status.lock() {
+                    s.failing = true;
+                }
+                // Start over from what the maps really hold.
+                reconciler = None;
+            }
+        }
+    }
+    tracing::info!("stopping; the datapath stays attached and programmed");
+    Ok(())
+}
+
+fn attach_interfaces(datapath: &mut Datapath, cfg: &RunConfig) -> Result<()> {
+    let ifaces = node::interfaces()?;
+    for (idx, name) in &ifaces {
+        if !node::wanted(name, &cfg.ext_ifaces, &cfg.pod_iface_prefix) || datapath.is_attached(*idx) {
+            continue;
+        }
+        let is_pod = !cfg.ext_ifaces.contains(name);
+        if is_pod {
+            if let Err(e) = node::prepare_pod_interface(name) {
+                tracing::warn!(iface = %name, error = format!("{e:#}"), "sysctl failed");
+            }
+        }
+        match datapath.attach(*idx) {
+            Ok(true) => tracing::info!(iface = %name, ifindex = idx, "attached"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(iface = %name, error = format!("{e:#}"), "attach failed"),
+        }
+    }
+    let live: Vec<u32> = ifaces.iter().map(|(i, _)| *i).collect();
+    for gone in datapath.forget_links_except(&live)? {
+        tracing::info!(ifindex = gone, "interface gone; link forgotten");
+    }
+    Ok(())
+}

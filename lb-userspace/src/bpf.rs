@@ -1,0 +1,267 @@
+//! The kernel side through aya: loading the embedded object with its maps and program pinned
+//! under the pin path, attaching to interfaces with pinned links (so the datapath outlives
+//! the agent), and the pinned maps as `ServiceMaps`.
+//!
+//! Layout under the pin path:
+//! `<MAP NAME>` for each map, `prog_lb_xdp` for the program, `links/xdp-<ifindex>` per link.
+
+use std::{
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{HashMap, Map, MapData, PerCpuArray},
+    programs::{links::FdLink, xdp::XdpLinkId, Xdp, XdpMode},
+    EbpfLoader,
+};
+use aya_obj::programs::XdpAttachType;
+use lb_common::{
+    map_names, stat, BackendSlotKey, BackendV4, ServiceKeyV4, ServiceStats, ServiceV4,
+    XDP_PROGRAM,
+};
+
+use crate::maps::{MapError, ServiceMaps};
+
+/// The BPF object, built by build.rs.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const PROG_PIN: &str = "prog_lb_xdp";
+const LINKS_DIR: &str = "links";
+
+/// Checks that `dir` (or the nearest existing parent) is on a bpffs.
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let mut probe = dir;
+    while !probe.exists() {
+        probe = probe.parent().unwrap_or(Path::new("/"));
+    }
+    let st = nix::sys::statfs::statfs(probe).with_context(|| format!("statfs {}", probe.display()))?;
+    if st.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+        bail!(
+            "{} is not on a BPF filesystem (mount one with `mount -t bpf bpf /sys/fs/bpf`)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The loaded (or taken over) program.
+pub struct Datapath {
+    pin: PathBuf,
+    prog: Xdp,
+    /// The program was already pinned: a previous agent's datapath was taken over.
+    pub taken_over: bool,
+}
+
+impl Datapath {
+    /// Loads the object, reusing the maps and the program a previous agent pinned.
+    pub fn load(pin: &Path, conntrack_entries: u32) -> Result<Self> {
+        ensure_bpffs(pin)?;
+        fs::create_dir_all(pin.join(LINKS_DIR))
+            .with_context(|| format!("creating {}", pin.display()))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin)
+            .map_max_entries(map_names::CONNTRACK_V4, conntrack_entries)
+            .load(EBPF_OBJECT)
+            .context("loading the BPF object")?;
+        let prog_path = pin.join(PROG_PIN);
+        let taken_over = prog_path.exists();
+        if !taken_over {
+            let prog: &mut Xdp = ebpf
+                .program_mut(XDP_PROGRAM)
+                .context("program lb_xdp missing from the object")?
+                .try_into()?;
+            prog.load().context("loading lb_xdp (verifier)")?;
+            prog.pin(&prog_path)
+                .with_context(|| format!("pinning {}", prog_path.display()))?;
+        }
+        let prog = Xdp::from_pin(&prog_path, XdpAttachType::Interface)
+            .with_context(|| format!("opening {}", prog_path.display()))?;
+        Ok(Datapath {
+            pin: pin.to_owned(),
+            prog,
+            taken_over,
+        })
+    }
+
+    fn link_path(&self, ifindex: u32) -> PathBuf {
+        self.pin.join(LINKS_DIR).join(format!("xdp-{ifindex}"))
+    }
+
+    /// Whether this datapath's program is attached to the interface.
+    pub fn is_attached(&self, ifindex: u32) -> bool {
+        self.link_path(ifindex).exists()
+    }
+
+    /// Attaches to an interface with a pinned link, unless a pinned link exists already.
+    /// Returns whether it attached now.
+    pub fn attach(&mut self, ifindex: u32) -> Result<bool> {
+        let path = self.link_path(ifindex);
+        if path.exists() {
+            return Ok(false);
+        }
+        let id: XdpLinkId = self
+            .prog
+            .attach_to_if_index(ifindex, XdpMode::Default)
+            .with_context(|| format!("attaching XDP to ifindex {ifindex}"))?;
+        let link = self.prog.take_link(id)?;
+        let fd: FdLink = link
+            .try_into()
+            .context("the kernel attached without a BPF link, which cannot be pinned")?;
+        fd.pin(&path)
+            .with_context(|| format!("pinning {}", path.display()))?;
+        Ok(true)
+    }
+
+    /// Removes the pins of links whose interface is gone (the kernel detached them already).
+    pub fn forget_links_except(&self, live: &[u32]) -> Result<Vec<u32>> {
+        let mut gone = Vec::new();
+        for entry in fs::read_dir(self.pin.join(LINKS_DIR))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(idx) = name.strip_prefix("xdp-").and_then(|i| i.parse::<u32>().ok()) else {
+                continue;
+            };
+            if !live.contains(&idx) {
+                fs::remove_file(entry.path())?;
+                gone.push(idx);
+            }
+        }
+        Ok(gone)
+    }
+
+    /// Inode of the pinned program (identifies one datapath instance in logs).
+    pub fn pin_inode(&self) -> u64 {
+        fs::metadata(self.pin.join(PROG_PIN))
+            .map(|m| m.ino())
+            .unwrap_or(0)
+    }
+}
+
+fn open_map(pin: &Path, name: &str) -> Result<MapData> {
+    let path = pin.join(name);
+    MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening pinned map {} (is an agent running with --pin-path {}?)",
+            path.display(),
+            pin.display()
+        )
+    })
+}
+
+/// The pinned service maps.
+pub struct PinnedMaps {
+    services: HashMap<MapData, ServiceKeyV4, ServiceV4>,
+    slots: HashMap<MapData, BackendSlotKey, u32>,
+    backends: HashMap<MapData, u32, BackendV4>,
+}
+
+impl PinnedMaps {
+    pub fn open(pin: &Path) -> Result<Self> {
+        Ok(PinnedMaps {
+            services: HashMap::try_from(Map::HashMap(open_map(pin, map_names::SERVICES_V4)?))?,
+            slots: HashMap::try_from(Map::HashMap(open_map(pin, map_names::BACKEND_SLOTS)?))?,
+            backends: HashMap::try_from(Map::HashMap(open_map(pin, map_names::BACKENDS_V4)?))?,
+        })
+    }
+}
+
+fn err(map: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapError {
+    move |e| MapError {
+        map,
+        op,
+        reason: e.to_string(),
+    }
+}
+
+fn collect<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, MapError> {
+    map.iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(err(name, "iterate"))
+}
+
+/// Deleting a key that is already gone is not an error.
+fn tolerate_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+impl ServiceMaps for PinnedMaps {
+    fn services(&self) -> Result<Vec<(ServiceKeyV4, ServiceV4)>, MapError> {
+        collect(&self.services, map_names::SERVICES_V4)
+    }
+    fn slots(&self) -> Result<Vec<(BackendSlotKey, u32)>, MapError> {
+        collect(&self.slots, map_names::BACKEND_SLOTS)
+    }
+    fn backends(&self) -> Result<Vec<(u32, BackendV4)>, MapError> {
+        collect(&self.backends, map_names::BACKENDS_V4)
+    }
+    fn set_service(&mut self, key: &ServiceKeyV4, value: &ServiceV4) -> Result<(), MapError> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(err(map_names::SERVICES_V4, "update"))
+    }
+    fn delete_service(&mut self, key: &ServiceKeyV4) -> Result<(), MapError> {
+        tolerate_missing(self.services.remove(key)).map_err(err(map_names::SERVICES_V4, "delete"))
+    }
+    fn set_slot(&mut self, key: &BackendSlotKey, backend_id: u32) -> Result<(), MapError> {
+        self.slots
+            .insert(key, backend_id, 0)
+            .map_err(err(map_names::BACKEND_SLOTS, "update"))
+    }
+    fn delete_slot(&mut self, key: &BackendSlotKey) -> Result<(), MapError> {
+        tolerate_missing(self.slots.remove(key)).map_err(err(map_names::BACKEND_SLOTS, "delete"))
+    }
+    fn set_backend(&mut self, id: u32, value: &BackendV4) -> Result<(), MapError> {
+        self.backends
+            .insert(id, value, 0)
+            .map_err(err(map_names::BACKENDS_V4, "update"))
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapError> {
+        tolerate_missing(self.backends.remove(&id)).map_err(err(map_names::BACKENDS_V4, "delete"))
+    }
+}
+
+/// The global datapath counters, summed over CPUs, by name.
+pub fn read_stats(pin: &Path) -> Result<Vec<(&'static str, u64)>> {
+    let map: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(open_map(pin, map_names::STATS)?))?;
+    let mut out = Vec::new();
+    for (i, name) in stat::NAMES.iter().enumerate() {
+        let values = map.get(&(i as u32), 0)?;
+        out.push((*name, values.iter().sum()));
+    }
+    Ok(out)
+}
+
+/// One service id's counters, summed over CPUs.
+pub fn read_service_stats(pin: &Path, ids: &[u32]) -> Result<Vec<(u32, ServiceStats)>> {
+    let map: PerCpuArray<MapData, ServiceStats> =
+        PerCpuArray::try_from(Map::PerCpuArray(open_map(pin, map_names::SERVICE_STATS)?))?;
+    let mut out = Vec::new();
+    for &id in ids {
+        let values = map.get(&id, 0)?;
+        let mut sum = ServiceStats::default();
+        for v in values.iter() {
+            sum.packets += v.packets;
+            sum.bytes += v.bytes;
+            sum.new_flows += v.new_flows;
+            sum.rejected += v.rejected;
+        }
+        out.push((id, sum));
+    }
+    Ok(out)
+}

@@ -1,0 +1,15 @@
+//! The node agent: Kubernetes objects → desired datapath state → BPF maps.
+//!
+//! `manifests`, `validate`, `translate`, `model` and `reconcile` are pure (no I/O beyond
+//! reading manifest files) and tested without root; `bpf`, `node` and `agent` touch the kernel.
+
+pub mod agent;
+pub mod bpf;
+pub mod http;
+pub mod manifests;
+pub mod maps;
+pub mod model;
+pub mod node;
+pub mod reconcile;
+pub mod translate;
+pub mod validate;

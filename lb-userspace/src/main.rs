@@ -1,0 +1,144 @@
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_userspace::{agent, bpf, maps};
+
+/// eBPF/XDP Kubernetes service load balancer: a kube-proxy replacement.
+#[derive(Parser)]
+#[command(name = "lb-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent.
+    Run(RunArgs),
+    /// Print what the datapath holds, from the pinned maps.
+    Services {
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        pin_path: PathBuf,
+        /// Add the per-service packet counters.
+        #[arg(long)]
+        stats: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Read Services, EndpointSlices and Pods from the manifests in DIR (standalone mode).
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Watch the API server named in this kubeconfig.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (endpoint locality). Default: the hostname.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// External interfaces (XDP). Repeat or separate with commas.
+    #[arg(long = "ext-iface", value_name = "IFACE", value_delimiter = ',')]
+    ext_ifaces: Vec<String>,
+    /// Pod interfaces to attach to: every interface whose name starts with this.
+    #[arg(long, default_value = "veth")]
+    pod_iface_prefix: String,
+    /// cgroup v2 directory for the socket-level hooks.
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<PathBuf>,
+    /// Where maps, program and links are pinned (on a bpffs).
+    #[arg(long, default_value = "/sys/fs/bpf/lb")]
+    pin_path: PathBuf,
+    #[arg(long, default_value = "0.0.0.0:10249")]
+    metrics_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_addr: SocketAddr,
+    /// Connection-tracking entries (used when the map is first created).
+    #[arg(long, default_value_t = lb_common::DEFAULT_CONNTRACK_ENTRIES)]
+    conntrack_entries: u32,
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(a) => {
+            let cfg = agent::RunConfig {
+                manifests: a.manifests,
+                kubeconfig: a.kubeconfig,
+                node_name: a.node_name.unwrap_or_else(hostname),
+                ext_ifaces: a.ext_ifaces,
+                pod_iface_prefix: a.pod_iface_prefix,
+                cgroup: a.cgroup,
+                pin_path: a.pin_path,
+                metrics_addr: a.metrics_addr,
+                healthz_addr: a.healthz_addr,
+                conntrack_entries: a.conntrack_entries,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(agent::run(cfg))
+        }
+        Command::Services {
+            output,
+            pin_path,
+            stats,
+        } => {
+            let m = bpf::PinnedMaps::open(&pin_path)?;
+            let rows = maps::dump(&m).context("reading the service maps")?;
+            let counters = if stats {
+                let ids: Vec<u32> = rows.iter().map(|r| r.id).collect();
+                Some(bpf::read_service_stats(&pin_path, &ids)?)
+            } else {
+                None
+            };
+            match output {
+                Output::Json => {
+                    let mut v = serde_json::to_value(&rows)?;
+                    if let (Some(counters), Some(list)) = (&counters, v.as_array_mut()) {
+                        for (row, (_, c)) in list.iter_mut().zip(counters) {
+                            row["stats"] = serde_json::json!({
+                                "packets": c.packets, "bytes": c.bytes,
+                                "newFlows": c.new_flows, "rejected": c.rejected,
+                            });
+                        }
+                    }
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
+                Output::Table => {
+                    print!("{}", maps::format_table(&rows));
+                    if let Some(counters) = counters {
+                        println!("\n{:<5} {:>10} {:>12} {:>10} {:>9}", "ID", "packets", "bytes", "new flows", "rejected");
+                        for (id, c) in counters {
+                            println!("{id:<5} {:>10} {:>12} {:>10} {:>9}", c.packets, c.bytes, c.new_flows, c.rejected);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The service maps as the control plane sees them: a small trait with an aya implementation
+//! (`bpf::PinnedMaps`) and an in-memory one for tests.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use lb_common::{
+    BackendSlotKey, BackendV4, ServiceKeyV4, ServiceV4, BACKEND_F_LOCAL, BACKEND_F_TERMINATING,
+    SVC_F_CLUSTER_IP, SVC_F_DROP_NO_ENDPOINTS, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER,
+    SVC_F_NODE_PORT,
+};
+use serde::Serialize;
+
+use crate::model::{FrontendKind, L4Addr, Proto};
+
+#[derive(Debug, thiserror::Error)]
+#[error("map {map}: {op}: {reason}")]
+pub struct MapError {
+    pub map: &'static str,
+    pub op: &'static str,
+    pub reason: String,
+}
+
+/// The maps the reconciler programs.
+pub trait ServiceMaps {
+    fn services(&self) -> Result<Vec<(ServiceKeyV4, ServiceV4)>, MapError>;
+    fn slots(&self) -> Result<Vec<(BackendSlotKey, u32)>, MapError>;
+    fn backends(&self) -> Result<Vec<(u32, BackendV4)>, MapError>;
+    fn set_service(&mut self, key: &ServiceKeyV4, value: &ServiceV4) -> Result<(), MapError>;
+    fn delete_service(&mut self, key: &ServiceKeyV4) -> Result<(), MapError>;
+    fn set_slot(&mut self, key: &BackendSlotKey, backend_id: u32) -> Result<(), MapError>;
+    fn delete_slot(&mut self, key: &BackendSlotKey) -> Result<(), MapError>;
+    fn set_backend(&mut self, id: u32, value: &BackendV4) -> Result<(), MapError>;
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapError>;
+}
+
+/// Maps in memory, with a log of every write (so tests can check the order of updates).
+#[derive(Debug, Default, Clone)]
+pub struct MemMaps {
+    pub services: BTreeMap<ServiceKeyV4Ord, ServiceV4>,
+    pub slots: BTreeMap<(u32, u32), u32>,
+    pub backends: BTreeMap<u32, BackendV4>,
+    pub log: Vec<String>,
+    /// Fail writes after this many (to test error handling).
+    pub fail_after: Option<usize>,
+}
+
+/// `ServiceKeyV4` with an order, for `BTreeMap`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServiceKeyV4Ord(pub u32, pub u16, pub u8, pub u8);
+
+impl From<&ServiceKeyV4> for ServiceKeyV4Ord {
+    fn from(k: &ServiceKeyV4) -> Self {
+        ServiceKeyV4Ord(k.addr, k.port, k.proto, k.scope)
+    }
+}
+
+impl From<ServiceKeyV4Ord> for ServiceKeyV4 {
+    fn from(k: ServiceKeyV4Ord) -> Self {
+        ServiceKeyV4 {
+            addr: k.0,
+            port: k.1,
+            proto: k.2,
+            scope: k.3,
+        }
+    }
+}
+
+impl MemMaps {
+    fn write(&mut self, what: String) -> Result<(), MapError> {
+        if let Some(n) = self.fail_after {
+            if self.log.len() >= n {
+                return Err(MapError {
+                    map: "mem",
+                    op: "update",
+                    reason: "injected failure".into(),
+                });
+            }
+        }
+        self.log.push(what);
+        Ok(())
+    }
+}
+
+impl ServiceMaps for MemMaps {
+    fn services(&self) -> Result<Vec<(ServiceKeyV4, ServiceV4)>, MapError> {
+        Ok(self.services.iter().map(|(k, v)| ((*k).into(), *v)).collect())
+    }
+    fn slots(&self) -> Result<Vec<(BackendSlotKey, u32)>, MapError> {
+        Ok(self
+            .slots
+            .iter()
+            .map(|(&(svc_id, slot), &id)| (BackendSlotKey { svc_id, slot }, id))
+            .collect())
+    }
+    fn backends(&self) -> Result<Vec<(u32, BackendV4)>, MapError> {
+        Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn set_service(&mut self, key: &ServiceKeyV4, value: &ServiceV4) -> Result<(), MapError> {
+        self.write(format!("set service {} count {}", value.svc_id, value.count))?;
+        self.services.insert(key.into(), *value);
+        Ok(())
+    }
+    fn delete_service(&mut self, key: &ServiceKeyV4) -> Result<(), MapError> {
+        let id = self.services.get(&key.into()).map(|v| v.svc_id).unwrap_or(0);
+        self.write(format!("delete service {id}"))?;
+        self.services.remove(&key.into());
+        Ok(())
+    }
+    fn set_slot(&mut self, key: &BackendSlotKey, backend_id: u32) -> Result<(), MapError> {
+        self.write(format!("set slot {}/{} = {backend_id}", key.svc_id, key.slot))?;
+        self.slots.insert((key.svc_id, key.slot), backend_id);
+        Ok(())
+    }
+    fn delete_slot(&mut self, key: &BackendSlotKey) -> Result<(), MapError> {
+        self.write(format!("delete slot {}/{}", key.svc_id, key.slot))?;
+        self.slots.remove(&(key.svc_id, key.slot));
+        Ok(())
+    }
+    fn set_backend(&mut self, id: u32, value: &BackendV4) -> Result<(), MapError> {
+        self.write(format!("set backend {id}"))?;
+        self.backends.insert(id, *value);
+        Ok(())
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapError> {
+        self.write(format!("delete backend {id}"))?;
+        self.backends.remove(&id);
+        Ok(())
+    }
+}
+
+pub fn frontend_key(fe: &L4Addr) -> ServiceKeyV4 {
+    ServiceKeyV4 {
+        addr: u32::from_ne_bytes(fe.addr.octets()),
+        port: fe.port.to_be(),
+        proto: fe.proto.number(),
+        scope: lb_common::SCOPE_ALL,
+    }
+}
+
+pub fn backend_value(addr: &L4Addr, local: bool, terminating: bool) -> BackendV4 {
+    BackendV4 {
+        addr: u32::from_ne_bytes(addr.addr.octets()),
+        port: addr.port.to_be(),
+        proto: addr.proto.number(),
+        flags: if local { BACKEND_F_LOCAL } else { 0 }
+            | if terminating { BACKEND_F_TERMINATING } else { 0 },
+    }
+}
+
+pub fn kind_flag(kind: FrontendKind) -> u32 {
+    match kind {
+        FrontendKind::ClusterIP => SVC_F_CLUSTER_IP,
+        FrontendKind::NodePort => SVC_F_NODE_PORT,
+        FrontendKind::ExternalIP => SVC_F_EXTERNAL_IP,
+        FrontendKind::LoadBalancer => SVC_F_LOAD_BALANCER,
+    }
+}
+
+/// One frontend as the maps hold it (for `lb-agent services`).
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct FrontendDump {
+    pub id: u32,
+    pub frontend: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// What a packet gets when there is no backend.
+    pub no_backend: &'static str,
+    pub backends: Vec<BackendDump>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct BackendDump {
+    pub id: u32,
+    pub address: String,
+    pub state: &'static str,
+    pub local: bool,
+}
+
+fn l4(addr: u32, port_be: u16, proto: u8) -> String {
+    let a = Ipv4Addr::from(addr.to_ne_bytes());
+    match Proto::from_number(proto) {
+        Some(p) => format!("{a}:{}/{p}", u16::from_be(port_be)),
+        None => format!("{a}:{}/{proto}", u16::from_be(port_be)),
+    }
+}
+
+/// Reads the frontends and their backends from the maps.
+pub fn dump(maps: &impl ServiceMaps) -> Result<Vec<FrontendDump>, MapError> {
+    let slots: BTreeMap<(u32, u32), u32> = maps
+        .slots()?
+        .into_iter()
+        .map(|(k, v)| ((k.svc_id, k.slot), v))
+        .collect();
+    let backends: BTreeMap<u32, BackendV4> = maps.backends()?.into_iter().collect();
+    let mut services = maps.services()?;
+    services.sort_by_key(|(_, v)| v.svc_id);
+    Ok(services
+        .into_iter()
+        .map(|(k, v)| {
+            let kind = [
+                (SVC_F_CLUSTER_IP, "ClusterIP"),
+                (SVC_F_NODE_PORT, "NodePort"),
+                (SVC_F_EXTERNAL_IP, "ExternalIP"),
+                (SVC_F_LOAD_BALANCER, "LoadBalancer"),
+            ]
+            .iter()
+            .find(|(f, _)| v.flags & f != 0)
+            .map_or("?", |(_, n)| n);
+            FrontendDump {
+                id: v.svc_id,
+                frontend: l4(k.addr, k.port, k.proto),
+                kind: kind.into(),
+                no_backend: if v.flags & SVC_F_DROP_NO_ENDPOINTS != 0 {
+                    "drop"
+                } else {
+                    "reject"
+                },
+                backends: (0..v.count)
+                    .map(|slot| {
+                        let id = slots.get(&(v.svc_id, slot)).copied().unwrap_or(0);
+                        match backends.get(&id) {
+                            Some(b) => BackendDump {
+                                id,
+                                address: l4(b.addr, b.port, b.proto),
+                                state: if b.flags & BACKEND_F_TERMINATING != 0 {
+                                    "terminating"
+                                } else {
+                                    "active"
+                                },
+                                local: b.flags & BACKEND_F_LOCAL != 0,
+                            },
+                            None => BackendDump {
+                                id,
+                                address: "?".into(),
+                                state: "missing",
+                                local: false,
+                            },
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect())
+}
+
+/// `cilium service list`-style table.
+pub fn format_table(rows: &[FrontendDump]) -> String {
+    let mut out = format!("{:<5} {:<24} {:<13} {}\n", "ID", "Frontend", "Service Type", "Backend");
+    for r in rows {
+        let mut first = true;
+        let mut line = |backend: String| {
+            if first {
+                out.push_str(&format!("{:<5} {:<24} {:<13} {backend}\n", r.id, r.frontend, r.kind));
+                first = false;
+            } else {
+                out.push_str(&format!("{:<5} {:<24} {:<13} {backend}\n", "", "", ""));
+            }
+        };
+        if r.backends.is_empty() {
+            line(format!("(none: {})", r.no_backend));
+        }
+        for (i, b) in r.backends.iter().enumerate() {
+            line(format!(
+                "{} => {} ({}{})",
+                i + 1,
+                b.address,
+                b.state,
+                if b.local { ", local" } else { "" }
+            ));
+        }
+    }
+    out
+}

@@ -1,0 +1,115 @@
+//! The desired datapath state: what every frontend should resolve to on this node.
+//!
+//! Built by `translate` from Kubernetes objects, consumed by `reconcile`. Free of I/O.
+
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Proto {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => IPPROTO_TCP,
+            Proto::Udp => IPPROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            IPPROTO_TCP => Some(Proto::Tcp),
+            IPPROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+        })
+    }
+}
+
+/// An address, port and protocol: a frontend (what clients connect to) or a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct L4Addr {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for L4Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum FrontendKind {
+    ClusterIP,
+    NodePort,
+    ExternalIP,
+    LoadBalancer,
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A backend as the datapath sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Backend {
+    pub addr: L4Addr,
+    /// The endpoint runs on this node.
+    pub local: bool,
+    /// The endpoint is terminating (used only because no ready endpoint exists).
+    pub terminating: bool,
+}
+
+/// `namespace/name:port-name` of a Service port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    pub port: String,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        Ok(())
+    }
+}
+
+/// What one frontend resolves to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FrontendState {
+    pub service: ServicePortName,
+    pub kind: FrontendKind,
+    /// The backends new flows are spread over, sorted. Empty: reject (or drop).
+    pub backends: Vec<Backend>,
+    /// With no backends, drop instead of rejecting (Local policy, endpoints elsewhere).
+    pub drop_when_empty: bool,
+}
+
+/// The whole desired state of this node's datapath.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub frontends: BTreeMap<L4Addr, FrontendState>,
+}

@@ -1,0 +1,374 @@
+//! Programs the desired state into the service maps with the fewest writes, in an order that
+//! never lets a packet see a half-updated service: backends before the slots that name them,
+//! slots before the service entry whose count covers them; on shrink and removal, the entry
+//! first, then the slots, then backends nothing names any more.
+//!
+//! The reconciler starts from what the (pinned) maps already hold, so an agent restart
+//! rewrites nothing that is still right and removes what is no longer wanted.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use lb_common::{
+    BackendSlotKey, BackendV4, ServiceKeyV4, ServiceV4, MAX_SERVICE_IDS, SVC_F_DROP_NO_ENDPOINTS,
+};
+
+use crate::{
+    maps::{backend_value, frontend_key, kind_flag, MapError, ServiceKeyV4Ord, ServiceMaps},
+    model::Desired,
+};
+
+#[derive(Debug, Clone)]
+struct Programmed {
+    value: ServiceV4,
+    slots: Vec<u32>,
+}
+
+/// What one `apply` changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub writes: usize,
+    pub deletes: usize,
+}
+
+pub struct Reconciler<M: ServiceMaps> {
+    maps: M,
+    services: BTreeMap<ServiceKeyV4Ord, Programmed>,
+    backends: BTreeMap<u32, BackendV4>,
+    next_svc_id: u32,
+    next_backend_id: u32,
+}
+
+/// Identity of a backend: address, port and protocol (not its flags).
+fn backend_identity(b: &BackendV4) -> (u32, u16, u8) {
+    (b.addr, b.port, b.proto)
+}
+
+impl<M: ServiceMaps> Reconciler<M> {
+    /// Takes over what the maps hold. Slots that no service entry covers are removed.
+    pub fn new(mut maps: M) -> Result<Self, MapError> {
+        let mut services: BTreeMap<ServiceKeyV4Ord, Programmed> = maps
+            .services()?
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    (&k).into(),
+                    Programmed {
+                        value: v,
+                        // 0 = unknown until read below; a 0 slot is rewritten on the next apply.
+                        slots: vec![0; v.count as usize],
+                    },
+                )
+            })
+            .collect();
+        let counts: HashMap<u32, ServiceKeyV4Ord> =
+            services.iter().map(|(k, p)| (p.value.svc_id, *k)).collect();
+        for (slot_key, backend_id) in maps.slots()? {
+            let owner = counts.get(&slot_key.svc_id).and_then(|k| services.get_mut(k));
+            match owner {
+                Some(p) if (slot_key.slot as usize) < p.slots.len() => {
+                    p.slots[slot_key.slot as usize] = backend_id;
+                }
+                _ => maps.delete_slot(&slot_key)?,
+            }
+        }
+        let backends: BTreeMap<u32, BackendV4> = maps.backends()?.into_iter().collect();
+        let next_svc_id = services.values().map(|p| p.value.svc_id).max().unwrap_or(0) + 1;
+        let next_backend_id = backends.keys().max().copied().unwrap_or(0) + 1;
+        Ok(Reconciler {
+            maps,
+            services,
+            backends,
+            next_svc_id,
+            next_backend_id,
+        })
+    }
+
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    fn alloc_svc_id(&mut self) -> u32 {
+        let used: BTreeSet<u32> = self.services.values().map(|p| p.value.svc_id).collect();
+        loop {
+            if self.next_svc_id == 0 || self.next_svc_id >= MAX_SERVICE_IDS {
+                self.next_svc_id = 1;
+            }
+            let id = self.next_svc_id;
+            self.next_svc_id += 1;
+            if !used.contains(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn alloc_backend_id(&mut self) -> u32 {
+        loop {
+            if self.next_backend_id == 0 || self.next_backend_id >= i32::MAX as u32 {
+                self.next_backend_id = 1;
+            }
+            let id = self.next_backend_id;
+            self.next_backend_id += 1;
+            if !self.backends.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Makes the maps hold `desired`.
+    pub fn apply(&mut self, desired: &Desired) -> Result<ApplyStats, MapError> {
+        let mut stats = ApplyStats::default();
+
+        // 1. Backends: reuse the id of an identical address, write new ones and flag changes.
+        let mut ids: HashMap<(u32, u16, u8), u32> = self
+            .backends
+            .iter()
+            .map(|(id, b)| (backend_identity(b), *id))
+            .collect();
+        let mut wanted_backends = BTreeSet::new();
+        let mut slot_lists: BTreeMap<ServiceKeyV4Ord, (ServiceV4, Vec<u32>)> = BTreeMap::new();
+        for (fe, state) in &desired.frontends {
+            let mut slots = Vec::with_capacity(state.backends.len());
+            for b in &state.backends {
+                let value = backend_value(&b.addr, b.local, b.terminating);
+                let ident = backend_identity(&value);
+                let id = match ids.get(&ident) {
+                    Some(id) => *id,
+                    None => {
+                        let id = self.alloc_backend_id();
+                        ids.insert(ident, id);
+                        id
+                    }
+                };
+                if self.backends.get(&id) != Some(&value) {
+                    self.maps.set_backend(id, &value)?;
+                    self.backends.insert(id, value);
+                    stats.writes += 1;
+                }
+                wanted_backends.insert(id);
+                slots.push(id);
+            }
+            let key = frontend_key(fe);
+            let value = ServiceV4 {
+                svc_id: 0, // filled in below
+                count: slots.len() as u32,
+                flags: kind_flag(state.kind)
+                    | if state.drop_when_empty {
+                        SVC_F_DROP_NO_ENDPOINTS
+                    } else {
+                        0
+                    },
+                _reserved: 0,
+            };
+            slot_lists.insert((&key).into(), (value, slots));
+        }
+
+        // 2. Frontends that stay or are new.
+        for (key, (mut value, slots)) in slot_lists.iter().map(|(k, v)| (*k, v.clone())) {
+            let old = self.services.get(&key).cloned();
+            value.svc_id = match &old {
+                Some(p) => p.value.svc_id,
+                None => self.alloc_svc_id(),
+            };
+            let old_slots = old.as_ref().map(|p| p.slots.clone()).unwrap_or_default();
+            for (i, id) in slots.iter().enumerate() {
+                if old_slots.get(i) != Some(id) {
+                    let sk = BackendSlotKey {
+                        svc_id: value.svc_id,
+                        slot: i as u32,
+                    };
+                    self.maps.set_slot(&sk, *id)?;
+                    stats.writes += 1;
+                }
+            }
+            if old.as_ref().map(|p| p.value) != Some(value) {
+                self.maps.set_service(&ServiceKeyV4::from(key), &value)?;
+                stats.writes += 1;
+            }
+            for i in slots.len()..old_slots.len() {
+                let sk = BackendSlotKey {
+                    svc_id: value.svc_id,
+                    slot: i as u32,
+                };
+                self.maps.delete_slot(&sk)?;
+                stats.deletes += 1;
+            }
+            self.services.insert(key, Programmed { value, slots });
+        }
+
+        // 3. Frontends no longer wanted: the entry first, then its slots.
+        let gone: Vec<ServiceKeyV4Ord> = self
+            .services
+            .keys()
+            .filter(|k| !slot_lists.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            if let Some(p) = self.services.get(&key).cloned() {
+                self.maps.delete_service(&ServiceKeyV4::from(key))?;
+                stats.deletes += 1;
+                for i in 0..p.slots.len() {
+                    let sk = BackendSlotKey {
+                        svc_id: p.value.svc_id,
+                        slot: i as u32,
+                    };
+                    self.maps.delete_slot(&sk)?;
+                    stats.deletes += 1;
+                }
+                self.services.remove(&key);
+            }
+        }
+
+        // 4. Backends nothing names any more.
+        let unused: Vec<u32> = self
+            .backends
+            .keys()
+            .filter(|id| !wanted_backends.contains(id))
+            .copied()
+            .collect();
+        for id in unused {
+            self.maps.delete_backend(id)?;
+            self.backends.remove(&id);
+            stats.deletes += 1;
+        }
+        Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        maps::{dump, MemMaps},
+        model::{Backend, FrontendKind, FrontendState, L4Addr, Proto, ServicePortName},
+    };
+    use std::net::Ipv4Addr;
+
+    fn addr(ip: [u8; 4], port: u16) -> L4Addr {
+        L4Addr {
+            addr: Ipv4Addr::from(ip),
+            port,
+            proto: Proto::Tcp,
+        }
+    }
+
+    fn desired(frontends: &[(L4Addr, &[L4Addr])]) -> Desired {
+        let mut d = Desired::default();
+        for (fe, backends) in frontends {
+            d.frontends.insert(
+                *fe,
+                FrontendState {
+                    service: ServicePortName {
+                        namespace: "default".into(),
+                        name: "s".into(),
+                        port: String::new(),
+                    },
+                    kind: FrontendKind::ClusterIP,
+                    backends: backends
+                        .iter()
+                        .map(|a| Backend {
+                            addr: *a,
+                            local: true,
+                            terminating: false,
+                        })
+                        .collect(),
+                    drop_when_empty: false,
+                },
+            );
+        }
+        d
+    }
+
+    fn shown(maps: &MemMaps) -> Vec<(String, Vec<String>)> {
+        dump(maps)
+            .expect("dump")
+            .into_iter()
+            .map(|f| (f.frontend, f.backends.into_iter().map(|b| b.address).collect()))
+            .collect()
+    }
+
+    const VIP: [u8; 4] = [10, 96, 0, 1];
+
+    #[test]
+    fn grow_writes_backends_then_slots_then_entry() {
+        let mut r = Reconciler::new(MemMaps::default()).expect("new");
+        let a = addr([10, 0, 0, 1], 80);
+        let b = addr([10, 0, 0, 2], 80);
+        r.apply(&desired(&[(addr(VIP, 80), &[a])])).expect("apply");
+        r.maps.log.clear();
+        r.apply(&desired(&[(addr(VIP, 80), &[a, b])])).expect("apply");
+        assert_eq!(
+            r.maps.log,
+            vec!["set backend 2", "set slot 1/1 = 2", "set service 1 count 2"]
+        );
+        assert_eq!(
+            shown(&r.maps),
+            vec![("10.96.0.1:80/TCP".into(), vec!["10.0.0.1:80/TCP".into(), "10.0.0.2:80/TCP".into()])]
+        );
+    }
+
+    #[test]
+    fn shrink_writes_entry_before_removing_slots_and_backends() {
+        let mut r = Reconciler::new(MemMaps::default()).expect("new");
+        let a = addr([10, 0, 0, 1], 80);
+        let b = addr([10, 0, 0, 2], 80);
+        r.apply(&desired(&[(addr(VIP, 80), &[a, b])])).expect("apply");
+        r.maps.log.clear();
+        r.apply(&desired(&[(addr(VIP, 80), &[a])])).expect("apply");
+        assert_eq!(
+            r.maps.log,
+            vec!["set service 1 count 1", "delete slot 1/1", "delete backend 2"]
+        );
+    }
+
+    #[test]
+    fn unchanged_state_writes_nothing_and_removal_cleans_up() {
+        let mut r = Reconciler::new(MemMaps::default()).expect("new");
+        let d = desired(&[(addr(VIP, 80), &[addr([10, 0, 0, 1], 80)])]);
+        r.apply(&d).expect("apply");
+        let s = r.apply(&d).expect("apply");
+        assert_eq!(s, ApplyStats::default());
+        r.maps.log.clear();
+        r.apply(&Desired::default()).expect("apply");
+        assert_eq!(
+            r.maps.log,
+            vec!["delete service 1", "delete slot 1/0", "delete backend 1"]
+        );
+        assert!(r.maps.services.is_empty() && r.maps.slots.is_empty() && r.maps.backends.is_empty());
+    }
+
+    #[test]
+    fn restart_takes_over_pinned_state_and_removes_what_is_unwanted() {
+        let mut r = Reconciler::new(MemMaps::default()).expect("new");
+        let a = addr([10, 0, 0, 1], 80);
+        let b = addr([10, 0, 0, 2], 80);
+        let other = addr([10, 96, 0, 2], 53);
+        r.apply(&desired(&[(addr(VIP, 80), &[a, b]), (other, &[b])]))
+            .expect("apply");
+        // A stray slot beyond the count, as a crashed writer could leave.
+        let mut maps = r.maps.clone();
+        maps.slots.insert((1, 7), 1);
+        maps.log.clear();
+
+        // A new agent: same wanted state for VIP, `other` is gone.
+        let mut r2 = Reconciler::new(maps).expect("take over");
+        assert_eq!(r2.maps.log, vec!["delete slot 1/7"]);
+        r2.maps.log.clear();
+        r2.apply(&desired(&[(addr(VIP, 80), &[a, b])])).expect("apply");
+        assert_eq!(r2.maps.log, vec!["delete service 2", "delete slot 2/0"]);
+        // New ids never collide with the ones taken over.
+        r2.apply(&desired(&[(addr(VIP, 80), &[a, b]), (other, &[addr([10, 0, 0, 3], 53)])]))
+            .expect("apply");
+        assert!(r2.maps.backends.contains_key(&3));
+        assert!(r2.maps.services.values().any(|v| v.svc_id == 3));
+    }
+
+    #[test]
+    fn empty_frontend_is_kept_with_count_zero() {
+        let mut r = Reconciler::new(MemMaps::default()).expect("new");
+        r.apply(&desired(&[(addr(VIP, 80), &[])])).expect("apply");
+        let rows = dump(&r.maps).expect("dump");
+        assert_eq!(rows.len(), 1);
+        assert!(rows[0].backends.is_empty());
+        assert_eq!(rows[0].no_backend, "reject");
+    }
+}

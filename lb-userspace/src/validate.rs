@@ -1,0 +1,141 @@
+//! The checks the API server would make on the fields the agent uses, so that a manifest
+//! the cluster would refuse is refused here too, with the reason.
+
+use std::net::IpAddr;
+
+use k8s_openapi::{
+    api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Result<(), String> {
+    match meta.name.as_deref() {
+        Some(n) if !n.is_empty() => Ok(()),
+        _ => Err("metadata.name is required".into()),
+    }
+}
+
+fn port_range(field: &str, p: i32) -> Result<(), String> {
+    if (1..=65535).contains(&p) {
+        Ok(())
+    } else {
+        Err(format!("{field}: {p} is not a port number (1-65535)"))
+    }
+}
+
+fn protocol(field: &str, p: Option<&str>) -> Result<(), String> {
+    match p {
+        None | Some("TCP" | "UDP" | "SCTP") => Ok(()),
+        Some(other) => Err(format!(
+            "{field}: unsupported value {other:?} (TCP, UDP or SCTP)"
+        )),
+    }
+}
+
+fn ip(field: &str, s: &str) -> Result<(), String> {
+    s.parse::<IpAddr>()
+        .map(|_| ())
+        .map_err(|_| format!("{field}: {s:?} is not an IP address"))
+}
+
+pub fn service(svc: &Service) -> Result<(), String> {
+    name_of(&svc.metadata)?;
+    let Some(spec) = &svc.spec else {
+        return Ok(());
+    };
+    match spec.type_.as_deref() {
+        None | Some("ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName") => {}
+        Some(other) => return Err(format!("spec.type: unsupported value {other:?}")),
+    }
+    if let Some(c) = spec.cluster_ip.as_deref() {
+        if !c.is_empty() && c != "None" {
+            ip("spec.clusterIP", c)?;
+        }
+    }
+    for (i, c) in spec.cluster_ips.iter().flatten().enumerate() {
+        if c != "None" {
+            ip(&format!("spec.clusterIPs[{i}]"), c)?;
+        }
+    }
+    for (i, c) in spec.external_ips.iter().flatten().enumerate() {
+        ip(&format!("spec.externalIPs[{i}]"), c)?;
+    }
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    for (i, p) in ports.iter().enumerate() {
+        let f = format!("spec.ports[{i}]");
+        port_range(&format!("{f}.port"), p.port)?;
+        protocol(&format!("{f}.protocol"), p.protocol.as_deref())?;
+        if let Some(np) = p.node_port {
+            port_range(&format!("{f}.nodePort"), np)?;
+        }
+        if let Some(IntOrString::Int(t)) = p.target_port {
+            port_range(&format!("{f}.targetPort"), t)?;
+        }
+        if ports.len() > 1 && p.name.as_deref().unwrap_or_default().is_empty() {
+            return Err(format!("{f}.name: required when a Service has several ports"));
+        }
+    }
+    for policy in [
+        ("spec.externalTrafficPolicy", &spec.external_traffic_policy),
+        ("spec.internalTrafficPolicy", &spec.internal_traffic_policy),
+    ] {
+        match policy.1.as_deref() {
+            None | Some("Cluster" | "Local") => {}
+            Some(other) => return Err(format!("{}: unsupported value {other:?}", policy.0)),
+        }
+    }
+    for (i, ing) in svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        if let Some(a) = ing.ip.as_deref() {
+            ip(&format!("status.loadBalancer.ingress[{i}].ip"), a)?;
+        }
+    }
+    Ok(())
+}
+
+pub fn endpoint_slice(slice: &EndpointSlice) -> Result<(), String> {
+    name_of(&slice.metadata)?;
+    match slice.address_type.as_str() {
+        "IPv4" | "IPv6" | "FQDN" => {}
+        other => return Err(format!("addressType: unsupported value {other:?}")),
+    }
+    for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
+        if ep.addresses.is_empty() {
+            return Err(format!("endpoints[{i}].addresses: at least one is required"));
+        }
+        if slice.address_type != "FQDN" {
+            for (j, a) in ep.addresses.iter().enumerate() {
+                ip(&format!("endpoints[{i}].addresses[{j}]"), a)?;
+            }
+        }
+    }
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        if let Some(n) = p.port {
+            port_range(&format!("ports[{i}].port"), n)?;
+        }
+        protocol(&format!("ports[{i}].protocol"), p.protocol.as_deref())?;
+    }
+    Ok(())
+}
+
+pub fn pod(pod: &Pod) -> Result<(), String> {
+    name_of(&pod.metadata)?;
+    for (i, c) in pod.spec.iter().flat_map(|s| s.containers.iter()).enumerate() {
+        for (j, p) in c.ports.iter().flatten().enumerate() {
+            let f = format!("spec.containers[{i}].ports[{j}]");
+            port_range(&format!("{f}.containerPort"), p.container_port)?;
+            protocol(&format!("{f}.protocol"), p.protocol.as_deref())?;
+        }
+    }
+    if let Some(a) = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) {
+        ip("status.podIP", a)?;
+    }
+    Ok(())
+}
