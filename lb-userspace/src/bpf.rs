@@ -133,6 +133,11 @@ impl Datapath {
         Ok(gone)
     }
 
+    /// The program (for BPF_PROG_TEST_RUN).
+    pub fn program(&self) -> &Xdp {
+        &self.prog
+    }
+
     /// Inode of the pinned program (identifies one datapath instance in logs).
     pub fn pin_inode(&self) -> u64 {
         fs::metadata(self.pin.join(PROG_PIN))

@@ -1,1 +1,105 @@
+//! Shared pieces of the privileged tests: packet building, a BPF datapath harness for
+//! BPF_PROG_TEST_RUN, and the network-namespace lab.
 
+
+pub mod packet;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::programs::{TestRun, TestRunOptions};
+use lb_userspace::{
+    bpf::{Datapath, PinnedMaps},
+    manifests::parse_file,
+    reconcile::Reconciler,
+    translate::{translate, NodeInfo},
+};
+
+/// Privileged tests need root; say so instead of failing obscurely.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test needs root (BPF, network namespaces): run it as root");
+}
+
+/// A directory on the bpffs, removed (with every pin in it) when dropped.
+pub struct PinDir(pub PathBuf);
+
+impl PinDir {
+    pub fn new(tag: &str) -> PinDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/lb-test-{tag}-{}-{n}",
+            std::process::id()
+        )))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The real BPF object with its maps programmed through the agent's own control plane.
+pub struct Harness {
+    pub datapath: Datapath,
+    pub reconciler: Reconciler<PinnedMaps>,
+    pub node: NodeInfo,
+    // Last, so the pins go after the handles.
+    pub pin: PinDir,
+}
+
+impl Harness {
+    pub fn new(node: NodeInfo) -> Result<Harness> {
+        require_root();
+        let pin = PinDir::new("pkt");
+        let datapath = Datapath::load(pin.path(), 65536)?;
+        let reconciler = Reconciler::new(PinnedMaps::open(pin.path())?)?;
+        Ok(Harness {
+            datapath,
+            reconciler,
+            node,
+            pin,
+        })
+    }
+
+    /// Programs the maps from manifests, as `lb-agent run --manifests` would.
+    pub fn program(&mut self, yaml: &str) -> Result<()> {
+        let objects = parse_file(Path::new("fixture.yaml"), yaml)?;
+        let t = translate(&objects, &self.node);
+        if !t.warnings.is_empty() {
+            bail!("translation warnings: {:?}", t.warnings);
+        }
+        self.reconciler.apply(&t.desired)?;
+        Ok(())
+    }
+
+    /// Runs one frame through the program: (XDP verdict, output frame).
+    pub fn run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        let r = self
+            .datapath
+            .program()
+            .test_run(opts)
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
+    }
+}
+
+/// XDP verdicts.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
