@@ -21,8 +21,9 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "LB_SVC_STATS";
 }
 
-/// Name of the XDP program in the object file.
+/// Names of the programs in the object file.
 pub const XDP_PROGRAM: &str = "lb_xdp";
+pub const TC_PROGRAM: &str = "lb_tc_reject";
 
 /// Capacity of the maps (entries). The conntrack size can be changed at load time.
 pub const MAX_SERVICES: u32 = 65_536;
@@ -191,7 +192,9 @@ pub mod stat {
     pub const DROP_NO_LOCAL: u32 = 11;
     pub const DROP_INCONSISTENT: u32 = 12;
     pub const PASS_TRUNCATED: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// Handed by XDP to the TC ingress program, which answers with RST / ICMP.
+    pub const PASS_TO_REJECT: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     /// Names in index order, for the agent's output.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -209,5 +212,6 @@ pub mod stat {
         "drop_no_local",
         "drop_inconsistent",
         "pass_truncated",
+        "pass_to_reject",
     ];
 }

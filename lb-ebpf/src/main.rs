@@ -4,9 +4,14 @@
 //! 1. conntrack hit in the reply direction → restore the frontend as source (reverse NAT);
 //! 2. conntrack hit in the forward direction → rewrite to the flow's backend;
 //! 3. otherwise a frontend lookup → pick a backend uniformly among the service's slots,
-//!    record both directions in conntrack, rewrite; a frontend without a usable backend
-//!    answers TCP with RST and UDP with ICMP port-unreachable (or drops, per its flags);
+//!    record both directions in conntrack, rewrite; a frontend without a usable backend is
+//!    dropped (Local policy) or passed on untouched to `lb_tc_reject`;
 //! 4. anything else passes untouched.
+//!
+//! `lb_tc_reject` (TC ingress, on the same interfaces) answers what XDP passed on for a
+//! frontend without backends: TCP with RST, UDP with ICMP port-unreachable, sent back out of
+//! the interface it came in on. It runs in TC because an XDP_TX on a veth only reaches a peer
+//! that runs XDP itself, which a pod does not (DESIGN.md, "veth caveats").
 //!
 //! Every packet access is bounds-checked against `data_end` right before it, and no path can
 //! panic. Per-packet work is a fixed number of hash lookups, whatever the number of Services.
@@ -16,11 +21,14 @@
 use core::mem;
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
-    macros::{map, xdp},
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{
+        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_head,
+        bpf_skb_change_tail, bpf_skb_pull_data,
+    },
+    macros::{classifier, map, xdp},
     maps::{HashMap, LruHashMap, PerCpuArray},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use lb_common::{
     stat, BackendSlotKey, BackendV4, CtEntryV4, CtKeyV4, ServiceKeyV4, ServiceStats, ServiceV4,
@@ -50,6 +58,7 @@ const L4_OFF: usize = ETH_LEN + IP_LEN;
 const TCP_LEN: usize = 20;
 const UDP_LEN: usize = 8;
 const ICMP_LEN: usize = 8;
+const IPPROTO_ICMP: u8 = 1;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 
 const TCP_FIN: u8 = 0x01;
@@ -79,8 +88,36 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     process(&ctx)
 }
 
+/// The bounds of a packet's linear data.
+trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+}
+
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+fn ptr_at<T>(ctx: &impl Packet, off: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + mem::size_of::<T>() > end {
@@ -115,18 +152,24 @@ fn pass(idx: u32) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// An IPv4 TCP or UDP packet the datapath may translate.
+struct Parsed {
+    hdr: Headers,
+    pkt: Tuple,
+    proto: u8,
+    tcp_flags: u8,
+}
+
+/// Parses Ethernet + IPv4 (no options, not a fragment) + TCP/UDP headers. Anything else is
+/// `Err(counter)`: the reason it is left alone.
 #[inline(always)]
-fn process(ctx: &XdpContext) -> u32 {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return pass(stat::PASS_TRUNCATED);
-    };
+fn parse(ctx: &impl Packet) -> Result<Parsed, u32> {
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(stat::PASS_TRUNCATED)?;
     // SAFETY: `eth` was bounds-checked by ptr_at.
     if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
-        return pass(stat::PASS_NOT_IPV4);
+        return Err(stat::PASS_NOT_IPV4);
     }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
-        return pass(stat::PASS_TRUNCATED);
-    };
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN).ok_or(stat::PASS_TRUNCATED)?;
     // SAFETY: `ip` was bounds-checked by ptr_at.
     let (vihl, frags, proto, tot_len) = unsafe {
         (
@@ -137,39 +180,30 @@ fn process(ctx: &XdpContext) -> u32 {
         )
     };
     if vihl >> 4 != 4 {
-        return pass(stat::PASS_NOT_IPV4);
+        return Err(stat::PASS_NOT_IPV4);
     }
     if vihl & 0x0f != 5 {
-        return pass(stat::PASS_IP_OPTIONS);
+        return Err(stat::PASS_IP_OPTIONS);
     }
     // More-fragments flag or a fragment offset: only the first fragment has ports, and
     // later ones would not follow it, so fragments are left to the stack.
     if frags & 0x3fff != 0 {
-        return pass(stat::PASS_FRAGMENT);
+        return Err(stat::PASS_FRAGMENT);
     }
     let (l4_len, csum_off) = match proto {
         IPPROTO_TCP => (TCP_LEN, 16),
         IPPROTO_UDP => (UDP_LEN, 6),
-        _ => return pass(stat::PASS_OTHER_PROTO),
+        _ => return Err(stat::PASS_OTHER_PROTO),
     };
     if tot_len < IP_LEN + l4_len || ETH_LEN + tot_len > ctx.data_end() - ctx.data() {
-        return pass(stat::PASS_TRUNCATED);
+        return Err(stat::PASS_TRUNCATED);
     }
-    if ctx.data() + L4_OFF + l4_len > ctx.data_end() {
-        return pass(stat::PASS_TRUNCATED);
-    }
-    let Some(ports) = ptr_at::<Ports>(ctx, L4_OFF) else {
-        return pass(stat::PASS_TRUNCATED);
-    };
-    let Some(csum) = ptr_at::<[u8; 2]>(ctx, L4_OFF + csum_off) else {
-        return pass(stat::PASS_TRUNCATED);
-    };
+    let ports = ptr_at::<Ports>(ctx, L4_OFF).ok_or(stat::PASS_TRUNCATED)?;
+    let csum = ptr_at::<[u8; 2]>(ctx, L4_OFF + csum_off).ok_or(stat::PASS_TRUNCATED)?;
     let tcp_flags = if proto == IPPROTO_TCP {
-        match ptr_at::<u8>(ctx, L4_OFF + 13) {
-            // SAFETY: bounds-checked by ptr_at.
-            Some(f) => unsafe { *f },
-            None => return pass(stat::PASS_TRUNCATED),
-        }
+        let f = ptr_at::<u8>(ctx, L4_OFF + 13).ok_or(stat::PASS_TRUNCATED)?;
+        // SAFETY: bounds-checked by ptr_at.
+        unsafe { *f }
     } else {
         0
     };
@@ -182,13 +216,31 @@ fn process(ctx: &XdpContext) -> u32 {
             dport: u16::from_ne_bytes((*ports).dst),
         }
     };
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let hdr = Headers {
-        ip,
-        ports,
-        csum,
-        udp: proto == IPPROTO_UDP,
+    Ok(Parsed {
+        hdr: Headers {
+            ip,
+            ports,
+            csum,
+            udp: proto == IPPROTO_UDP,
+        },
+        pkt,
+        proto,
+        tcp_flags,
+    })
+}
+
+#[inline(always)]
+fn process(ctx: &XdpContext) -> u32 {
+    let Parsed {
+        hdr,
+        pkt,
+        proto,
+        tcp_flags,
+    } = match parse(ctx) {
+        Ok(p) => p,
+        Err(reason) => return pass(reason),
     };
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
 
     let ct_key = CtKeyV4 {
         saddr: pkt.saddr,
@@ -235,16 +287,13 @@ fn process(ctx: &XdpContext) -> u32 {
         return pass(stat::PASS_NO_SERVICE);
     };
     if svc.count == 0 {
-        count_service(svc.svc_id, bytes, false, true);
         if svc.flags & SVC_F_DROP_NO_ENDPOINTS != 0 {
+            count_service(svc.svc_id, bytes, false, true);
             count(stat::DROP_NO_LOCAL);
             return xdp_action::XDP_DROP;
         }
-        return if proto == IPPROTO_TCP {
-            reject_tcp(ctx, tcp_flags)
-        } else {
-            reject_udp(ctx)
-        };
+        // Untouched, to lb_tc_reject (which counts it for the service).
+        return pass(stat::PASS_TO_REJECT);
     }
 
     // SAFETY: bpf_get_prandom_u32 has no preconditions.
@@ -409,34 +458,92 @@ fn addr_words(a: u32) -> u64 {
     (a & 0xffff) as u64 + (a >> 16) as u64
 }
 
-/// Resizes the frame to exactly `len` bytes (shrinking only).
-#[inline(always)]
-fn truncate(ctx: &XdpContext, len: usize) -> bool {
-    let cur = ctx.data_end() - ctx.data();
-    if cur == len {
-        return true;
-    }
-    if cur < len {
-        return false;
-    }
-    // SAFETY: ctx.ctx is the program's own context; the delta shrinks the frame.
-    unsafe { bpf_xdp_adjust_tail(ctx.ctx as *mut _, (len as i32) - (cur as i32)) == 0 }
+#[classifier]
+pub fn lb_tc_reject(ctx: TcContext) -> i32 {
+    reject(&ctx)
 }
 
-/// Turns a TCP segment to a frontend without backends into the RST a closed port sends
-/// (RFC 9293 3.10.7.1) and sends it back out of the interface it came in on.
+/// Answers a packet to a frontend without backends; passes everything else.
 #[inline(always)]
-fn reject_tcp(ctx: &XdpContext, in_flags: u8) -> u32 {
-    if in_flags & TCP_RST != 0 {
-        count(stat::DROP_NO_LOCAL);
-        return xdp_action::XDP_DROP;
+fn reject(ctx: &TcContext) -> i32 {
+    // Make the headers linear for direct access (no-op when they are already).
+    let len = if (ctx.len() as usize) < REPLY_MAX {
+        ctx.len()
+    } else {
+        REPLY_MAX as u32
+    };
+    // SAFETY: ctx.skb.skb is the program's own context.
+    unsafe { bpf_skb_pull_data(ctx.skb.skb as *mut _, len) };
+    let Ok(Parsed {
+        pkt,
+        proto,
+        tcp_flags,
+        ..
+    }) = parse(ctx)
+    else {
+        return TC_ACT_OK;
+    };
+    let svc_key = ServiceKeyV4 {
+        addr: pkt.daddr,
+        port: pkt.dport,
+        proto,
+        scope: SCOPE_ALL,
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(svc) = (unsafe { LB4_SERVICES.get(&svc_key) }).copied() else {
+        return TC_ACT_OK;
+    };
+    if svc.count != 0 {
+        // Backends appeared since XDP looked: let the stack have it; the retransmission
+        // will be translated.
+        return TC_ACT_OK;
     }
+    count_service(svc.svc_id, ctx.len() as u64, false, true);
+    if svc.flags & SVC_F_DROP_NO_ENDPOINTS != 0 {
+        count(stat::DROP_NO_LOCAL);
+        return TC_ACT_SHOT;
+    }
+    let built = if proto == IPPROTO_TCP {
+        if tcp_flags & TCP_RST != 0 {
+            return TC_ACT_SHOT; // never answer a RST
+        }
+        build_rst(ctx, tcp_flags)
+    } else {
+        build_port_unreachable(ctx)
+    };
+    if !built {
+        return TC_ACT_SHOT;
+    }
+    count(if proto == IPPROTO_TCP {
+        stat::REJECT_TCP
+    } else {
+        stat::REJECT_UDP
+    });
+    // Out of the interface it came in on.
+    // SAFETY: bpf_redirect has no memory preconditions.
+    unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
+}
+
+/// The longest reply built here: Ethernet + IPv4 + ICMP + the original IPv4 + UDP headers.
+const REPLY_MAX: usize = ETH_LEN + IP_LEN + ICMP_LEN + IP_LEN + UDP_LEN;
+
+/// Sets the frame length to `len` and makes it linear.
+#[inline(always)]
+fn resize(ctx: &TcContext, len: usize) -> bool {
+    let skb = ctx.skb.skb as *mut _;
+    // SAFETY: skb is the program's own context.
+    unsafe { bpf_skb_change_tail(skb, len as u32, 0) == 0 && bpf_skb_pull_data(skb, len as u32) == 0 }
+}
+
+/// Turns a TCP segment into the RST a closed port sends (RFC 9293 3.10.7.1).
+#[inline(always)]
+fn build_rst(ctx: &TcContext, in_flags: u8) -> bool {
     let (Some(eth), Some(ip), Some(tcp)) = (
         ptr_at::<EthHdr>(ctx, 0),
         ptr_at::<Ipv4Hdr>(ctx, ETH_LEN),
         ptr_at::<[u8; TCP_LEN]>(ctx, L4_OFF),
     ) else {
-        return pass(stat::PASS_TRUNCATED);
+        return false;
     };
     // SAFETY: all three were bounds-checked by ptr_at.
     let (mac_dst, mac_src, saddr, daddr, tot_len, hdr) = unsafe {
@@ -452,9 +559,8 @@ fn reject_tcp(ctx: &XdpContext, in_flags: u8) -> u32 {
     let doff = ((hdr[12] >> 4) as u32) * 4;
     let payload = tot_len.saturating_sub(IP_LEN as u32 + doff);
     let in_seq = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
-    let in_ack = [hdr[8], hdr[9], hdr[10], hdr[11]];
     let (seq, ack, flags) = if in_flags & TCP_ACK != 0 {
-        (in_ack, [0u8; 4], TCP_RST)
+        ([hdr[8], hdr[9], hdr[10], hdr[11]], [0u8; 4], TCP_RST)
     } else {
         let syn_fin = (in_flags & TCP_SYN != 0) as u32 + (in_flags & TCP_FIN != 0) as u32;
         (
@@ -464,15 +570,15 @@ fn reject_tcp(ctx: &XdpContext, in_flags: u8) -> u32 {
         )
     };
 
-    if !truncate(ctx, L4_OFF + TCP_LEN) {
-        return xdp_action::XDP_DROP;
+    if !resize(ctx, L4_OFF + TCP_LEN) {
+        return false;
     }
     let (Some(eth), Some(ip), Some(tcp)) = (
         ptr_at::<EthHdr>(ctx, 0),
         ptr_at::<Ipv4Hdr>(ctx, ETH_LEN),
         ptr_at::<[u8; TCP_LEN]>(ctx, L4_OFF),
     ) else {
-        return xdp_action::XDP_DROP;
+        return false;
     };
     // SAFETY: all three were bounds-checked by ptr_at after the resize.
     unsafe {
@@ -480,10 +586,9 @@ fn reject_tcp(ctx: &XdpContext, in_flags: u8) -> u32 {
         (*eth).src_addr = mac_dst;
         write_ipv4(ip, daddr, saddr, IPPROTO_TCP, (IP_LEN + TCP_LEN) as u16);
         let t = &mut *tcp;
-        let (sport, dport) = ([hdr[2], hdr[3]], [hdr[0], hdr[1]]);
         *t = [
-            sport[0], sport[1], dport[0], dport[1], seq[0], seq[1], seq[2], seq[3], ack[0],
-            ack[1], ack[2], ack[3], 0x50, flags, 0, 0, 0, 0, 0, 0,
+            hdr[2], hdr[3], hdr[0], hdr[1], seq[0], seq[1], seq[2], seq[3], ack[0], ack[1],
+            ack[2], ack[3], 0x50, flags, 0, 0, 0, 0, 0, 0,
         ];
         let sum = addr_words(u32::from_ne_bytes(daddr))
             + addr_words(u32::from_ne_bytes(saddr))
@@ -494,17 +599,15 @@ fn reject_tcp(ctx: &XdpContext, in_flags: u8) -> u32 {
         t[16] = c[0];
         t[17] = c[1];
     }
-    count(stat::REJECT_TCP);
-    xdp_action::XDP_TX
+    true
 }
 
-/// Answers a UDP datagram to a frontend without backends with ICMP port-unreachable
-/// (RFC 792: the original IP header and the first 8 bytes of its payload), sent back out
-/// of the interface it came in on.
+/// Turns a UDP datagram into ICMP port-unreachable (RFC 792: the original IPv4 header and
+/// the first 8 bytes of its payload follow the ICMP header).
 #[inline(always)]
-fn reject_udp(ctx: &XdpContext) -> u32 {
+fn build_port_unreachable(ctx: &TcContext) -> bool {
     let (Some(eth), Some(ip)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)) else {
-        return pass(stat::PASS_TRUNCATED);
+        return false;
     };
     // SAFETY: both were bounds-checked by ptr_at.
     let (mac_dst, mac_src, saddr, daddr) = unsafe {
@@ -515,30 +618,29 @@ fn reject_udp(ctx: &XdpContext) -> u32 {
             (*ip).dst_addr,
         )
     };
-    const GROW: i32 = (IP_LEN + ICMP_LEN) as i32;
-    // SAFETY: ctx.ctx is the program's own context.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx as *mut _, -GROW) } != 0 {
-        return xdp_action::XDP_DROP;
+    // Room for the new IPv4 + ICMP headers in front: the original IPv4 and UDP headers then
+    // sit exactly where the ICMP payload goes.
+    const GROW: u32 = (IP_LEN + ICMP_LEN) as u32;
+    // SAFETY: ctx.skb.skb is the program's own context.
+    if unsafe { bpf_skb_change_head(ctx.skb.skb as *mut _, GROW, 0) } != 0 {
+        return false;
     }
-    // New frame: Ethernet, IPv4, ICMP, then the original IPv4 header and UDP header,
-    // which are already in place (they moved back by exactly GROW bytes).
-    const TOTAL: usize = ETH_LEN + IP_LEN + ICMP_LEN + IP_LEN + UDP_LEN;
-    if !truncate(ctx, TOTAL) {
-        return xdp_action::XDP_DROP;
+    if !resize(ctx, REPLY_MAX) {
+        return false;
     }
     let (Some(eth), Some(ip), Some(icmp)) = (
         ptr_at::<EthHdr>(ctx, 0),
         ptr_at::<Ipv4Hdr>(ctx, ETH_LEN),
         ptr_at::<[u8; ICMP_LEN + IP_LEN + UDP_LEN]>(ctx, L4_OFF),
     ) else {
-        return xdp_action::XDP_DROP;
+        return false;
     };
     // SAFETY: all three were bounds-checked by ptr_at after the resize.
     unsafe {
         (*eth).dst_addr = mac_src;
         (*eth).src_addr = mac_dst;
         (*eth).ether_type = ETH_P_IP_BE;
-        write_ipv4(ip, daddr, saddr, 1, (TOTAL - ETH_LEN) as u16);
+        write_ipv4(ip, daddr, saddr, IPPROTO_ICMP, (REPLY_MAX - ETH_LEN) as u16);
         let m = &mut *icmp;
         m[..ICMP_LEN].copy_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]);
         let sum = sum_words::<{ (ICMP_LEN + IP_LEN + UDP_LEN) / 2 }>(icmp as *const u8);
@@ -546,8 +648,7 @@ fn reject_udp(ctx: &XdpContext) -> u32 {
         m[2] = c[0];
         m[3] = c[1];
     }
-    count(stat::REJECT_UDP);
-    xdp_action::XDP_TX
+    true
 }
 
 /// Writes a fresh IPv4 header (no options, DF, TTL 64) with its checksum.

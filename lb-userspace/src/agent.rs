@@ -182,7 +182,7 @@ fn attach_interfaces(datapath: &mut Datapath, cfg: &RunConfig) -> Result<()> {
                 tracing::warn!(iface = %name, error = format!("{e:#}"), "sysctl failed");
             }
         }
-        match datapath.attach(*idx) {
+        match datapath.attach(*idx, name) {
             Ok(true) => tracing::info!(iface = %name, ifindex = idx, "attached"),
             Ok(false) => {}
             Err(e) => tracing::warn!(iface = %name, error = format!("{e:#}"), "attach failed"),

@@ -2,25 +2,26 @@
 //! under the pin path, attaching to interfaces with pinned links (so the datapath outlives
 //! the agent), and the pinned maps as `ServiceMaps`.
 //!
-//! Layout under the pin path:
-//! `<MAP NAME>` for each map, `prog_lb_xdp` for the program, `links/xdp-<ifindex>` per link.
+//! Layout under the pin path: `<MAP NAME>` for each map, `prog_lb_xdp` and `prog_lb_tc` for
+//! the programs, `links/xdp-<ifindex>` and `links/tc-<ifindex>` per attached interface.
 
 use std::{
     fs,
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
 use anyhow::{bail, Context, Result};
 use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray},
-    programs::{links::FdLink, xdp::XdpLinkId, Xdp, XdpMode},
+    programs::{
+        links::FdLink, tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
     EbpfLoader,
 };
 use aya_obj::programs::XdpAttachType;
 use lb_common::{
     map_names, stat, BackendSlotKey, BackendV4, ServiceKeyV4, ServiceStats, ServiceV4,
-    XDP_PROGRAM,
+    TC_PROGRAM, XDP_PROGRAM,
 };
 
 use crate::maps::{MapError, ServiceMaps};
@@ -29,7 +30,8 @@ use crate::maps::{MapError, ServiceMaps};
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const PROG_PIN: &str = "prog_lb_xdp";
+const XDP_PIN: &str = "prog_lb_xdp";
+const TC_PIN: &str = "prog_lb_tc";
 const LINKS_DIR: &str = "links";
 
 /// Checks that `dir` (or the nearest existing parent) is on a bpffs.
@@ -48,16 +50,17 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The loaded (or taken over) program.
+/// The loaded (or taken over) programs.
 pub struct Datapath {
     pin: PathBuf,
-    prog: Xdp,
-    /// The program was already pinned: a previous agent's datapath was taken over.
+    xdp: Xdp,
+    tc: SchedClassifier,
+    /// The programs were already pinned: a previous agent's datapath was taken over.
     pub taken_over: bool,
 }
 
 impl Datapath {
-    /// Loads the object, reusing the maps and the program a previous agent pinned.
+    /// Loads the object, reusing the maps and the programs a previous agent pinned.
     pub fn load(pin: &Path, conntrack_entries: u32) -> Result<Self> {
         ensure_bpffs(pin)?;
         fs::create_dir_all(pin.join(LINKS_DIR))
@@ -67,53 +70,79 @@ impl Datapath {
             .map_max_entries(map_names::CONNTRACK_V4, conntrack_entries)
             .load(EBPF_OBJECT)
             .context("loading the BPF object")?;
-        let prog_path = pin.join(PROG_PIN);
-        let taken_over = prog_path.exists();
+        let (xdp_path, tc_path) = (pin.join(XDP_PIN), pin.join(TC_PIN));
+        let taken_over = xdp_path.exists() && tc_path.exists();
         if !taken_over {
-            let prog: &mut Xdp = ebpf
+            let xdp: &mut Xdp = ebpf
                 .program_mut(XDP_PROGRAM)
                 .context("program lb_xdp missing from the object")?
                 .try_into()?;
-            prog.load().context("loading lb_xdp (verifier)")?;
-            prog.pin(&prog_path)
-                .with_context(|| format!("pinning {}", prog_path.display()))?;
+            xdp.load().context("loading lb_xdp (verifier)")?;
+            pin_program(xdp.pin(&xdp_path), &xdp_path)?;
+            let tc: &mut SchedClassifier = ebpf
+                .program_mut(TC_PROGRAM)
+                .context("program lb_tc_reject missing from the object")?
+                .try_into()?;
+            tc.load().context("loading lb_tc_reject (verifier)")?;
+            pin_program(tc.pin(&tc_path), &tc_path)?;
         }
-        let prog = Xdp::from_pin(&prog_path, XdpAttachType::Interface)
-            .with_context(|| format!("opening {}", prog_path.display()))?;
+        let xdp = Xdp::from_pin(&xdp_path, XdpAttachType::Interface)
+            .with_context(|| format!("opening {}", xdp_path.display()))?;
+        let tc = SchedClassifier::from_pin(&tc_path)
+            .with_context(|| format!("opening {}", tc_path.display()))?;
         Ok(Datapath {
             pin: pin.to_owned(),
-            prog,
+            xdp,
+            tc,
             taken_over,
         })
     }
 
-    fn link_path(&self, ifindex: u32) -> PathBuf {
-        self.pin.join(LINKS_DIR).join(format!("xdp-{ifindex}"))
+    fn link_path(&self, kind: &str, ifindex: u32) -> PathBuf {
+        self.pin.join(LINKS_DIR).join(format!("{kind}-{ifindex}"))
     }
 
-    /// Whether this datapath's program is attached to the interface.
+    /// Whether both programs are attached to the interface.
     pub fn is_attached(&self, ifindex: u32) -> bool {
-        self.link_path(ifindex).exists()
+        self.link_path("xdp", ifindex).exists() && self.link_path("tc", ifindex).exists()
     }
 
-    /// Attaches to an interface with a pinned link, unless a pinned link exists already.
-    /// Returns whether it attached now.
-    pub fn attach(&mut self, ifindex: u32) -> Result<bool> {
-        let path = self.link_path(ifindex);
-        if path.exists() {
-            return Ok(false);
+    /// Attaches both programs to an interface with pinned links (TC ingress first, so that
+    /// what XDP hands on is answered), skipping a program whose link is pinned already.
+    /// Returns whether it attached anything now.
+    pub fn attach(&mut self, ifindex: u32, ifname: &str) -> Result<bool> {
+        let mut attached = false;
+        let tc_path = self.link_path("tc", ifindex);
+        if !tc_path.exists() {
+            let id = self
+                .tc
+                .attach_with_options(
+                    ifname,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .with_context(|| format!("attaching TC ingress (tcx) to {ifname}"))?;
+            let fd: FdLink = self.tc.take_link(id)?.try_into()?;
+            fd.pin(&tc_path)
+                .with_context(|| format!("pinning {}", tc_path.display()))?;
+            attached = true;
         }
-        let id: XdpLinkId = self
-            .prog
-            .attach_to_if_index(ifindex, XdpMode::Default)
-            .with_context(|| format!("attaching XDP to ifindex {ifindex}"))?;
-        let link = self.prog.take_link(id)?;
-        let fd: FdLink = link
-            .try_into()
-            .context("the kernel attached without a BPF link, which cannot be pinned")?;
-        fd.pin(&path)
-            .with_context(|| format!("pinning {}", path.display()))?;
-        Ok(true)
+        let xdp_path = self.link_path("xdp", ifindex);
+        if !xdp_path.exists() {
+            let id = self
+                .xdp
+                .attach_to_if_index(ifindex, XdpMode::Default)
+                .with_context(|| format!("attaching XDP to {ifname}"))?;
+            let fd: FdLink = self
+                .xdp
+                .take_link(id)?
+                .try_into()
+                .context("the kernel attached XDP without a BPF link, which cannot be pinned")?;
+            fd.pin(&xdp_path)
+                .with_context(|| format!("pinning {}", xdp_path.display()))?;
+            attached = true;
+        }
+        Ok(attached)
     }
 
     /// Removes the pins of links whose interface is gone (the kernel detached them already).
@@ -122,28 +151,35 @@ impl Datapath {
         for entry in fs::read_dir(self.pin.join(LINKS_DIR))? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(idx) = name.strip_prefix("xdp-").and_then(|i| i.parse::<u32>().ok()) else {
+            let Some(idx) = name
+                .split_once('-')
+                .and_then(|(_, i)| i.parse::<u32>().ok())
+            else {
                 continue;
             };
             if !live.contains(&idx) {
                 fs::remove_file(entry.path())?;
-                gone.push(idx);
+                if !gone.contains(&idx) {
+                    gone.push(idx);
+                }
             }
         }
         Ok(gone)
     }
 
-    /// The program (for BPF_PROG_TEST_RUN).
-    pub fn program(&self) -> &Xdp {
-        &self.prog
+    /// The XDP program (for BPF_PROG_TEST_RUN).
+    pub fn xdp(&self) -> &Xdp {
+        &self.xdp
     }
 
-    /// Inode of the pinned program (identifies one datapath instance in logs).
-    pub fn pin_inode(&self) -> u64 {
-        fs::metadata(self.pin.join(PROG_PIN))
-            .map(|m| m.ino())
-            .unwrap_or(0)
+    /// The TC program (for BPF_PROG_TEST_RUN).
+    pub fn tc(&self) -> &SchedClassifier {
+        &self.tc
     }
+}
+
+fn pin_program(r: Result<(), aya::pin::PinError>, path: &Path) -> Result<()> {
+    r.with_context(|| format!("pinning {}", path.display()))
 }
 
 fn open_map(pin: &Path, name: &str) -> Result<MapData> {

@@ -1,7 +1,7 @@
 //! Shared pieces of the privileged tests: packet building, a BPF datapath harness for
 //! BPF_PROG_TEST_RUN, and the network-namespace lab.
 
-
+pub mod lab;
 pub mod packet;
 
 use std::{
@@ -83,23 +83,35 @@ impl Harness {
         Ok(())
     }
 
-    /// Runs one frame through the program: (XDP verdict, output frame).
+    /// Runs one frame through the XDP program: (XDP verdict, output frame).
     pub fn run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        let r = self
-            .datapath
-            .program()
-            .test_run(opts)
-            .context("BPF_PROG_TEST_RUN")?;
-        out.truncate(r.data_size_out as usize);
-        Ok((r.return_value, out))
+        test_run(self.datapath.xdp(), frame)
     }
+
+    /// Runs one frame through the TC ingress program: (TC verdict, output frame).
+    pub fn run_tc(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        test_run(self.datapath.tc(), frame)
+    }
+}
+
+fn test_run<P>(prog: &P, frame: &[u8]) -> Result<(u32, Vec<u8>)>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
+{
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out))
 }
 
 /// XDP verdicts.
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
+/// TC verdicts.
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use lb_tests::{
     packet::{parse, verify_checksums, Frame, ACK, CLIENT_MAC, FIN, ICMP, NODE_MAC, PSH, RST, SYN, TCP},
-    Harness, XDP_DROP, XDP_PASS, XDP_TX,
+    Harness, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
 };
 use lb_userspace::translate::NodeInfo;
 
@@ -101,6 +101,14 @@ fn udp_both_ways_with_and_without_checksum() {
     verify_checksums(&out).expect("IP checksum");
 }
 
+/// XDP hands a packet to a frontend without backends on untouched; TC ingress answers it.
+fn reject(h: &Harness, frame: &[u8]) -> (u32, Vec<u8>) {
+    let (verdict, out) = h.run(frame).expect("xdp run");
+    assert_eq!(verdict, XDP_PASS, "XDP passes it on");
+    assert_eq!(out, frame, "XDP leaves it untouched");
+    h.run_tc(frame).expect("tc run")
+}
+
 #[test]
 fn no_endpoints_tcp_gets_rst() {
     let mut h = harness();
@@ -108,8 +116,8 @@ fn no_endpoints_tcp_gets_rst() {
 
     // SYN: RST|ACK acknowledging the SYN (RFC 9293 3.10.7.1, no ACK bit on the segment).
     let syn = Frame::tcp((CLIENT, 40001), (NODE_IP, 30080), SYN);
-    let (verdict, out) = h.run(&syn.build()).expect("run");
-    assert_eq!(verdict, XDP_TX);
+    let (verdict, out) = reject(&h, &syn.build());
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out");
     verify_checksums(&out).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out.len(), 54, "Ethernet + IPv4 + TCP, nothing else");
     let rst = parse(&out);
@@ -121,8 +129,8 @@ fn no_endpoints_tcp_gets_rst() {
 
     // A segment with ACK and payload: RST with seq = its ack, no ACK bit.
     let data = Frame::tcp((CLIENT, 40002), (VIP, 80), ACK | PSH | FIN).with_payload(&[7u8; 100]);
-    let (verdict, out) = h.run(&data.build()).expect("run");
-    assert_eq!(verdict, XDP_TX);
+    let (verdict, out) = reject(&h, &data.build());
+    assert_eq!(verdict, TC_ACT_REDIRECT);
     verify_checksums(&out).unwrap_or_else(|e| panic!("{e}"));
     let rst = parse(&out);
     assert_eq!(rst.flags, RST);
@@ -132,7 +140,12 @@ fn no_endpoints_tcp_gets_rst() {
 
     // Never answer a RST.
     let r = Frame::tcp((CLIENT, 40003), (VIP, 80), RST);
-    assert_eq!(h.run(&r.build()).expect("run").0, XDP_DROP);
+    assert_eq!(reject(&h, &r.build()).0, TC_ACT_SHOT);
+
+    // TC passes everything that is not for a frontend without backends.
+    h.program(&services(&[POD1])).expect("program");
+    let frame = syn.build();
+    assert_eq!(h.run_tc(&frame).expect("tc run"), (TC_ACT_OK, frame));
 }
 
 #[test]
@@ -141,8 +154,8 @@ fn no_endpoints_udp_gets_icmp_port_unreachable() {
     h.program(&services(&[])).expect("program");
     let q = Frame::udp((CLIENT, 5555), (VIP, 53), &[1u8; 64]);
     let input = q.build();
-    let (verdict, out) = h.run(&input).expect("run");
-    assert_eq!(verdict, XDP_TX);
+    let (verdict, out) = reject(&h, &input);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
     verify_checksums(&out).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out.len(), 14 + 20 + 8 + 20 + 8);
     assert_eq!(&out[0..6], &CLIENT_MAC);
@@ -154,6 +167,13 @@ fn no_endpoints_udp_gets_icmp_port_unreachable() {
     assert_eq!(&out[34..36], &[3, 3], "destination unreachable, port unreachable");
     // RFC 792: the original IP header and the first 8 bytes of its payload.
     assert_eq!(&out[42..70], &input[14..42]);
+
+    // A datagram shorter than the reply works too.
+    let small = Frame::udp((CLIENT, 5556), (VIP, 53), b"").build();
+    let (verdict, out) = reject(&h, &small);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    verify_checksums(&out).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(&out[42..70], &small[14..42]);
 }
 
 #[test]

@@ -50,7 +50,7 @@ pub fn build_ebpf(workspace: &Path) -> Result<PathBuf, String> {
         // BTF for the verifier and bpftool; debug info is what bpf-linker turns into BTF.
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
-            ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\u{1f}"),
+            ["-Cdebuginfo=2", "-Clink-arg=--btf", "-Ctarget-cpu=v3"].join("\u{1f}"),
         )
         .args([
             "build",

@@ -1,0 +1,564 @@
+//! A one-node lab in network namespaces, shaped like a kind node:
+//!
+//! ```text
+//!  ext (outside client)            node (lb-agent, XDP)                 pod1..podN
+//!  eth0 198.18.0.1/24 ──veth── ext0 198.18.0.2/24
+//!                                  vethK 10.244.0.1/32 ──veth── eth0 10.244.0.(10+K)/32
+//! ```
+//!
+//! Pods route everything through the node (default via 10.244.0.1, as a CNI's point-to-point
+//! setup does); the node routes each pod address to its veth. Every namespace, process and
+//! pin belongs to one `Lab` and is removed when it is dropped, also when a test fails.
+//!
+//! The pods' and the client's `eth0` have TX checksum offload off, so that frames carry full
+//! checksums as they do on a wire, and what the datapath rewrites can be checked (see
+//! DESIGN.md, "veth caveats").
+
+use std::{
+    fs,
+    io::ErrorKind,
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+pub const NODE_NAME: &str = "lab-node";
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+pub const HTTP_PORT: u16 = 8080;
+pub const UDP_PORT: u16 = 5353;
+
+#[derive(Clone, Debug)]
+pub struct LabPod {
+    pub name: String,
+    pub ns: String,
+    pub ip: Ipv4Addr,
+    pub host_iface: String,
+}
+
+pub struct Lab {
+    pub tag: String,
+    pub node_ns: String,
+    pub ext_ns: String,
+    pub pods: Vec<LabPod>,
+    /// Work folder: manifests/ and the logs.
+    pub dir: PathBuf,
+    /// bpffs folder the lab's agent pins under.
+    pub pin: PathBuf,
+    servers: Vec<Child>,
+    agent: Option<Child>,
+    agent_runs: u32,
+}
+
+/// Runs a command; fails with its stderr.
+pub fn run(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", args[0]))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The folder with the workspace's binaries (`lb-agent`, `lab-server`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("LB_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // tests/ → workspace; the profile the tests were built with.
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ws.join("target"));
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    target.join(profile)
+}
+
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let p = bin_dir().join(name);
+    if !p.exists() {
+        bail!(
+            "{} is missing: build it first (`cargo build --workspace{}`)",
+            p.display(),
+            if cfg!(debug_assertions) { "" } else { " --release" }
+        );
+    }
+    Ok(p)
+}
+
+impl Lab {
+    /// Creates the namespaces and links for a node with `pods` pods.
+    pub fn up(pods: usize) -> Result<Lab> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("lb{}x{n}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("lb-lab-{tag}"));
+        let mut lab = Lab {
+            node_ns: format!("{tag}-node"),
+            ext_ns: format!("{tag}-ext"),
+            pods: (1..=pods)
+                .map(|i| LabPod {
+                    name: format!("pod{i}"),
+                    ns: format!("{tag}-pod{i}"),
+                    ip: Ipv4Addr::new(10, 244, 0, 10 + i as u8),
+                    host_iface: format!("veth{i}"),
+                })
+                .collect(),
+            pin: PathBuf::from(format!("/sys/fs/bpf/lb-lab-{tag}")),
+            dir,
+            tag,
+            servers: Vec::new(),
+            agent: None,
+            agent_runs: 0,
+        };
+        // From here on, Drop cleans up whatever part exists.
+        lab.build().context("building the lab")?;
+        Ok(lab)
+    }
+
+    fn build(&mut self) -> Result<()> {
+        fs::create_dir_all(self.dir.join("manifests"))?;
+        let node = self.node_ns.clone();
+        let ext = self.ext_ns.clone();
+        for ns in [&node, &ext] {
+            run(&["ip", "netns", "add", ns])?;
+            run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        }
+        run(&["ip", "-n", &node, "link", "add", "ext0", "type", "veth", "peer", "name", "eth0", "netns", &ext])?;
+        run(&["ip", "-n", &node, "addr", "add", &format!("{NODE_IP}/24"), "dev", "ext0"])?;
+        run(&["ip", "-n", &ext, "addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"])?;
+        run(&["ip", "-n", &node, "link", "set", "ext0", "up"])?;
+        run(&["ip", "-n", &ext, "link", "set", "eth0", "up"])?;
+        peer_settings(&ext, "eth0")?;
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+            ("net.ipv4.conf.all.send_redirects", "0"),
+            ("net.ipv4.conf.default.send_redirects", "0"),
+        ] {
+            run(&["ip", "netns", "exec", &node, "sysctl", "-qw", &format!("{k}={v}")])?;
+        }
+        for i in 0..self.pods.len() {
+            self.add_pod_links(i)?;
+        }
+        Ok(())
+    }
+
+    fn add_pod_links(&self, i: usize) -> Result<()> {
+        let p = &self.pods[i];
+        let node = &self.node_ns;
+        run(&["ip", "netns", "add", &p.ns])?;
+        run(&["ip", "-n", &p.ns, "link", "set", "lo", "up"])?;
+        run(&["ip", "-n", node, "link", "add", &p.host_iface, "type", "veth", "peer", "name", "eth0", "netns", &p.ns])?;
+        run(&["ip", "-n", node, "addr", "add", &format!("{POD_GATEWAY}/32"), "dev", &p.host_iface])?;
+        run(&["ip", "-n", node, "link", "set", &p.host_iface, "up"])?;
+        run(&["ip", "-n", node, "route", "add", &format!("{}/32", p.ip), "dev", &p.host_iface])?;
+        run(&["ip", "-n", &p.ns, "addr", "add", &format!("{}/32", p.ip), "dev", "eth0"])?;
+        run(&["ip", "-n", &p.ns, "link", "set", "eth0", "up"])?;
+        run(&["ip", "-n", &p.ns, "route", "add", &format!("{POD_GATEWAY}/32"), "dev", "eth0"])?;
+        run(&["ip", "-n", &p.ns, "route", "add", "default", "via", &POD_GATEWAY.to_string()])?;
+        peer_settings(&p.ns, "eth0")?;
+        Ok(())
+    }
+
+    /// Adds one more pod (namespace, veth, routes) and starts its server.
+    pub fn add_pod(&mut self) -> Result<()> {
+        let i = self.pods.len() + 1;
+        self.pods.push(LabPod {
+            name: format!("pod{i}"),
+            ns: format!("{}-pod{i}", self.tag),
+            ip: Ipv4Addr::new(10, 244, 0, 10 + i as u8),
+            host_iface: format!("veth{i}"),
+        });
+        self.add_pod_links(i - 1)?;
+        self.start_server(i - 1)
+    }
+
+    pub fn pod(&self, name: &str) -> &LabPod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in the lab"))
+    }
+
+    /// Starts `lab-server` in every pod (HTTP on 8080, UDP echo on 5353).
+    pub fn start_servers(&mut self) -> Result<()> {
+        for i in 0..self.pods.len() {
+            self.start_server(i)?;
+        }
+        Ok(())
+    }
+
+    fn start_server(&mut self, i: usize) -> Result<()> {
+        let bin = binary("lab-server")?;
+        {
+            let p = &self.pods[i];
+            let log = fs::File::create(self.dir.join(format!("{}.log", p.name)))?;
+            let child = Command::new("ip")
+                .args(["netns", "exec", &p.ns])
+                .arg(&bin)
+                .args([&p.name, &HTTP_PORT.to_string(), &UDP_PORT.to_string()])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting lab-server")?;
+            self.servers.push(child);
+        }
+        // Wait until the server answers on its own address.
+        {
+            let p = &self.pods[i];
+            let url = format!("http://{}:{HTTP_PORT}/", p.ip);
+            wait_for(Duration::from_secs(5), || {
+                Ok(self.curl(&self.node_ns, &url).is_ok())
+            })
+            .with_context(|| format!("{} does not answer", p.name))?;
+        }
+        Ok(())
+    }
+
+    pub fn write_manifest(&self, name: &str, text: &str) -> Result<()> {
+        // Write and rename, so the agent never reads half a file.
+        let dir = self.dir.join("manifests");
+        let tmp = dir.join(format!(".{name}.tmp"));
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, dir.join(name))?;
+        Ok(())
+    }
+
+    pub fn remove_manifest(&self, name: &str) -> Result<()> {
+        fs::remove_file(self.dir.join("manifests").join(name))?;
+        Ok(())
+    }
+
+    /// Starts `lb-agent run` in the node namespace. `nsenter --net` (not `ip netns exec`)
+    /// keeps the host's /sys, so the bpffs under /sys/fs/bpf stays visible.
+    pub fn start_agent(&mut self) -> Result<()> {
+        if self.agent.is_some() {
+            bail!("the agent is already running");
+        }
+        let bin = binary("lb-agent")?;
+        self.agent_runs += 1;
+        let log = fs::File::create(self.dir.join(format!("agent-{}.log", self.agent_runs)))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node_ns))
+            .arg(&bin)
+            .args(["run", "--manifests"])
+            .arg(self.dir.join("manifests"))
+            .args(["--node-name", NODE_NAME, "--ext-iface", "ext0", "--pod-iface-prefix", "veth"])
+            .arg("--pin-path")
+            .arg(&self.pin)
+            .args(["--healthz-addr", "127.0.0.1:10256", "--metrics-addr", "127.0.0.1:10249"])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting lb-agent")?;
+        self.agent = Some(child);
+        Ok(())
+    }
+
+    /// Waits for the agent's /healthz to answer 200 (the datapath is programmed).
+    pub fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
+        let r = wait_for(timeout, || {
+            if let Some(a) = self.agent.as_mut() {
+                if let Some(status) = a.try_wait()? {
+                    bail!("lb-agent exited ({status})");
+                }
+            }
+            let code = run(&[
+                "ip", "netns", "exec", &self.node_ns, "curl", "-s", "-o", "/dev/null", "-w",
+                "%{http_code}", "--max-time", "1", "http://127.0.0.1:10256/healthz",
+            ])
+            .unwrap_or_default();
+            Ok(code == "200")
+        });
+        r.with_context(|| format!("agent not healthy; log:\n{}", self.agent_log()))
+    }
+
+    /// The current (or last) agent run's log.
+    pub fn agent_log(&self) -> String {
+        fs::read_to_string(self.dir.join(format!("agent-{}.log", self.agent_runs))).unwrap_or_default()
+    }
+
+    /// Kills the agent with SIGKILL (no chance to clean anything up).
+    pub fn kill_agent(&mut self) -> Result<()> {
+        if let Some(mut a) = self.agent.take() {
+            a.kill()?;
+            a.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Stops the agent with SIGTERM and waits for it.
+    pub fn stop_agent(&mut self) -> Result<()> {
+        if let Some(mut a) = self.agent.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while a.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    a.kill()?;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// `lb-agent services -o json` against the lab's pins.
+    pub fn services_json(&self) -> Result<serde_json::Value> {
+        let bin = binary("lb-agent")?;
+        let out = run(&[
+            bin.to_str().unwrap_or_default(),
+            "services",
+            "-o",
+            "json",
+            "--pin-path",
+            self.pin.to_str().unwrap_or_default(),
+        ])?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    pub fn services_table(&self) -> Result<String> {
+        let bin = binary("lb-agent")?;
+        run(&[
+            bin.to_str().unwrap_or_default(),
+            "services",
+            "--stats",
+            "--pin-path",
+            self.pin.to_str().unwrap_or_default(),
+        ])
+    }
+
+    /// One HTTP request with a new connection; returns the body.
+    pub fn curl(&self, ns: &str, url: &str) -> Result<String> {
+        run(&[
+            "ip", "netns", "exec", ns, "curl", "-sS", "--max-time", "2", "-H", "Connection: close", url,
+        ])
+    }
+
+    /// `count` HTTP requests, each on a new connection and in its own curl process; returns
+    /// each body, or `Err` for a request that failed.
+    pub fn curl_many(&self, ns: &str, url: &str, count: usize) -> Result<Vec<Result<String, ()>>> {
+        let script = format!(
+            "for i in $(seq {count}); do curl -s --max-time 2 -H 'Connection: close' {url} || echo FAILED; done"
+        );
+        let out = run(&["ip", "netns", "exec", ns, "sh", "-c", &script])?;
+        Ok(out
+            .lines()
+            .map(|l| if l == "FAILED" { Err(()) } else { Ok(l.to_string()) })
+            .collect())
+    }
+
+    /// One UDP exchange from namespace `ns`: sends `msg`, returns the reply. A refused port
+    /// (ICMP port-unreachable) comes back as `ErrorKind::ConnectionRefused`.
+    pub fn udp(&self, ns: &str, to: SocketAddr, msg: &[u8]) -> std::io::Result<String> {
+        let msg = msg.to_vec();
+        in_netns(ns, move || {
+            let sock = UdpSocket::bind("0.0.0.0:0")?;
+            sock.connect(to)?;
+            sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+            sock.send(&msg)?;
+            let mut buf = [0u8; 512];
+            let n = sock.recv(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
+    }
+}
+
+/// TX checksum offload off: full checksums, as on a wire.
+fn peer_settings(ns: &str, iface: &str) -> Result<()> {
+    run(&["ip", "netns", "exec", ns, "ethtool", "-K", iface, "tx", "off"])?;
+    Ok(())
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns` (namespaces are per thread).
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = fs::File::open(&path)?;
+        // SAFETY: setns on a valid namespace fd; affects only this thread.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .unwrap_or_else(|_| Err(std::io::Error::new(ErrorKind::Other, "netns thread panicked")))
+}
+
+/// Polls `cond` every 50 ms until it is true or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow!("timed out after {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        // Unpinning the links detaches the program; deleting the namespaces removes the rest.
+        let _ = fs::remove_dir_all(&self.pin);
+        for p in &self.pods {
+            let _ = run(&["ip", "netns", "del", &p.ns]);
+        }
+        let _ = run(&["ip", "netns", "del", &self.ext_ns]);
+        let _ = run(&["ip", "netns", "del", &self.node_ns]);
+        if std::env::var_os("LB_KEEP_LAB_LOGS").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Manifests like a Kubernetes tutorial's, for this lab's pods:
+/// * `web`: NodePort 30080 → every pod's named port `http` (8080), endpoints from the Pods;
+/// * `echo`: ClusterIP 10.96.0.53, port 53 over UDP (→ 5353, NodePort 30053) and TCP (→ 8080),
+///   endpoints from an EndpointSlice;
+/// * `self`: ClusterIP 10.96.0.20:80 → pod1 only (pod1 reaching itself: hairpin);
+/// * `empty`: ClusterIP 10.96.0.99:80 and NodePort 30099 with no endpoints (refused).
+pub fn tutorial_manifests(pods: &[LabPod]) -> Vec<(String, String)> {
+    let mut files = Vec::new();
+    files.push((
+        "web.yaml".to_string(),
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: http, nodePort: 30080}
+"#
+        .to_string(),
+    ));
+    let mut pod_docs = String::new();
+    for p in pods {
+        pod_docs.push_str(&format!(
+            r#"---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default, labels: {{app: web}}}}
+spec:
+  nodeName: {NODE_NAME}
+  containers:
+  - name: server
+    image: lab-server
+    ports:
+    - {{name: http, containerPort: {HTTP_PORT}}}
+    - {{name: echo, containerPort: {UDP_PORT}, protocol: UDP}}
+status:
+  phase: Running
+  podIP: {ip}
+  conditions: [{{type: Ready, status: "True"}}]
+"#,
+            name = p.name,
+            ip = p.ip
+        ));
+    }
+    files.push(("pods.yaml".to_string(), pod_docs));
+    files.push(("echo.yaml".to_string(), echo_manifest(pods)));
+    let first = pods.first().map(|p| p.ip.to_string()).unwrap_or_default();
+    files.push((
+        "self.yaml".to_string(),
+        format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: self}}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{{port: 80}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: self-1, labels: {{kubernetes.io/service-name: self}}}}
+addressType: IPv4
+ports: [{{port: {HTTP_PORT}}}]
+endpoints: [{{addresses: ["{first}"], nodeName: {NODE_NAME}}}]
+"#
+        ),
+    ));
+    files.push((
+        "empty.yaml".to_string(),
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: empty}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.99
+  selector: {app: nothing}
+  ports:
+  - {name: http, port: 80, nodePort: 30099}
+  - {name: dns, port: 53, protocol: UDP}
+"#
+        .to_string(),
+    ));
+    files
+}
+
+/// The `echo` Service with an EndpointSlice listing `pods`.
+pub fn echo_manifest(pods: &[LabPod]) -> String {
+    let eps: String = pods
+        .iter()
+        .map(|p| format!("- {{addresses: [\"{}\"], nodeName: {NODE_NAME}, conditions: {{ready: true}}}}\n", p.ip))
+        .collect();
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: echo}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.53
+  ports:
+  - {{name: dns, port: 53, protocol: UDP, nodePort: 30053}}
+  - {{name: dns-tcp, port: 53, protocol: TCP}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: echo-1, labels: {{kubernetes.io/service-name: echo}}}}
+addressType: IPv4
+ports:
+- {{name: dns, port: {UDP_PORT}, protocol: UDP}}
+- {{name: dns-tcp, port: {HTTP_PORT}, protocol: TCP}}
+endpoints:{}
+"#,
+        if eps.is_empty() { " []\n".to_string() } else { format!("\n{eps}") }
+    )
+}

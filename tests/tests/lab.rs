@@ -1,0 +1,250 @@
+//! End-to-end in network namespaces: real clients (curl, UDP sockets) against real servers
+//! in pods, through `lb-agent run --manifests` on a lab node. Needs root and the workspace's
+//! binaries (`cargo build`).
+
+use std::{
+    collections::BTreeMap,
+    io::ErrorKind,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    lab::{echo_manifest, tutorial_manifests, wait_for, Lab, CLIENT_IP, NODE_IP},
+    require_root,
+};
+
+fn lab_with_agent(pods: usize) -> Lab {
+    require_root();
+    let mut lab = Lab::up(pods).expect("lab up");
+    lab.start_servers().expect("servers");
+    for (name, text) in tutorial_manifests(&lab.pods) {
+        lab.write_manifest(&name, &text).expect("manifest");
+    }
+    lab.start_agent().expect("agent");
+    lab.wait_healthy(Duration::from_secs(10)).expect("healthy");
+    lab
+}
+
+/// Which pod answered each response ("podN client-addr"), counted.
+fn spread<'a>(bodies: impl IntoIterator<Item = &'a String>) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for b in bodies {
+        let pod = b.split_whitespace().next().unwrap_or("?").to_string();
+        *m.entry(pod).or_insert(0) += 1;
+    }
+    m
+}
+
+fn assert_spread(what: &str, counts: &BTreeMap<String, usize>, pods: usize, total: usize) {
+    assert_eq!(counts.values().sum::<usize>(), total, "{what}: {counts:?}");
+    assert_eq!(counts.len(), pods, "{what}: not every pod served: {counts:?}");
+    // Uniform choice: each pod gets 1/4 of 200 = 50 on average (sd 6); 15 is far below.
+    for (pod, n) in counts {
+        assert!(*n >= total / pods / 3, "{what}: {pod} served only {n} of {total}: {counts:?}");
+    }
+}
+
+fn sock(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(ip, port))
+}
+
+#[test]
+fn nodeport_from_outside_and_clusterip_from_a_pod_spread_over_all_pods() {
+    let lab = lab_with_agent(4);
+    let n = 200;
+
+    // Outside → NodePort, TCP: every pod serves, and sees the real client address.
+    let bodies = lab
+        .curl_many(&lab.ext_ns, &format!("http://{NODE_IP}:30080/"), n)
+        .expect("curl");
+    let ok: Vec<String> = bodies.iter().filter_map(|b| b.clone().ok()).collect();
+    assert_eq!(ok.len(), n, "failed requests: {}", n - ok.len());
+    assert_spread("outside → NodePort TCP", &spread(&ok), 4, n);
+    assert!(
+        ok.iter().all(|b| b.split_whitespace().nth(1).is_some_and(|peer| peer.starts_with(&format!("{CLIENT_IP}:")))),
+        "client address not kept: {:?}",
+        &ok[..3]
+    );
+
+    // Pod → ClusterIP, TCP.
+    let pod2 = lab.pod("pod2").ns.clone();
+    let bodies = lab
+        .curl_many(&pod2, "http://10.96.0.10:80/", n)
+        .expect("curl");
+    let ok: Vec<String> = bodies.iter().filter_map(|b| b.clone().ok()).collect();
+    assert_eq!(ok.len(), n);
+    assert_spread("pod → ClusterIP TCP", &spread(&ok), 4, n);
+
+    // UDP: outside → NodePort 30053, pod → ClusterIP 10.96.0.53:53. Each exchange uses a new
+    // socket (a new source port), so a new flow.
+    for (what, ns, to) in [
+        ("outside → NodePort UDP", lab.ext_ns.clone(), sock(NODE_IP, 30053)),
+        ("pod → ClusterIP UDP", pod2.clone(), sock(Ipv4Addr::new(10, 96, 0, 53), 53)),
+    ] {
+        let mut replies = Vec::new();
+        for i in 0..n {
+            let r = lab
+                .udp(&ns, to, format!("q{i}").as_bytes())
+                .unwrap_or_else(|e| panic!("{what}: exchange {i}: {e}"));
+            replies.push(r);
+        }
+        assert_spread(what, &spread(&replies), 4, n);
+    }
+
+    // TCP and UDP on the same port number are separate frontends with their own targets.
+    let body = lab.curl(&pod2, "http://10.96.0.53:53/").expect("TCP 53");
+    assert!(body.starts_with("pod"), "{body}");
+
+    let table = lab.services_table().expect("services");
+    assert!(table.contains("198.18.0.2:30080/TCP"), "{table}");
+    assert!(table.contains("NodePort"), "{table}");
+}
+
+#[test]
+fn a_pod_reaches_itself_through_its_service() {
+    let lab = lab_with_agent(2);
+    let pod1 = lab.pod("pod1").ns.clone();
+    for _ in 0..5 {
+        let body = lab.curl(&pod1, "http://10.96.0.20:80/").expect("hairpin request");
+        // pod1 served it, and saw the hairpin source address, not its own.
+        assert!(body.starts_with("pod1 169.254.42.1:"), "{body}");
+    }
+    // Another pod reaching the same Service keeps its own address.
+    let body = lab.curl(&lab.pod("pod2").ns, "http://10.96.0.20:80/").expect("request");
+    assert!(body.starts_with(&format!("pod1 {}:", lab.pod("pod2").ip)), "{body}");
+}
+
+#[test]
+fn a_service_without_endpoints_is_refused_at_once() {
+    let lab = lab_with_agent(1);
+    let pod1 = lab.pod("pod1").ns.clone();
+    for (ns, ip, port) in [
+        (pod1.clone(), Ipv4Addr::new(10, 96, 0, 99), 80),
+        (lab.ext_ns.clone(), NODE_IP, 30099),
+    ] {
+        // curl: exit 7, "Failed to connect", at once (not after its 2 s timeout).
+        let started = Instant::now();
+        let err = lab.curl(&ns, &format!("http://{ip}:{port}/")).expect_err("must be refused");
+        let took = started.elapsed();
+        assert!(err.to_string().contains("curl: (7) Failed to connect"), "{ip}:{port}: {err}");
+        assert!(took < Duration::from_millis(900), "{ip}:{port}: refused only after {took:?}");
+        // The socket sees ECONNREFUSED (the RST), not a timeout.
+        let to = sock(ip, port);
+        let err = lb_tests::lab::in_netns(&ns, move || {
+            std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)).map(|_| ())
+        })
+        .expect_err("must be refused");
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{ip}:{port}: {err}");
+    }
+    let err = lab
+        .udp(&pod1, sock(Ipv4Addr::new(10, 96, 0, 99), 53), b"q")
+        .expect_err("must be refused");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+}
+
+#[test]
+fn endpoint_changes_reach_the_datapath_within_a_second_and_bad_files_change_nothing() {
+    let mut lab = lab_with_agent(4);
+    let pod1 = lab.pod("pod1").ns.clone();
+    let clusterip = sock(Ipv4Addr::new(10, 96, 0, 53), 53);
+
+    // Remove pod4 from the echo EndpointSlice.
+    let three = lab.pods[..3].to_vec();
+    let written = Instant::now();
+    lab.write_manifest("echo.yaml", &echo_manifest(&three)).expect("write");
+    wait_for(Duration::from_secs(1), || {
+        let v = lab.services_json()?;
+        let fe = v
+            .as_array()
+            .and_then(|l| l.iter().find(|f| f["frontend"] == "10.96.0.53:53/UDP"))
+            .cloned();
+        Ok(fe.is_some_and(|f| f["backends"].as_array().is_some_and(|b| b.len() == 3)))
+    })
+    .expect("the change reached the maps within a second");
+    eprintln!("endpoint removal reached the maps after {:?}", written.elapsed());
+    for i in 0..100 {
+        let r = lab.udp(&pod1, clusterip, b"q").unwrap_or_else(|e| panic!("exchange {i}: {e}"));
+        assert!(!r.starts_with("pod4 "), "new flow {i} still went to pod4");
+    }
+
+    // A broken file: reported with its path, and nothing is dropped.
+    lab.write_manifest("echo.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: echo}\nspec:\n  ports: [{port: 70000}]\n")
+        .expect("write");
+    wait_for(Duration::from_secs(2), || Ok(lab.agent_log().contains("echo.yaml")))
+        .unwrap_or_else(|_| panic!("error not reported; log:\n{}", lab.agent_log()));
+    let log = lab.agent_log();
+    assert!(log.contains("Service default/echo") && log.contains("70000"), "{log}");
+    std::thread::sleep(Duration::from_millis(500));
+    let r = lab.udp(&pod1, clusterip, b"q").expect("still served from the last good state");
+    assert!(r.starts_with("pod"), "{r}");
+
+    // A new pod interface appears: the agent attaches to it and it serves.
+    lab.add_pod().expect("add pod");
+    lab.write_manifest("echo.yaml", &echo_manifest(&lab.pods[4..])).expect("write");
+    let pod5 = lab.pod("pod5").ns.clone();
+    wait_for(Duration::from_secs(2), || {
+        // pod5 → its own Service is a hairpin through its own (new) veth.
+        Ok(lab.udp(&pod5, clusterip, b"q").is_ok_and(|r| r.starts_with("pod5 169.254.42.1:")))
+    })
+    .unwrap_or_else(|_| panic!("pod5 not served; log:\n{}", lab.agent_log()));
+    let r = lab.udp(&pod1, clusterip, b"q").expect("pod1 → pod5");
+    assert!(r.starts_with(&format!("pod5 {}:", lab.pod("pod1").ip)), "{r}");
+}
+
+#[test]
+fn traffic_keeps_flowing_while_the_agent_is_killed_and_restarted() {
+    let mut lab = lab_with_agent(4);
+    let before = lab.services_json().expect("services");
+
+    // Requests in a loop from outside, each a new connection, for the whole test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let url = format!("http://{NODE_IP}:30080/");
+    let ext = lab.ext_ns.clone();
+    let stop2 = stop.clone();
+    let client = std::thread::spawn(move || {
+        let mut ok = 0usize;
+        let mut failed = Vec::new();
+        while !stop2.load(Ordering::Relaxed) {
+            match lb_tests::lab::run(&["ip", "netns", "exec", &ext, "curl", "-sS", "--max-time", "2", "-H", "Connection: close", &url]) {
+                Ok(b) if b.starts_with("pod") => ok += 1,
+                Ok(b) => failed.push(b),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        (ok, failed)
+    });
+
+    std::thread::sleep(Duration::from_millis(700));
+    lab.kill_agent().expect("kill -9");
+    // While the agent is down, the manifests change: `empty` goes away.
+    lab.remove_manifest("empty.yaml").expect("rm");
+    std::thread::sleep(Duration::from_millis(1500));
+    lab.start_agent().expect("restart");
+    lab.wait_healthy(Duration::from_secs(10)).expect("healthy again");
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = client.join().expect("client thread");
+    assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), ok + failed.len(), &failed[..failed.len().min(5)]);
+    assert!(ok > 10, "only {ok} requests completed");
+    eprintln!("{ok} requests, none failed, across an agent kill and restart");
+
+    let log = lab.agent_log();
+    assert!(log.contains("taken_over=true"), "{log}");
+    assert!(!log.contains("attached iface"), "nothing is attached twice:\n{log}");
+    let after = lab.services_json().expect("services");
+    let web = |v: &serde_json::Value| {
+        v.as_array()
+            .and_then(|l| l.iter().find(|f| f["frontend"] == "198.18.0.2:30080/TCP").cloned())
+    };
+    assert_eq!(web(&before), web(&after), "the restart rewrote the web frontend");
+    let frontends: Vec<String> = after
+        .as_array()
+        .map(|l| l.iter().map(|f| f["frontend"].as_str().unwrap_or_default().to_string()).collect())
+        .unwrap_or_default();
+    assert!(!frontends.iter().any(|f| f.starts_with("10.96.0.99:")), "stale frontend kept: {frontends:?}");
+}
