@@ -5,9 +5,17 @@
 mod ebpf_build;
 
 fn main() {
-    let manifest = std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
+    let manifest =
+        std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
     let workspace = manifest.parent().unwrap_or(&manifest).to_path_buf();
-    for path in ["lb-ebpf/src", "lb-ebpf/Cargo.toml", "lb-common/src", "lb-common/Cargo.toml", "Cargo.lock", "xtask/src/ebpf_build.rs"] {
+    for path in [
+        "lb-ebpf/src",
+        "lb-ebpf/Cargo.toml",
+        "lb-common/src",
+        "lb-common/Cargo.toml",
+        "Cargo.lock",
+        "xtask/src/ebpf_build.rs",
+    ] {
         println!("cargo:rerun-if-changed={}", workspace.join(path).display());
     }
     match ebpf_build::build_ebpf(&workspace) {

@@ -532,7 +532,9 @@ const REPLY_MAX: usize = ETH_LEN + IP_LEN + ICMP_LEN + IP_LEN + UDP_LEN;
 fn resize(ctx: &TcContext, len: usize) -> bool {
     let skb = ctx.skb.skb as *mut _;
     // SAFETY: skb is the program's own context.
-    unsafe { bpf_skb_change_tail(skb, len as u32, 0) == 0 && bpf_skb_pull_data(skb, len as u32) == 0 }
+    unsafe {
+        bpf_skb_change_tail(skb, len as u32, 0) == 0 && bpf_skb_pull_data(skb, len as u32) == 0
+    }
 }
 
 /// Turns a TCP segment into the RST a closed port sends (RFC 9293 3.10.7.1).
@@ -587,8 +589,8 @@ fn build_rst(ctx: &TcContext, in_flags: u8) -> bool {
         write_ipv4(ip, daddr, saddr, IPPROTO_TCP, (IP_LEN + TCP_LEN) as u16);
         let t = &mut *tcp;
         *t = [
-            hdr[2], hdr[3], hdr[0], hdr[1], seq[0], seq[1], seq[2], seq[3], ack[0], ack[1],
-            ack[2], ack[3], 0x50, flags, 0, 0, 0, 0, 0, 0,
+            hdr[2], hdr[3], hdr[0], hdr[1], seq[0], seq[1], seq[2], seq[3], ack[0], ack[1], ack[2],
+            ack[3], 0x50, flags, 0, 0, 0, 0, 0, 0,
         ];
         let sum = addr_words(u32::from_ne_bytes(daddr))
             + addr_words(u32::from_ne_bytes(saddr))

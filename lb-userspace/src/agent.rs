@@ -46,7 +46,9 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         );
     };
     if cfg.cgroup.is_some() {
-        tracing::warn!("--cgroup: socket-level translation for host processes is not built yet; ignored");
+        tracing::warn!(
+            "--cgroup: socket-level translation for host processes is not built yet; ignored"
+        );
     }
     if !manifest_dir.is_dir() {
         bail!("--manifests {}: not a directory", manifest_dir.display());
@@ -173,7 +175,8 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
 fn attach_interfaces(datapath: &mut Datapath, cfg: &RunConfig) -> Result<()> {
     let ifaces = node::interfaces()?;
     for (idx, name) in &ifaces {
-        if !node::wanted(name, &cfg.ext_ifaces, &cfg.pod_iface_prefix) || datapath.is_attached(*idx) {
+        if !node::wanted(name, &cfg.ext_ifaces, &cfg.pod_iface_prefix) || datapath.is_attached(*idx)
+        {
             continue;
         }
         let is_pod = !cfg.ext_ifaces.contains(name);

@@ -20,8 +20,8 @@ use aya::{
 };
 use aya_obj::programs::XdpAttachType;
 use lb_common::{
-    map_names, stat, BackendSlotKey, BackendV4, ServiceKeyV4, ServiceStats, ServiceV4,
-    TC_PROGRAM, XDP_PROGRAM,
+    map_names, stat, BackendSlotKey, BackendV4, ServiceKeyV4, ServiceStats, ServiceV4, TC_PROGRAM,
+    XDP_PROGRAM,
 };
 
 use crate::maps::{MapError, ServiceMaps};
@@ -40,7 +40,8 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
     while !probe.exists() {
         probe = probe.parent().unwrap_or(Path::new("/"));
     }
-    let st = nix::sys::statfs::statfs(probe).with_context(|| format!("statfs {}", probe.display()))?;
+    let st =
+        nix::sys::statfs::statfs(probe).with_context(|| format!("statfs {}", probe.display()))?;
     if st.filesystem_type().0 as i64 != BPF_FS_MAGIC {
         bail!(
             "{} is not on a BPF filesystem (mount one with `mount -t bpf bpf /sys/fs/bpf`)",
@@ -133,11 +134,10 @@ impl Datapath {
                 .xdp
                 .attach_to_if_index(ifindex, XdpMode::Default)
                 .with_context(|| format!("attaching XDP to {ifname}"))?;
-            let fd: FdLink = self
-                .xdp
-                .take_link(id)?
-                .try_into()
-                .context("the kernel attached XDP without a BPF link, which cannot be pinned")?;
+            let fd: FdLink =
+                self.xdp.take_link(id)?.try_into().context(
+                    "the kernel attached XDP without a BPF link, which cannot be pinned",
+                )?;
             fd.pin(&xdp_path)
                 .with_context(|| format!("pinning {}", xdp_path.display()))?;
             attached = true;

@@ -65,18 +65,33 @@ impl Status {
             "kubeproxy_sync_proxy_rules_duration_seconds_bucket{{le=\"+Inf\"}} {}\n",
             self.sync_count
         ));
-        out.push_str(&format!("kubeproxy_sync_proxy_rules_duration_seconds_sum {}\n", self.sync_sum));
-        out.push_str(&format!("kubeproxy_sync_proxy_rules_duration_seconds_count {}\n", self.sync_count));
+        out.push_str(&format!(
+            "kubeproxy_sync_proxy_rules_duration_seconds_sum {}\n",
+            self.sync_sum
+        ));
+        out.push_str(&format!(
+            "kubeproxy_sync_proxy_rules_duration_seconds_count {}\n",
+            self.sync_count
+        ));
         if let Some(t) = self.last_synced {
-            let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+            let secs = t
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
             out.push_str("# HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds The last time proxy rules were successfully synced\n");
             out.push_str("# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge\n");
-            out.push_str(&format!("kubeproxy_sync_proxy_rules_last_timestamp_seconds {secs}\n"));
+            out.push_str(&format!(
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds {secs}\n"
+            ));
         }
-        out.push_str("# HELP lb_datapath_packets_total Packets seen by the XDP datapath, by outcome\n");
+        out.push_str(
+            "# HELP lb_datapath_packets_total Packets seen by the XDP datapath, by outcome\n",
+        );
         out.push_str("# TYPE lb_datapath_packets_total counter\n");
         for (name, v) in &self.datapath_counters {
-            out.push_str(&format!("lb_datapath_packets_total{{outcome=\"{name}\"}} {v}\n"));
+            out.push_str(&format!(
+                "lb_datapath_packets_total{{outcome=\"{name}\"}} {v}\n"
+            ));
         }
         out
     }
@@ -186,7 +201,10 @@ mod tests {
         let (code, body) = health_response(&s, true);
         assert_eq!(code, 200);
         let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-        assert!(v["lastUpdated"].as_str().is_some_and(|t| t.ends_with('Z')), "{body}");
+        assert!(
+            v["lastUpdated"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{body}"
+        );
         s.failing = true;
         assert_eq!(health_response(&s, false).0, 503);
     }

@@ -15,7 +15,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print what the datapath holds, from the pinned maps.
     Services {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
@@ -84,6 +84,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(a) => {
+            let a = *a;
             let cfg = agent::RunConfig {
                 manifests: a.manifests,
                 kubeconfig: a.kubeconfig,
@@ -131,9 +132,15 @@ fn main() -> Result<()> {
                 Output::Table => {
                     print!("{}", maps::format_table(&rows));
                     if let Some(counters) = counters {
-                        println!("\n{:<5} {:>10} {:>12} {:>10} {:>9}", "ID", "packets", "bytes", "new flows", "rejected");
+                        println!(
+                            "\n{:<5} {:>10} {:>12} {:>10} {:>9}",
+                            "ID", "packets", "bytes", "new flows", "rejected"
+                        );
                         for (id, c) in counters {
-                            println!("{id:<5} {:>10} {:>12} {:>10} {:>9}", c.packets, c.bytes, c.new_flows, c.rejected);
+                            println!(
+                                "{id:<5} {:>10} {:>12} {:>10} {:>9}",
+                                c.packets, c.bytes, c.new_flows, c.rejected
+                            );
                         }
                     }
                 }

@@ -180,10 +180,7 @@ impl ManifestDir {
             if !meta.is_file() {
                 continue;
             }
-            let stamp = (
-                meta.modified().unwrap_or(std::time::UNIX_EPOCH),
-                meta.len(),
-            );
+            let stamp = (meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len());
             present.insert(path, stamp);
         }
 
@@ -280,11 +277,18 @@ items:
         assert!(msg.contains("99999"), "{msg}");
 
         let err = parse_file(Path::new("/m/x.yaml"), "kind: [unclosed").unwrap_err();
-        assert!(err.to_string().starts_with("/m/x.yaml: document 1: not valid YAML"));
+        assert!(err
+            .to_string()
+            .starts_with("/m/x.yaml: document 1: not valid YAML"));
 
-        let err = parse_file(Path::new("/m/y.yaml"), "apiVersion: v1\nkind: Service\nspec: 3\n")
-            .unwrap_err();
-        assert!(err.to_string().starts_with("/m/y.yaml: Service default/<no name>: "));
+        let err = parse_file(
+            Path::new("/m/y.yaml"),
+            "apiVersion: v1\nkind: Service\nspec: 3\n",
+        )
+        .unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("/m/y.yaml: Service default/<no name>: "));
     }
 
     #[test]
@@ -301,7 +305,8 @@ items:
         assert!(scan.changed && scan.errors.is_empty());
         assert_eq!(m.objects().services.len(), 2);
 
-        std::fs::write(dir.join("a.yaml"), "apiVersion: v1\nkind: Service\nspec: [").expect("write");
+        std::fs::write(dir.join("a.yaml"), "apiVersion: v1\nkind: Service\nspec: [")
+            .expect("write");
         let scan = m.scan(&dir).expect("scan");
         assert_eq!(scan.errors.len(), 1);
         assert!(scan.errors[0].to_string().contains("a.yaml"));

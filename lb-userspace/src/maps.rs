@@ -83,7 +83,11 @@ impl MemMaps {
 
 impl ServiceMaps for MemMaps {
     fn services(&self) -> Result<Vec<(ServiceKeyV4, ServiceV4)>, MapError> {
-        Ok(self.services.iter().map(|(k, v)| ((*k).into(), *v)).collect())
+        Ok(self
+            .services
+            .iter()
+            .map(|(k, v)| ((*k).into(), *v))
+            .collect())
     }
     fn slots(&self) -> Result<Vec<(BackendSlotKey, u32)>, MapError> {
         Ok(self
@@ -96,18 +100,28 @@ impl ServiceMaps for MemMaps {
         Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
     }
     fn set_service(&mut self, key: &ServiceKeyV4, value: &ServiceV4) -> Result<(), MapError> {
-        self.write(format!("set service {} count {}", value.svc_id, value.count))?;
+        self.write(format!(
+            "set service {} count {}",
+            value.svc_id, value.count
+        ))?;
         self.services.insert(key.into(), *value);
         Ok(())
     }
     fn delete_service(&mut self, key: &ServiceKeyV4) -> Result<(), MapError> {
-        let id = self.services.get(&key.into()).map(|v| v.svc_id).unwrap_or(0);
+        let id = self
+            .services
+            .get(&key.into())
+            .map(|v| v.svc_id)
+            .unwrap_or(0);
         self.write(format!("delete service {id}"))?;
         self.services.remove(&key.into());
         Ok(())
     }
     fn set_slot(&mut self, key: &BackendSlotKey, backend_id: u32) -> Result<(), MapError> {
-        self.write(format!("set slot {}/{} = {backend_id}", key.svc_id, key.slot))?;
+        self.write(format!(
+            "set slot {}/{} = {backend_id}",
+            key.svc_id, key.slot
+        ))?;
         self.slots.insert((key.svc_id, key.slot), backend_id);
         Ok(())
     }
@@ -143,7 +157,11 @@ pub fn backend_value(addr: &L4Addr, local: bool, terminating: bool) -> BackendV4
         port: addr.port.to_be(),
         proto: addr.proto.number(),
         flags: if local { BACKEND_F_LOCAL } else { 0 }
-            | if terminating { BACKEND_F_TERMINATING } else { 0 },
+            | if terminating {
+                BACKEND_F_TERMINATING
+            } else {
+                0
+            },
     }
 }
 
@@ -245,12 +263,18 @@ pub fn dump(maps: &impl ServiceMaps) -> Result<Vec<FrontendDump>, MapError> {
 
 /// `cilium service list`-style table.
 pub fn format_table(rows: &[FrontendDump]) -> String {
-    let mut out = format!("{:<5} {:<24} {:<13} {}\n", "ID", "Frontend", "Service Type", "Backend");
+    let mut out = format!(
+        "{:<5} {:<24} {:<13} {}\n",
+        "ID", "Frontend", "Service Type", "Backend"
+    );
     for r in rows {
         let mut first = true;
         let mut line = |backend: String| {
             if first {
-                out.push_str(&format!("{:<5} {:<24} {:<13} {backend}\n", r.id, r.frontend, r.kind));
+                out.push_str(&format!(
+                    "{:<5} {:<24} {:<13} {backend}\n",
+                    r.id, r.frontend, r.kind
+                ));
                 first = false;
             } else {
                 out.push_str(&format!("{:<5} {:<24} {:<13} {backend}\n", "", "", ""));

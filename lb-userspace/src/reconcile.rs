@@ -63,7 +63,9 @@ impl<M: ServiceMaps> Reconciler<M> {
         let counts: HashMap<u32, ServiceKeyV4Ord> =
             services.iter().map(|(k, p)| (p.value.svc_id, *k)).collect();
         for (slot_key, backend_id) in maps.slots()? {
-            let owner = counts.get(&slot_key.svc_id).and_then(|k| services.get_mut(k));
+            let owner = counts
+                .get(&slot_key.svc_id)
+                .and_then(|k| services.get_mut(k));
             match owner {
                 Some(p) if (slot_key.slot as usize) < p.slots.len() => {
                     p.slots[slot_key.slot as usize] = backend_id;
@@ -282,7 +284,12 @@ mod tests {
         dump(maps)
             .expect("dump")
             .into_iter()
-            .map(|f| (f.frontend, f.backends.into_iter().map(|b| b.address).collect()))
+            .map(|f| {
+                (
+                    f.frontend,
+                    f.backends.into_iter().map(|b| b.address).collect(),
+                )
+            })
             .collect()
     }
 
@@ -295,14 +302,18 @@ mod tests {
         let b = addr([10, 0, 0, 2], 80);
         r.apply(&desired(&[(addr(VIP, 80), &[a])])).expect("apply");
         r.maps.log.clear();
-        r.apply(&desired(&[(addr(VIP, 80), &[a, b])])).expect("apply");
+        r.apply(&desired(&[(addr(VIP, 80), &[a, b])]))
+            .expect("apply");
         assert_eq!(
             r.maps.log,
             vec!["set backend 2", "set slot 1/1 = 2", "set service 1 count 2"]
         );
         assert_eq!(
             shown(&r.maps),
-            vec![("10.96.0.1:80/TCP".into(), vec!["10.0.0.1:80/TCP".into(), "10.0.0.2:80/TCP".into()])]
+            vec![(
+                "10.96.0.1:80/TCP".into(),
+                vec!["10.0.0.1:80/TCP".into(), "10.0.0.2:80/TCP".into()]
+            )]
         );
     }
 
@@ -311,12 +322,17 @@ mod tests {
         let mut r = Reconciler::new(MemMaps::default()).expect("new");
         let a = addr([10, 0, 0, 1], 80);
         let b = addr([10, 0, 0, 2], 80);
-        r.apply(&desired(&[(addr(VIP, 80), &[a, b])])).expect("apply");
+        r.apply(&desired(&[(addr(VIP, 80), &[a, b])]))
+            .expect("apply");
         r.maps.log.clear();
         r.apply(&desired(&[(addr(VIP, 80), &[a])])).expect("apply");
         assert_eq!(
             r.maps.log,
-            vec!["set service 1 count 1", "delete slot 1/1", "delete backend 2"]
+            vec![
+                "set service 1 count 1",
+                "delete slot 1/1",
+                "delete backend 2"
+            ]
         );
     }
 
@@ -333,7 +349,9 @@ mod tests {
             r.maps.log,
             vec!["delete service 1", "delete slot 1/0", "delete backend 1"]
         );
-        assert!(r.maps.services.is_empty() && r.maps.slots.is_empty() && r.maps.backends.is_empty());
+        assert!(
+            r.maps.services.is_empty() && r.maps.slots.is_empty() && r.maps.backends.is_empty()
+        );
     }
 
     #[test]
@@ -353,11 +371,15 @@ mod tests {
         let mut r2 = Reconciler::new(maps).expect("take over");
         assert_eq!(r2.maps.log, vec!["delete slot 1/7"]);
         r2.maps.log.clear();
-        r2.apply(&desired(&[(addr(VIP, 80), &[a, b])])).expect("apply");
+        r2.apply(&desired(&[(addr(VIP, 80), &[a, b])]))
+            .expect("apply");
         assert_eq!(r2.maps.log, vec!["delete service 2", "delete slot 2/0"]);
         // New ids never collide with the ones taken over.
-        r2.apply(&desired(&[(addr(VIP, 80), &[a, b]), (other, &[addr([10, 0, 0, 3], 53)])]))
-            .expect("apply");
+        r2.apply(&desired(&[
+            (addr(VIP, 80), &[a, b]),
+            (other, &[addr([10, 0, 0, 3], 53)]),
+        ]))
+        .expect("apply");
         assert!(r2.maps.backends.contains_key(&3));
         assert!(r2.maps.services.values().any(|v| v.svc_id == 3));
     }

@@ -98,8 +98,9 @@ pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
                 "TCP" => Proto::Tcp,
                 "UDP" => Proto::Udp,
                 other => {
-                    t.warnings
-                        .push(format!("service {spn}: protocol {other} is not supported yet; port skipped"));
+                    t.warnings.push(format!(
+                        "service {spn}: protocol {other} is not supported yet; port skipped"
+                    ));
                     continue;
                 }
             };
@@ -186,7 +187,9 @@ fn ipv4(s: &str) -> Option<Ipv4Addr> {
 
 fn skip_service(svc: &Service) -> bool {
     let labels = svc.metadata.labels.as_ref();
-    if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS)) {
+    if labels
+        .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS))
+    {
         return true;
     }
     let Some(spec) = &svc.spec else { return true };
@@ -207,7 +210,11 @@ fn cluster_ips(svc: &Service) -> Vec<Ipv4Addr> {
     list.into_iter().filter_map(ipv4).collect()
 }
 
-fn endpoints_from_slices(slices: &[&EndpointSlice], port_name: &str, proto: Proto) -> Vec<Endpoint> {
+fn endpoints_from_slices(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    proto: Proto,
+) -> Vec<Endpoint> {
     let mut by_addr: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
     for slice in slices {
         if slice.address_type != "IPv4" {
@@ -217,7 +224,10 @@ fn endpoints_from_slices(slices: &[&EndpointSlice], port_name: &str, proto: Prot
             p.name.as_deref().unwrap_or("") == port_name
                 && p.protocol.as_deref().unwrap_or("TCP") == proto.to_string()
         });
-        let Some(port) = port.and_then(|p| p.port).and_then(|p| u16::try_from(p).ok()) else {
+        let Some(port) = port
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
+        else {
             continue;
         };
         if port == 0 {
@@ -251,7 +261,12 @@ fn endpoints_from_slices(slices: &[&EndpointSlice], port_name: &str, proto: Prot
 }
 
 /// Endpoints the EndpointSlice controller would publish for a selector Service.
-fn endpoints_from_pods(svc: &Service, sp: &ServicePort, proto: Proto, pods: &[Pod]) -> Vec<Endpoint> {
+fn endpoints_from_pods(
+    svc: &Service,
+    sp: &ServicePort,
+    proto: Proto,
+    pods: &[Pod],
+) -> Vec<Endpoint> {
     let Some(spec) = &svc.spec else { return vec![] };
     let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
         return vec![];
@@ -471,10 +486,14 @@ status:
 
     #[test]
     fn pods_in_other_namespaces_or_with_other_labels_or_finished_are_not_selected() {
-        let other_ns = pod("x", "10.244.0.20", "node-a", true, 8080).replace("namespace: shop", "namespace: other");
-        let other_label = pod("y", "10.244.0.21", "node-a", true, 8080).replace("app: web", "app: db");
-        let done = pod("z", "10.244.0.22", "node-a", true, 8080).replace("phase: Running", "phase: Succeeded");
-        let no_ip = pod("w", "10.244.0.23", "node-a", true, 8080).replace("podIP: 10.244.0.23", "hostIP: 1.2.3.4");
+        let other_ns = pod("x", "10.244.0.20", "node-a", true, 8080)
+            .replace("namespace: shop", "namespace: other");
+        let other_label =
+            pod("y", "10.244.0.21", "node-a", true, 8080).replace("app: web", "app: db");
+        let done = pod("z", "10.244.0.22", "node-a", true, 8080)
+            .replace("phase: Running", "phase: Succeeded");
+        let no_ip = pod("w", "10.244.0.23", "node-a", true, 8080)
+            .replace("podIP: 10.244.0.23", "hostIP: 1.2.3.4");
         let t = run(&format!("{WEB}{other_ns}{other_label}{done}{no_ip}"));
         let f = &t.desired.frontends[&fe([10, 96, 0, 10], 80, Proto::Tcp)];
         assert!(f.backends.is_empty());
@@ -566,7 +585,10 @@ endpoints: {eps}
         );
         let t = run(&only_terminating);
         let f = &t.desired.frontends[&fe([10, 96, 1, 1], 9000, Proto::Tcp)];
-        assert_eq!(backends(&t, fe([10, 96, 1, 1], 9000, Proto::Tcp)), vec!["10.0.0.1:9000/TCP"]);
+        assert_eq!(
+            backends(&t, fe([10, 96, 1, 1], 9000, Proto::Tcp)),
+            vec!["10.0.0.1:9000/TCP"]
+        );
         assert!(f.backends[0].terminating);
 
         let mixed = slice(
@@ -575,7 +597,10 @@ endpoints: {eps}
 - {addresses: [10.0.0.4], conditions: {ready: true}}"#,
         );
         let t = run(&mixed);
-        assert_eq!(backends(&t, fe([10, 96, 1, 1], 9000, Proto::Tcp)), vec!["10.0.0.4:9000/TCP"]);
+        assert_eq!(
+            backends(&t, fe([10, 96, 1, 1], 9000, Proto::Tcp)),
+            vec!["10.0.0.4:9000/TCP"]
+        );
     }
 
     #[test]
@@ -646,7 +671,10 @@ spec: {clusterIP: 10.96.0.5, ports: [{port: 80, protocol: SCTP}]}
             "type: NodePort",
             "type: NodePort\n  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local",
         );
-        let t = run(&format!("{svc}{}", pod("web-2", "10.244.0.12", "node-b", true, 8080)));
+        let t = run(&format!(
+            "{svc}{}",
+            pod("web-2", "10.244.0.12", "node-b", true, 8080)
+        ));
         let np = &t.desired.frontends[&fe([198, 18, 0, 2], 30080, Proto::Tcp)];
         assert!(np.backends.is_empty() && np.drop_when_empty);
         let cip = &t.desired.frontends[&fe([10, 96, 0, 10], 80, Proto::Tcp)];

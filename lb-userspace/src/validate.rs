@@ -8,7 +8,9 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Result<(), String> {
+fn name_of(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Result<(), String> {
     match meta.name.as_deref() {
         Some(n) if !n.is_empty() => Ok(()),
         _ => Err("metadata.name is required".into()),
@@ -72,7 +74,9 @@ pub fn service(svc: &Service) -> Result<(), String> {
             port_range(&format!("{f}.targetPort"), t)?;
         }
         if ports.len() > 1 && p.name.as_deref().unwrap_or_default().is_empty() {
-            return Err(format!("{f}.name: required when a Service has several ports"));
+            return Err(format!(
+                "{f}.name: required when a Service has several ports"
+            ));
         }
     }
     for policy in [
@@ -108,7 +112,9 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<(), String> {
     }
     for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
         if ep.addresses.is_empty() {
-            return Err(format!("endpoints[{i}].addresses: at least one is required"));
+            return Err(format!(
+                "endpoints[{i}].addresses: at least one is required"
+            ));
         }
         if slice.address_type != "FQDN" {
             for (j, a) in ep.addresses.iter().enumerate() {
@@ -127,7 +133,12 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<(), String> {
 
 pub fn pod(pod: &Pod) -> Result<(), String> {
     name_of(&pod.metadata)?;
-    for (i, c) in pod.spec.iter().flat_map(|s| s.containers.iter()).enumerate() {
+    for (i, c) in pod
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .enumerate()
+    {
         for (j, p) in c.ports.iter().flatten().enumerate() {
             let f = format!("spec.containers[{i}].ports[{j}]");
             port_range(&format!("{f}.containerPort"), p.container_port)?;

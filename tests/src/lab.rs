@@ -16,7 +16,6 @@
 
 use std::{
     fs,
-    io::ErrorKind,
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
@@ -86,7 +85,11 @@ pub fn bin_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| ws.join("target"));
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     target.join(profile)
 }
 
@@ -96,7 +99,11 @@ pub fn binary(name: &str) -> Result<PathBuf> {
         bail!(
             "{} is missing: build it first (`cargo build --workspace{}`)",
             p.display(),
-            if cfg!(debug_assertions) { "" } else { " --release" }
+            if cfg!(debug_assertions) {
+                ""
+            } else {
+                " --release"
+            }
         );
     }
     Ok(p)
@@ -140,9 +147,30 @@ impl Lab {
             run(&["ip", "netns", "add", ns])?;
             run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
         }
-        run(&["ip", "-n", &node, "link", "add", "ext0", "type", "veth", "peer", "name", "eth0", "netns", &ext])?;
-        run(&["ip", "-n", &node, "addr", "add", &format!("{NODE_IP}/24"), "dev", "ext0"])?;
-        run(&["ip", "-n", &ext, "addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"])?;
+        run(&[
+            "ip", "-n", &node, "link", "add", "ext0", "type", "veth", "peer", "name", "eth0",
+            "netns", &ext,
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{NODE_IP}/24"),
+            "dev",
+            "ext0",
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            &ext,
+            "addr",
+            "add",
+            &format!("{CLIENT_IP}/24"),
+            "dev",
+            "eth0",
+        ])?;
         run(&["ip", "-n", &node, "link", "set", "ext0", "up"])?;
         run(&["ip", "-n", &ext, "link", "set", "eth0", "up"])?;
         peer_settings(&ext, "eth0")?;
@@ -153,7 +181,15 @@ impl Lab {
             ("net.ipv4.conf.all.send_redirects", "0"),
             ("net.ipv4.conf.default.send_redirects", "0"),
         ] {
-            run(&["ip", "netns", "exec", &node, "sysctl", "-qw", &format!("{k}={v}")])?;
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                &node,
+                "sysctl",
+                "-qw",
+                &format!("{k}={v}"),
+            ])?;
         }
         for i in 0..self.pods.len() {
             self.add_pod_links(i)?;
@@ -166,14 +202,73 @@ impl Lab {
         let node = &self.node_ns;
         run(&["ip", "netns", "add", &p.ns])?;
         run(&["ip", "-n", &p.ns, "link", "set", "lo", "up"])?;
-        run(&["ip", "-n", node, "link", "add", &p.host_iface, "type", "veth", "peer", "name", "eth0", "netns", &p.ns])?;
-        run(&["ip", "-n", node, "addr", "add", &format!("{POD_GATEWAY}/32"), "dev", &p.host_iface])?;
+        run(&[
+            "ip",
+            "-n",
+            node,
+            "link",
+            "add",
+            &p.host_iface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &p.ns,
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            node,
+            "addr",
+            "add",
+            &format!("{POD_GATEWAY}/32"),
+            "dev",
+            &p.host_iface,
+        ])?;
         run(&["ip", "-n", node, "link", "set", &p.host_iface, "up"])?;
-        run(&["ip", "-n", node, "route", "add", &format!("{}/32", p.ip), "dev", &p.host_iface])?;
-        run(&["ip", "-n", &p.ns, "addr", "add", &format!("{}/32", p.ip), "dev", "eth0"])?;
+        run(&[
+            "ip",
+            "-n",
+            node,
+            "route",
+            "add",
+            &format!("{}/32", p.ip),
+            "dev",
+            &p.host_iface,
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            &p.ns,
+            "addr",
+            "add",
+            &format!("{}/32", p.ip),
+            "dev",
+            "eth0",
+        ])?;
         run(&["ip", "-n", &p.ns, "link", "set", "eth0", "up"])?;
-        run(&["ip", "-n", &p.ns, "route", "add", &format!("{POD_GATEWAY}/32"), "dev", "eth0"])?;
-        run(&["ip", "-n", &p.ns, "route", "add", "default", "via", &POD_GATEWAY.to_string()])?;
+        run(&[
+            "ip",
+            "-n",
+            &p.ns,
+            "route",
+            "add",
+            &format!("{POD_GATEWAY}/32"),
+            "dev",
+            "eth0",
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            &p.ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &POD_GATEWAY.to_string(),
+        ])?;
         peer_settings(&p.ns, "eth0")?;
         Ok(())
     }
@@ -262,10 +357,22 @@ impl Lab {
             .arg(&bin)
             .args(["run", "--manifests"])
             .arg(self.dir.join("manifests"))
-            .args(["--node-name", NODE_NAME, "--ext-iface", "ext0", "--pod-iface-prefix", "veth"])
+            .args([
+                "--node-name",
+                NODE_NAME,
+                "--ext-iface",
+                "ext0",
+                "--pod-iface-prefix",
+                "veth",
+            ])
             .arg("--pin-path")
             .arg(&self.pin)
-            .args(["--healthz-addr", "127.0.0.1:10256", "--metrics-addr", "127.0.0.1:10249"])
+            .args([
+                "--healthz-addr",
+                "127.0.0.1:10256",
+                "--metrics-addr",
+                "127.0.0.1:10249",
+            ])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -286,8 +393,19 @@ impl Lab {
                 }
             }
             let code = run(&[
-                "ip", "netns", "exec", &self.node_ns, "curl", "-s", "-o", "/dev/null", "-w",
-                "%{http_code}", "--max-time", "1", "http://127.0.0.1:10256/healthz",
+                "ip",
+                "netns",
+                "exec",
+                &self.node_ns,
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "1",
+                "http://127.0.0.1:10256/healthz",
             ])
             .unwrap_or_default();
             Ok(code == "200")
@@ -297,7 +415,8 @@ impl Lab {
 
     /// The current (or last) agent run's log.
     pub fn agent_log(&self) -> String {
-        fs::read_to_string(self.dir.join(format!("agent-{}.log", self.agent_runs))).unwrap_or_default()
+        fs::read_to_string(self.dir.join(format!("agent-{}.log", self.agent_runs)))
+            .unwrap_or_default()
     }
 
     /// Kills the agent with SIGKILL (no chance to clean anything up).
@@ -353,7 +472,17 @@ impl Lab {
     /// One HTTP request with a new connection; returns the body.
     pub fn curl(&self, ns: &str, url: &str) -> Result<String> {
         run(&[
-            "ip", "netns", "exec", ns, "curl", "-sS", "--max-time", "2", "-H", "Connection: close", url,
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "curl",
+            "-sS",
+            "--max-time",
+            "2",
+            "-H",
+            "Connection: close",
+            url,
         ])
     }
 
@@ -366,7 +495,13 @@ impl Lab {
         let out = run(&["ip", "netns", "exec", ns, "sh", "-c", &script])?;
         Ok(out
             .lines()
-            .map(|l| if l == "FAILED" { Err(()) } else { Ok(l.to_string()) })
+            .map(|l| {
+                if l == "FAILED" {
+                    Err(())
+                } else {
+                    Ok(l.to_string())
+                }
+            })
             .collect())
     }
 
@@ -388,7 +523,9 @@ impl Lab {
 
 /// TX checksum offload off: full checksums, as on a wire.
 fn peer_settings(ns: &str, iface: &str) -> Result<()> {
-    run(&["ip", "netns", "exec", ns, "ethtool", "-K", iface, "tx", "off"])?;
+    run(&[
+        "ip", "netns", "exec", ns, "ethtool", "-K", iface, "tx", "off",
+    ])?;
     Ok(())
 }
 
@@ -407,7 +544,7 @@ pub fn in_netns<T: Send + 'static>(
         f()
     })
     .join()
-    .unwrap_or_else(|_| Err(std::io::Error::new(ErrorKind::Other, "netns thread panicked")))
+    .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
 }
 
 /// Polls `cond` every 50 ms until it is true or `timeout` passes.
@@ -537,7 +674,12 @@ spec:
 pub fn echo_manifest(pods: &[LabPod]) -> String {
     let eps: String = pods
         .iter()
-        .map(|p| format!("- {{addresses: [\"{}\"], nodeName: {NODE_NAME}, conditions: {{ready: true}}}}\n", p.ip))
+        .map(|p| {
+            format!(
+                "- {{addresses: [\"{}\"], nodeName: {NODE_NAME}, conditions: {{ready: true}}}}\n",
+                p.ip
+            )
+        })
         .collect();
     format!(
         r#"apiVersion: v1
@@ -559,6 +701,10 @@ ports:
 - {{name: dns-tcp, port: {HTTP_PORT}, protocol: TCP}}
 endpoints:{}
 "#,
-        if eps.is_empty() { " []\n".to_string() } else { format!("\n{eps}") }
+        if eps.is_empty() {
+            " []\n".to_string()
+        } else {
+            format!("\n{eps}")
+        }
     )
 }

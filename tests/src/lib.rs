@@ -22,7 +22,10 @@ use lb_userspace::{
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "this test needs root (BPF, network namespaces): run it as root");
+    assert_eq!(
+        euid, 0,
+        "this test needs root (BPF, network namespaces): run it as root"
+    );
 }
 
 /// A directory on the bpffs, removed (with every pin in it) when dropped.

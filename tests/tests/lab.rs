@@ -8,7 +8,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex, MutexGuard,
     },
     time::{Duration, Instant},
 };
@@ -18,8 +18,32 @@ use lb_tests::{
     require_root,
 };
 
-fn lab_with_agent(pods: usize) -> Lab {
+/// The lab tests measure timings (refused at once, changes within a second) on a 2-core
+/// machine: one lab at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+struct LabGuard {
+    lab: Lab,
+    _turn: MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for LabGuard {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        &self.lab
+    }
+}
+
+impl std::ops::DerefMut for LabGuard {
+    fn deref_mut(&mut self) -> &mut Lab {
+        &mut self.lab
+    }
+}
+
+fn lab_with_agent(pods: usize) -> LabGuard {
     require_root();
+    // A test that failed while holding the lock poisons it; the next may still run.
+    let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let mut lab = Lab::up(pods).expect("lab up");
     lab.start_servers().expect("servers");
     for (name, text) in tutorial_manifests(&lab.pods) {
@@ -27,7 +51,7 @@ fn lab_with_agent(pods: usize) -> Lab {
     }
     lab.start_agent().expect("agent");
     lab.wait_healthy(Duration::from_secs(10)).expect("healthy");
-    lab
+    LabGuard { lab, _turn: turn }
 }
 
 /// Which pod answered each response ("podN client-addr"), counted.
@@ -42,10 +66,17 @@ fn spread<'a>(bodies: impl IntoIterator<Item = &'a String>) -> BTreeMap<String, 
 
 fn assert_spread(what: &str, counts: &BTreeMap<String, usize>, pods: usize, total: usize) {
     assert_eq!(counts.values().sum::<usize>(), total, "{what}: {counts:?}");
-    assert_eq!(counts.len(), pods, "{what}: not every pod served: {counts:?}");
+    assert_eq!(
+        counts.len(),
+        pods,
+        "{what}: not every pod served: {counts:?}"
+    );
     // Uniform choice: each pod gets 1/4 of 200 = 50 on average (sd 6); 15 is far below.
     for (pod, n) in counts {
-        assert!(*n >= total / pods / 3, "{what}: {pod} served only {n} of {total}: {counts:?}");
+        assert!(
+            *n >= total / pods / 3,
+            "{what}: {pod} served only {n} of {total}: {counts:?}"
+        );
     }
 }
 
@@ -66,7 +97,10 @@ fn nodeport_from_outside_and_clusterip_from_a_pod_spread_over_all_pods() {
     assert_eq!(ok.len(), n, "failed requests: {}", n - ok.len());
     assert_spread("outside → NodePort TCP", &spread(&ok), 4, n);
     assert!(
-        ok.iter().all(|b| b.split_whitespace().nth(1).is_some_and(|peer| peer.starts_with(&format!("{CLIENT_IP}:")))),
+        ok.iter().all(|b| b
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|peer| peer.starts_with(&format!("{CLIENT_IP}:")))),
         "client address not kept: {:?}",
         &ok[..3]
     );
@@ -83,8 +117,16 @@ fn nodeport_from_outside_and_clusterip_from_a_pod_spread_over_all_pods() {
     // UDP: outside → NodePort 30053, pod → ClusterIP 10.96.0.53:53. Each exchange uses a new
     // socket (a new source port), so a new flow.
     for (what, ns, to) in [
-        ("outside → NodePort UDP", lab.ext_ns.clone(), sock(NODE_IP, 30053)),
-        ("pod → ClusterIP UDP", pod2.clone(), sock(Ipv4Addr::new(10, 96, 0, 53), 53)),
+        (
+            "outside → NodePort UDP",
+            lab.ext_ns.clone(),
+            sock(NODE_IP, 30053),
+        ),
+        (
+            "pod → ClusterIP UDP",
+            pod2.clone(),
+            sock(Ipv4Addr::new(10, 96, 0, 53), 53),
+        ),
     ] {
         let mut replies = Vec::new();
         for i in 0..n {
@@ -110,13 +152,20 @@ fn a_pod_reaches_itself_through_its_service() {
     let lab = lab_with_agent(2);
     let pod1 = lab.pod("pod1").ns.clone();
     for _ in 0..5 {
-        let body = lab.curl(&pod1, "http://10.96.0.20:80/").expect("hairpin request");
+        let body = lab
+            .curl(&pod1, "http://10.96.0.20:80/")
+            .expect("hairpin request");
         // pod1 served it, and saw the hairpin source address, not its own.
         assert!(body.starts_with("pod1 169.254.42.1:"), "{body}");
     }
     // Another pod reaching the same Service keeps its own address.
-    let body = lab.curl(&lab.pod("pod2").ns, "http://10.96.0.20:80/").expect("request");
-    assert!(body.starts_with(&format!("pod1 {}:", lab.pod("pod2").ip)), "{body}");
+    let body = lab
+        .curl(&lab.pod("pod2").ns, "http://10.96.0.20:80/")
+        .expect("request");
+    assert!(
+        body.starts_with(&format!("pod1 {}:", lab.pod("pod2").ip)),
+        "{body}"
+    );
 }
 
 #[test]
@@ -129,17 +178,29 @@ fn a_service_without_endpoints_is_refused_at_once() {
     ] {
         // curl: exit 7, "Failed to connect", at once (not after its 2 s timeout).
         let started = Instant::now();
-        let err = lab.curl(&ns, &format!("http://{ip}:{port}/")).expect_err("must be refused");
+        let err = lab
+            .curl(&ns, &format!("http://{ip}:{port}/"))
+            .expect_err("must be refused");
         let took = started.elapsed();
-        assert!(err.to_string().contains("curl: (7) Failed to connect"), "{ip}:{port}: {err}");
-        assert!(took < Duration::from_millis(900), "{ip}:{port}: refused only after {took:?}");
+        assert!(
+            err.to_string().contains("curl: (7) Failed to connect"),
+            "{ip}:{port}: {err}"
+        );
+        assert!(
+            took < Duration::from_millis(900),
+            "{ip}:{port}: refused only after {took:?}"
+        );
         // The socket sees ECONNREFUSED (the RST), not a timeout.
         let to = sock(ip, port);
         let err = lb_tests::lab::in_netns(&ns, move || {
             std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)).map(|_| ())
         })
         .expect_err("must be refused");
-        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{ip}:{port}: {err}");
+        assert_eq!(
+            err.kind(),
+            ErrorKind::ConnectionRefused,
+            "{ip}:{port}: {err}"
+        );
     }
     let err = lab
         .udp(&pod1, sock(Ipv4Addr::new(10, 96, 0, 99), 53), b"q")
@@ -156,7 +217,8 @@ fn endpoint_changes_reach_the_datapath_within_a_second_and_bad_files_change_noth
     // Remove pod4 from the echo EndpointSlice.
     let three = lab.pods[..3].to_vec();
     let written = Instant::now();
-    lab.write_manifest("echo.yaml", &echo_manifest(&three)).expect("write");
+    lab.write_manifest("echo.yaml", &echo_manifest(&three))
+        .expect("write");
     wait_for(Duration::from_secs(1), || {
         let v = lab.services_json()?;
         let fe = v
@@ -166,34 +228,55 @@ fn endpoint_changes_reach_the_datapath_within_a_second_and_bad_files_change_noth
         Ok(fe.is_some_and(|f| f["backends"].as_array().is_some_and(|b| b.len() == 3)))
     })
     .expect("the change reached the maps within a second");
-    eprintln!("endpoint removal reached the maps after {:?}", written.elapsed());
+    eprintln!(
+        "endpoint removal reached the maps after {:?}",
+        written.elapsed()
+    );
     for i in 0..100 {
-        let r = lab.udp(&pod1, clusterip, b"q").unwrap_or_else(|e| panic!("exchange {i}: {e}"));
+        let r = lab
+            .udp(&pod1, clusterip, b"q")
+            .unwrap_or_else(|e| panic!("exchange {i}: {e}"));
         assert!(!r.starts_with("pod4 "), "new flow {i} still went to pod4");
     }
 
     // A broken file: reported with its path, and nothing is dropped.
-    lab.write_manifest("echo.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: echo}\nspec:\n  ports: [{port: 70000}]\n")
-        .expect("write");
-    wait_for(Duration::from_secs(2), || Ok(lab.agent_log().contains("echo.yaml")))
-        .unwrap_or_else(|_| panic!("error not reported; log:\n{}", lab.agent_log()));
+    lab.write_manifest(
+        "echo.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: echo}\nspec:\n  ports: [{port: 70000}]\n",
+    )
+    .expect("write");
+    wait_for(Duration::from_secs(2), || {
+        Ok(lab.agent_log().contains("echo.yaml"))
+    })
+    .unwrap_or_else(|_| panic!("error not reported; log:\n{}", lab.agent_log()));
     let log = lab.agent_log();
-    assert!(log.contains("Service default/echo") && log.contains("70000"), "{log}");
+    assert!(
+        log.contains("Service default/echo") && log.contains("70000"),
+        "{log}"
+    );
     std::thread::sleep(Duration::from_millis(500));
-    let r = lab.udp(&pod1, clusterip, b"q").expect("still served from the last good state");
+    let r = lab
+        .udp(&pod1, clusterip, b"q")
+        .expect("still served from the last good state");
     assert!(r.starts_with("pod"), "{r}");
 
     // A new pod interface appears: the agent attaches to it and it serves.
     lab.add_pod().expect("add pod");
-    lab.write_manifest("echo.yaml", &echo_manifest(&lab.pods[4..])).expect("write");
+    lab.write_manifest("echo.yaml", &echo_manifest(&lab.pods[4..]))
+        .expect("write");
     let pod5 = lab.pod("pod5").ns.clone();
     wait_for(Duration::from_secs(2), || {
         // pod5 → its own Service is a hairpin through its own (new) veth.
-        Ok(lab.udp(&pod5, clusterip, b"q").is_ok_and(|r| r.starts_with("pod5 169.254.42.1:")))
+        Ok(lab
+            .udp(&pod5, clusterip, b"q")
+            .is_ok_and(|r| r.starts_with("pod5 169.254.42.1:")))
     })
     .unwrap_or_else(|_| panic!("pod5 not served; log:\n{}", lab.agent_log()));
     let r = lab.udp(&pod1, clusterip, b"q").expect("pod1 → pod5");
-    assert!(r.starts_with(&format!("pod5 {}:", lab.pod("pod1").ip)), "{r}");
+    assert!(
+        r.starts_with(&format!("pod5 {}:", lab.pod("pod1").ip)),
+        "{r}"
+    );
 }
 
 #[test]
@@ -210,7 +293,19 @@ fn traffic_keeps_flowing_while_the_agent_is_killed_and_restarted() {
         let mut ok = 0usize;
         let mut failed = Vec::new();
         while !stop2.load(Ordering::Relaxed) {
-            match lb_tests::lab::run(&["ip", "netns", "exec", &ext, "curl", "-sS", "--max-time", "2", "-H", "Connection: close", &url]) {
+            match lb_tests::lab::run(&[
+                "ip",
+                "netns",
+                "exec",
+                &ext,
+                "curl",
+                "-sS",
+                "--max-time",
+                "2",
+                "-H",
+                "Connection: close",
+                &url,
+            ]) {
                 Ok(b) if b.starts_with("pod") => ok += 1,
                 Ok(b) => failed.push(b),
                 Err(e) => failed.push(e.to_string()),
@@ -225,26 +320,50 @@ fn traffic_keeps_flowing_while_the_agent_is_killed_and_restarted() {
     lab.remove_manifest("empty.yaml").expect("rm");
     std::thread::sleep(Duration::from_millis(1500));
     lab.start_agent().expect("restart");
-    lab.wait_healthy(Duration::from_secs(10)).expect("healthy again");
+    lab.wait_healthy(Duration::from_secs(10))
+        .expect("healthy again");
     std::thread::sleep(Duration::from_millis(700));
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = client.join().expect("client thread");
-    assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), ok + failed.len(), &failed[..failed.len().min(5)]);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
     assert!(ok > 10, "only {ok} requests completed");
     eprintln!("{ok} requests, none failed, across an agent kill and restart");
 
     let log = lab.agent_log();
     assert!(log.contains("taken_over=true"), "{log}");
-    assert!(!log.contains("attached iface"), "nothing is attached twice:\n{log}");
+    assert!(
+        !log.contains("attached iface"),
+        "nothing is attached twice:\n{log}"
+    );
     let after = lab.services_json().expect("services");
     let web = |v: &serde_json::Value| {
-        v.as_array()
-            .and_then(|l| l.iter().find(|f| f["frontend"] == "198.18.0.2:30080/TCP").cloned())
+        v.as_array().and_then(|l| {
+            l.iter()
+                .find(|f| f["frontend"] == "198.18.0.2:30080/TCP")
+                .cloned()
+        })
     };
-    assert_eq!(web(&before), web(&after), "the restart rewrote the web frontend");
+    assert_eq!(
+        web(&before),
+        web(&after),
+        "the restart rewrote the web frontend"
+    );
     let frontends: Vec<String> = after
         .as_array()
-        .map(|l| l.iter().map(|f| f["frontend"].as_str().unwrap_or_default().to_string()).collect())
+        .map(|l| {
+            l.iter()
+                .map(|f| f["frontend"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
         .unwrap_or_default();
-    assert!(!frontends.iter().any(|f| f.starts_with("10.96.0.99:")), "stale frontend kept: {frontends:?}");
+    assert!(
+        !frontends.iter().any(|f| f.starts_with("10.96.0.99:")),
+        "stale frontend kept: {frontends:?}"
+    );
 }

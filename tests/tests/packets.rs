@@ -5,7 +5,9 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use lb_tests::{
-    packet::{parse, verify_checksums, Frame, ACK, CLIENT_MAC, FIN, ICMP, NODE_MAC, PSH, RST, SYN, TCP},
+    packet::{
+        parse, verify_checksums, Frame, ACK, CLIENT_MAC, FIN, ICMP, NODE_MAC, PSH, RST, SYN, TCP,
+    },
     Harness, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
 };
 use lb_userspace::translate::NodeInfo;
@@ -31,7 +33,11 @@ fn services(backends: &[Ipv4Addr]) -> String {
         .iter()
         .map(|b| format!("- {{addresses: [{b}], nodeName: node-a}}\n"))
         .collect();
-    let eps = if eps.is_empty() { "[]".to_string() } else { format!("\n{eps}") };
+    let eps = if eps.is_empty() {
+        "[]".to_string()
+    } else {
+        format!("\n{eps}")
+    };
     format!(
         r#"
 apiVersion: v1
@@ -60,7 +66,13 @@ fn assert_pass_rewritten(h: &Harness, input: &Frame, expected: &Frame) {
     let (verdict, out) = h.run(&input.build()).expect("test run");
     assert_eq!(verdict, XDP_PASS, "verdict");
     verify_checksums(&out).unwrap_or_else(|e| panic!("{e}: {out:02x?}"));
-    assert_eq!(out, expected.build(), "\n got  {:?}\n want {:?}", parse(&out), expected);
+    assert_eq!(
+        out,
+        expected.build(),
+        "\n got  {:?}\n want {:?}",
+        parse(&out),
+        expected
+    );
 }
 
 #[test]
@@ -69,16 +81,33 @@ fn nodeport_syn_is_dnatted_and_the_reply_reverse_natted() {
     h.program(&services(&[POD1])).expect("program");
 
     let syn = Frame::tcp((CLIENT, 40000), (NODE_IP, 30080), SYN);
-    let dnat = Frame { dst: POD1, dport: 8080, ..syn.clone() };
+    let dnat = Frame {
+        dst: POD1,
+        dport: 8080,
+        ..syn.clone()
+    };
     assert_pass_rewritten(&h, &syn, &dnat);
 
     let synack = Frame::tcp((POD1, 8080), (CLIENT, 40000), SYN | ACK);
-    let rnat = Frame { src: NODE_IP, sport: 30080, ..synack.clone() };
+    let rnat = Frame {
+        src: NODE_IP,
+        sport: 30080,
+        ..synack.clone()
+    };
     assert_pass_rewritten(&h, &synack, &rnat);
 
     // The rest of the flow, with payload, follows the same translation.
-    let data = Frame::tcp((CLIENT, 40000), (NODE_IP, 30080), ACK | PSH).with_payload(b"GET / HTTP/1.1\r\n\r\n");
-    assert_pass_rewritten(&h, &data, &Frame { dst: POD1, dport: 8080, ..data.clone() });
+    let data = Frame::tcp((CLIENT, 40000), (NODE_IP, 30080), ACK | PSH)
+        .with_payload(b"GET / HTTP/1.1\r\n\r\n");
+    assert_pass_rewritten(
+        &h,
+        &data,
+        &Frame {
+            dst: POD1,
+            dport: 8080,
+            ..data.clone()
+        },
+    );
 }
 
 #[test]
@@ -87,12 +116,32 @@ fn udp_both_ways_with_and_without_checksum() {
     h.program(&services(&[POD1])).expect("program");
 
     let q = Frame::udp((POD2, 33333), (VIP, 53), b"query");
-    assert_pass_rewritten(&h, &q, &Frame { dst: POD1, dport: 5353, ..q.clone() });
+    assert_pass_rewritten(
+        &h,
+        &q,
+        &Frame {
+            dst: POD1,
+            dport: 5353,
+            ..q.clone()
+        },
+    );
     let a = Frame::udp((POD1, 5353), (POD2, 33333), b"answer");
-    assert_pass_rewritten(&h, &a, &Frame { src: VIP, sport: 53, ..a.clone() });
+    assert_pass_rewritten(
+        &h,
+        &a,
+        &Frame {
+            src: VIP,
+            sport: 53,
+            ..a.clone()
+        },
+    );
 
     // A zero UDP checksum means "none" and stays zero.
-    let q = Frame { udp_no_checksum: true, sport: 33334, ..Frame::udp((POD2, 33334), (VIP, 53), b"q") };
+    let q = Frame {
+        udp_no_checksum: true,
+        sport: 33334,
+        ..Frame::udp((POD2, 33334), (VIP, 53), b"q")
+    };
     let (verdict, out) = h.run(&q.build()).expect("run");
     assert_eq!(verdict, XDP_PASS);
     let got = parse(&out);
@@ -122,7 +171,10 @@ fn no_endpoints_tcp_gets_rst() {
     assert_eq!(out.len(), 54, "Ethernet + IPv4 + TCP, nothing else");
     let rst = parse(&out);
     assert_eq!((rst.eth_dst, rst.eth_src), (CLIENT_MAC, NODE_MAC));
-    assert_eq!((rst.src, rst.sport, rst.dst, rst.dport), (NODE_IP, 30080, CLIENT, 40001));
+    assert_eq!(
+        (rst.src, rst.sport, rst.dst, rst.dport),
+        (NODE_IP, 30080, CLIENT, 40001)
+    );
     assert_eq!(rst.proto, TCP);
     assert_eq!(rst.flags, RST | ACK);
     assert_eq!((rst.seq, rst.ack), (0, syn.seq + 1));
@@ -164,7 +216,11 @@ fn no_endpoints_udp_gets_icmp_port_unreachable() {
     assert_eq!(ip[9], ICMP);
     assert_eq!(&ip[12..16], &VIP.octets());
     assert_eq!(&ip[16..20], &CLIENT.octets());
-    assert_eq!(&out[34..36], &[3, 3], "destination unreachable, port unreachable");
+    assert_eq!(
+        &out[34..36],
+        &[3, 3],
+        "destination unreachable, port unreachable"
+    );
     // RFC 792: the original IP header and the first 8 bytes of its payload.
     assert_eq!(&out[42..70], &input[14..42]);
 
@@ -180,7 +236,10 @@ fn no_endpoints_udp_gets_icmp_port_unreachable() {
 fn local_policy_without_local_endpoint_drops() {
     let mut h = harness();
     let yaml = services(&[POD1])
-        .replace("type: NodePort", "type: NodePort\n  externalTrafficPolicy: Local")
+        .replace(
+            "type: NodePort",
+            "type: NodePort\n  externalTrafficPolicy: Local",
+        )
         .replace("nodeName: node-a", "nodeName: node-b");
     h.program(&yaml).expect("program");
     let syn = Frame::tcp((CLIENT, 40000), (NODE_IP, 30080), SYN);
@@ -199,9 +258,18 @@ fn packets_that_are_not_ours_pass_untouched() {
     let syn = Frame::tcp((CLIENT, 40000), (NODE_IP, 30080), SYN).build();
 
     let mut cases: Vec<(&str, Vec<u8>)> = vec![
-        ("not a service", Frame::tcp((CLIENT, 40000), (POD1, 8080), SYN).build()),
-        ("service address, other port", Frame::tcp((CLIENT, 40000), (VIP, 81), SYN).build()),
-        ("service port, other protocol", Frame::udp((CLIENT, 40000), (VIP, 80), b"x").build()),
+        (
+            "not a service",
+            Frame::tcp((CLIENT, 40000), (POD1, 8080), SYN).build(),
+        ),
+        (
+            "service address, other port",
+            Frame::tcp((CLIENT, 40000), (VIP, 81), SYN).build(),
+        ),
+        (
+            "service port, other protocol",
+            Frame::udp((CLIENT, 40000), (VIP, 80), b"x").build(),
+        ),
         ("Ethernet header only", syn[..14].to_vec()),
         ("IPv4 header cut short", syn[..30].to_vec()),
         ("TCP header cut short", syn[..44].to_vec()),
@@ -250,9 +318,27 @@ fn hairpin_is_snatted_to_the_reserved_address_and_back() {
     let mut h = harness();
     h.program(&services(&[POD1])).expect("program");
     let syn = Frame::tcp((POD1, 45000), (VIP, 80), SYN);
-    assert_pass_rewritten(&h, &syn, &Frame { src: HAIRPIN, dst: POD1, dport: 8080, ..syn.clone() });
+    assert_pass_rewritten(
+        &h,
+        &syn,
+        &Frame {
+            src: HAIRPIN,
+            dst: POD1,
+            dport: 8080,
+            ..syn.clone()
+        },
+    );
     let synack = Frame::tcp((POD1, 8080), (HAIRPIN, 45000), SYN | ACK);
-    assert_pass_rewritten(&h, &synack, &Frame { src: VIP, sport: 80, dst: POD1, ..synack.clone() });
+    assert_pass_rewritten(
+        &h,
+        &synack,
+        &Frame {
+            src: VIP,
+            sport: 80,
+            dst: POD1,
+            ..synack.clone()
+        },
+    );
 }
 
 #[test]
@@ -274,7 +360,10 @@ fn new_flows_spread_uniformly_and_flows_stick() {
     assert_eq!(chosen.len(), 4, "{chosen:?}");
     for (pod, n) in &chosen {
         // Binomial(4000, 1/4): mean 1000, sd 27; 200 away is more than 7 sd.
-        assert!((800..=1200).contains(n), "{pod}: {n} of {flows} ({chosen:?})");
+        assert!(
+            (800..=1200).contains(n),
+            "{pod}: {n} of {flows} ({chosen:?})"
+        );
     }
     // Later packets of each flow keep their backend.
     for i in (0..flows).step_by(97) {
@@ -312,10 +401,26 @@ fn endpoint_changes_apply_to_new_flows_and_removed_backends_lose_theirs() {
 fn udp_rewrites_keep_the_frame_otherwise_identical() {
     let mut h = harness();
     h.program(&services(&[POD1])).expect("program");
-    let q = Frame { ttl: 17, ip_id: 0xbeef, ..Frame::udp((CLIENT, 1), (NODE_IP, 53), b"") };
+    let q = Frame {
+        ttl: 17,
+        ip_id: 0xbeef,
+        ..Frame::udp((CLIENT, 1), (NODE_IP, 53), b"")
+    };
     // NodePort is TCP only here: UDP to the node address is not a service.
     let (verdict, out) = h.run(&q.build()).expect("run");
     assert_eq!((verdict, out), (XDP_PASS, q.build()));
-    let q = Frame { ttl: 17, ip_id: 0xbeef, ..Frame::udp((CLIENT, 1), (VIP, 53), &[0xff; 33]) };
-    assert_pass_rewritten(&h, &q, &Frame { dst: POD1, dport: 5353, ..q.clone() });
+    let q = Frame {
+        ttl: 17,
+        ip_id: 0xbeef,
+        ..Frame::udp((CLIENT, 1), (VIP, 53), &[0xff; 33])
+    };
+    assert_pass_rewritten(
+        &h,
+        &q,
+        &Frame {
+            dst: POD1,
+            dport: 5353,
+            ..q.clone()
+        },
+    );
 }

@@ -1,1 +1,117 @@
-fn main() {}
+//! The developer workflow: `cargo xtask build-ebpf | build-and-load | lab | test`.
+
+mod demo;
+mod ebpf_build;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the BPF object (lb-ebpf) with the BPF toolchain.
+    BuildEbpf,
+    /// Build everything, then run the agent with the datapath on IFACE (Ctrl-C to stop; the
+    /// datapath stays pinned until `--pin-path` is removed).
+    BuildAndLoad {
+        #[arg(long)]
+        iface: String,
+        /// Manifests to program (default: the lab's sample Services).
+        #[arg(long)]
+        manifests: Option<PathBuf>,
+        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        pin_path: PathBuf,
+    },
+    /// The standalone lab demo: a node and its pods in network namespaces, sample Services,
+    /// traffic from outside and from a pod, and how it spread over the pods. Cleans up after.
+    Lab {
+        /// Pods behind the node.
+        #[arg(long, default_value_t = 4)]
+        pods: usize,
+        /// Requests per traffic pattern.
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+    },
+    /// Build everything and run every test (the README's test command; needs root).
+    Test,
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace())
+        .status()
+        .with_context(|| format!("running {cargo}"))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::BuildEbpf => {
+            let obj = ebpf_build::build_ebpf(&workspace()).map_err(anyhow::Error::msg)?;
+            println!("{}", obj.display());
+            Ok(())
+        }
+        Cmd::BuildAndLoad {
+            iface,
+            manifests,
+            pin_path,
+        } => {
+            cargo(&["build", "--release", "--bin", "lb-agent"])?;
+            let dir = match manifests {
+                Some(d) => d,
+                None => {
+                    let d = std::env::temp_dir().join("lb-build-and-load");
+                    std::fs::create_dir_all(&d)?;
+                    let pods = demo::sample_pods(4);
+                    for (name, text) in lb_tests::lab::tutorial_manifests(&pods) {
+                        std::fs::write(d.join(name), text)?;
+                    }
+                    d
+                }
+            };
+            let agent = workspace().join("target/release/lb-agent");
+            let status = Command::new(agent)
+                .args(["run", "--ext-iface", &iface, "--pod-iface-prefix", ""])
+                .arg("--manifests")
+                .arg(&dir)
+                .arg("--pin-path")
+                .arg(&pin_path)
+                .status()?;
+            if !status.success() {
+                bail!("lb-agent exited ({status})");
+            }
+            Ok(())
+        }
+        Cmd::Lab { pods, requests } => {
+            cargo(&["build", "--bins"])?;
+            demo::run(pods, requests)
+        }
+        Cmd::Test => {
+            cargo(&["build", "--bins"])?;
+            cargo(&["test"])
+        }
+    }
+}

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a Debian 12 machine, idempotently:
+#   - Debian packages: the BPF toolchain (Debian's Rust 1.96 with its library source, LLVM 22)
+#     and the lab's tools (iproute2, ethtool, curl, ncat, bpftool, ...);
+#   - bpf-linker 0.13 built against LLVM 22;
+#   - a BPF filesystem on /sys/fs/bpf.
+# `scripts/setup.sh --check` only reports whether anything is missing (exit 1 if so).
+set -euo pipefail
+
+PACKAGES=(
+  rustc-web cargo-web rust-web-src llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
+  iproute2 ethtool curl ncat bpftool tcpdump util-linux procps iptables nftables iperf3 wrk
+)
+BPF_LINKER_VERSION=0.13.0
+
+missing_packages() {
+  local p
+  for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || echo "$p"
+  done
+}
+
+bpf_linker_ok() {
+  command -v bpf-linker >/dev/null 2>&1 && bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"
+}
+
+bpffs_ok() {
+  [ "$(stat -f -c %T /sys/fs/bpf 2>/dev/null)" = "bpf_fs" ]
+}
+
+export PATH="$HOME/.cargo/bin:$PATH"
+
+if [ "${1:-}" = "--check" ]; then
+  ok=0
+  m=$(missing_packages)
+  [ -z "$m" ] || { echo "missing packages:" $m; ok=1; }
+  bpf_linker_ok || { echo "missing: bpf-linker $BPF_LINKER_VERSION"; ok=1; }
+  bpffs_ok || { echo "missing: bpffs on /sys/fs/bpf"; ok=1; }
+  command -v cargo >/dev/null 2>&1 || { echo "missing: cargo (rustup stable)"; ok=1; }
+  exit $ok
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup.sh: run as root (it installs packages and mounts bpffs)" >&2
+  exit 1
+fi
+
+m=$(missing_packages)
+if [ -n "$m" ]; then
+  echo "==> installing Debian packages:" $m
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $m
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup.sh: cargo (the rustup stable toolchain) is missing; this machine image should have it" >&2
+  exit 1
+fi
+
+if ! bpf_linker_ok; then
+  echo "==> building bpf-linker $BPF_LINKER_VERSION against LLVM 22"
+  LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version "$BPF_LINKER_VERSION" \
+    --locked --no-default-features --features llvm-22
+fi
+
+if ! bpffs_ok; then
+  echo "==> mounting bpffs on /sys/fs/bpf"
+  mount -t bpf bpf /sys/fs/bpf
+fi
+
+echo "==> setup complete"
