@@ -54,6 +54,9 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         bail!("--manifests {}: not a directory", manifest_dir.display());
     }
 
+    for w in node::check_host() {
+        tracing::warn!("{w}");
+    }
     let mut datapath = Datapath::load(&cfg.pin_path, cfg.conntrack_entries)?;
     tracing::info!(
         pin_path = %cfg.pin_path.display(),

@@ -35,11 +35,53 @@ pub fn wanted(name: &str, ext_ifaces: &[String], pod_prefix: &str) -> bool {
     ext_ifaces.iter().any(|e| e == name) || (!pod_prefix.is_empty() && name.starts_with(pod_prefix))
 }
 
-/// Lets a pod interface accept the replies the datapath has translated back to a node
-/// address (NodePort replies carry the node's own address as source).
+fn sysctl_path(key: &str) -> String {
+    format!("/proc/sys/{}", key.replace('.', "/"))
+}
+
+fn write_sysctl(key: &str, value: &str) -> Result<()> {
+    let path = sysctl_path(key);
+    std::fs::write(&path, value).with_context(|| format!("writing {path}"))
+}
+
+/// Reads a sysctl of the agent's network namespace.
+pub fn read_sysctl(key: &str) -> Result<String> {
+    let path = sysctl_path(key);
+    Ok(std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {path}"))?
+        .trim()
+        .to_string())
+}
+
+/// Lets a pod interface take what the datapath hands the stack:
+/// `accept_local` for NodePort replies, which carry the node's own address as source, and
+/// `rp_filter` 0 for hairpin packets, whose source (169.254.42.1) is not routed via the pod.
+/// (The kernel applies the larger of `all.rp_filter` and the interface's; see `check_host`.)
 pub fn prepare_pod_interface(name: &str) -> Result<()> {
-    let path = format!("/proc/sys/net/ipv4/conf/{name}/accept_local");
-    std::fs::write(&path, "1").with_context(|| format!("writing {path}"))
+    write_sysctl(&format!("net.ipv4.conf.{name}.accept_local"), "1")?;
+    write_sysctl(&format!("net.ipv4.conf.{name}.rp_filter"), "0")
+}
+
+/// Host settings the datapath depends on, as warnings.
+pub fn check_host() -> Vec<String> {
+    let mut warnings = Vec::new();
+    match read_sysctl("net.ipv4.ip_forward") {
+        Ok(v) if v == "1" => {}
+        Ok(v) => warnings.push(format!(
+            "net.ipv4.ip_forward is {v}: translated packets will not be forwarded to pods"
+        )),
+        Err(e) => warnings.push(format!("{e:#}")),
+    }
+    if let Ok(v) = read_sysctl("net.ipv4.conf.all.rp_filter") {
+        if v == "1" {
+            warnings.push(
+                "net.ipv4.conf.all.rp_filter is 1 (strict): hairpin traffic will be dropped; \
+                 use 0 or 2"
+                    .into(),
+            );
+        }
+    }
+    warnings
 }
 
 #[cfg(test)]

@@ -315,6 +315,8 @@ fn traffic_keeps_flowing_while_the_agent_is_killed_and_restarted() {
     });
 
     std::thread::sleep(Duration::from_millis(700));
+    let first_log = lab.agent_log();
+    assert!(first_log.contains("attached iface=veth1"), "{first_log}");
     lab.kill_agent().expect("kill -9");
     // While the agent is down, the manifests change: `empty` goes away.
     lab.remove_manifest("empty.yaml").expect("rm");

@@ -4,8 +4,9 @@ mod demo;
 mod ebpf_build;
 
 use std::{
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{bail, Context, Result};
@@ -67,6 +68,45 @@ fn cargo(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// `cargo test`, echoed, with one closing line for the whole run: the per-binary
+/// `test result:` lines end with doc-test binaries that have no tests.
+fn test() -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut child = Command::new(&cargo)
+        .arg("test")
+        .current_dir(workspace())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cargo} test"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                for part in rest.split(';') {
+                    let mut words = part.split_whitespace().rev();
+                    let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                        continue;
+                    };
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("all tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("`cargo test` failed ({status})");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::BuildEbpf => {
@@ -111,7 +151,7 @@ fn main() -> Result<()> {
         }
         Cmd::Test => {
             cargo(&["build", "--bins"])?;
-            cargo(&["test"])
+            test()
         }
     }
 }
