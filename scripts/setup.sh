@@ -49,7 +49,7 @@ m=$(missing_packages)
 if [ -n "$m" ]; then
   echo "==> installing Debian packages:" $m
   apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $m
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $m
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
