@@ -32,9 +32,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     stat, BackendSlotKey, BackendV4, CtEntryV4, CtKeyV4, ServiceKeyV4, ServiceStats, ServiceV4,
-    CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, CT_REFRESH_NS, DEFAULT_CONNTRACK_ENTRIES,
-    HAIRPIN_SNAT_V4, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_SERVICES,
-    MAX_SERVICE_IDS, SCOPE_ALL, SVC_F_DROP_NO_ENDPOINTS,
+    BACKEND_F_TERMINATING, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, CT_REFRESH_NS,
+    DEFAULT_CONNTRACK_ENTRIES, HAIRPIN_SNAT_V4, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS,
+    MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_SERVICE_IDS, SCOPE_ALL, SVC_F_DROP_NO_ENDPOINTS,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -264,11 +264,7 @@ fn process(ctx: &XdpContext) -> u32 {
             hdr.rewrite(&pkt, &to);
             return pass(stat::REVERSE_NAT);
         }
-        // A SYN without ACK opens a new connection on a reused tuple: choose again.
-        let new_syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        // A backend that left the maps (its endpoint was deleted) no longer takes the flow.
-        let backend_alive = LB4_BACKENDS.get_ptr(entry.backend_id).is_some();
-        if !new_syn && backend_alive {
+        if keep_flow(proto, tcp_flags, entry.backend_id) {
             refresh(entry);
             count_service(entry.svc_id, bytes, false, false);
             hdr.rewrite(&pkt, &to);
@@ -360,6 +356,28 @@ fn process(ctx: &XdpContext) -> u32 {
     count_service(svc.svc_id, bytes, true, false);
     hdr.rewrite(&pkt, &to);
     pass(stat::DNAT_NEW)
+}
+
+/// Whether a packet that hits a flow's forward entry stays on the flow's backend, with
+/// kube-proxy's conntrack semantics:
+/// * TCP stays, also when the endpoint was deleted (kube-proxy never flushes TCP entries), so
+///   established connections to a terminating or removed endpoint carry on; only a SYN
+///   without ACK (a new connection on a reused tuple) is chosen again when its backend is
+///   gone or terminating. A retransmitted SYN keeps a live backend.
+/// * UDP stays while the backend is in the maps, which hold every serving endpoint;
+///   otherwise it is chosen again (kube-proxy deletes UDP entries of endpoints that stopped
+///   serving).
+#[inline(always)]
+fn keep_flow(proto: u8, tcp_flags: u8, backend_id: u32) -> bool {
+    let new_syn = proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if proto == IPPROTO_TCP && !new_syn {
+        return true;
+    }
+    // SAFETY: the value is read at once.
+    match unsafe { LB4_BACKENDS.get(backend_id) } {
+        Some(b) => !new_syn || b.flags & BACKEND_F_TERMINATING == 0,
+        None => false,
+    }
 }
 
 #[inline(always)]

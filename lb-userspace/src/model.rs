@@ -112,4 +112,7 @@ pub struct FrontendState {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<L4Addr, FrontendState>,
+    /// Every serving endpoint of every Service, chosen for new flows or not (a terminating
+    /// one, say). The datapath keeps them so that their established flows carry on.
+    pub serving: BTreeMap<L4Addr, Backend>,
 }

@@ -116,6 +116,31 @@ impl<M: ServiceMaps> Reconciler<M> {
         }
     }
 
+    /// The id of the backend with `value`'s address (a new one if there is none), with the
+    /// map entry written if it differs.
+    fn ensure_backend(
+        &mut self,
+        ids: &mut HashMap<(u32, u16, u8), u32>,
+        value: BackendV4,
+        stats: &mut ApplyStats,
+    ) -> Result<u32, MapError> {
+        let ident = backend_identity(&value);
+        let id = match ids.get(&ident) {
+            Some(id) => *id,
+            None => {
+                let id = self.alloc_backend_id();
+                ids.insert(ident, id);
+                id
+            }
+        };
+        if self.backends.get(&id) != Some(&value) {
+            self.maps.set_backend(id, &value)?;
+            self.backends.insert(id, value);
+            stats.writes += 1;
+        }
+        Ok(id)
+    }
+
     /// Makes the maps hold `desired`.
     pub fn apply(&mut self, desired: &Desired) -> Result<ApplyStats, MapError> {
         let mut stats = ApplyStats::default();
@@ -132,20 +157,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             let mut slots = Vec::with_capacity(state.backends.len());
             for b in &state.backends {
                 let value = backend_value(&b.addr, b.local, b.terminating);
-                let ident = backend_identity(&value);
-                let id = match ids.get(&ident) {
-                    Some(id) => *id,
-                    None => {
-                        let id = self.alloc_backend_id();
-                        ids.insert(ident, id);
-                        id
-                    }
-                };
-                if self.backends.get(&id) != Some(&value) {
-                    self.maps.set_backend(id, &value)?;
-                    self.backends.insert(id, value);
-                    stats.writes += 1;
-                }
+                let id = self.ensure_backend(&mut ids, value, &mut stats)?;
                 wanted_backends.insert(id);
                 slots.push(id);
             }
@@ -162,6 +174,11 @@ impl<M: ServiceMaps> Reconciler<M> {
                 _reserved: 0,
             };
             slot_lists.insert((&key).into(), (value, slots));
+        }
+        // Serving endpoints no frontend chooses (terminating ones) stay for their flows.
+        for b in desired.serving.values() {
+            let value = backend_value(&b.addr, b.local, b.terminating);
+            wanted_backends.insert(self.ensure_backend(&mut ids, value, &mut stats)?);
         }
 
         // 2. Frontends that stay or are new.
@@ -382,6 +399,39 @@ mod tests {
         .expect("apply");
         assert!(r2.maps.backends.contains_key(&3));
         assert!(r2.maps.services.values().any(|v| v.svc_id == 3));
+    }
+
+    #[test]
+    fn serving_backends_outside_every_slot_list_are_kept() {
+        let mut r = Reconciler::new(MemMaps::default()).expect("new");
+        let a = addr([10, 0, 0, 1], 80);
+        let b = addr([10, 0, 0, 2], 80);
+        r.apply(&desired(&[(addr(VIP, 80), &[a, b])]))
+            .expect("apply");
+        // b starts terminating: out of the slots, still in the backends, flagged.
+        let mut d = desired(&[(addr(VIP, 80), &[a])]);
+        d.serving.insert(
+            b,
+            Backend {
+                addr: b,
+                local: true,
+                terminating: true,
+            },
+        );
+        r.maps.log.clear();
+        r.apply(&d).expect("apply");
+        assert_eq!(
+            r.maps.log,
+            vec!["set backend 2", "set service 1 count 1", "delete slot 1/1"]
+        );
+        assert_ne!(
+            r.maps.backends[&2].flags & lb_common::BACKEND_F_TERMINATING,
+            0
+        );
+        // Gone from the serving set too: deleted.
+        r.maps.log.clear();
+        r.apply(&desired(&[(addr(VIP, 80), &[a])])).expect("apply");
+        assert_eq!(r.maps.log, vec!["delete backend 2"]);
     }
 
     #[test]

@@ -115,6 +115,21 @@ pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
                 continue; // refused by validation already
             };
 
+            for e in endpoints.iter().filter(|e| e.ready || e.serving) {
+                let addr = L4Addr {
+                    addr: e.addr,
+                    port: e.port,
+                    proto,
+                };
+                t.desired.serving.insert(
+                    addr,
+                    Backend {
+                        addr,
+                        local: e.node.as_deref() == Some(node.name.as_str()),
+                        terminating: e.terminating,
+                    },
+                );
+            }
             let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
             let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
             let cluster = choose(&endpoints, node, false, proto);

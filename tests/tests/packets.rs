@@ -373,27 +373,90 @@ fn new_flows_spread_uniformly_and_flows_stick() {
     }
 }
 
+fn dst_of(h: &Harness, f: &Frame) -> Ipv4Addr {
+    let (verdict, out) = h.run(&f.build()).expect("run");
+    assert_eq!(verdict, XDP_PASS);
+    parse(&out).dst
+}
+
 #[test]
-fn endpoint_changes_apply_to_new_flows_and_removed_backends_lose_theirs() {
+fn removed_endpoints_keep_tcp_flows_and_lose_udp_flows_as_with_kube_proxy() {
     let mut h = harness();
     h.program(&services(&[POD1])).expect("program");
     let syn = Frame::tcp((CLIENT, 41000), (VIP, 80), SYN);
-    assert_eq!(parse(&h.run(&syn.build()).expect("run").1).dst, POD1);
-
-    // POD1 replaced by POD2: the old flow's backend is gone, so its next packet is re-chosen;
-    // new flows go to POD2 only.
-    h.program(&services(&[POD2])).expect("program");
     let ack = Frame::tcp((CLIENT, 41000), (VIP, 80), ACK);
-    assert_eq!(parse(&h.run(&ack.build()).expect("run").1).dst, POD2);
-    for p in 0..50 {
-        let syn = Frame::tcp((CLIENT, 42000 + p), (VIP, 80), SYN);
-        assert_eq!(parse(&h.run(&syn.build()).expect("run").1).dst, POD2);
-    }
+    let udp = Frame::udp((CLIENT, 41000), (VIP, 53), b"q");
+    assert_eq!(dst_of(&h, &syn), POD1);
+    assert_eq!(dst_of(&h, &udp), POD1);
 
-    // Scale up: an existing flow keeps its backend.
-    h.program(&services(&[POD2, POD1])).expect("program");
-    for _ in 0..20 {
-        assert_eq!(parse(&h.run(&ack.build()).expect("run").1).dst, POD2);
+    // POD1 leaves the EndpointSlice, POD2 comes.
+    h.program(&services(&[POD2])).expect("program");
+    // kube-proxy never flushes TCP conntrack: the established connection carries on.
+    assert_eq!(dst_of(&h, &ack), POD1);
+    // It flushes UDP entries of endpoints that stopped serving: the flow moves.
+    assert_eq!(dst_of(&h, &udp), POD2);
+    assert_eq!(dst_of(&h, &udp), POD2, "and stays moved");
+    // New connections, also one reusing the old tuple, go to POD2 only.
+    assert_eq!(dst_of(&h, &syn), POD2);
+    for p in 0..50 {
+        assert_eq!(
+            dst_of(&h, &Frame::tcp((CLIENT, 42000 + p), (VIP, 80), SYN)),
+            POD2
+        );
+    }
+}
+
+#[test]
+fn terminating_endpoints_keep_their_flows_but_get_no_new_ones() {
+    let mut h = harness();
+    let slice = |eps: &str| services(&[]).replace("endpoints: []", &format!("endpoints:\n{eps}"));
+    h.program(&slice(
+        "- {addresses: [10.244.0.11], conditions: {ready: true}}\n",
+    ))
+    .expect("program");
+    let syn = Frame::tcp((CLIENT, 43000), (VIP, 80), SYN);
+    let ack = Frame::tcp((CLIENT, 43000), (VIP, 80), ACK);
+    let udp = Frame::udp((CLIENT, 43000), (VIP, 53), b"q");
+    assert_eq!(dst_of(&h, &syn), POD1);
+    assert_eq!(dst_of(&h, &udp), POD1);
+
+    h.program(&slice(
+        "- {addresses: [10.244.0.11], conditions: {ready: false, serving: true, terminating: true}}\n\
+         - {addresses: [10.244.0.12], conditions: {ready: true}}\n",
+    ))
+    .expect("program");
+    assert_eq!(dst_of(&h, &ack), POD1, "open TCP connection stays");
+    assert_eq!(
+        dst_of(&h, &udp),
+        POD1,
+        "UDP flow of a serving endpoint stays"
+    );
+    assert_eq!(
+        dst_of(&h, &syn),
+        POD2,
+        "a new connection on the old tuple avoids it"
+    );
+    for p in 0..50 {
+        assert_eq!(
+            dst_of(&h, &Frame::tcp((CLIENT, 44000 + p), (VIP, 80), SYN)),
+            POD2
+        );
+    }
+}
+
+#[test]
+fn a_retransmitted_syn_keeps_its_backend() {
+    let mut h = harness();
+    let pods: Vec<Ipv4Addr> = (11..15).map(|i| Ipv4Addr::new(10, 244, 0, i)).collect();
+    h.program(&services(&pods)).expect("program");
+    for p in 0..100 {
+        let syn = Frame::tcp((CLIENT, 45000 + p), (VIP, 80), SYN);
+        let first = dst_of(&h, &syn);
+        assert_eq!(
+            dst_of(&h, &syn),
+            first,
+            "flow {p}: the retransmission changed backend"
+        );
     }
 }
 
