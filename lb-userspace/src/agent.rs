@@ -15,7 +15,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::{
     bpf::{self, Datapath, PinnedMaps},
     http::{self, SharedStatus, Status},
-    manifests::ManifestDir,
+    kube_source::KubeSource,
+    manifests::{ManifestDir, Objects},
     node,
     reconcile::Reconciler,
     translate::{translate, NodeInfo},
@@ -38,21 +39,73 @@ pub struct RunConfig {
     pub conntrack_entries: u32,
 }
 
+/// Where the objects come from. Translation is the same for both.
+enum Source {
+    Manifests { dir: PathBuf, files: ManifestDir },
+    Kube(KubeSource),
+}
+
+impl Source {
+    /// Takes in what changed; returns whether the objects changed.
+    fn poll(&mut self) -> bool {
+        match self {
+            Source::Manifests { dir, files } => match files.scan(dir) {
+                Ok(scan) => {
+                    for e in &scan.errors {
+                        tracing::error!("{e}; keeping the last good state of that file");
+                    }
+                    scan.changed
+                }
+                Err(e) => {
+                    tracing::error!("{e}; keeping the last good state");
+                    false
+                }
+            },
+            Source::Kube(k) => k.synced() && k.take_changed(),
+        }
+    }
+
+    fn objects(&self) -> Objects {
+        match self {
+            Source::Manifests { files, .. } => files.objects(),
+            Source::Kube(k) => k.objects(),
+        }
+    }
+
+    fn zone(&self) -> Option<String> {
+        match self {
+            Source::Manifests { .. } => None,
+            Source::Kube(k) => k.zone(),
+        }
+    }
+
+    /// Resolves when the source has news (the API); never for manifests (polled).
+    async fn wait(&self) {
+        match self {
+            Source::Manifests { .. } => std::future::pending().await,
+            Source::Kube(k) => k.notify.notified().await,
+        }
+    }
+}
+
 pub async fn run(cfg: RunConfig) -> Result<()> {
-    let Some(manifest_dir) = cfg.manifests.clone() else {
-        bail!(
-            "only the standalone source is available in this version: pass --manifests DIR \
-             (the Kubernetes API source, --kubeconfig or in-cluster, is not built yet)"
-        );
-    };
     if cfg.cgroup.is_some() {
         tracing::warn!(
             "--cgroup: socket-level translation for host processes is not built yet; ignored"
         );
     }
-    if !manifest_dir.is_dir() {
-        bail!("--manifests {}: not a directory", manifest_dir.display());
-    }
+    let mut source = match &cfg.manifests {
+        Some(dir) => {
+            if !dir.is_dir() {
+                bail!("--manifests {}: not a directory", dir.display());
+            }
+            Source::Manifests {
+                dir: dir.clone(),
+                files: ManifestDir::default(),
+            }
+        }
+        None => Source::Kube(KubeSource::start(cfg.kubeconfig.as_deref(), &cfg.node_name).await?),
+    };
 
     for w in node::check_host() {
         tracing::warn!("{w}");
@@ -84,7 +137,6 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut reconciler: Option<Reconciler<PinnedMaps>> = None;
-    let mut manifests = ManifestDir::default();
     let mut addresses: BTreeSet<Ipv4Addr> = BTreeSet::new();
     let mut dirty = true;
     let mut tick = tokio::time::interval(POLL);
@@ -92,6 +144,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = source.wait() => {}
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -110,16 +163,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             Err(e) => tracing::warn!(error = format!("{e:#}"), "reading node addresses failed"),
         }
 
-        match manifests.scan(&manifest_dir) {
-            Ok(scan) => {
-                for e in &scan.errors {
-                    tracing::error!("{e}; keeping the last good state of that file");
-                }
-                dirty |= scan.changed;
-            }
-            Err(e) => tracing::error!("{e}; keeping the last good state"),
-        }
-
+        dirty |= source.poll();
         if !dirty {
             continue;
         }
@@ -127,8 +171,9 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         let node = NodeInfo {
             name: cfg.node_name.clone(),
             addresses: addresses.iter().copied().collect(),
+            zone: source.zone(),
         };
-        let t = translate(&manifests.objects(), &node);
+        let t = translate(&source.objects(), &node);
         for w in &t.warnings {
             tracing::warn!("{w}");
         }

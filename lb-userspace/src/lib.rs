@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod bpf;
 pub mod http;
+pub mod kube_source;
 pub mod manifests;
 pub mod maps;
 pub mod model;

@@ -82,6 +82,8 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // One TLS crypto provider for the Kubernetes client (kube's rustls feature leaves the choice).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Command::Run(a) => {
             let a = *a;

@@ -42,6 +42,8 @@ pub struct NodeInfo {
     pub name: String,
     /// The addresses NodePorts are served on.
     pub addresses: Vec<Ipv4Addr>,
+    /// `topology.kubernetes.io/zone` of the node, for topology hints.
+    pub zone: Option<String>,
 }
 
 /// The desired state, and what could not be translated (logged by the caller).
@@ -404,6 +406,7 @@ mod tests {
         NodeInfo {
             name: "node-a".into(),
             addresses: vec![Ipv4Addr::new(198, 18, 0, 2)],
+            zone: Some("zone-a".into()),
         }
     }
 

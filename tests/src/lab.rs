@@ -343,9 +343,23 @@ impl Lab {
         Ok(())
     }
 
-    /// Starts `lb-agent run` in the node namespace. `nsenter --net` (not `ip netns exec`)
-    /// keeps the host's /sys, so the bpffs under /sys/fs/bpf stays visible.
+    /// Starts `lb-agent run --manifests` (the lab's manifests folder) in the node namespace.
     pub fn start_agent(&mut self) -> Result<()> {
+        let dir = self.dir.join("manifests");
+        self.start_agent_with(&["--manifests".as_ref(), dir.as_os_str()])
+    }
+
+    /// Starts `lb-agent run --kubeconfig FILE` in the node namespace.
+    pub fn start_agent_kube(&mut self, kubeconfig: &str) -> Result<()> {
+        let path = self.dir.join("kubeconfig");
+        fs::write(&path, kubeconfig)?;
+        self.start_agent_with(&["--kubeconfig".as_ref(), path.as_os_str()])
+    }
+
+    /// Starts `lb-agent run` with the lab's node flags and `source` in the node namespace.
+    /// `nsenter --net` (not `ip netns exec`) keeps the host's /sys, so the bpffs under
+    /// /sys/fs/bpf stays visible.
+    fn start_agent_with(&mut self, source: &[&std::ffi::OsStr]) -> Result<()> {
         if self.agent.is_some() {
             bail!("the agent is already running");
         }
@@ -355,8 +369,8 @@ impl Lab {
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.node_ns))
             .arg(&bin)
-            .args(["run", "--manifests"])
-            .arg(self.dir.join("manifests"))
+            .arg("run")
+            .args(source)
             .args([
                 "--node-name",
                 NODE_NAME,
@@ -534,17 +548,23 @@ pub fn in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
-    let path = format!("/run/netns/{ns}");
+    let ns = ns.to_string();
     std::thread::spawn(move || {
-        let file = fs::File::open(&path)?;
-        // SAFETY: setns on a valid namespace fd; affects only this thread.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        enter_netns(&ns)?;
         f()
     })
     .join()
     .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
+}
+
+/// Moves the calling thread into network namespace `ns` (namespaces are per thread).
+pub fn enter_netns(ns: &str) -> std::io::Result<()> {
+    let file = fs::File::open(format!("/run/netns/{ns}"))?;
+    // SAFETY: setns on a valid namespace fd; affects only this thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Polls `cond` every 50 ms until it is true or `timeout` passes.

@@ -1,6 +1,7 @@
 //! Shared pieces of the privileged tests: packet building, a BPF datapath harness for
 //! BPF_PROG_TEST_RUN, and the network-namespace lab.
 
+pub mod apiserver;
 pub mod lab;
 pub mod packet;
 

@@ -23,6 +23,7 @@ fn harness() -> Harness {
     Harness::new(NodeInfo {
         name: "node-a".into(),
         addresses: vec![NODE_IP],
+        zone: None,
     })
     .expect("datapath loads")
 }

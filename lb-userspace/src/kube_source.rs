@@ -1,0 +1,265 @@
+//! The Kubernetes API as the agent's source: reflectors over Services and EndpointSlices with
+//! kube-proxy's label selectors, and over this node's own Node object (its zone label).
+//!
+//! Each reflector lists, then watches; on a watch error, an expired resourceVersion or a lost
+//! connection the watcher backs off, relists and carries on. A relist only replaces a store's
+//! content once it is complete, so the stores — and with them the datapath — keep the last
+//! good state while the API server is away.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{reflector, utils::Backoff, watcher, WatchStreamExt},
+    Api, Client, Config, Resource,
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+
+use crate::{manifests::Objects, translate::LABEL_HEADLESS, translate::LABEL_SERVICE_PROXY_NAME};
+
+/// `topology.kubernetes.io/zone` of this node's Node object.
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+
+/// State of one reflector.
+struct Feed {
+    synced: AtomicBool,
+    connected: AtomicBool,
+}
+
+pub struct KubeSource {
+    services: reflector::Store<Service>,
+    slices: reflector::Store<EndpointSlice>,
+    nodes: reflector::Store<Node>,
+    feeds: Vec<Arc<Feed>>,
+    /// Set by every event; taken by `take_changed`.
+    changed: Arc<AtomicBool>,
+    pub notify: Arc<Notify>,
+}
+
+async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => Config::incluster().context(
+            "in-cluster configuration (KUBERNETES_SERVICE_HOST, the service-account token)",
+        )?,
+    };
+    Client::try_from(config).context("creating the Kubernetes client")
+}
+
+impl KubeSource {
+    pub async fn start(kubeconfig: Option<&std::path::Path>, node_name: &str) -> Result<Self> {
+        let client = client(kubeconfig).await?;
+        let changed = Arc::new(AtomicBool::new(true));
+        let notify = Arc::new(Notify::new());
+        let proxy_selector = format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}");
+        let mut feeds = Vec::new();
+        let services = spawn_reflector(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default().labels(&proxy_selector),
+            &changed,
+            &notify,
+            &mut feeds,
+        );
+        let slices = spawn_reflector(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default().labels(&proxy_selector),
+            &changed,
+            &notify,
+            &mut feeds,
+        );
+        let nodes = spawn_reflector(
+            Api::<Node>::all(client),
+            watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+            &changed,
+            &notify,
+            &mut feeds,
+        );
+        Ok(KubeSource {
+            services,
+            slices,
+            nodes,
+            feeds,
+            changed,
+            notify,
+        })
+    }
+
+    /// Every reflector has completed its first list (kube-proxy does not sync before that).
+    pub fn synced(&self) -> bool {
+        self.feeds.iter().all(|f| f.synced.load(Ordering::SeqCst))
+    }
+
+    /// Whether every watch is currently connected.
+    pub fn connected(&self) -> bool {
+        self.feeds
+            .iter()
+            .all(|f| f.connected.load(Ordering::SeqCst))
+    }
+
+    /// Whether anything changed since the last call.
+    pub fn take_changed(&self) -> bool {
+        self.changed.swap(false, Ordering::SeqCst)
+    }
+
+    pub fn objects(&self) -> Objects {
+        Objects {
+            services: self
+                .services
+                .state()
+                .iter()
+                .map(|s| (**s).clone())
+                .collect(),
+            slices: self.slices.state().iter().map(|s| (**s).clone()).collect(),
+            pods: Vec::new(),
+        }
+    }
+
+    /// This node's zone, from its Node object.
+    pub fn zone(&self) -> Option<String> {
+        self.nodes
+            .state()
+            .first()
+            .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned())
+    }
+
+    /// `endpoints.kubernetes.io/last-change-trigger-time` of every EndpointSlice.
+    pub fn slice_trigger_times(&self) -> Vec<(String, SystemTime)> {
+        self.slices
+            .state()
+            .iter()
+            .filter_map(|s| {
+                let t = s
+                    .metadata
+                    .annotations
+                    .as_ref()?
+                    .get("endpoints.kubernetes.io/last-change-trigger-time")?;
+                let ts: jiff::Timestamp = t.parse().ok()?;
+                let key = format!(
+                    "{}/{}@{}",
+                    s.metadata.namespace.as_deref().unwrap_or_default(),
+                    s.metadata.name.as_deref().unwrap_or_default(),
+                    s.metadata.resource_version.as_deref().unwrap_or_default()
+                );
+                Some((key, SystemTime::from(ts)))
+            })
+            .collect()
+    }
+}
+
+/// Retry delays after a watch or list error: 200 ms doubling to 5 s, with ±20 % jitter, back
+/// to the start after a success. client-go starts at 800 ms and ends at 30 s, which spares a
+/// struggling API server but leaves the datapath up to half a minute behind once it is back;
+/// with three watches per node, 5 s is still gentle.
+struct RetryBackoff {
+    next: Duration,
+}
+
+impl RetryBackoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        RetryBackoff { next: Self::FIRST }
+    }
+}
+
+impl Iterator for RetryBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        // Jitter from the clock's low bits: retries of many nodes do not line up.
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let factor = 0.8 + 0.4 * (nanos % 1000) as f64 / 1000.0;
+        Some(base.mul_f64(factor))
+    }
+}
+
+impl Backoff for RetryBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+fn spawn_reflector<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: &Arc<AtomicBool>,
+    notify: &Arc<Notify>,
+    feeds: &mut Vec<Arc<Feed>>,
+) -> reflector::Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let feed = Arc::new(Feed {
+        synced: AtomicBool::new(false),
+        connected: AtomicBool::new(false),
+    });
+    feeds.push(feed.clone());
+    let kind = K::kind(&()).into_owned();
+    let changed = changed.clone();
+    let notify = notify.clone();
+    tokio::spawn(async move {
+        let stream = reflector(writer, watcher(api, config).backoff(RetryBackoff::new()));
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Init) => {}
+                Ok(watcher::Event::InitApply(_)) => {
+                    feed.connected.store(true, Ordering::SeqCst);
+                }
+                Ok(watcher::Event::InitDone) => {
+                    if !feed.synced.swap(true, Ordering::SeqCst) {
+                        tracing::info!(%kind, "initial list done");
+                    }
+                    feed.connected.store(true, Ordering::SeqCst);
+                    changed.store(true, Ordering::SeqCst);
+                    notify.notify_one();
+                }
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                    feed.connected.store(true, Ordering::SeqCst);
+                    changed.store(true, Ordering::SeqCst);
+                    notify.notify_one();
+                }
+                Err(e) => {
+                    if feed.connected.swap(false, Ordering::SeqCst) {
+                        tracing::warn!(%kind, error = %e, "watch failed; backing off, then relisting (the datapath keeps its state)");
+                    } else {
+                        tracing::debug!(%kind, error = %e, "watch still failing");
+                    }
+                }
+            }
+        }
+    });
+    store
+}

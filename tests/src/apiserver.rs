@@ -1,0 +1,706 @@
+//! An API server double: the Kubernetes REST list/watch protocol over plain HTTP for the
+//! kinds the agent reads (Services, EndpointSlices, Nodes), so the agent can be tested
+//! against "a cluster" through an ordinary kubeconfig. No kube-apiserver can be installed on
+//! these machines.
+//!
+//! What it speaks: lists with `metadata.resourceVersion`, `labelSelector` (`k`, `!k`, `k=v`,
+//! `k!=v`) and `fieldSelector` (`metadata.name`, `metadata.namespace`), `limit`/`continue`;
+//! watches (`watch=1`) as chunked streams of ADDED / MODIFIED / DELETED events from the
+//! requested resourceVersion on, BOOKMARKs when asked for, an ERROR event with a 410 Status for
+//! a resourceVersion older than the last compaction, `timeoutSeconds`; an object that starts
+//! or stops matching a watch's label selector arrives as ADDED or DELETED, as from the real
+//! server. What a test controls: objects (apply, delete), compaction, dropping every open
+//! connection, and taking the server away and back.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Condvar, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    fn of(kind: &str) -> Option<Kind> {
+        match kind {
+            "Service" => Some(Kind::Service),
+            "EndpointSlice" => Some(Kind::EndpointSlice),
+            "Node" => Some(Kind::Node),
+            _ => None,
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
+            _ => "v1",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+        }
+    }
+
+    fn namespaced(self) -> bool {
+        self != Kind::Node
+    }
+}
+
+type Key = (Kind, String, String);
+
+struct Event {
+    rv: u64,
+    kind: Kind,
+    old: Option<Value>,
+    new: Option<Value>,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    objects: BTreeMap<Key, Value>,
+    events: Vec<Event>,
+    /// Watches from a resourceVersion at or below this get 410 Gone.
+    compacted: u64,
+    /// Bumped to end every open watch.
+    generation: u64,
+    requests: Vec<String>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    up: AtomicBool,
+    stop: AtomicBool,
+}
+
+/// The double. Dropping it stops the server.
+pub struct ApiServer {
+    shared: Arc<Shared>,
+    pub addr: SocketAddr,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Listens on 127.0.0.1 in network namespace `netns` (None: the test's own).
+    pub fn start(netns: Option<&str>) -> Result<ApiServer> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            up: AtomicBool::new(true),
+            stop: AtomicBool::new(false),
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s = shared.clone();
+        let ns = netns.map(str::to_owned);
+        let thread = thread::spawn(move || {
+            if let Some(ns) = ns {
+                if let Err(e) = crate::lab::enter_netns(&ns) {
+                    let _ = tx.send(Err(anyhow!("entering {ns}: {e}")));
+                    return;
+                }
+            }
+            let listener = match TcpListener::bind("127.0.0.1:0") {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            let addr = listener.local_addr().map_err(anyhow::Error::from);
+            let _ = tx.send(addr);
+            accept_loop(listener, s);
+        });
+        let addr = rx
+            .recv()
+            .map_err(|_| anyhow!("the API server thread died"))??;
+        Ok(ApiServer {
+            shared,
+            addr,
+            thread: Some(thread),
+        })
+    }
+
+    /// A kubeconfig that points at the double.
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            r#"apiVersion: v1
+kind: Config
+clusters:
+- name: double
+  cluster: {{server: "http://{}"}}
+users:
+- name: agent
+  user: {{token: not-checked}}
+contexts:
+- name: double
+  context: {{cluster: double, user: agent}}
+current-context: double
+"#,
+            self.addr
+        )
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Creates or replaces every object of a YAML stream (like `kubectl apply`).
+    pub fn apply_yaml(&self, yaml: &str) -> Result<()> {
+        use serde::Deserialize;
+        for doc in serde_yaml::Deserializer::from_str(yaml) {
+            let v = serde_yaml::Value::deserialize(doc)?;
+            if v.is_null() {
+                continue;
+            }
+            self.apply(serde_json::to_value(v)?)?;
+        }
+        Ok(())
+    }
+
+    pub fn apply(&self, mut obj: Value) -> Result<()> {
+        let kind = obj["kind"]
+            .as_str()
+            .and_then(Kind::of)
+            .ok_or_else(|| anyhow!("unsupported kind in {obj}"))?;
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no metadata.name"))?
+            .to_string();
+        let ns = if kind.namespaced() {
+            let ns = obj["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string();
+            obj["metadata"]["namespace"] = json!(ns);
+            ns
+        } else {
+            String::new()
+        };
+        let mut st = self.lock();
+        st.rv += 1;
+        let rv = st.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        if obj["metadata"]["uid"].is_null() {
+            obj["metadata"]["uid"] = json!(format!("uid-{}-{ns}-{name}", kind.name()));
+        }
+        let old = st.objects.insert((kind, ns, name), obj.clone());
+        st.events.push(Event {
+            rv,
+            kind,
+            old,
+            new: Some(obj),
+        });
+        drop(st);
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Result<()> {
+        let ns = if kind.namespaced() { namespace } else { "" };
+        let mut st = self.lock();
+        let Some(mut old) = st.objects.remove(&(kind, ns.to_string(), name.to_string())) else {
+            bail!("no {kind:?} {ns}/{name}");
+        };
+        st.rv += 1;
+        let rv = st.rv;
+        old["metadata"]["resourceVersion"] = json!(rv.to_string());
+        st.events.push(Event {
+            rv,
+            kind,
+            old: Some(old.clone()),
+            new: None,
+        });
+        drop(st);
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    /// Forgets the event history: every watch from an older resourceVersion gets 410 Gone.
+    pub fn compact(&self) {
+        let mut st = self.lock();
+        st.compacted = st.rv;
+        st.events.clear();
+    }
+
+    /// Ends every open watch stream (as when the API server or a load balancer restarts).
+    pub fn drop_connections(&self) {
+        self.lock().generation += 1;
+        self.shared.changed.notify_all();
+    }
+
+    /// Takes the server away (connections refused, open streams cut) or brings it back.
+    pub fn set_up(&self, up: bool) {
+        self.shared.up.store(up, Ordering::SeqCst);
+        if !up {
+            self.drop_connections();
+        }
+    }
+
+    /// Request lines served so far (method and path with query).
+    pub fn requests(&self) -> Vec<String> {
+        self.lock().requests.clone()
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.drop_connections();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let addr = listener.local_addr().ok();
+    let mut listener = Some(listener);
+    while !shared.stop.load(Ordering::SeqCst) {
+        let up = shared.up.load(Ordering::SeqCst);
+        match (&listener, up) {
+            (Some(_), false) => listener = None, // closed: connections are refused
+            (None, true) => {
+                listener = addr.and_then(|a| TcpListener::bind(a).ok());
+                if listener.is_none() {
+                    thread::sleep(Duration::from_millis(50));
+                }
+                continue;
+            }
+            _ => {}
+        }
+        let Some(l) = &listener else {
+            thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        let _ = l.set_nonblocking(true);
+        match l.accept() {
+            Ok((sock, _)) => {
+                let s = shared.clone();
+                thread::spawn(move || {
+                    let _ = sock.set_nonblocking(false);
+                    if let Err(e) = serve(sock, &s) {
+                        eprintln!("api double: {e:#}");
+                    }
+                });
+            }
+            Err(_) => thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+struct Request {
+    path: String,
+    query: BTreeMap<String, String>,
+}
+
+fn read_request(sock: &TcpStream) -> Result<Option<Request>> {
+    let mut reader = BufReader::new(sock.try_clone()?);
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let mut content_length = 0usize;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut body = vec![0u8; content_length];
+    reader.read_exact(&mut body)?;
+    let target = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let (path, q) = target.split_once('?').unwrap_or((&target, ""));
+    let query = q
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect();
+    Ok(Some(Request {
+        path: path.to_string(),
+        query,
+    }))
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(v) => out.push(v),
+                    Err(_) => out.extend_from_slice(&b[i..i + 3]),
+                }
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Which objects a request is about.
+struct Target {
+    kind: Kind,
+    namespace: Option<String>,
+    name: Option<String>,
+}
+
+fn route(path: &str) -> Option<Target> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (kind_seg, rest): (&str, &[&str]) = match parts.as_slice() {
+        ["api", "v1", rest @ ..] => ("core", rest),
+        ["apis", "discovery.k8s.io", "v1", rest @ ..] => ("discovery", rest),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, rest @ ..] => (Some(ns.to_string()), rest),
+        _ => (None, rest),
+    };
+    let (resource, name) = match rest {
+        [r] => (*r, None),
+        [r, n] => (*r, Some(n.to_string())),
+        _ => return None,
+    };
+    let kind = match (kind_seg, resource) {
+        ("core", "services") => Kind::Service,
+        ("core", "nodes") => Kind::Node,
+        ("discovery", "endpointslices") => Kind::EndpointSlice,
+        _ => return None,
+    };
+    Some(Target {
+        kind,
+        namespace,
+        name,
+    })
+}
+
+/// A label or field selector: all terms must hold.
+struct Selector {
+    labels: Vec<(String, Option<String>, bool)>,
+    fields: Vec<(String, String)>,
+}
+
+impl Selector {
+    fn parse(q: &BTreeMap<String, String>) -> Selector {
+        let mut labels = Vec::new();
+        for term in q
+            .get("labelSelector")
+            .map(String::as_str)
+            .unwrap_or("")
+            .split(',')
+        {
+            let term = term.trim();
+            if term.is_empty() {
+                continue;
+            }
+            if let Some(k) = term.strip_prefix('!') {
+                labels.push((k.to_string(), None, false));
+            } else if let Some((k, v)) = term.split_once("!=") {
+                labels.push((k.to_string(), Some(v.to_string()), false));
+            } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                labels.push((k.to_string(), Some(v.to_string()), true));
+            } else {
+                labels.push((term.to_string(), None, true));
+            }
+        }
+        let fields = q
+            .get("fieldSelector")
+            .map(String::as_str)
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|t| t.split_once('='))
+            .map(|(k, v)| (k.trim_end_matches('=').to_string(), v.to_string()))
+            .collect();
+        Selector { labels, fields }
+    }
+
+    fn matches(&self, obj: &Value) -> bool {
+        let labels = &obj["metadata"]["labels"];
+        let label_ok = self.labels.iter().all(|(k, v, positive)| {
+            let have = labels.get(k).and_then(|x| x.as_str());
+            match (v, positive) {
+                (None, true) => have.is_some(),
+                (None, false) => have.is_none(),
+                (Some(v), true) => have == Some(v.as_str()),
+                (Some(v), false) => have != Some(v.as_str()),
+            }
+        });
+        let field_ok = self.fields.iter().all(|(k, v)| match k.as_str() {
+            "metadata.name" => obj["metadata"]["name"].as_str() == Some(v),
+            "metadata.namespace" => obj["metadata"]["namespace"].as_str() == Some(v),
+            _ => true,
+        });
+        label_ok && field_ok
+    }
+}
+
+fn in_scope(t: &Target, obj: &Value) -> bool {
+    t.namespace
+        .as_deref()
+        .is_none_or(|ns| obj["metadata"]["namespace"].as_str() == Some(ns))
+}
+
+fn respond(sock: &mut TcpStream, code: u16, body: &Value) -> Result<()> {
+    let text = body.to_string();
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        410 => "Gone",
+        _ => "Error",
+    };
+    write!(
+        sock,
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    )?;
+    Ok(())
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn serve(mut sock: TcpStream, shared: &Shared) -> Result<()> {
+    let Some(req) = read_request(&sock)? else {
+        return Ok(());
+    };
+    {
+        let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let q: Vec<String> = req.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        st.requests
+            .push(format!("GET {}?{}", req.path, q.join("&")));
+    }
+    let Some(target) = route(&req.path) else {
+        return respond(&mut sock, 404, &status(404, "NotFound", "no such resource"));
+    };
+    let watch = matches!(
+        req.query.get("watch").map(String::as_str),
+        Some("1" | "true")
+    );
+    if watch {
+        return watch_stream(sock, shared, &target, &req.query);
+    }
+    let st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(name) = &target.name {
+        let key = (
+            target.kind,
+            target.namespace.clone().unwrap_or_default(),
+            name.clone(),
+        );
+        return match st.objects.get(&key) {
+            Some(obj) => {
+                let obj = obj.clone();
+                drop(st);
+                respond(&mut sock, 200, &obj)
+            }
+            None => {
+                drop(st);
+                respond(&mut sock, 404, &status(404, "NotFound", "not found"))
+            }
+        };
+    }
+    let sel = Selector::parse(&req.query);
+    let all: Vec<Value> = st
+        .objects
+        .iter()
+        .filter(|((k, _, _), o)| *k == target.kind && in_scope(&target, o) && sel.matches(o))
+        .map(|(_, o)| o.clone())
+        .collect();
+    let rv = st.rv;
+    drop(st);
+    // Pages: `continue` is "<rv>:<offset>".
+    let offset = req
+        .query
+        .get("continue")
+        .and_then(|c| c.split_once(':'))
+        .and_then(|(_, o)| o.parse::<usize>().ok())
+        .unwrap_or(0);
+    let limit = req
+        .query
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let end = offset.saturating_add(limit).min(all.len());
+    let mut meta = json!({"resourceVersion": rv.to_string()});
+    if end < all.len() {
+        meta["continue"] = json!(format!("{rv}:{end}"));
+    }
+    let list = json!({
+        "kind": format!("{}List", target.kind.name()),
+        "apiVersion": target.kind.api_version(),
+        "metadata": meta,
+        "items": all.get(offset.min(all.len())..end).unwrap_or(&[]),
+    });
+    respond(&mut sock, 200, &list)
+}
+
+fn chunk(sock: &mut TcpStream, v: &Value) -> std::io::Result<()> {
+    let line = format!("{v}\n");
+    write!(sock, "{:x}\r\n{line}\r\n", line.len())?;
+    sock.flush()
+}
+
+fn watch_stream(
+    mut sock: TcpStream,
+    shared: &Shared,
+    target: &Target,
+    q: &BTreeMap<String, String>,
+) -> Result<()> {
+    let sel = Selector::parse(q);
+    let bookmarks = q.get("allowWatchBookmarks").map(String::as_str) == Some("true");
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .unwrap_or(300);
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let from: u64 = q
+        .get("resourceVersion")
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0);
+    write!(
+        sock,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+    let generation = st.generation;
+    if from != 0 && from < st.compacted {
+        drop(st);
+        let gone = status(410, "Expired", &format!("too old resource version: {from}"));
+        chunk(&mut sock, &json!({"type": "ERROR", "object": gone}))?;
+        write!(sock, "0\r\n\r\n")?;
+        return Ok(());
+    }
+    // resourceVersion 0 or absent: start with the current state, as ADDED events.
+    let mut sent = if from == 0 {
+        let current: Vec<Value> = st
+            .objects
+            .iter()
+            .filter(|((k, _, _), o)| *k == target.kind && in_scope(target, o) && sel.matches(o))
+            .map(|(_, o)| o.clone())
+            .collect();
+        let rv = st.rv;
+        drop(st);
+        for o in current {
+            chunk(&mut sock, &json!({"type": "ADDED", "object": o}))?;
+        }
+        st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        rv
+    } else {
+        from
+    };
+    let mut last_bookmark = Instant::now();
+    loop {
+        if st.generation != generation
+            || shared.stop.load(Ordering::SeqCst)
+            || !shared.up.load(Ordering::SeqCst)
+        {
+            // Cut, not closed cleanly: no final chunk.
+            let _ = sock.shutdown(std::net::Shutdown::Both);
+            return Ok(());
+        }
+        let mut out = Vec::new();
+        for ev in st
+            .events
+            .iter()
+            .filter(|e| e.rv > sent && e.kind == target.kind)
+        {
+            let was = ev
+                .old
+                .as_ref()
+                .is_some_and(|o| in_scope(target, o) && sel.matches(o));
+            let is = ev
+                .new
+                .as_ref()
+                .is_some_and(|o| in_scope(target, o) && sel.matches(o));
+            let (kind, obj) = match (was, is, &ev.new) {
+                (false, true, Some(n)) => ("ADDED", n.clone()),
+                (true, true, Some(n)) => ("MODIFIED", n.clone()),
+                (true, false, Some(n)) => ("DELETED", n.clone()),
+                (true, false, None) => ("DELETED", ev.old.clone().unwrap_or_default()),
+                _ => continue,
+            };
+            out.push(json!({"type": kind, "object": obj}));
+        }
+        if let Some(last) = st.events.last() {
+            sent = sent.max(last.rv);
+        }
+        sent = sent.max(st.rv);
+        let rv = st.rv;
+        drop(st);
+        for e in out {
+            chunk(&mut sock, &e)?;
+        }
+        if Instant::now() >= deadline {
+            write!(sock, "0\r\n\r\n")?;
+            return Ok(());
+        }
+        if bookmarks && last_bookmark.elapsed() >= Duration::from_secs(1) {
+            let bm = json!({"type": "BOOKMARK", "object": {
+                "kind": target.kind.name(), "apiVersion": target.kind.api_version(),
+                "metadata": {"resourceVersion": rv.to_string()}}});
+            chunk(&mut sock, &bm)?;
+            last_bookmark = Instant::now();
+        }
+        st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = shared
+            .changed
+            .wait_timeout(st, Duration::from_millis(200))
+            .unwrap_or_else(|p| p.into_inner());
+        st = guard;
+    }
+}
+
+/// Waits until `f` holds for the double's request log (e.g. a watch was opened).
+pub fn wait_requests(
+    api: &ApiServer,
+    timeout: Duration,
+    f: impl Fn(&[String]) -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f(&api.requests()) {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Err(anyhow!("timed out")).context(format!("requests: {:?}", api.requests()))
+}

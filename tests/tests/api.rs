@@ -1,0 +1,316 @@
+//! End-to-end through the API server double: `lb-agent run --kubeconfig` in a lab node,
+//! Services and EndpointSlices changed in the double, real clients. Needs root and the
+//! workspace's binaries (`cargo build`).
+
+use std::{
+    collections::BTreeSet,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    apiserver::{wait_requests, ApiServer, Kind},
+    lab::{wait_for, Lab, LabPod, HTTP_PORT, NODE_IP, NODE_NAME},
+    require_root,
+};
+
+/// One lab at a time (timings on a 2-core machine); shared with nothing else in this binary.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+struct Setup {
+    api: ApiServer,
+    lab: Lab,
+    _turn: MutexGuard<'static, ()>,
+}
+
+fn setup(pods: usize) -> Setup {
+    require_root();
+    let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up(pods).expect("lab up");
+    lab.start_servers().expect("servers");
+    let api = ApiServer::start(Some(&lab.node_ns)).expect("api double");
+    api.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE_NAME}, labels: {{topology.kubernetes.io/zone: zone-a}}}}\n"
+    ))
+    .expect("node");
+    Setup {
+        api,
+        lab,
+        _turn: turn,
+    }
+}
+
+fn web_service(kind: &str, labels: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default, labels: {{{labels}}}}}
+spec:
+  type: {kind}
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  selector: {{app: web}}
+  ports:
+  - {{name: http, port: 80, targetPort: {HTTP_PORT}, nodePort: 30080}}
+"#
+    )
+}
+
+fn web_slice(pods: &[&LabPod]) -> String {
+    let eps: String = pods
+        .iter()
+        .map(|p| {
+            format!(
+                "- {{addresses: [\"{}\"], nodeName: {NODE_NAME}, conditions: {{ready: true}}}}\n",
+                p.ip
+            )
+        })
+        .collect();
+    format!(
+        r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abcde
+  namespace: default
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}]
+endpoints:{}
+"#,
+        if eps.is_empty() {
+            " []\n".to_string()
+        } else {
+            format!("\n{eps}")
+        }
+    )
+}
+
+/// The pods that answered `n` requests from `ns` to `url`.
+fn served(lab: &Lab, ns: &str, url: &str, n: usize) -> BTreeSet<String> {
+    lab.curl_many(ns, url, n)
+        .expect("curl")
+        .into_iter()
+        .map(|r| match r {
+            Ok(body) => body.split_whitespace().next().unwrap_or("?").to_string(),
+            Err(()) => "FAILED".to_string(),
+        })
+        .collect()
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+fn frontends(lab: &Lab) -> Vec<String> {
+    lab.services_json()
+        .expect("services")
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|f| f["frontend"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until the pods answering NodePort requests from outside are exactly `want`.
+/// The agent retries a failed watch after at most 5 s (and ±20 %); 8 s covers that.
+fn wait_served(lab: &Lab, want: &[&str], what: &str) {
+    let want = set(want);
+    let url = format!("http://{NODE_IP}:30080/");
+    let started = Instant::now();
+    let mut last = BTreeSet::new();
+    while started.elapsed() < Duration::from_secs(8) {
+        last = served(lab, &lab.ext_ns, &url, 40);
+        if last == want {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "{what}: served by {last:?}, want {want:?}; agent log:\n{}",
+        lab.agent_log()
+    );
+}
+
+#[test]
+fn services_and_endpointslices_from_the_api_server() {
+    let mut s = setup(4);
+    let pods = s.lab.pods.clone();
+    let p = |i: usize| &pods[i - 1];
+    s.api
+        .apply_yaml(&web_service("NodePort", ""))
+        .expect("service");
+    s.api.apply_yaml(&web_slice(&[p(1), p(2)])).expect("slice");
+    let kubeconfig = s.api.kubeconfig();
+    s.lab.start_agent_kube(&kubeconfig).expect("agent");
+    s.lab
+        .wait_healthy(Duration::from_secs(15))
+        .expect("healthy");
+
+    // kube-proxy's informer selectors, and a watch with bookmarks after the list.
+    let reqs = s.api.requests();
+    assert!(
+        reqs.iter().any(|r| r.starts_with("GET /api/v1/services?")
+            && r.contains("labelSelector=!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless")),
+        "{reqs:?}"
+    );
+    assert!(
+        reqs.iter()
+            .any(|r| r.contains("fieldSelector=metadata.name=lab-node")),
+        "{reqs:?}"
+    );
+    wait_requests(&s.api, Duration::from_secs(5), |r| {
+        r.iter().any(|r| {
+            r.starts_with("GET /apis/discovery.k8s.io/v1/endpointslices?")
+                && r.contains("watch=true")
+        })
+    })
+    .expect("a watch on EndpointSlices");
+
+    wait_served(&s.lab, &["pod1", "pod2"], "created");
+    s.api
+        .apply_yaml(&web_slice(&[p(1), p(2), p(3), p(4)]))
+        .expect("scale up");
+    wait_served(&s.lab, &["pod1", "pod2", "pod3", "pod4"], "scaled up");
+    s.api.apply_yaml(&web_slice(&[p(3)])).expect("scale down");
+    wait_served(&s.lab, &["pod3"], "scaled down");
+
+    // Claimed by another proxy: the agent lets go of it; unclaimed: back.
+    s.api
+        .apply_yaml(&web_service(
+            "NodePort",
+            "service.kubernetes.io/service-proxy-name: other",
+        ))
+        .expect("label");
+    wait_for(Duration::from_secs(5), || Ok(frontends(&s.lab).is_empty()))
+        .expect("frontends removed");
+    s.api
+        .apply_yaml(&web_service("NodePort", ""))
+        .expect("unlabel");
+    wait_served(&s.lab, &["pod3"], "label removed");
+
+    // Type changes: NodePort → ClusterIP drops the NodePort frontends; → ExternalName drops all.
+    s.api
+        .apply_yaml(&web_service("ClusterIP", ""))
+        .expect("type ClusterIP");
+    wait_for(Duration::from_secs(5), || {
+        let f = frontends(&s.lab);
+        Ok(f == vec!["10.96.0.10:80/TCP".to_string()])
+    })
+    .unwrap_or_else(|_| panic!("{:?}", frontends(&s.lab)));
+    let pod1 = s.lab.pods[0].ns.clone();
+    assert_eq!(
+        served(&s.lab, &pod1, "http://10.96.0.10:80/", 10),
+        set(&["pod3"])
+    );
+    s.api
+        .apply_yaml(&web_service("ExternalName", "").replace(
+            "  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10]\n",
+            "  externalName: example.com\n",
+        ))
+        .expect("type ExternalName");
+    wait_for(Duration::from_secs(5), || Ok(frontends(&s.lab).is_empty())).expect("all removed");
+
+    // Deleted.
+    s.api
+        .apply_yaml(&web_service("NodePort", ""))
+        .expect("service again");
+    wait_served(&s.lab, &["pod3"], "recreated");
+    s.api
+        .delete(Kind::Service, "default", "web")
+        .expect("delete");
+    wait_for(Duration::from_secs(5), || Ok(frontends(&s.lab).is_empty()))
+        .expect("removed after delete");
+}
+
+#[test]
+fn the_datapath_keeps_serving_while_the_api_server_is_away_and_catches_up_after() {
+    let mut s = setup(4);
+    let pods = s.lab.pods.clone();
+    let p = |i: usize| &pods[i - 1];
+    s.api
+        .apply_yaml(&web_service("NodePort", ""))
+        .expect("service");
+    s.api.apply_yaml(&web_slice(&[p(1), p(2)])).expect("slice");
+    let kubeconfig = s.api.kubeconfig();
+    s.lab.start_agent_kube(&kubeconfig).expect("agent");
+    s.lab
+        .wait_healthy(Duration::from_secs(15))
+        .expect("healthy");
+    wait_served(&s.lab, &["pod1", "pod2"], "start");
+
+    // Requests in a loop from outside for the whole test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ext, url) = (s.lab.ext_ns.clone(), format!("http://{NODE_IP}:30080/"));
+    let stop2 = stop.clone();
+    let client = std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0usize, 0usize);
+        while !stop2.load(Ordering::Relaxed) {
+            let r = lb_tests::lab::run(&[
+                "ip",
+                "netns",
+                "exec",
+                &ext,
+                "curl",
+                "-sS",
+                "--max-time",
+                "2",
+                "-H",
+                "Connection: close",
+                &url,
+            ]);
+            match r {
+                Ok(b) if b.starts_with("pod") => ok += 1,
+                _ => failed += 1,
+            }
+        }
+        (ok, failed)
+    });
+
+    // The API server goes away; the datapath keeps its state.
+    s.api.set_up(false);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        served(
+            &s.lab,
+            &s.lab.ext_ns,
+            &format!("http://{NODE_IP}:30080/"),
+            20
+        ),
+        set(&["pod1", "pod2"])
+    );
+    // Changes made meanwhile arrive once it is back, even though the history that would
+    // have let the watch resume is gone (410 Gone → relist).
+    s.api
+        .apply_yaml(&web_slice(&[p(4)]))
+        .expect("change while away");
+    s.api.compact();
+    s.api.set_up(true);
+    wait_served(&s.lab, &["pod4"], "after the API server came back");
+
+    // A dropped watch connection: resumes, and later changes arrive too.
+    s.api.drop_connections();
+    s.api
+        .apply_yaml(&web_slice(&[p(2), p(3)]))
+        .expect("change after drop");
+    wait_served(&s.lab, &["pod2", "pod3"], "after a dropped connection");
+
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = client.join().expect("client");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed while the API server was away",
+        ok + failed
+    );
+    assert!(ok > 10, "only {ok} requests");
+    let log = s.lab.agent_log();
+    assert!(
+        log.contains("watch failed"),
+        "the outage was noticed: {log}"
+    );
+}
