@@ -13,6 +13,8 @@
 //! * `internalTrafficPolicy: Local` (ClusterIP) and `externalTrafficPolicy: Local` (NodePort,
 //!   externalIPs, load-balancer IPs) use this node's endpoints only; with none here but some
 //!   elsewhere the traffic is dropped, with none anywhere it is rejected.
+//! * Topology hints narrow the Cluster set, all or nothing per Service port and node:
+//!   same-node hints first, then same-zone hints (`topologyModeFromHints`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -62,6 +64,8 @@ struct Endpoint {
     ready: bool,
     serving: bool,
     terminating: bool,
+    zone_hints: Vec<String>,
+    node_hints: Vec<String>,
 }
 
 pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
@@ -134,17 +138,25 @@ pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
             }
             let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
             let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-            let cluster = choose(&endpoints, node, false, proto);
-            let internal = choose(&endpoints, node, internal_local, proto);
-            let external = choose(&endpoints, node, external_local, proto);
+            let sets = categorize(&endpoints, node, proto);
+            let internal = if internal_local {
+                &sets.local
+            } else {
+                &sets.cluster
+            };
+            let external = if external_local {
+                &sets.local
+            } else {
+                &sets.cluster
+            };
 
-            let mut add = |addr: Ipv4Addr, port: u16, kind: FrontendKind, set: &Chosen| {
+            let mut add = |addr: Ipv4Addr, port: u16, kind: FrontendKind, set: &Vec<Backend>| {
                 let fe = L4Addr { addr, port, proto };
                 let state = FrontendState {
                     service: spn.clone(),
                     kind,
-                    backends: set.backends.clone(),
-                    drop_when_empty: set.backends.is_empty() && !cluster.backends.is_empty(),
+                    backends: set.clone(),
+                    drop_when_empty: set.is_empty() && sets.has_any,
                 };
                 if let Some(prev) = t.desired.frontends.get(&fe) {
                     t.warnings.push(format!(
@@ -157,16 +169,16 @@ pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
             };
 
             for ip in cluster_ips(svc) {
-                add(ip, port, FrontendKind::ClusterIP, &internal);
+                add(ip, port, FrontendKind::ClusterIP, internal);
             }
             let has_node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
             if has_node_ports && node_port != 0 {
                 for &a in &node.addresses {
-                    add(a, node_port, FrontendKind::NodePort, &external);
+                    add(a, node_port, FrontendKind::NodePort, external);
                 }
             }
             for ip in spec.external_ips.iter().flatten().filter_map(|s| ipv4(s)) {
-                add(ip, port, FrontendKind::ExternalIP, &external);
+                add(ip, port, FrontendKind::ExternalIP, external);
             }
             if spec.type_.as_deref() == Some("LoadBalancer") {
                 for ing in svc
@@ -182,7 +194,7 @@ pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
                         continue;
                     }
                     if let Some(ip) = ing.ip.as_deref().and_then(ipv4) {
-                        add(ip, port, FrontendKind::LoadBalancer, &external);
+                        add(ip, port, FrontendKind::LoadBalancer, external);
                     }
                 }
             }
@@ -263,6 +275,18 @@ fn endpoints_from_slices(
                 ready: c.and_then(|c| c.ready).unwrap_or(true),
                 serving: c.and_then(|c| c.serving).unwrap_or(true),
                 terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                zone_hints: ep
+                    .hints
+                    .iter()
+                    .flat_map(|h| h.for_zones.iter().flatten())
+                    .map(|z| z.name.clone())
+                    .collect(),
+                node_hints: ep
+                    .hints
+                    .iter()
+                    .flat_map(|h| h.for_nodes.iter().flatten())
+                    .map(|n| n.name.clone())
+                    .collect(),
             };
             // The same address in two slices (an endpoint moving between slices): the
             // non-terminating one wins.
@@ -327,6 +351,8 @@ fn endpoints_from_pods(
                 ready: (publish_not_ready || pod_ready) && !terminating,
                 serving: publish_not_ready || pod_ready,
                 terminating,
+                zone_hints: Vec::new(),
+                node_hints: Vec::new(),
             },
         );
     }
@@ -359,40 +385,103 @@ fn target_port(sp: &ServicePort, proto: Proto, pod: &Pod) -> Option<u16> {
     u16::try_from(port).ok().filter(|p| *p != 0)
 }
 
-struct Chosen {
-    backends: Vec<Backend>,
+/// The endpoint sets of one Service port on this node (kube-proxy `topology.go`
+/// `CategorizeEndpoints`).
+struct Categorized {
+    /// For Cluster policy: ready endpoints, narrowed by topology hints when they apply; when
+    /// none is ready anywhere, the serving terminating ones.
+    cluster: Vec<Backend>,
+    /// For Local policy: this node's ready endpoints, else its serving terminating ones.
+    local: Vec<Backend>,
+    /// Some endpoint anywhere is ready or serving-terminating: an empty Local set then drops
+    /// instead of rejecting.
+    has_any: bool,
 }
 
-/// The endpoint set for one policy (kube-proxy `CategorizeEndpoints`).
-fn choose(endpoints: &[Endpoint], node: &NodeInfo, local_only: bool, proto: Proto) -> Chosen {
+/// Which topology hints apply (kube-proxy `topologyModeFromHints`): same-node when every
+/// ready endpoint has a node hint and one names this node; else same-zone when every ready
+/// endpoint has a zone hint and one names this node's zone; else none. All or nothing per
+/// Service port and node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Topology {
+    None,
+    SameNode,
+    SameZone,
+}
+
+fn topology_mode(endpoints: &[Endpoint], node: &NodeInfo) -> Topology {
+    let ready: Vec<&Endpoint> = endpoints.iter().filter(|e| e.ready).collect();
+    if ready.is_empty() {
+        return Topology::None;
+    }
+    let zone = node.zone.as_deref().unwrap_or("");
+    if ready.iter().all(|e| !e.node_hints.is_empty())
+        && ready
+            .iter()
+            .any(|e| e.node_hints.iter().any(|n| *n == node.name))
+    {
+        return Topology::SameNode;
+    }
+    if ready.iter().all(|e| !e.zone_hints.is_empty())
+        && ready.iter().any(|e| e.zone_hints.iter().any(|z| z == zone))
+    {
+        return Topology::SameZone;
+    }
+    Topology::None
+}
+
+fn categorize(endpoints: &[Endpoint], node: &NodeInfo, proto: Proto) -> Categorized {
     let is_local = |e: &Endpoint| e.node.as_deref() == Some(node.name.as_str());
-    let candidates: Vec<&Endpoint> = endpoints
-        .iter()
-        .filter(|e| !local_only || is_local(e))
-        .collect();
-    let ready: Vec<&Endpoint> = candidates.iter().copied().filter(|e| e.ready).collect();
-    let set = if ready.is_empty() {
-        candidates
+    let to_backends = |set: Vec<&Endpoint>| -> Vec<Backend> {
+        let unique: BTreeSet<Backend> = set
             .into_iter()
+            .map(|e| Backend {
+                addr: L4Addr {
+                    addr: e.addr,
+                    port: e.port,
+                    proto,
+                },
+                local: is_local(e),
+                terminating: e.terminating,
+            })
+            .collect();
+        unique.into_iter().collect()
+    };
+    let mode = topology_mode(endpoints, node);
+    let zone = node.zone.as_deref().unwrap_or("");
+    let in_topology = |e: &Endpoint| match mode {
+        Topology::None => true,
+        Topology::SameNode => e.node_hints.iter().any(|n| *n == node.name),
+        Topology::SameZone => e.zone_hints.iter().any(|z| z == zone),
+    };
+    let mut cluster: Vec<&Endpoint> = endpoints
+        .iter()
+        .filter(|e| e.ready && in_topology(e))
+        .collect();
+    if cluster.is_empty() {
+        cluster = endpoints
+            .iter()
             .filter(|e| e.serving && e.terminating)
+            .collect();
+    }
+    let local_ready: Vec<&Endpoint> = endpoints
+        .iter()
+        .filter(|e| is_local(e) && e.ready)
+        .collect();
+    let local = if local_ready.is_empty() {
+        endpoints
+            .iter()
+            .filter(|e| is_local(e) && e.serving && e.terminating)
             .collect()
     } else {
-        ready
+        local_ready
     };
-    let backends: BTreeSet<Backend> = set
-        .into_iter()
-        .map(|e| Backend {
-            addr: L4Addr {
-                addr: e.addr,
-                port: e.port,
-                proto,
-            },
-            local: is_local(e),
-            terminating: e.terminating,
-        })
-        .collect();
-    Chosen {
-        backends: backends.into_iter().collect(),
+    Categorized {
+        has_any: endpoints
+            .iter()
+            .any(|e| e.ready || (e.serving && e.terminating)),
+        cluster: to_backends(cluster),
+        local: to_backends(local),
     }
 }
 
@@ -645,6 +734,74 @@ endpoints: [{{addresses: [10.0.0.1], conditions: {{ready: false, terminating: tr
         let f = &t.desired.frontends[&fe([10, 96, 1, 1], 9000, Proto::Tcp)];
         assert_eq!(f.backends.len(), 1);
         assert!(!f.backends[0].terminating);
+    }
+
+    /// A Service and one EndpointSlice whose endpoints carry `eps` (YAML flow mappings).
+    fn hinted(policy: &str, eps: &[&str]) -> String {
+        let eps: String = eps.iter().map(|e| format!("- {e}\n")).collect();
+        format!(
+            r#"{}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: api-1, labels: {{kubernetes.io/service-name: api}}}}
+addressType: IPv4
+ports: [{{name: grpc, port: 9000}}]
+endpoints:
+{eps}"#,
+            SLICE_SVC.replace(
+                "  clusterIP: 10.96.1.1",
+                &format!("  clusterIP: 10.96.1.1{policy}")
+            )
+        )
+    }
+
+    fn grpc(t: &Translation) -> Vec<String> {
+        backends(t, fe([10, 96, 1, 1], 9000, Proto::Tcp))
+    }
+
+    #[test]
+    fn topology_hints_narrow_the_cluster_set_all_or_nothing() {
+        // Cases after kube-proxy pkg/proxy/topology.go (topologyModeFromHints).
+        let a = "{addresses: [10.0.0.1], nodeName: node-a, hints: {forZones: [{name: zone-a}]}}";
+        let b = "{addresses: [10.0.0.2], nodeName: node-b, hints: {forZones: [{name: zone-b}]}}";
+        let c = "{addresses: [10.0.0.3], nodeName: node-c, hints: {forZones: [{name: zone-a}]}}";
+        let unhinted = "{addresses: [10.0.0.4], nodeName: node-d}";
+        let unready_unhinted = "{addresses: [10.0.0.5], conditions: {ready: false}}";
+        // Every ready endpoint hinted, some for our zone: only those.
+        let t = run(&hinted("", &[a, b, c, unready_unhinted]));
+        assert_eq!(grpc(&t), vec!["10.0.0.1:9000/TCP", "10.0.0.3:9000/TCP"]);
+        // One ready endpoint without a hint: no topology at all.
+        let t = run(&hinted("", &[a, b, unhinted]));
+        assert_eq!(grpc(&t).len(), 3);
+        // Hints, but none for our zone: no topology.
+        let t = run(&hinted("", &[b]));
+        assert_eq!(grpc(&t), vec!["10.0.0.2:9000/TCP"]);
+        // A node without a zone label ignores zone hints.
+        let objects = parse_file(Path::new("t.yaml"), &hinted("", &[a, b])).expect("parses");
+        let zoneless = NodeInfo {
+            zone: None,
+            ..node()
+        };
+        let t = translate(&objects, &zoneless);
+        assert_eq!(grpc(&t).len(), 2);
+        // Same-node hints win over zone hints when every ready endpoint has one.
+        let n1 = "{addresses: [10.0.0.1], nodeName: node-a, hints: {forZones: [{name: zone-a}], forNodes: [{name: node-a}]}}";
+        let n2 = "{addresses: [10.0.0.3], nodeName: node-c, hints: {forZones: [{name: zone-a}], forNodes: [{name: node-c}]}}";
+        let t = run(&hinted("", &[n1, n2]));
+        assert_eq!(grpc(&t), vec!["10.0.0.1:9000/TCP"]);
+        // ... and fall back to zone hints when one lacks a node hint.
+        let t = run(&hinted("", &[n1, c, b]));
+        assert_eq!(grpc(&t), vec!["10.0.0.1:9000/TCP", "10.0.0.3:9000/TCP"]);
+        // Local policy ignores hints.
+        let t = run(&hinted(
+            "\n  internalTrafficPolicy: Local",
+            &[
+                b,
+                "{addresses: [10.0.0.9], nodeName: node-a, hints: {forZones: [{name: zone-b}]}}",
+            ],
+        ));
+        assert_eq!(grpc(&t), vec!["10.0.0.9:9000/TCP"]);
     }
 
     #[test]
