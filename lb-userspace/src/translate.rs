@@ -418,7 +418,7 @@ fn topology_mode(endpoints: &[Endpoint], node: &NodeInfo) -> Topology {
     if ready.iter().all(|e| !e.node_hints.is_empty())
         && ready
             .iter()
-            .any(|e| e.node_hints.iter().any(|n| *n == node.name))
+            .any(|e| e.node_hints.contains(&node.name))
     {
         return Topology::SameNode;
     }
@@ -451,7 +451,7 @@ fn categorize(endpoints: &[Endpoint], node: &NodeInfo, proto: Proto) -> Categori
     let zone = node.zone.as_deref().unwrap_or("");
     let in_topology = |e: &Endpoint| match mode {
         Topology::None => true,
-        Topology::SameNode => e.node_hints.iter().any(|n| *n == node.name),
+        Topology::SameNode => e.node_hints.contains(&node.name),
         Topology::SameZone => e.zone_hints.iter().any(|z| z == zone),
     };
     let mut cluster: Vec<&Endpoint> = endpoints
