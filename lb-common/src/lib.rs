@@ -19,6 +19,8 @@ pub mod map_names {
     pub const CONNTRACK_V4: &str = "LB4_CONNTRACK";
     pub const STATS: &str = "LB_STATS";
     pub const SERVICE_STATS: &str = "LB_SVC_STATS";
+    pub const MEMBERS: &str = "LB_MEMBERS";
+    pub const AFFINITY_V4: &str = "LB4_AFFINITY";
 }
 
 /// Names of the programs in the object file.
@@ -30,6 +32,7 @@ pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_BACKENDS: u32 = 65_536;
 pub const MAX_BACKEND_SLOTS: u32 = 262_144;
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+pub const AFFINITY_ENTRIES: u32 = 65_536;
 /// Service ids index `LB_SVC_STATS`, so they stay below this bound. Id 0 is never used.
 pub const MAX_SERVICE_IDS: u32 = 65_536;
 
@@ -85,9 +88,13 @@ map_type! {
         pub count: u32,
         /// `SVC_F_*`.
         pub flags: u32,
-        pub _reserved: u32,
+        /// sessionAffinity ClientIP: seconds a client sticks to its backend; 0 = none.
+        pub affinity_timeout_s: u32,
+        /// Frontends of one Service port share their clients' affinity: the key of
+        /// `LB4_AFFINITY` entries (a stable hash of `namespace/name:port`).
+        pub affinity_group: u64,
     }
-    size 16;
+    size 24;
 }
 
 /// Frontend kinds (informational: the datapath treats them alike).
@@ -120,6 +127,37 @@ map_type! {
         pub flags: u8,
     }
     size 8;
+}
+
+map_type! {
+    /// `LB_MEMBERS`: which backends a frontend's slots hold (the value is the slot), so that
+    /// an affinity entry is only honoured while its backend is still in the set.
+    pub struct MemberKey {
+        pub svc_id: u32,
+        pub backend_id: u32,
+    }
+    size 8;
+}
+
+map_type! {
+    /// `LB4_AFFINITY` key: a Service port's affinity group and a client address.
+    pub struct AffinityKeyV4 {
+        pub group: u64,
+        /// Network byte order.
+        pub client: u32,
+        pub _pad: u32,
+    }
+    size 16;
+}
+
+map_type! {
+    /// Where a client stuck, and when a new flow of it last used that.
+    pub struct AffinityV4 {
+        pub last_used_ns: u64,
+        pub backend_id: u32,
+        pub _pad: u32,
+    }
+    size 16;
 }
 
 /// The backend runs on this node.

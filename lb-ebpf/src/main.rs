@@ -31,10 +31,11 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    stat, BackendSlotKey, BackendV4, CtEntryV4, CtKeyV4, ServiceKeyV4, ServiceStats, ServiceV4,
-    BACKEND_F_TERMINATING, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, CT_REFRESH_NS,
-    DEFAULT_CONNTRACK_ENTRIES, HAIRPIN_SNAT_V4, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS,
-    MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_SERVICE_IDS, SCOPE_ALL, SVC_F_DROP_NO_ENDPOINTS,
+    stat, AffinityKeyV4, AffinityV4, BackendSlotKey, BackendV4, CtEntryV4, CtKeyV4, MemberKey,
+    ServiceKeyV4, ServiceStats, ServiceV4, AFFINITY_ENTRIES, BACKEND_F_TERMINATING, CT_F_FORWARD,
+    CT_F_HAIRPIN, CT_F_REPLY, CT_REFRESH_NS, DEFAULT_CONNTRACK_ENTRIES, HAIRPIN_SNAT_V4,
+    IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_SERVICE_IDS,
+    SCOPE_ALL, SVC_F_DROP_NO_ENDPOINTS,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -47,6 +48,11 @@ static LB4_BACKENDS: HashMap<u32, BackendV4> = HashMap::pinned(MAX_BACKENDS, 0);
 #[map]
 static LB4_CONNTRACK: LruHashMap<CtKeyV4, CtEntryV4> =
     LruHashMap::pinned(DEFAULT_CONNTRACK_ENTRIES, 0);
+#[map]
+static LB_MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(MAX_BACKEND_SLOTS, 0);
+#[map]
+static LB4_AFFINITY: LruHashMap<AffinityKeyV4, AffinityV4> =
+    LruHashMap::pinned(AFFINITY_ENTRIES, 0);
 #[map]
 static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
 #[map]
@@ -292,22 +298,32 @@ fn process(ctx: &XdpContext) -> u32 {
         return pass(stat::PASS_TO_REJECT);
     }
 
-    // SAFETY: bpf_get_prandom_u32 has no preconditions.
-    let slot = unsafe { bpf_get_prandom_u32() } % svc.count;
-    let slot_key = BackendSlotKey {
-        svc_id: svc.svc_id,
-        slot,
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let affinity_key = AffinityKeyV4 {
+        group: svc.affinity_group,
+        client: pkt.saddr,
+        _pad: 0,
     };
-    // SAFETY: values are copied out at once.
-    let backend = unsafe { LB_SLOTS.get(&slot_key) }
-        .copied()
-        .and_then(|id| unsafe { LB4_BACKENDS.get(id) }.map(|b| (id, *b)));
-    let Some((backend_id, backend)) = backend else {
+    let sticky = if svc.affinity_timeout_s != 0 {
+        sticky_backend(&svc, &affinity_key, now)
+    } else {
+        None
+    };
+    let Some((backend_id, backend)) = sticky.or_else(|| random_backend(&svc)) else {
         // The agent writes backends before the slots and slots before the count,
         // so this is only reached if the maps were changed by something else.
         count(stat::DROP_INCONSISTENT);
         return xdp_action::XDP_DROP;
     };
+    if svc.affinity_timeout_s != 0 {
+        let a = AffinityV4 {
+            last_used_ns: now,
+            backend_id,
+            _pad: 0,
+        };
+        let _ = LB4_AFFINITY.insert(&affinity_key, &a, 0);
+    }
 
     let hairpin = backend.addr == pkt.saddr;
     let flags = if hairpin { CT_F_HAIRPIN } else { 0 };
@@ -317,8 +333,6 @@ fn process(ctx: &XdpContext) -> u32 {
         sport: pkt.sport,
         dport: backend.port,
     };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     let reply_key = CtKeyV4 {
         saddr: to.daddr,
         daddr: to.saddr,
@@ -356,6 +370,40 @@ fn process(ctx: &XdpContext) -> u32 {
     count_service(svc.svc_id, bytes, true, false);
     hdr.rewrite(&pkt, &to);
     pass(stat::DNAT_NEW)
+}
+
+/// A uniformly random backend among the service's slots.
+#[inline(always)]
+fn random_backend(svc: &ServiceV4) -> Option<(u32, BackendV4)> {
+    // SAFETY: bpf_get_prandom_u32 has no preconditions.
+    let slot = unsafe { bpf_get_prandom_u32() } % svc.count;
+    let slot_key = BackendSlotKey {
+        svc_id: svc.svc_id,
+        slot,
+    };
+    // SAFETY: values are copied out at once.
+    let id = unsafe { LB_SLOTS.get(&slot_key) }.copied()?;
+    // SAFETY: as above.
+    unsafe { LB4_BACKENDS.get(id) }.map(|b| (id, *b))
+}
+
+/// sessionAffinity ClientIP: the backend this client's last new flow to the Service port
+/// used, if that was within the timeout and the backend is still in this frontend's set
+/// (kube-proxy's `recent` match, per endpoint, refreshed by each new connection).
+#[inline(always)]
+fn sticky_backend(svc: &ServiceV4, key: &AffinityKeyV4, now: u64) -> Option<(u32, BackendV4)> {
+    // SAFETY: the value is copied out at once.
+    let a = unsafe { LB4_AFFINITY.get(key) }.copied()?;
+    if now.wrapping_sub(a.last_used_ns) > svc.affinity_timeout_s as u64 * 1_000_000_000 {
+        return None;
+    }
+    let member = MemberKey {
+        svc_id: svc.svc_id,
+        backend_id: a.backend_id,
+    };
+    LB_MEMBERS.get_ptr(&member)?;
+    // SAFETY: the value is copied out at once.
+    unsafe { LB4_BACKENDS.get(a.backend_id) }.map(|b| (a.backend_id, *b))
 }
 
 /// Whether a packet that hits a flow's forward entry stays on the flow's backend, with

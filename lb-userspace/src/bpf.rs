@@ -20,8 +20,8 @@ use aya::{
 };
 use aya_obj::programs::XdpAttachType;
 use lb_common::{
-    map_names, stat, BackendSlotKey, BackendV4, ServiceKeyV4, ServiceStats, ServiceV4, TC_PROGRAM,
-    XDP_PROGRAM,
+    map_names, stat, BackendSlotKey, BackendV4, MemberKey, ServiceKeyV4, ServiceStats, ServiceV4,
+    TC_PROGRAM, XDP_PROGRAM,
 };
 
 use crate::maps::{MapError, ServiceMaps};
@@ -198,6 +198,7 @@ pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKeyV4, ServiceV4>,
     slots: HashMap<MapData, BackendSlotKey, u32>,
     backends: HashMap<MapData, u32, BackendV4>,
+    members: HashMap<MapData, MemberKey, u32>,
 }
 
 impl PinnedMaps {
@@ -206,6 +207,7 @@ impl PinnedMaps {
             services: HashMap::try_from(Map::HashMap(open_map(pin, map_names::SERVICES_V4)?))?,
             slots: HashMap::try_from(Map::HashMap(open_map(pin, map_names::BACKEND_SLOTS)?))?,
             backends: HashMap::try_from(Map::HashMap(open_map(pin, map_names::BACKENDS_V4)?))?,
+            members: HashMap::try_from(Map::HashMap(open_map(pin, map_names::MEMBERS)?))?,
         })
     }
 }
@@ -273,6 +275,17 @@ impl ServiceMaps for PinnedMaps {
     }
     fn delete_backend(&mut self, id: u32) -> Result<(), MapError> {
         tolerate_missing(self.backends.remove(&id)).map_err(err(map_names::BACKENDS_V4, "delete"))
+    }
+    fn members(&self) -> Result<Vec<(MemberKey, u32)>, MapError> {
+        collect(&self.members, map_names::MEMBERS)
+    }
+    fn set_member(&mut self, key: &MemberKey, slot: u32) -> Result<(), MapError> {
+        self.members
+            .insert(key, slot, 0)
+            .map_err(err(map_names::MEMBERS, "update"))
+    }
+    fn delete_member(&mut self, key: &MemberKey) -> Result<(), MapError> {
+        tolerate_missing(self.members.remove(key)).map_err(err(map_names::MEMBERS, "delete"))
     }
 }
 

@@ -4,9 +4,9 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use lb_common::{
-    BackendSlotKey, BackendV4, ServiceKeyV4, ServiceV4, BACKEND_F_LOCAL, BACKEND_F_TERMINATING,
-    SVC_F_CLUSTER_IP, SVC_F_DROP_NO_ENDPOINTS, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER,
-    SVC_F_NODE_PORT,
+    BackendSlotKey, BackendV4, MemberKey, ServiceKeyV4, ServiceV4, BACKEND_F_LOCAL,
+    BACKEND_F_TERMINATING, SVC_F_CLUSTER_IP, SVC_F_DROP_NO_ENDPOINTS, SVC_F_EXTERNAL_IP,
+    SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT,
 };
 use serde::Serialize;
 
@@ -31,6 +31,9 @@ pub trait ServiceMaps {
     fn delete_slot(&mut self, key: &BackendSlotKey) -> Result<(), MapError>;
     fn set_backend(&mut self, id: u32, value: &BackendV4) -> Result<(), MapError>;
     fn delete_backend(&mut self, id: u32) -> Result<(), MapError>;
+    fn members(&self) -> Result<Vec<(MemberKey, u32)>, MapError>;
+    fn set_member(&mut self, key: &MemberKey, slot: u32) -> Result<(), MapError>;
+    fn delete_member(&mut self, key: &MemberKey) -> Result<(), MapError>;
 }
 
 /// Maps in memory, with a log of every write (so tests can check the order of updates).
@@ -39,6 +42,7 @@ pub struct MemMaps {
     pub services: BTreeMap<ServiceKeyV4Ord, ServiceV4>,
     pub slots: BTreeMap<(u32, u32), u32>,
     pub backends: BTreeMap<u32, BackendV4>,
+    pub members: BTreeMap<(u32, u32), u32>,
     pub log: Vec<String>,
     /// Fail writes after this many (to test error handling).
     pub fail_after: Option<usize>,
@@ -140,6 +144,26 @@ impl ServiceMaps for MemMaps {
         self.backends.remove(&id);
         Ok(())
     }
+    fn members(&self) -> Result<Vec<(MemberKey, u32)>, MapError> {
+        Ok(self
+            .members
+            .iter()
+            .map(|(&(svc_id, backend_id), &slot)| (MemberKey { svc_id, backend_id }, slot))
+            .collect())
+    }
+    fn set_member(&mut self, key: &MemberKey, slot: u32) -> Result<(), MapError> {
+        self.write(format!(
+            "set member {}/{} = {slot}",
+            key.svc_id, key.backend_id
+        ))?;
+        self.members.insert((key.svc_id, key.backend_id), slot);
+        Ok(())
+    }
+    fn delete_member(&mut self, key: &MemberKey) -> Result<(), MapError> {
+        self.write(format!("delete member {}/{}", key.svc_id, key.backend_id))?;
+        self.members.remove(&(key.svc_id, key.backend_id));
+        Ok(())
+    }
 }
 
 pub fn frontend_key(fe: &L4Addr) -> ServiceKeyV4 {
@@ -183,6 +207,8 @@ pub struct FrontendDump {
     pub kind: String,
     /// What a packet gets when there is no backend.
     pub no_backend: &'static str,
+    /// sessionAffinity ClientIP timeout in seconds (0: none).
+    pub affinity_timeout_s: u32,
     pub backends: Vec<BackendDump>,
 }
 
@@ -228,6 +254,7 @@ pub fn dump(maps: &impl ServiceMaps) -> Result<Vec<FrontendDump>, MapError> {
                 id: v.svc_id,
                 frontend: l4(k.addr, k.port, k.proto),
                 kind: kind.into(),
+                affinity_timeout_s: v.affinity_timeout_s,
                 no_backend: if v.flags & SVC_F_DROP_NO_ENDPOINTS != 0 {
                     "drop"
                 } else {

@@ -106,6 +106,8 @@ pub struct FrontendState {
     pub backends: Vec<Backend>,
     /// With no backends, drop instead of rejecting (Local policy, endpoints elsewhere).
     pub drop_when_empty: bool,
+    /// sessionAffinity ClientIP timeout in seconds; 0 = no affinity.
+    pub affinity_timeout_s: u32,
 }
 
 /// The whole desired state of this node's datapath.

@@ -9,7 +9,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use lb_common::{
-    BackendSlotKey, BackendV4, ServiceKeyV4, ServiceV4, MAX_SERVICE_IDS, SVC_F_DROP_NO_ENDPOINTS,
+    BackendSlotKey, BackendV4, MemberKey, ServiceKeyV4, ServiceV4, MAX_SERVICE_IDS,
+    SVC_F_DROP_NO_ENDPOINTS,
 };
 
 use crate::{
@@ -36,6 +37,14 @@ pub struct Reconciler<M: ServiceMaps> {
     backends: BTreeMap<u32, BackendV4>,
     next_svc_id: u32,
     next_backend_id: u32,
+}
+
+/// The affinity group of a Service port: FNV-1a (64 bit) of `namespace/name:port`, stable
+/// across agent restarts and the same on every node.
+pub fn affinity_group(service_port: &str) -> u64 {
+    service_port.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Identity of a backend: address, port and protocol (not its flags).
@@ -71,6 +80,23 @@ impl<M: ServiceMaps> Reconciler<M> {
                     p.slots[slot_key.slot as usize] = backend_id;
                 }
                 _ => maps.delete_slot(&slot_key)?,
+            }
+        }
+        // Members follow the slots just read: drop strays, add what is missing.
+        let mut expected: HashMap<(u32, u32), u32> = HashMap::new();
+        for p in services.values() {
+            for (i, id) in p.slots.iter().enumerate() {
+                expected.insert((p.value.svc_id, *id), i as u32);
+            }
+        }
+        for (mk, slot) in maps.members()? {
+            if expected.remove(&(mk.svc_id, mk.backend_id)) != Some(slot) {
+                maps.delete_member(&mk)?;
+            }
+        }
+        for ((svc_id, backend_id), slot) in expected {
+            if backend_id != 0 {
+                maps.set_member(&MemberKey { svc_id, backend_id }, slot)?;
             }
         }
         let backends: BTreeMap<u32, BackendV4> = maps.backends()?.into_iter().collect();
@@ -171,7 +197,8 @@ impl<M: ServiceMaps> Reconciler<M> {
                     } else {
                         0
                     },
-                _reserved: 0,
+                affinity_timeout_s: state.affinity_timeout_s,
+                affinity_group: affinity_group(&state.service.to_string()),
             };
             slot_lists.insert((&key).into(), (value, slots));
         }
@@ -191,12 +218,17 @@ impl<M: ServiceMaps> Reconciler<M> {
             let old_slots = old.as_ref().map(|p| p.slots.clone()).unwrap_or_default();
             for (i, id) in slots.iter().enumerate() {
                 if old_slots.get(i) != Some(id) {
+                    let mk = MemberKey {
+                        svc_id: value.svc_id,
+                        backend_id: *id,
+                    };
+                    self.maps.set_member(&mk, i as u32)?;
                     let sk = BackendSlotKey {
                         svc_id: value.svc_id,
                         slot: i as u32,
                     };
                     self.maps.set_slot(&sk, *id)?;
-                    stats.writes += 1;
+                    stats.writes += 2;
                 }
             }
             if old.as_ref().map(|p| p.value) != Some(value) {
@@ -209,6 +241,14 @@ impl<M: ServiceMaps> Reconciler<M> {
                     slot: i as u32,
                 };
                 self.maps.delete_slot(&sk)?;
+                stats.deletes += 1;
+            }
+            for id in old_slots.iter().filter(|id| !slots.contains(id)) {
+                let mk = MemberKey {
+                    svc_id: value.svc_id,
+                    backend_id: *id,
+                };
+                self.maps.delete_member(&mk)?;
                 stats.deletes += 1;
             }
             self.services.insert(key, Programmed { value, slots });
@@ -231,6 +271,14 @@ impl<M: ServiceMaps> Reconciler<M> {
                         slot: i as u32,
                     };
                     self.maps.delete_slot(&sk)?;
+                    stats.deletes += 1;
+                }
+                for id in &p.slots {
+                    let mk = MemberKey {
+                        svc_id: p.value.svc_id,
+                        backend_id: *id,
+                    };
+                    self.maps.delete_member(&mk)?;
                     stats.deletes += 1;
                 }
                 self.services.remove(&key);
@@ -291,6 +339,7 @@ mod tests {
                         })
                         .collect(),
                     drop_when_empty: false,
+                    affinity_timeout_s: 0,
                 },
             );
         }
@@ -323,7 +372,12 @@ mod tests {
             .expect("apply");
         assert_eq!(
             r.maps.log,
-            vec!["set backend 2", "set slot 1/1 = 2", "set service 1 count 2"]
+            vec![
+                "set backend 2",
+                "set member 1/2 = 1",
+                "set slot 1/1 = 2",
+                "set service 1 count 2"
+            ]
         );
         assert_eq!(
             shown(&r.maps),
@@ -348,6 +402,7 @@ mod tests {
             vec![
                 "set service 1 count 1",
                 "delete slot 1/1",
+                "delete member 1/2",
                 "delete backend 2"
             ]
         );
@@ -364,7 +419,12 @@ mod tests {
         r.apply(&Desired::default()).expect("apply");
         assert_eq!(
             r.maps.log,
-            vec!["delete service 1", "delete slot 1/0", "delete backend 1"]
+            vec![
+                "delete service 1",
+                "delete slot 1/0",
+                "delete member 1/1",
+                "delete backend 1"
+            ]
         );
         assert!(
             r.maps.services.is_empty() && r.maps.slots.is_empty() && r.maps.backends.is_empty()
@@ -382,15 +442,28 @@ mod tests {
         // A stray slot beyond the count, as a crashed writer could leave.
         let mut maps = r.maps.clone();
         maps.slots.insert((1, 7), 1);
+        // A stray member, and a missing one.
+        maps.members.insert((1, 99), 3);
+        maps.members.remove(&(1, 1));
         maps.log.clear();
 
         // A new agent: same wanted state for VIP, `other` is gone.
         let mut r2 = Reconciler::new(maps).expect("take over");
-        assert_eq!(r2.maps.log, vec!["delete slot 1/7"]);
+        assert_eq!(
+            r2.maps.log,
+            vec![
+                "delete slot 1/7",
+                "delete member 1/99",
+                "set member 1/1 = 0"
+            ]
+        );
         r2.maps.log.clear();
         r2.apply(&desired(&[(addr(VIP, 80), &[a, b])]))
             .expect("apply");
-        assert_eq!(r2.maps.log, vec!["delete service 2", "delete slot 2/0"]);
+        assert_eq!(
+            r2.maps.log,
+            vec!["delete service 2", "delete slot 2/0", "delete member 2/2"]
+        );
         // New ids never collide with the ones taken over.
         r2.apply(&desired(&[
             (addr(VIP, 80), &[a, b]),
@@ -422,7 +495,12 @@ mod tests {
         r.apply(&d).expect("apply");
         assert_eq!(
             r.maps.log,
-            vec!["set backend 2", "set service 1 count 1", "delete slot 1/1"]
+            vec![
+                "set backend 2",
+                "set service 1 count 1",
+                "delete slot 1/1",
+                "delete member 1/2"
+            ]
         );
         assert_ne!(
             r.maps.backends[&2].flags & lb_common::BACKEND_F_TERMINATING,

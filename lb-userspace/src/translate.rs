@@ -139,6 +139,7 @@ pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
             let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
             let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
             let sets = categorize(&endpoints, node, proto);
+            let affinity_timeout_s = affinity_timeout(spec);
             let internal = if internal_local {
                 &sets.local
             } else {
@@ -157,6 +158,7 @@ pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
                     kind,
                     backends: set.clone(),
                     drop_when_empty: set.is_empty() && sets.has_any,
+                    affinity_timeout_s,
                 };
                 if let Some(prev) = t.desired.frontends.get(&fe) {
                     t.warnings.push(format!(
@@ -201,6 +203,23 @@ pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
         }
     }
     t
+}
+
+/// The API's default for `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+
+/// sessionAffinity ClientIP: its timeout (default 3 h); 0 without affinity.
+fn affinity_timeout(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> u32 {
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return 0;
+    }
+    spec.session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        .and_then(|t| u32::try_from(t).ok())
+        .filter(|t| *t > 0)
+        .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
 }
 
 fn namespace(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
@@ -416,9 +435,7 @@ fn topology_mode(endpoints: &[Endpoint], node: &NodeInfo) -> Topology {
     }
     let zone = node.zone.as_deref().unwrap_or("");
     if ready.iter().all(|e| !e.node_hints.is_empty())
-        && ready
-            .iter()
-            .any(|e| e.node_hints.contains(&node.name))
+        && ready.iter().any(|e| e.node_hints.contains(&node.name))
     {
         return Topology::SameNode;
     }
@@ -802,6 +819,26 @@ endpoints:
             ],
         ));
         assert_eq!(grpc(&t), vec!["10.0.0.9:9000/TCP"]);
+    }
+
+    #[test]
+    fn session_affinity_client_ip_with_its_timeout() {
+        let t = run(&SLICE_SVC.replace("  selector:", "  sessionAffinity: ClientIP\n  selector:"));
+        let f = &t.desired.frontends[&fe([10, 96, 1, 1], 9000, Proto::Tcp)];
+        assert_eq!(f.affinity_timeout_s, 10_800, "the API default");
+        let t = run(&SLICE_SVC.replace(
+            "  selector:",
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}\n  selector:",
+        ));
+        assert_eq!(
+            t.desired.frontends[&fe([10, 96, 1, 1], 9000, Proto::Tcp)].affinity_timeout_s,
+            5
+        );
+        let t = run(&SLICE_SVC.replace("  selector:", "  sessionAffinity: None\n  selector:"));
+        assert_eq!(
+            t.desired.frontends[&fe([10, 96, 1, 1], 9000, Proto::Tcp)].affinity_timeout_s,
+            0
+        );
     }
 
     #[test]

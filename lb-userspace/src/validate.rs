@@ -79,6 +79,22 @@ pub fn service(svc: &Service) -> Result<(), String> {
             ));
         }
     }
+    match spec.session_affinity.as_deref() {
+        None | Some("None" | "ClientIP") => {}
+        Some(other) => return Err(format!("spec.sessionAffinity: unsupported value {other:?}")),
+    }
+    if let Some(t) = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+    {
+        if !(1..=86_400).contains(&t) {
+            return Err(format!(
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds: {t} is not within 1-86400"
+            ));
+        }
+    }
     for policy in [
         ("spec.externalTrafficPolicy", &spec.external_traffic_policy),
         ("spec.internalTrafficPolicy", &spec.internal_traffic_policy),

@@ -462,6 +462,68 @@ fn a_retransmitted_syn_keeps_its_backend() {
 }
 
 #[test]
+fn session_affinity_sticks_per_client_until_the_timeout() {
+    let mut h = harness();
+    let pods: Vec<Ipv4Addr> = (11..15).map(|i| Ipv4Addr::new(10, 244, 0, i)).collect();
+    let yaml = services(&pods).replace(
+        "  clusterIP:",
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n  clusterIP:",
+    );
+    h.program(&yaml).expect("program");
+    let clients: Vec<Ipv4Addr> = (1..=20).map(|i| Ipv4Addr::new(198, 18, 1, i)).collect();
+    let mut first = Vec::new();
+    for c in &clients {
+        let stuck = dst_of(&h, &Frame::tcp((*c, 10000), (VIP, 80), SYN));
+        // Every new connection of this client, to the ClusterIP or the NodePort (the same
+        // Service port), goes to the same backend.
+        for p in 1..10 {
+            assert_eq!(
+                dst_of(&h, &Frame::tcp((*c, 10000 + p), (VIP, 80), SYN)),
+                stuck
+            );
+        }
+        assert_eq!(
+            dst_of(&h, &Frame::tcp((*c, 20000), (NODE_IP, 30080), SYN)),
+            stuck
+        );
+        first.push(stuck);
+    }
+    let distinct: std::collections::BTreeSet<_> = first.iter().collect();
+    assert!(
+        distinct.len() > 1,
+        "20 clients all on one backend: {first:?}"
+    );
+
+    // After the timeout (1 s without a new connection), choices are made afresh: for 20
+    // clients over 4 backends, all keeping theirs has a chance of 4^-20.
+    std::thread::sleep(std::time::Duration::from_millis(1300));
+    let again: Vec<Ipv4Addr> = clients
+        .iter()
+        .map(|c| dst_of(&h, &Frame::tcp((*c, 30000), (VIP, 80), SYN)))
+        .collect();
+    assert_ne!(first, again, "affinity did not expire");
+
+    // A backend that leaves the set is not stuck to any more.
+    let c = clients[0];
+    let stuck = dst_of(&h, &Frame::tcp((c, 40000), (VIP, 80), SYN));
+    let rest: Vec<Ipv4Addr> = pods.iter().copied().filter(|p| *p != stuck).collect();
+    h.program(&services(&rest).replace(
+        "  clusterIP:",
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n  clusterIP:",
+    ))
+    .expect("program");
+    let moved = dst_of(&h, &Frame::tcp((c, 40001), (VIP, 80), SYN));
+    assert_ne!(moved, stuck);
+    // ... and the client sticks to its new one.
+    for p in 2..10 {
+        assert_eq!(
+            dst_of(&h, &Frame::tcp((c, 40000 + p), (VIP, 80), SYN)),
+            moved
+        );
+    }
+}
+
+#[test]
 fn udp_rewrites_keep_the_frame_otherwise_identical() {
     let mut h = harness();
     h.program(&services(&[POD1])).expect("program");
