@@ -314,3 +314,189 @@ fn the_datapath_keeps_serving_while_the_api_server_is_away_and_catches_up_after(
         "the outage was noticed: {log}"
     );
 }
+
+/// `web` with session affinity (`timeout` seconds) or without (`None`).
+fn web_with_affinity(timeout: Option<u32>) -> String {
+    let svc = web_service("NodePort", "");
+    match timeout {
+        Some(t) => svc.replace(
+            "  selector:",
+            &format!("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {t}}}}}\n  selector:"),
+        ),
+        None => svc.replace("  selector:", "  sessionAffinity: None\n  selector:"),
+    }
+}
+
+#[test]
+fn session_affinity_switched_on_off_and_expiring() {
+    let mut s = setup(4);
+    let pods = s.lab.pods.clone();
+    let all: Vec<&LabPod> = pods.iter().collect();
+    s.api
+        .apply_yaml(&web_with_affinity(Some(30)))
+        .expect("service");
+    s.api.apply_yaml(&web_slice(&all)).expect("slice");
+    let kubeconfig = s.api.kubeconfig();
+    s.lab.start_agent_kube(&kubeconfig).expect("agent");
+    s.lab
+        .wait_healthy(Duration::from_secs(15))
+        .expect("healthy");
+    let url = format!("http://{NODE_IP}:30080/");
+    let ext = s.lab.ext_ns.clone();
+
+    // Sticky: every new connection of the client lands on one pod.
+    let sticky = served(&s.lab, &ext, &url, 30);
+    assert_eq!(sticky.len(), 1, "affinity on: {sticky:?}");
+
+    // Switched off: spread again.
+    s.api
+        .apply_yaml(&web_with_affinity(None))
+        .expect("affinity off");
+    wait_for(Duration::from_secs(8), || {
+        Ok(served(&s.lab, &ext, &url, 40).len() >= 3)
+    })
+    .expect("spread once affinity is off");
+
+    // On again with a 1 s timeout: sticky within a burst; after each pause longer than the
+    // timeout the choice is made afresh. Eight rounds all on one pod: a chance of 4^-7.
+    s.api
+        .apply_yaml(&web_with_affinity(Some(1)))
+        .expect("affinity 1 s");
+    wait_for(Duration::from_secs(8), || {
+        Ok(served(&s.lab, &ext, &url, 10).len() == 1)
+    })
+    .expect("sticky again");
+    let mut rounds = BTreeSet::new();
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(1200));
+        let burst = served(&s.lab, &ext, &url, 5);
+        assert_eq!(
+            burst.len(),
+            1,
+            "a burst within the timeout sticks: {burst:?}"
+        );
+        rounds.extend(burst);
+    }
+    assert!(rounds.len() > 1, "affinity never expired: {rounds:?}");
+}
+
+#[test]
+fn only_terminating_endpoints_left_are_still_served() {
+    let mut s = setup(2);
+    s.api
+        .apply_yaml(&web_service("NodePort", ""))
+        .expect("service");
+    let ips: Vec<String> = s.lab.pods.iter().map(|p| p.ip.to_string()).collect();
+    let slice = |conditions: &str| {
+        let eps: String = ips
+            .iter()
+            .map(|ip| format!("- {{addresses: [\"{ip}\"], nodeName: {NODE_NAME}, conditions: {conditions}}}\n"))
+            .collect();
+        web_slice(&[]).replace("endpoints: []\n", &format!("endpoints:\n{eps}"))
+    };
+    s.api.apply_yaml(&slice("{ready: true}")).expect("slice");
+    let kubeconfig = s.api.kubeconfig();
+    s.lab.start_agent_kube(&kubeconfig).expect("agent");
+    s.lab
+        .wait_healthy(Duration::from_secs(15))
+        .expect("healthy");
+    wait_served(&s.lab, &["pod1", "pod2"], "ready");
+    // Both terminating but still serving: kube-proxy falls back to them.
+    s.api
+        .apply_yaml(&slice("{ready: false, serving: true, terminating: true}"))
+        .expect("terminating");
+    wait_for(Duration::from_secs(5), || {
+        let v = s.lab.services_json()?;
+        Ok(v.as_array().is_some_and(|l| {
+            l.iter().any(|f| {
+                f["frontend"] == "10.96.0.10:80/TCP"
+                    && f["backends"].as_array().is_some_and(|b| {
+                        b.iter().all(|b| b["state"] == "terminating") && b.len() == 2
+                    })
+            })
+        }))
+    })
+    .expect("terminating endpoints programmed");
+    wait_served(&s.lab, &["pod1", "pod2"], "only terminating endpoints");
+    // No longer serving either: nothing usable, so refused.
+    s.api
+        .apply_yaml(&slice("{ready: false, serving: false, terminating: true}"))
+        .expect("not serving");
+    let pod1 = s.lab.pods[0].ns.clone();
+    wait_for(Duration::from_secs(5), || {
+        Ok(s.lab
+            .curl(&pod1, "http://10.96.0.10:80/")
+            .is_err_and(|e| e.to_string().contains("curl: (7)")))
+    })
+    .expect("refused once nothing serves");
+}
+
+#[test]
+fn external_traffic_policy_local_uses_this_nodes_endpoints_and_drops_without_one() {
+    let mut s = setup(3);
+    let svc = web_service("NodePort", "")
+        .replace("  selector:", "  externalTrafficPolicy: Local\n  selector:");
+    s.api.apply_yaml(&svc).expect("service");
+    // pod1 is this node's; pod2 and pod3 are reported on another node.
+    let ips: Vec<String> = s.lab.pods.iter().map(|p| p.ip.to_string()).collect();
+    let slice = |local: &[usize]| {
+        let eps: String = ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| {
+                let node = if local.contains(&i) {
+                    NODE_NAME
+                } else {
+                    "other-node"
+                };
+                format!("- {{addresses: [\"{ip}\"], nodeName: {node}}}\n")
+            })
+            .collect();
+        web_slice(&[]).replace("endpoints: []\n", &format!("endpoints:\n{eps}"))
+    };
+    s.api.apply_yaml(&slice(&[0])).expect("slice");
+    let kubeconfig = s.api.kubeconfig();
+    s.lab.start_agent_kube(&kubeconfig).expect("agent");
+    s.lab
+        .wait_healthy(Duration::from_secs(15))
+        .expect("healthy");
+
+    // From outside: only the local endpoint, and it sees the client's own address.
+    wait_served(&s.lab, &["pod1"], "external, Local");
+    let body = s
+        .lab
+        .curl(&s.lab.ext_ns, &format!("http://{NODE_IP}:30080/"))
+        .expect("request");
+    assert!(body.contains("198.18.0.1:"), "client address kept: {body}");
+    // The ClusterIP (internal policy Cluster) still spreads over all three.
+    let pod2 = s.lab.pods[1].ns.clone();
+    assert_eq!(
+        served(&s.lab, &pod2, "http://10.96.0.10:80/", 60),
+        set(&["pod1", "pod2", "pod3"])
+    );
+
+    // No local endpoint: external traffic is dropped (not refused), the ClusterIP works on.
+    s.api.apply_yaml(&slice(&[])).expect("no local endpoint");
+    wait_for(Duration::from_secs(5), || {
+        let v = s.lab.services_json()?;
+        Ok(v.as_array().is_some_and(|l| {
+            l.iter()
+                .any(|f| f["frontend"] == "198.18.0.2:30080/TCP" && f["no_backend"] == "drop")
+        }))
+    })
+    .expect("NodePort set to drop");
+    let started = Instant::now();
+    let err = s
+        .lab
+        .curl(&s.lab.ext_ns, &format!("http://{NODE_IP}:30080/"))
+        .expect_err("dropped");
+    assert!(
+        err.to_string().contains("curl: (28)"),
+        "a timeout, not a refusal: {err}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert_eq!(
+        served(&s.lab, &pod2, "http://10.96.0.10:80/", 30),
+        set(&["pod1", "pod2", "pod3"])
+    );
+}
