@@ -6,7 +6,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{bail, Context, Result};
@@ -14,10 +14,10 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     bpf::{self, Datapath, PinnedMaps},
-    http::{self, SharedStatus, Status},
+    http::{self, FrontendCounters, HealthChecks, SharedStatus, Status},
     kube_source::KubeSource,
     manifests::{ManifestDir, Objects},
-    node,
+    maps, node,
     reconcile::Reconciler,
     translate::{translate, NodeInfo},
 };
@@ -72,6 +72,14 @@ impl Source {
         }
     }
 
+    /// EndpointSlice change trigger times (for network programming latency).
+    fn trigger_times(&self) -> Vec<(String, SystemTime)> {
+        match self {
+            Source::Manifests { .. } => Vec::new(),
+            Source::Kube(k) => k.slice_trigger_times(),
+        }
+    }
+
     fn zone(&self) -> Option<String> {
         match self {
             Source::Manifests { .. } => None,
@@ -120,10 +128,11 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let pin = cfg.pin_path.clone();
     let metrics_status = status.clone();
     let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
-        if let Ok(counters) = bpf::read_stats(&pin) {
-            if let Ok(mut s) = metrics_status.lock() {
-                s.datapath_counters = counters;
-            }
+        let counters = bpf::read_stats(&pin).unwrap_or_default();
+        let frontends = frontend_counters(&pin).unwrap_or_default();
+        if let Ok(mut s) = metrics_status.lock() {
+            s.datapath_counters = counters;
+            s.frontend_counters = frontends;
         }
     });
     for (addr, what) in [(cfg.healthz_addr, "healthz"), (cfg.metrics_addr, "metrics")] {
@@ -137,6 +146,10 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut reconciler: Option<Reconciler<PinnedMaps>> = None;
+    let mut health_checks = HealthChecks::default();
+    // EndpointSlice trigger times already seen (None until the first sync, whose are not
+    // changes but the initial state).
+    let mut seen_triggers: Option<BTreeSet<String>> = None;
     let mut addresses: BTreeSet<Ipv4Addr> = BTreeSet::new();
     let mut dirty = true;
     let mut tick = tokio::time::interval(POLL);
@@ -163,7 +176,12 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             Err(e) => tracing::warn!(error = format!("{e:#}"), "reading node addresses failed"),
         }
 
-        dirty |= source.poll();
+        if source.poll() {
+            dirty = true;
+            if let Ok(mut s) = status.lock() {
+                s.last_queued = Some(SystemTime::now());
+            }
+        }
         if !dirty {
             continue;
         }
@@ -201,9 +219,24 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                     took_us = took.as_micros() as u64,
                     "datapath programmed"
                 );
+                let triggers = source.trigger_times();
+                let now = SystemTime::now();
                 if let Ok(mut s) = status.lock() {
                     s.record_sync(took);
+                    s.no_local_endpoints = (
+                        t.desired.no_local_endpoints_internal,
+                        t.desired.no_local_endpoints_external,
+                    );
+                    if let Some(seen) = &seen_triggers {
+                        for (key, at) in &triggers {
+                            if !seen.contains(key) {
+                                s.record_programming(now.duration_since(*at).unwrap_or_default());
+                            }
+                        }
+                    }
                 }
+                seen_triggers = Some(triggers.into_iter().map(|(k, _)| k).collect());
+                health_checks.sync(&t.desired.health_checks, &status);
                 dirty = false;
             }
             Err(e) => {
@@ -218,6 +251,24 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     }
     tracing::info!("stopping; the datapath stays attached and programmed");
     Ok(())
+}
+
+/// Every frontend's datapath counters, from the pinned maps.
+fn frontend_counters(pin: &std::path::Path) -> Result<Vec<FrontendCounters>> {
+    let rows = maps::dump(&PinnedMaps::open(pin)?)?;
+    let ids: Vec<u32> = rows.iter().map(|r| r.id).collect();
+    let stats = bpf::read_service_stats(pin, &ids)?;
+    Ok(rows
+        .into_iter()
+        .zip(stats)
+        .map(|(r, (_, c))| FrontendCounters {
+            frontend: r.frontend,
+            packets: c.packets,
+            bytes: c.bytes,
+            new_flows: c.new_flows,
+            rejected: c.rejected,
+        })
+        .collect())
 }
 
 fn attach_interfaces(datapath: &mut Datapath, cfg: &RunConfig) -> Result<()> {

@@ -3,9 +3,13 @@
 //! one request per connection, GET only.
 
 use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
+
+use crate::model::HealthCheck;
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -19,32 +23,110 @@ const SYNC_BUCKETS: [f64; 15] = [
     8.192, 16.384,
 ];
 
+/// Buckets of `kubeproxy_network_programming_duration_seconds` (kube-proxy metrics.go):
+/// 0.25, 0.5, 1..59 by 1, 60..115 by 5, 120..300 by 30.
+fn programming_buckets() -> Vec<f64> {
+    let mut b = vec![0.25, 0.5];
+    b.extend((1..60).map(f64::from));
+    b.extend((60..120).step_by(5).map(f64::from));
+    b.extend((120..=300).step_by(30).map(f64::from));
+    b
+}
+
+/// A Prometheus histogram.
+struct Histogram {
+    bounds: Vec<f64>,
+    counts: Vec<u64>,
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn new(bounds: Vec<f64>) -> Self {
+        let counts = vec![0; bounds.len()];
+        Histogram {
+            bounds,
+            counts,
+            count: 0,
+            sum: 0.0,
+        }
+    }
+
+    fn observe(&mut self, v: f64) {
+        for (i, b) in self.bounds.iter().enumerate() {
+            if v <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += v;
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            out.push_str(&format!("{name}_bucket{{le=\"{b}\"}} {c}\n"));
+        }
+        out.push_str(&format!("{name}_bucket{{le=\"+Inf\"}} {}\n", self.count));
+        out.push_str(&format!(
+            "{name}_sum {}\n{name}_count {}\n",
+            self.sum, self.count
+        ));
+    }
+}
+
+/// One frontend's datapath counters, for /metrics.
+pub struct FrontendCounters {
+    pub frontend: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub rejected: u64,
+}
+
 /// What the endpoints report, updated by the agent loop.
-#[derive(Default)]
 pub struct Status {
     /// When the datapath last matched the desired state.
     pub last_synced: Option<SystemTime>,
     /// The last sync attempt failed: the datapath may lag.
     pub failing: bool,
-    sync_buckets: [u64; 15],
-    sync_count: u64,
-    sync_sum: f64,
+    sync: Histogram,
+    programming: Histogram,
+    /// When a change last arrived that the datapath did not have yet.
+    pub last_queued: Option<SystemTime>,
+    /// Services with a Local policy and no local endpoint: (internal, external).
+    pub no_local_endpoints: (usize, usize),
     /// Global datapath counters, refreshed before each scrape by the agent.
     pub datapath_counters: Vec<(&'static str, u64)>,
+    /// Per-frontend datapath counters, refreshed before each scrape by the agent.
+    pub frontend_counters: Vec<FrontendCounters>,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Status {
+            last_synced: None,
+            failing: false,
+            sync: Histogram::new(SYNC_BUCKETS.to_vec()),
+            programming: Histogram::new(programming_buckets()),
+            last_queued: None,
+            no_local_endpoints: (0, 0),
+            datapath_counters: Vec::new(),
+            frontend_counters: Vec::new(),
+        }
+    }
 }
 
 impl Status {
     pub fn record_sync(&mut self, took: Duration) {
-        let s = took.as_secs_f64();
-        for (i, b) in SYNC_BUCKETS.iter().enumerate() {
-            if s <= *b {
-                self.sync_buckets[i] += 1;
-            }
-        }
-        self.sync_count += 1;
-        self.sync_sum += s;
+        self.sync.observe(took.as_secs_f64());
         self.last_synced = Some(SystemTime::now());
         self.failing = false;
+    }
+
+    /// An EndpointSlice change (its trigger time) has reached the datapath after `took`.
+    pub fn record_programming(&mut self, took: Duration) {
+        self.programming.observe(took.as_secs_f64());
     }
 
     fn healthy(&self) -> bool {
@@ -53,37 +135,47 @@ impl Status {
 
     fn metrics(&self) -> String {
         let mut out = String::new();
-        out.push_str("# HELP kubeproxy_sync_proxy_rules_duration_seconds SyncProxyRules latency in seconds\n");
-        out.push_str("# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram\n");
-        for (i, b) in SYNC_BUCKETS.iter().enumerate() {
-            out.push_str(&format!(
-                "kubeproxy_sync_proxy_rules_duration_seconds_bucket{{le=\"{b}\"}} {}\n",
-                self.sync_buckets[i]
-            ));
-        }
-        out.push_str(&format!(
-            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{{le=\"+Inf\"}} {}\n",
-            self.sync_count
-        ));
-        out.push_str(&format!(
-            "kubeproxy_sync_proxy_rules_duration_seconds_sum {}\n",
-            self.sync_sum
-        ));
-        out.push_str(&format!(
-            "kubeproxy_sync_proxy_rules_duration_seconds_count {}\n",
-            self.sync_count
-        ));
-        if let Some(t) = self.last_synced {
-            let secs = t
-                .duration_since(SystemTime::UNIX_EPOCH)
+        self.sync.render(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            &mut out,
+        );
+        self.programming.render(
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            &mut out,
+        );
+        let secs = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default()
-                .as_secs_f64();
+                .as_secs_f64()
+        };
+        if let Some(t) = self.last_synced {
             out.push_str("# HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds The last time proxy rules were successfully synced\n");
             out.push_str("# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge\n");
             out.push_str(&format!(
-                "kubeproxy_sync_proxy_rules_last_timestamp_seconds {secs}\n"
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds {}\n",
+                secs(t)
             ));
         }
+        if let Some(t) = self.last_queued {
+            out.push_str("# HELP kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds The last time a sync of proxy rules was queued\n");
+            out.push_str("# TYPE kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds gauge\n");
+            out.push_str(&format!(
+                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds {}\n",
+                secs(t)
+            ));
+        }
+        out.push_str("# HELP kubeproxy_sync_proxy_rules_no_local_endpoints_total Number of services with a Local traffic policy and no endpoints\n");
+        out.push_str("# TYPE kubeproxy_sync_proxy_rules_no_local_endpoints_total gauge\n");
+        out.push_str(&format!(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{traffic_policy=\"internal\"}} {}\n",
+            self.no_local_endpoints.0
+        ));
+        out.push_str(&format!(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{traffic_policy=\"external\"}} {}\n",
+            self.no_local_endpoints.1
+        ));
         out.push_str(
             "# HELP lb_datapath_packets_total Packets seen by the XDP datapath, by outcome\n",
         );
@@ -92,6 +184,39 @@ impl Status {
             out.push_str(&format!(
                 "lb_datapath_packets_total{{outcome=\"{name}\"}} {v}\n"
             ));
+        }
+        for (metric, help, get) in [
+            (
+                "lb_frontend_packets_total",
+                "Packets translated for a frontend",
+                (|c: &FrontendCounters| c.packets) as fn(&FrontendCounters) -> u64,
+            ),
+            (
+                "lb_frontend_bytes_total",
+                "Bytes translated for a frontend",
+                |c| c.bytes,
+            ),
+            (
+                "lb_frontend_new_flows_total",
+                "New flows to a frontend",
+                |c| c.new_flows,
+            ),
+            (
+                "lb_frontend_rejected_total",
+                "Packets to a frontend without usable backends",
+                |c| c.rejected,
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {metric} {help}\n# TYPE {metric} counter\n"
+            ));
+            for c in &self.frontend_counters {
+                out.push_str(&format!(
+                    "{metric}{{frontend=\"{}\"}} {}\n",
+                    c.frontend,
+                    get(c)
+                ));
+            }
         }
         out
     }
@@ -187,6 +312,99 @@ pub async fn serve(
     }
 }
 
+/// kube-proxy's health check response body (`service_health.go`), tab-indented as it is.
+fn health_check_body(hc: &HealthCheck, healthy: bool) -> String {
+    format!(
+        "{{\n\t\"service\": {{\n\t\t\"namespace\": {},\n\t\t\"name\": {}\n\t}},\n\t\"localEndpoints\": {},\n\t\"serviceProxyHealthy\": {}\n}}",
+        serde_json::Value::from(hc.namespace.as_str()),
+        serde_json::Value::from(hc.name.as_str()),
+        hc.local_endpoints,
+        healthy
+    )
+}
+
+async fn answer_health_check(
+    mut sock: TcpStream,
+    state: Arc<Mutex<HealthCheck>>,
+    status: SharedStatus,
+) {
+    let mut buf = [0u8; 2048];
+    if !matches!(
+        tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await,
+        Ok(Ok(_))
+    ) {
+        return;
+    }
+    let hc = match state.lock() {
+        Ok(s) => s.clone(),
+        Err(p) => p.into_inner().clone(),
+    };
+    let healthy = match status.lock() {
+        Ok(s) => s.healthy(),
+        Err(p) => p.into_inner().healthy(),
+    };
+    let ok = hc.local_endpoints != 0 && healthy;
+    let body = health_check_body(&hc, healthy);
+    let resp = format!(
+        "HTTP/1.1 {}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nX-Load-Balancing-Endpoint-Weight: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        if ok { "200 OK" } else { "503 Service Unavailable" },
+        hc.local_endpoints,
+        body.len()
+    );
+    let _ = sock.write_all(resp.as_bytes()).await;
+    let _ = sock.shutdown().await;
+}
+
+/// The servers on healthCheckNodePorts, one per port, kept in step with the desired state.
+#[derive(Default)]
+pub struct HealthChecks {
+    servers: BTreeMap<u16, (tokio::task::JoinHandle<()>, Arc<Mutex<HealthCheck>>)>,
+}
+
+impl HealthChecks {
+    /// Starts, updates and stops servers so that exactly `wanted` are served.
+    pub fn sync(&mut self, wanted: &BTreeMap<u16, HealthCheck>, status: &SharedStatus) {
+        self.servers.retain(|port, (task, _)| {
+            let keep = wanted.contains_key(port);
+            if !keep {
+                task.abort();
+                tracing::info!(port, "health check server stopped");
+            }
+            keep
+        });
+        for (port, hc) in wanted {
+            if let Some((_, state)) = self.servers.get(port) {
+                if let Ok(mut s) = state.lock() {
+                    *s = hc.clone();
+                }
+                continue;
+            }
+            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port));
+            let listener = match std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(TcpListener::from_std)
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(port, service = %format!("{}/{}", hc.namespace, hc.name), error = %e, "cannot serve the health check node port");
+                    continue;
+                }
+            };
+            let state = Arc::new(Mutex::new(hc.clone()));
+            let (st, status) = (state.clone(), status.clone());
+            let task = tokio::spawn(async move {
+                loop {
+                    if let Ok((sock, _)) = listener.accept().await {
+                        tokio::spawn(answer_health_check(sock, st.clone(), status.clone()));
+                    }
+                }
+            });
+            tracing::info!(port, service = %format!("{}/{}", hc.namespace, hc.name), "health check server started");
+            self.servers.insert(*port, (task, state));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,6 +425,31 @@ mod tests {
         );
         s.failing = true;
         assert_eq!(health_response(&s, false).0, 503);
+    }
+
+    #[test]
+    fn health_check_body_is_kube_proxys() {
+        let hc = HealthCheck {
+            namespace: "shop".into(),
+            name: "web".into(),
+            local_endpoints: 2,
+        };
+        assert_eq!(
+            health_check_body(&hc, true),
+            "{\n\t\"service\": {\n\t\t\"namespace\": \"shop\",\n\t\t\"name\": \"web\"\n\t},\n\t\"localEndpoints\": 2,\n\t\"serviceProxyHealthy\": true\n}"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&health_check_body(&hc, false)).expect("json");
+        assert_eq!(v["serviceProxyHealthy"], false);
+    }
+
+    #[test]
+    fn programming_buckets_are_kube_proxys() {
+        let b = programming_buckets();
+        assert_eq!(&b[..4], &[0.25, 0.5, 1.0, 2.0]);
+        assert!(b.contains(&59.0) && b.contains(&60.0) && b.contains(&115.0) && !b.contains(&61.0));
+        assert_eq!(b.last(), Some(&300.0));
+        assert!(b.contains(&120.0) && b.contains(&270.0));
     }
 
     #[test]

@@ -117,4 +117,20 @@ pub struct Desired {
     /// Every serving endpoint of every Service, chosen for new flows or not (a terminating
     /// one, say). The datapath keeps them so that their established flows carry on.
     pub serving: BTreeMap<L4Addr, Backend>,
+    /// healthCheckNodePort → what its server reports (LoadBalancer Services with
+    /// `externalTrafficPolicy: Local`).
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// Services with a Local traffic policy and no endpoint on this node, by policy
+    /// (`kubeproxy_sync_proxy_rules_no_local_endpoints_total`).
+    pub no_local_endpoints_internal: usize,
+    pub no_local_endpoints_external: usize,
+}
+
+/// A Service's health check node port, as kube-proxy serves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints of the Service on this node.
+    pub local_endpoints: usize,
 }

@@ -31,7 +31,9 @@ use k8s_openapi::{
 
 use crate::{
     manifests::Objects,
-    model::{Backend, Desired, FrontendKind, FrontendState, L4Addr, Proto, ServicePortName},
+    model::{
+        Backend, Desired, FrontendKind, FrontendState, HealthCheck, L4Addr, Proto, ServicePortName,
+    },
 };
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -93,6 +95,9 @@ pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
         }
         let Some(spec) = &svc.spec else { continue };
         let slices = slices_by_service.get(&(ns.clone(), name.clone()));
+        // Ready endpoints on this node over all ports, for the health check node port.
+        let mut local_ready = BTreeSet::new();
+        let (mut lacks_internal, mut lacks_external) = (false, false);
         for sp in spec.ports.iter().flatten() {
             let port_name = sp.name.clone().unwrap_or_default();
             let spn = ServicePortName {
@@ -138,8 +143,16 @@ pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
             }
             let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
             let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+            local_ready.extend(
+                endpoints
+                    .iter()
+                    .filter(|e| e.ready && e.node.as_deref() == Some(node.name.as_str()))
+                    .map(|e| e.addr),
+            );
             let sets = categorize(&endpoints, node, proto);
             let affinity_timeout_s = affinity_timeout(spec);
+            lacks_internal |= internal_local && sets.local.is_empty();
+            lacks_external |= external_local && sets.local.is_empty();
             let internal = if internal_local {
                 &sets.local
             } else {
@@ -199,6 +212,35 @@ pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
                         add(ip, port, FrontendKind::LoadBalancer, external);
                     }
                 }
+            }
+        }
+        let externally_reachable =
+            matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"))
+                || spec.external_ips.as_ref().is_some_and(|e| !e.is_empty());
+        t.desired.no_local_endpoints_internal +=
+            usize::from(lacks_internal && spec.internal_traffic_policy.as_deref() == Some("Local"));
+        t.desired.no_local_endpoints_external += usize::from(
+            lacks_external
+                && externally_reachable
+                && spec.external_traffic_policy.as_deref() == Some("Local"),
+        );
+        // kube-proxy serves a health check on healthCheckNodePort for LoadBalancer Services
+        // with externalTrafficPolicy Local (serviceport.go).
+        let hcnp = spec
+            .health_check_node_port
+            .and_then(|p| u16::try_from(p).ok());
+        if let Some(port) = hcnp.filter(|p| *p != 0) {
+            if spec.type_.as_deref() == Some("LoadBalancer")
+                && spec.external_traffic_policy.as_deref() == Some("Local")
+            {
+                t.desired.health_checks.insert(
+                    port,
+                    HealthCheck {
+                        namespace: ns.clone(),
+                        name: name.clone(),
+                        local_endpoints: local_ready.len(),
+                    },
+                );
             }
         }
     }
@@ -839,6 +881,40 @@ endpoints:
             t.desired.frontends[&fe([10, 96, 1, 1], 9000, Proto::Tcp)].affinity_timeout_s,
             0
         );
+    }
+
+    #[test]
+    fn health_check_node_port_counts_local_ready_endpoints() {
+        // kube-proxy service_health.go: only LoadBalancer + externalTrafficPolicy Local, and
+        // only ready endpoints on this node count (terminating ones do not).
+        let svc = WEB.replace(
+            "type: NodePort",
+            "type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000",
+        );
+        let t = run(&format!(
+            "{svc}{}{}{}",
+            pod("web-1", "10.244.0.11", "node-a", true, 8080),
+            pod("web-2", "10.244.0.12", "node-b", true, 8080),
+            pod("web-3", "10.244.0.13", "node-a", false, 8080),
+        ));
+        let hc = &t.desired.health_checks[&32000];
+        assert_eq!(
+            (hc.namespace.as_str(), hc.name.as_str(), hc.local_endpoints),
+            ("shop", "web", 1)
+        );
+        assert_eq!(t.desired.no_local_endpoints_external, 0);
+        let t = run(&format!(
+            "{svc}{}",
+            pod("web-2", "10.244.0.12", "node-b", true, 8080)
+        ));
+        assert_eq!(t.desired.health_checks[&32000].local_endpoints, 0);
+        assert_eq!(t.desired.no_local_endpoints_external, 1);
+        // A NodePort Service with a healthCheckNodePort field gets no server.
+        let t = run(&WEB.replace(
+            "type: NodePort",
+            "type: NodePort\n  healthCheckNodePort: 32000",
+        ));
+        assert!(t.desired.health_checks.is_empty());
     }
 
     #[test]

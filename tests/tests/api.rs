@@ -431,15 +431,50 @@ fn only_terminating_endpoints_left_are_still_served() {
     .expect("refused once nothing serves");
 }
 
+fn metrics(lab: &Lab) -> String {
+    lb_tests::lab::run(&[
+        "ip",
+        "netns",
+        "exec",
+        &lab.node_ns,
+        "curl",
+        "-sS",
+        "--max-time",
+        "2",
+        "http://127.0.0.1:10249/metrics",
+    ])
+    .expect("metrics")
+}
+
+fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 #[test]
-fn external_traffic_policy_local_uses_this_nodes_endpoints_and_drops_without_one() {
+fn external_traffic_policy_local_with_health_check_and_load_balancer_ip() {
     let mut s = setup(3);
-    let svc = web_service("NodePort", "")
-        .replace("  selector:", "  externalTrafficPolicy: Local\n  selector:");
+    let lb_ip = "192.0.2.10";
+    lb_tests::lab::run(&[
+        "ip",
+        "-n",
+        &s.lab.ext_ns,
+        "route",
+        "add",
+        &format!("{lb_ip}/32"),
+        "via",
+        &NODE_IP.to_string(),
+    ])
+    .expect("route to the LB IP");
+    let svc = web_service("LoadBalancer", "").replace(
+        "  selector:",
+        "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  selector:",
+    ) + &format!("status:\n  loadBalancer:\n    ingress: [{{ip: {lb_ip}}}]\n");
     s.api.apply_yaml(&svc).expect("service");
     // pod1 is this node's; pod2 and pod3 are reported on another node.
     let ips: Vec<String> = s.lab.pods.iter().map(|p| p.ip.to_string()).collect();
-    let slice = |local: &[usize]| {
+    let slice = |local: &[usize], trigger: &str| {
         let eps: String = ips
             .iter()
             .enumerate()
@@ -452,20 +487,48 @@ fn external_traffic_policy_local_uses_this_nodes_endpoints_and_drops_without_one
                 format!("- {{addresses: [\"{ip}\"], nodeName: {node}}}\n")
             })
             .collect();
-        web_slice(&[]).replace("endpoints: []\n", &format!("endpoints:\n{eps}"))
+        web_slice(&[])
+            .replace("endpoints: []\n", &format!("endpoints:\n{eps}"))
+            .replace(
+                "  labels: {kubernetes.io/service-name: web}",
+                &format!("  labels: {{kubernetes.io/service-name: web}}\n  annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{trigger}\"}}"),
+            )
     };
-    s.api.apply_yaml(&slice(&[0])).expect("slice");
+    s.api
+        .apply_yaml(&slice(&[0], &rfc3339_now()))
+        .expect("slice");
     let kubeconfig = s.api.kubeconfig();
     s.lab.start_agent_kube(&kubeconfig).expect("agent");
     s.lab
         .wait_healthy(Duration::from_secs(15))
         .expect("healthy");
+    let ext = s.lab.ext_ns.clone();
+    let hc = || {
+        lb_tests::lab::run(&[
+            "ip",
+            "netns",
+            "exec",
+            &ext,
+            "curl",
+            "-sS",
+            "-i",
+            "--max-time",
+            "2",
+            &format!("http://{NODE_IP}:32000/"),
+        ])
+        .unwrap_or_else(|e| e.to_string())
+        .replace("\r\n", "\n")
+    };
 
-    // From outside: only the local endpoint, and it sees the client's own address.
+    // From outside, to the NodePort and to the LB IP: only the local endpoint, client kept.
     wait_served(&s.lab, &["pod1"], "external, Local");
+    assert_eq!(
+        served(&s.lab, &ext, &format!("http://{lb_ip}:80/"), 20),
+        set(&["pod1"])
+    );
     let body = s
         .lab
-        .curl(&s.lab.ext_ns, &format!("http://{NODE_IP}:30080/"))
+        .curl(&ext, &format!("http://{NODE_IP}:30080/"))
         .expect("request");
     assert!(body.contains("198.18.0.1:"), "client address kept: {body}");
     // The ClusterIP (internal policy Cluster) still spreads over all three.
@@ -474,9 +537,24 @@ fn external_traffic_policy_local_uses_this_nodes_endpoints_and_drops_without_one
         served(&s.lab, &pod2, "http://10.96.0.10:80/", 60),
         set(&["pod1", "pod2", "pod3"])
     );
+    // kube-proxy's health check: 200 with one local endpoint.
+    let r = hc();
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(
+        r.contains("X-Load-Balancing-Endpoint-Weight: 1")
+            && r.contains("X-Content-Type-Options: nosniff"),
+        "{r}"
+    );
+    assert!(
+        r.contains("\"localEndpoints\": 1") && r.contains("\"serviceProxyHealthy\": true"),
+        "{r}"
+    );
 
-    // No local endpoint: external traffic is dropped (not refused), the ClusterIP works on.
-    s.api.apply_yaml(&slice(&[])).expect("no local endpoint");
+    // No local endpoint: external traffic is dropped (not refused), the ClusterIP works on,
+    // the health check says 503.
+    s.api
+        .apply_yaml(&slice(&[], &rfc3339_now()))
+        .expect("no local endpoint");
     wait_for(Duration::from_secs(5), || {
         let v = s.lab.services_json()?;
         Ok(v.as_array().is_some_and(|l| {
@@ -488,7 +566,7 @@ fn external_traffic_policy_local_uses_this_nodes_endpoints_and_drops_without_one
     let started = Instant::now();
     let err = s
         .lab
-        .curl(&s.lab.ext_ns, &format!("http://{NODE_IP}:30080/"))
+        .curl(&ext, &format!("http://{NODE_IP}:30080/"))
         .expect_err("dropped");
     assert!(
         err.to_string().contains("curl: (28)"),
@@ -499,4 +577,62 @@ fn external_traffic_policy_local_uses_this_nodes_endpoints_and_drops_without_one
         served(&s.lab, &pod2, "http://10.96.0.10:80/", 30),
         set(&["pod1", "pod2", "pod3"])
     );
+    let r = hc();
+    assert!(
+        r.starts_with("HTTP/1.1 503") && r.contains("\"localEndpoints\": 0"),
+        "{r}"
+    );
+
+    // Metrics under kube-proxy's names.
+    let m = metrics(&s.lab);
+    assert_eq!(
+        metric_value(
+            &m,
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    let programmed =
+        metric_value(&m, "kubeproxy_network_programming_duration_seconds_count").unwrap_or(0.0);
+    assert!(programmed >= 1.0, "the slice change was measured: {m}");
+    assert!(
+        metric_value(
+            &m,
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"1\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric_value(&m, "kubeproxy_sync_proxy_rules_duration_seconds_count").unwrap_or(0.0) >= 2.0,
+        "{m}"
+    );
+    assert!(
+        metric_value(
+            &m,
+            "lb_frontend_new_flows_total{frontend=\"10.96.0.10:80/TCP\"}"
+        )
+        .unwrap_or(0.0)
+            >= 90.0,
+        "{m}"
+    );
+}
+
+/// Now, as the API writes timestamps (RFC 3339, UTC).
+fn rfc3339_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let out = lb_tests::lab::run(&[
+        "date",
+        "-u",
+        "-d",
+        &format!("@{secs}"),
+        "+%Y-%m-%dT%H:%M:%SZ",
+    ])
+    .unwrap_or_default();
+    out.trim().to_string()
 }
