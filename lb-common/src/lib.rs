@@ -21,6 +21,7 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "LB_SVC_STATS";
     pub const MEMBERS: &str = "LB_MEMBERS";
     pub const AFFINITY_V4: &str = "LB4_AFFINITY";
+    pub const IFACES: &str = "LB_IFACES";
 }
 
 /// Names of the programs in the object file.
@@ -77,6 +78,10 @@ map_type! {
 
 /// The entry serves every client (`ServiceKeyV4::scope`).
 pub const SCOPE_ALL: u8 = 0;
+/// The entry serves clients in this node's pods; it exists beside a `SCOPE_ALL` entry flagged
+/// `SVC_F_POD_SCOPE` (an external frontend with `externalTrafficPolicy: Local`, which pods on
+/// the node reach with the Cluster set).
+pub const SCOPE_PODS: u8 = 1;
 
 map_type! {
     /// What a frontend resolves to. Its usable backends are the `count` slots
@@ -105,6 +110,8 @@ pub const SVC_F_LOAD_BALANCER: u32 = 1 << 3;
 /// With no usable backend, drop the packet instead of answering with RST / ICMP
 /// port-unreachable (a Local traffic policy with endpoints only on other nodes).
 pub const SVC_F_DROP_NO_ENDPOINTS: u32 = 1 << 8;
+/// Packets from this node's pods use the `SCOPE_PODS` entry of the same frontend.
+pub const SVC_F_POD_SCOPE: u32 = 1 << 9;
 
 map_type! {
     /// One slot of a service's backend list.
@@ -159,6 +166,9 @@ map_type! {
     }
     size 16;
 }
+
+/// `LB_IFACES` value bits (key: ifindex): the interface leads to a pod of this node.
+pub const IFACE_F_POD: u32 = 1 << 0;
 
 /// The backend runs on this node.
 pub const BACKEND_F_LOCAL: u8 = 1 << 0;

@@ -34,8 +34,8 @@ use lb_common::{
     stat, AffinityKeyV4, AffinityV4, BackendSlotKey, BackendV4, CtEntryV4, CtKeyV4, MemberKey,
     ServiceKeyV4, ServiceStats, ServiceV4, AFFINITY_ENTRIES, BACKEND_F_TERMINATING, CT_F_FORWARD,
     CT_F_HAIRPIN, CT_F_REPLY, CT_REFRESH_NS, DEFAULT_CONNTRACK_ENTRIES, HAIRPIN_SNAT_V4,
-    IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_SERVICE_IDS,
-    SCOPE_ALL, SVC_F_DROP_NO_ENDPOINTS,
+    IFACE_F_POD, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_SERVICES,
+    MAX_SERVICE_IDS, SCOPE_ALL, SCOPE_PODS, SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -53,6 +53,8 @@ static LB_MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(MAX_BACKEND_SLOTS, 
 #[map]
 static LB4_AFFINITY: LruHashMap<AffinityKeyV4, AffinityV4> =
     LruHashMap::pinned(AFFINITY_ENTRIES, 0);
+#[map]
+static LB_IFACES: HashMap<u32, u32> = HashMap::pinned(4096, 0);
 #[map]
 static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
 #[map]
@@ -285,9 +287,19 @@ fn process(ctx: &XdpContext) -> u32 {
         scope: SCOPE_ALL,
     };
     // SAFETY: the value is copied out at once.
-    let Some(svc) = (unsafe { LB4_SERVICES.get(&svc_key) }).copied() else {
+    let Some(mut svc) = (unsafe { LB4_SERVICES.get(&svc_key) }).copied() else {
         return pass(stat::PASS_NO_SERVICE);
     };
+    if svc.flags & SVC_F_POD_SCOPE != 0 && from_pod(ctx) {
+        let pod_key = ServiceKeyV4 {
+            scope: SCOPE_PODS,
+            ..svc_key
+        };
+        // SAFETY: the value is copied out at once.
+        if let Some(pod_svc) = unsafe { LB4_SERVICES.get(&pod_key) } {
+            svc = *pod_svc;
+        }
+    }
     if svc.count == 0 {
         if svc.flags & SVC_F_DROP_NO_ENDPOINTS != 0 {
             count_service(svc.svc_id, bytes, false, true);
@@ -370,6 +382,15 @@ fn process(ctx: &XdpContext) -> u32 {
     count_service(svc.svc_id, bytes, true, false);
     hdr.rewrite(&pkt, &to);
     pass(stat::DNAT_NEW)
+}
+
+/// Whether the packet came in from one of this node's pods.
+#[inline(always)]
+fn from_pod(ctx: &XdpContext) -> bool {
+    // SAFETY: ctx.ctx is the program's own context.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    // SAFETY: the value is read at once.
+    unsafe { LB_IFACES.get(ifindex) }.is_some_and(|f| f & IFACE_F_POD != 0)
 }
 
 /// A uniformly random backend among the service's slots.

@@ -284,7 +284,7 @@ fn attach_interfaces(datapath: &mut Datapath, cfg: &RunConfig) -> Result<()> {
                 tracing::warn!(iface = %name, error = format!("{e:#}"), "sysctl failed");
             }
         }
-        match datapath.attach(*idx, name) {
+        match datapath.attach(*idx, name, is_pod) {
             Ok(true) => tracing::info!(iface = %name, ifindex = idx, "attached"),
             Ok(false) => {}
             Err(e) => tracing::warn!(iface = %name, error = format!("{e:#}"), "attach failed"),

@@ -56,6 +56,10 @@ pub struct Datapath {
     pin: PathBuf,
     xdp: Xdp,
     tc: SchedClassifier,
+    /// `LB_IFACES`: which interfaces lead to this node's pods.
+    ifaces: HashMap<MapData, u32, u32>,
+    /// Interfaces whose `LB_IFACES` entry this agent has written.
+    marked: std::collections::HashSet<u32>,
     /// The programs were already pinned: a previous agent's datapath was taken over.
     pub taken_over: bool,
 }
@@ -91,10 +95,13 @@ impl Datapath {
             .with_context(|| format!("opening {}", xdp_path.display()))?;
         let tc = SchedClassifier::from_pin(&tc_path)
             .with_context(|| format!("opening {}", tc_path.display()))?;
+        let ifaces = HashMap::try_from(Map::HashMap(open_map(pin, map_names::IFACES)?))?;
         Ok(Datapath {
             pin: pin.to_owned(),
             xdp,
             tc,
+            ifaces,
+            marked: Default::default(),
             taken_over,
         })
     }
@@ -103,15 +110,34 @@ impl Datapath {
         self.pin.join(LINKS_DIR).join(format!("{kind}-{ifindex}"))
     }
 
-    /// Whether both programs are attached to the interface.
+    /// Whether both programs are attached to the interface and its kind is recorded.
     pub fn is_attached(&self, ifindex: u32) -> bool {
-        self.link_path("xdp", ifindex).exists() && self.link_path("tc", ifindex).exists()
+        self.marked.contains(&ifindex)
+            && self.link_path("xdp", ifindex).exists()
+            && self.link_path("tc", ifindex).exists()
+    }
+
+    /// Records whether an interface leads to this node's pods (`LB_IFACES`).
+    pub fn mark(&mut self, ifindex: u32, pod: bool) -> Result<()> {
+        if pod {
+            self.ifaces
+                .insert(ifindex, lb_common::IFACE_F_POD, 0)
+                .context("writing LB_IFACES")?;
+        } else {
+            let _ = self.ifaces.remove(&ifindex);
+        }
+        self.marked.insert(ifindex);
+        Ok(())
     }
 
     /// Attaches both programs to an interface with pinned links (TC ingress first, so that
     /// what XDP hands on is answered), skipping a program whose link is pinned already.
     /// Returns whether it attached anything now.
-    pub fn attach(&mut self, ifindex: u32, ifname: &str) -> Result<bool> {
+    pub fn attach(&mut self, ifindex: u32, ifname: &str, pod: bool) -> Result<bool> {
+        // The kind first: a packet from a pod must never be taken for an outside one.
+        if !self.marked.contains(&ifindex) {
+            self.mark(ifindex, pod)?;
+        }
         let mut attached = false;
         let tc_path = self.link_path("tc", ifindex);
         if !tc_path.exists() {
@@ -146,7 +172,8 @@ impl Datapath {
     }
 
     /// Removes the pins of links whose interface is gone (the kernel detached them already).
-    pub fn forget_links_except(&self, live: &[u32]) -> Result<Vec<u32>> {
+    pub fn forget_links_except(&mut self, live: &[u32]) -> Result<Vec<u32>> {
+        self.marked.retain(|i| live.contains(i));
         let mut gone = Vec::new();
         for entry in fs::read_dir(self.pin.join(LINKS_DIR))? {
             let entry = entry?;
@@ -159,6 +186,7 @@ impl Datapath {
             };
             if !live.contains(&idx) {
                 fs::remove_file(entry.path())?;
+                let _ = self.ifaces.remove(&idx);
                 if !gone.contains(&idx) {
                     gone.push(idx);
                 }

@@ -166,12 +166,12 @@ impl ServiceMaps for MemMaps {
     }
 }
 
-pub fn frontend_key(fe: &L4Addr) -> ServiceKeyV4 {
+pub fn frontend_key(fe: &L4Addr, scope: u8) -> ServiceKeyV4 {
     ServiceKeyV4 {
         addr: u32::from_ne_bytes(fe.addr.octets()),
         port: fe.port.to_be(),
         proto: fe.proto.number(),
-        scope: lb_common::SCOPE_ALL,
+        scope,
     }
 }
 
@@ -209,6 +209,8 @@ pub struct FrontendDump {
     pub no_backend: &'static str,
     /// sessionAffinity ClientIP timeout in seconds (0: none).
     pub affinity_timeout_s: u32,
+    /// "pods": the entry this node's pods use at an externalTrafficPolicy Local frontend.
+    pub scope: &'static str,
     pub backends: Vec<BackendDump>,
 }
 
@@ -255,6 +257,11 @@ pub fn dump(maps: &impl ServiceMaps) -> Result<Vec<FrontendDump>, MapError> {
                 frontend: l4(k.addr, k.port, k.proto),
                 kind: kind.into(),
                 affinity_timeout_s: v.affinity_timeout_s,
+                scope: if k.scope == lb_common::SCOPE_PODS {
+                    "pods"
+                } else {
+                    "all"
+                },
                 no_backend: if v.flags & SVC_F_DROP_NO_ENDPOINTS != 0 {
                     "drop"
                 } else {
@@ -291,21 +298,26 @@ pub fn dump(maps: &impl ServiceMaps) -> Result<Vec<FrontendDump>, MapError> {
 /// `cilium service list`-style table.
 pub fn format_table(rows: &[FrontendDump]) -> String {
     let mut out = format!(
-        "{:<5} {:<24} {:<13} {}\n",
+        "{:<5} {:<24} {:<28} {}\n",
         "ID", "Frontend", "Service Type", "Backend"
     );
     for r in rows {
+        let mut kind = r.kind.clone();
+        if r.scope == "pods" {
+            kind.push_str(" (pods)");
+        }
+        if r.affinity_timeout_s != 0 {
+            kind.push_str(&format!(" (sticky {}s)", r.affinity_timeout_s));
+        }
         let mut first = true;
         let mut line = |backend: String| {
-            if first {
-                out.push_str(&format!(
-                    "{:<5} {:<24} {:<13} {backend}\n",
-                    r.id, r.frontend, r.kind
-                ));
-                first = false;
+            let (id, frontend, kind) = if first {
+                (r.id.to_string(), r.frontend.as_str(), kind.as_str())
             } else {
-                out.push_str(&format!("{:<5} {:<24} {:<13} {backend}\n", "", "", ""));
-            }
+                (String::new(), "", "")
+            };
+            out.push_str(&format!("{id:<5} {frontend:<24} {kind:<28} {backend}\n"));
+            first = false;
         };
         if r.backends.is_empty() {
             line(format!("(none: {})", r.no_backend));
@@ -321,4 +333,63 @@ pub fn format_table(rows: &[FrontendDump]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_scope_affinity_and_states() {
+        let rows = vec![
+            FrontendDump {
+                id: 1,
+                frontend: "198.18.0.2:30080/TCP".into(),
+                kind: "NodePort".into(),
+                no_backend: "drop",
+                affinity_timeout_s: 0,
+                scope: "all",
+                backends: vec![],
+            },
+            FrontendDump {
+                id: 2,
+                frontend: "198.18.0.2:30080/TCP".into(),
+                kind: "NodePort".into(),
+                no_backend: "reject",
+                affinity_timeout_s: 30,
+                scope: "pods",
+                backends: vec![
+                    BackendDump {
+                        id: 7,
+                        address: "10.244.0.11:8080/TCP".into(),
+                        state: "active",
+                        local: true,
+                    },
+                    BackendDump {
+                        id: 8,
+                        address: "10.244.0.12:8080/TCP".into(),
+                        state: "terminating",
+                        local: false,
+                    },
+                ],
+            },
+        ];
+        let t = format_table(&rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        assert!(
+            lines[1].contains("NodePort") && lines[1].ends_with("(none: drop)"),
+            "{t}"
+        );
+        assert!(lines[2].contains("NodePort (pods) (sticky 30s)"), "{t}");
+        assert!(
+            lines[2].ends_with("1 => 10.244.0.11:8080/TCP (active, local)"),
+            "{t}"
+        );
+        assert!(
+            lines[3].starts_with("      ")
+                && lines[3].ends_with("2 => 10.244.0.12:8080/TCP (terminating)"),
+            "{t}"
+        );
+    }
 }

@@ -114,6 +114,10 @@ pub struct FrontendState {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<L4Addr, FrontendState>,
+    /// What this node's pods get instead at some frontends: those of external frontends with
+    /// `externalTrafficPolicy: Local` use the Cluster set for pods (kube-proxy's
+    /// short-circuit, so pods reach the LB IP or NodePort even with no local endpoint).
+    pub pod_frontends: BTreeMap<L4Addr, FrontendState>,
     /// Every serving endpoint of every Service, chosen for new flows or not (a terminating
     /// one, say). The datapath keeps them so that their established flows carry on.
     pub serving: BTreeMap<L4Addr, Backend>,

@@ -9,8 +9,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use lb_common::{
-    BackendSlotKey, BackendV4, MemberKey, ServiceKeyV4, ServiceV4, MAX_SERVICE_IDS,
-    SVC_F_DROP_NO_ENDPOINTS,
+    BackendSlotKey, BackendV4, MemberKey, ServiceKeyV4, ServiceV4, MAX_SERVICE_IDS, SCOPE_ALL,
+    SCOPE_PODS, SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
 };
 
 use crate::{
@@ -179,7 +179,17 @@ impl<M: ServiceMaps> Reconciler<M> {
             .collect();
         let mut wanted_backends = BTreeSet::new();
         let mut slot_lists: BTreeMap<ServiceKeyV4Ord, (ServiceV4, Vec<u32>)> = BTreeMap::new();
-        for (fe, state) in &desired.frontends {
+        let entries = desired
+            .frontends
+            .iter()
+            .map(|(fe, st)| (fe, st, SCOPE_ALL))
+            .chain(
+                desired
+                    .pod_frontends
+                    .iter()
+                    .map(|(fe, st)| (fe, st, SCOPE_PODS)),
+            );
+        for (fe, state, scope) in entries {
             let mut slots = Vec::with_capacity(state.backends.len());
             for b in &state.backends {
                 let value = backend_value(&b.addr, b.local, b.terminating);
@@ -187,7 +197,8 @@ impl<M: ServiceMaps> Reconciler<M> {
                 wanted_backends.insert(id);
                 slots.push(id);
             }
-            let key = frontend_key(fe);
+            let key = frontend_key(fe, scope);
+            let pod_scope = scope == SCOPE_ALL && desired.pod_frontends.contains_key(fe);
             let value = ServiceV4 {
                 svc_id: 0, // filled in below
                 count: slots.len() as u32,
@@ -196,7 +207,8 @@ impl<M: ServiceMaps> Reconciler<M> {
                         SVC_F_DROP_NO_ENDPOINTS
                     } else {
                         0
-                    },
+                    }
+                    | if pod_scope { SVC_F_POD_SCOPE } else { 0 },
                 affinity_timeout_s: state.affinity_timeout_s,
                 affinity_group: affinity_group(&state.service.to_string()),
             };

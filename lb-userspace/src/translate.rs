@@ -166,7 +166,7 @@ pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
 
             let mut add = |addr: Ipv4Addr, port: u16, kind: FrontendKind, set: &Vec<Backend>| {
                 let fe = L4Addr { addr, port, proto };
-                let state = FrontendState {
+                let state = |set: &Vec<Backend>| FrontendState {
                     service: spn.clone(),
                     kind,
                     backends: set.clone(),
@@ -180,7 +180,10 @@ pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
                     ));
                     return;
                 }
-                t.desired.frontends.insert(fe, state);
+                if kind != FrontendKind::ClusterIP && external_local {
+                    t.desired.pod_frontends.insert(fe, state(&sets.cluster));
+                }
+                t.desired.frontends.insert(fe, state(set));
             };
 
             for ip in cluster_ips(svc) {
@@ -915,6 +918,32 @@ endpoints:
             "type: NodePort\n  healthCheckNodePort: 32000",
         ));
         assert!(t.desired.health_checks.is_empty());
+    }
+
+    #[test]
+    fn pods_reach_external_local_frontends_with_the_cluster_set() {
+        // kube-proxy proxier.go EXT chain: local pods short-circuit to the cluster chain.
+        let svc = WEB.replace(
+            "type: NodePort",
+            "type: NodePort\n  externalTrafficPolicy: Local",
+        );
+        let t = run(&format!(
+            "{svc}{}",
+            pod("web-2", "10.244.0.12", "node-b", true, 8080)
+        ));
+        let np = fe([198, 18, 0, 2], 30080, Proto::Tcp);
+        assert!(t.desired.frontends[&np].backends.is_empty());
+        assert_eq!(t.desired.pod_frontends[&np].backends.len(), 1);
+        assert!(!t
+            .desired
+            .pod_frontends
+            .contains_key(&fe([10, 96, 0, 10], 80, Proto::Tcp)));
+        // Cluster policy: no pod-only entries.
+        let t = run(&format!(
+            "{WEB}{}",
+            pod("web-2", "10.244.0.12", "node-b", true, 8080)
+        ));
+        assert!(t.desired.pod_frontends.is_empty());
     }
 
     #[test]

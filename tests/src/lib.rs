@@ -92,6 +92,27 @@ impl Harness {
         test_run(self.datapath.xdp(), frame)
     }
 
+    /// Runs one frame through the XDP program as if it came in on interface `ifindex`.
+    pub fn run_from(&self, ifindex: u32, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex; data_end must be the frame's length.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        let r = self
+            .datapath
+            .xdp()
+            .test_run(opts)
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
+    }
+
     /// Runs one frame through the TC ingress program: (TC verdict, output frame).
     pub fn run_tc(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
         test_run(self.datapath.tc(), frame)

@@ -577,6 +577,18 @@ fn external_traffic_policy_local_with_health_check_and_load_balancer_ip() {
         served(&s.lab, &pod2, "http://10.96.0.10:80/", 30),
         set(&["pod1", "pod2", "pod3"])
     );
+    // A pod of this node reaching the NodePort or the LB IP gets the Cluster set (kube-proxy's
+    // short-circuit for local pods), so it is served although no endpoint is local.
+    for url in [
+        format!("http://{NODE_IP}:30080/"),
+        format!("http://{lb_ip}:80/"),
+    ] {
+        assert_eq!(
+            served(&s.lab, &pod2, &url, 30),
+            set(&["pod1", "pod2", "pod3"]),
+            "{url}"
+        );
+    }
     let r = hc();
     assert!(
         r.starts_with("HTTP/1.1 503") && r.contains("\"localEndpoints\": 0"),

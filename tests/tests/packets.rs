@@ -253,6 +253,34 @@ fn local_policy_without_local_endpoint_drops() {
 }
 
 #[test]
+fn pods_reach_an_external_local_frontend_with_the_cluster_set() {
+    // kube-proxy: traffic from local pods to an externalTrafficPolicy Local destination goes
+    // to the cluster chain. Here `lo` stands for a pod veth.
+    let mut h = harness();
+    let yaml = services(&[POD1])
+        .replace(
+            "type: NodePort",
+            "type: NodePort\n  externalTrafficPolicy: Local",
+        )
+        .replace("nodeName: node-a", "nodeName: node-b");
+    h.program(&yaml).expect("program");
+    let lo = 1;
+    let syn = Frame::tcp((POD2, 40000), (NODE_IP, 30080), SYN);
+    // Not known as a pod interface yet: the external (Local) set, which is empty here.
+    assert_eq!(h.run_from(lo, &syn.build()).expect("run").0, XDP_DROP);
+    h.datapath
+        .mark(lo, true)
+        .expect("mark lo as a pod interface");
+    let (verdict, out) = h.run_from(lo, &syn.build()).expect("run");
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!((parse(&out).dst, parse(&out).dport), (POD1, 8080));
+    // The same interface no longer a pod's: the external set again.
+    h.datapath.mark(lo, false).expect("unmark lo");
+    let again = Frame::tcp((POD2, 40001), (NODE_IP, 30080), SYN);
+    assert_eq!(h.run_from(lo, &again.build()).expect("run").0, XDP_DROP);
+}
+
+#[test]
 fn packets_that_are_not_ours_pass_untouched() {
     let mut h = harness();
     h.program(&services(&[POD1])).expect("program");
