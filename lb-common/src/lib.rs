@@ -22,6 +22,7 @@ pub mod map_names {
     pub const MEMBERS: &str = "LB_MEMBERS";
     pub const AFFINITY_V4: &str = "LB4_AFFINITY";
     pub const IFACES: &str = "LB_IFACES";
+    pub const BACKEND_STATS: &str = "LB_BE_STATS";
 }
 
 /// Names of the programs in the object file.
@@ -31,6 +32,8 @@ pub const TC_PROGRAM: &str = "lb_tc_reject";
 /// Capacity of the maps (entries). The conntrack size can be changed at load time.
 pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_BACKENDS: u32 = 65_536;
+/// Backend ids are below this bound (they index `LB_BE_STATS`). Id 0 is never used.
+pub const MAX_BACKEND_IDS: u32 = 65_536;
 pub const MAX_BACKEND_SLOTS: u32 = 262_144;
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 pub const AFFINITY_ENTRIES: u32 = 65_536;
@@ -222,6 +225,15 @@ map_type! {
         pub rejected: u64,
     }
     size 32;
+}
+
+map_type! {
+    /// Per-backend counters (`LB_BE_STATS`, per CPU, indexed by backend id), both directions.
+    pub struct BackendStats {
+        pub packets: u64,
+        pub bytes: u64,
+    }
+    size 16;
 }
 
 /// Indexes of the global per-CPU counters in `LB_STATS`.

@@ -31,11 +31,12 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    stat, AffinityKeyV4, AffinityV4, BackendSlotKey, BackendV4, CtEntryV4, CtKeyV4, MemberKey,
-    ServiceKeyV4, ServiceStats, ServiceV4, AFFINITY_ENTRIES, BACKEND_F_TERMINATING, CT_F_FORWARD,
-    CT_F_HAIRPIN, CT_F_REPLY, CT_REFRESH_NS, DEFAULT_CONNTRACK_ENTRIES, HAIRPIN_SNAT_V4,
-    IFACE_F_POD, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_SERVICES,
-    MAX_SERVICE_IDS, SCOPE_ALL, SCOPE_PODS, SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
+    stat, AffinityKeyV4, AffinityV4, BackendSlotKey, BackendStats, BackendV4, CtEntryV4, CtKeyV4,
+    MemberKey, ServiceKeyV4, ServiceStats, ServiceV4, AFFINITY_ENTRIES, BACKEND_F_TERMINATING,
+    CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, CT_REFRESH_NS, DEFAULT_CONNTRACK_ENTRIES,
+    HAIRPIN_SNAT_V4, IFACE_F_POD, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_BACKEND_IDS,
+    MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_SERVICE_IDS, SCOPE_ALL, SCOPE_PODS,
+    SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -55,6 +56,8 @@ static LB4_AFFINITY: LruHashMap<AffinityKeyV4, AffinityV4> =
     LruHashMap::pinned(AFFINITY_ENTRIES, 0);
 #[map]
 static LB_IFACES: HashMap<u32, u32> = HashMap::pinned(4096, 0);
+#[map]
+static LB_BE_STATS: PerCpuArray<BackendStats> = PerCpuArray::pinned(MAX_BACKEND_IDS, 0);
 #[map]
 static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
 #[map]
@@ -151,6 +154,16 @@ fn count_service(svc_id: u32, bytes: u64, new_flow: bool, rejected: bool) {
         s.bytes += bytes;
         s.new_flows += new_flow as u64;
         s.rejected += rejected as u64;
+    }
+}
+
+#[inline(always)]
+fn count_backend(backend_id: u32, bytes: u64) {
+    if let Some(s) = LB_BE_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: a per-CPU slot, only this CPU writes it.
+        let s = unsafe { &mut *s };
+        s.packets += 1;
+        s.bytes += bytes;
     }
 }
 
@@ -269,12 +282,14 @@ fn process(ctx: &XdpContext) -> u32 {
         };
         if entry.flags & CT_F_REPLY != 0 {
             refresh(entry);
+            count_backend(entry.backend_id, bytes);
             hdr.rewrite(&pkt, &to);
             return pass(stat::REVERSE_NAT);
         }
         if keep_flow(proto, tcp_flags, entry.backend_id) {
             refresh(entry);
             count_service(entry.svc_id, bytes, false, false);
+            count_backend(entry.backend_id, bytes);
             hdr.rewrite(&pkt, &to);
             return pass(stat::DNAT_ESTABLISHED);
         }
@@ -380,6 +395,7 @@ fn process(ctx: &XdpContext) -> u32 {
     let _ = LB4_CONNTRACK.insert(&reply_key, &reply, 0);
     let _ = LB4_CONNTRACK.insert(&ct_key, &forward, 0);
     count_service(svc.svc_id, bytes, true, false);
+    count_backend(backend_id, bytes);
     hdr.rewrite(&pkt, &to);
     pass(stat::DNAT_NEW)
 }

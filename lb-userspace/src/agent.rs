@@ -130,9 +130,14 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
         let counters = bpf::read_stats(&pin).unwrap_or_default();
         let frontends = frontend_counters(&pin).unwrap_or_default();
+        let backends = bpf::read_backend_stats(&pin).unwrap_or_default();
         if let Ok(mut s) = metrics_status.lock() {
             s.datapath_counters = counters;
             s.frontend_counters = frontends;
+            s.backend_counters = backends
+                .into_iter()
+                .map(|(b, c)| (b, c.packets, c.bytes))
+                .collect();
         }
     });
     for (addr, what) in [(cfg.healthz_addr, "healthz"), (cfg.metrics_addr, "metrics")] {

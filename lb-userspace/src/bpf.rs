@@ -20,8 +20,8 @@ use aya::{
 };
 use aya_obj::programs::XdpAttachType;
 use lb_common::{
-    map_names, stat, BackendSlotKey, BackendV4, MemberKey, ServiceKeyV4, ServiceStats, ServiceV4,
-    TC_PROGRAM, XDP_PROGRAM,
+    map_names, stat, BackendSlotKey, BackendStats, BackendV4, MemberKey, ServiceKeyV4,
+    ServiceStats, ServiceV4, TC_PROGRAM, XDP_PROGRAM,
 };
 
 use crate::maps::{MapError, ServiceMaps};
@@ -227,6 +227,7 @@ pub struct PinnedMaps {
     slots: HashMap<MapData, BackendSlotKey, u32>,
     backends: HashMap<MapData, u32, BackendV4>,
     members: HashMap<MapData, MemberKey, u32>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
 }
 
 impl PinnedMaps {
@@ -236,6 +237,10 @@ impl PinnedMaps {
             slots: HashMap::try_from(Map::HashMap(open_map(pin, map_names::BACKEND_SLOTS)?))?,
             backends: HashMap::try_from(Map::HashMap(open_map(pin, map_names::BACKENDS_V4)?))?,
             members: HashMap::try_from(Map::HashMap(open_map(pin, map_names::MEMBERS)?))?,
+            backend_stats: PerCpuArray::try_from(Map::PerCpuArray(open_map(
+                pin,
+                map_names::BACKEND_STATS,
+            )?))?,
         })
     }
 }
@@ -315,6 +320,43 @@ impl ServiceMaps for PinnedMaps {
     fn delete_member(&mut self, key: &MemberKey) -> Result<(), MapError> {
         tolerate_missing(self.members.remove(key)).map_err(err(map_names::MEMBERS, "delete"))
     }
+    fn reset_backend_stats(&mut self, id: u32) -> Result<(), MapError> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| MapError {
+            map: map_names::BACKEND_STATS,
+            op: "reset",
+            reason: format!("{what}: {e}"),
+        })?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![BackendStats::default(); cpus])
+            .map_err(|e| MapError {
+                map: map_names::BACKEND_STATS,
+                op: "reset",
+                reason: e.to_string(),
+            })?;
+        self.backend_stats
+            .set(id, zeros, 0)
+            .map_err(err(map_names::BACKEND_STATS, "reset"))
+    }
+}
+
+/// Every backend's counters, summed over CPUs: (backend address, counters).
+pub fn read_backend_stats(pin: &Path) -> Result<Vec<(String, BackendStats)>> {
+    let maps = PinnedMaps::open(pin)?;
+    let mut out = Vec::new();
+    for (id, b) in maps.backends()? {
+        let values = maps.backend_stats.get(&id, 0)?;
+        let mut sum = BackendStats::default();
+        for v in values.iter() {
+            sum.packets += v.packets;
+            sum.bytes += v.bytes;
+        }
+        let addr = std::net::Ipv4Addr::from(b.addr.to_ne_bytes());
+        let proto = crate::model::Proto::from_number(b.proto)
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| b.proto.to_string());
+        out.push((format!("{addr}:{}/{proto}", u16::from_be(b.port)), sum));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
 }
 
 /// The global datapath counters, summed over CPUs, by name.

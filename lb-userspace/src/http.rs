@@ -100,6 +100,8 @@ pub struct Status {
     pub datapath_counters: Vec<(&'static str, u64)>,
     /// Per-frontend datapath counters, refreshed before each scrape by the agent.
     pub frontend_counters: Vec<FrontendCounters>,
+    /// Per-backend datapath counters (address, packets, bytes), refreshed likewise.
+    pub backend_counters: Vec<(String, u64, u64)>,
 }
 
 impl Default for Status {
@@ -113,6 +115,7 @@ impl Default for Status {
             no_local_endpoints: (0, 0),
             datapath_counters: Vec::new(),
             frontend_counters: Vec::new(),
+            backend_counters: Vec::new(),
         }
     }
 }
@@ -217,6 +220,18 @@ impl Status {
                     get(c)
                 ));
             }
+        }
+        out.push_str("# HELP lb_backend_packets_total Packets to and from a backend through the datapath\n# TYPE lb_backend_packets_total counter\n");
+        for (b, p, _) in &self.backend_counters {
+            out.push_str(&format!(
+                "lb_backend_packets_total{{backend=\"{b}\"}} {p}\n"
+            ));
+        }
+        out.push_str("# HELP lb_backend_bytes_total Bytes to and from a backend through the datapath\n# TYPE lb_backend_bytes_total counter\n");
+        for (b, _, bytes) in &self.backend_counters {
+            out.push_str(&format!(
+                "lb_backend_bytes_total{{backend=\"{b}\"}} {bytes}\n"
+            ));
         }
         out
     }

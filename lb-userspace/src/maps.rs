@@ -34,6 +34,8 @@ pub trait ServiceMaps {
     fn members(&self) -> Result<Vec<(MemberKey, u32)>, MapError>;
     fn set_member(&mut self, key: &MemberKey, slot: u32) -> Result<(), MapError>;
     fn delete_member(&mut self, key: &MemberKey) -> Result<(), MapError>;
+    /// Zeroes the counters of a backend id about to be (re)used.
+    fn reset_backend_stats(&mut self, id: u32) -> Result<(), MapError>;
 }
 
 /// Maps in memory, with a log of every write (so tests can check the order of updates).
@@ -43,6 +45,8 @@ pub struct MemMaps {
     pub slots: BTreeMap<(u32, u32), u32>,
     pub backends: BTreeMap<u32, BackendV4>,
     pub members: BTreeMap<(u32, u32), u32>,
+    /// Backend ids whose counters were reset (kept out of `log`).
+    pub stats_reset: Vec<u32>,
     pub log: Vec<String>,
     /// Fail writes after this many (to test error handling).
     pub fail_after: Option<usize>,
@@ -162,6 +166,10 @@ impl ServiceMaps for MemMaps {
     fn delete_member(&mut self, key: &MemberKey) -> Result<(), MapError> {
         self.write(format!("delete member {}/{}", key.svc_id, key.backend_id))?;
         self.members.remove(&(key.svc_id, key.backend_id));
+        Ok(())
+    }
+    fn reset_backend_stats(&mut self, id: u32) -> Result<(), MapError> {
+        self.stats_reset.push(id);
         Ok(())
     }
 }

@@ -9,8 +9,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use lb_common::{
-    BackendSlotKey, BackendV4, MemberKey, ServiceKeyV4, ServiceV4, MAX_SERVICE_IDS, SCOPE_ALL,
-    SCOPE_PODS, SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
+    BackendSlotKey, BackendV4, MemberKey, ServiceKeyV4, ServiceV4, MAX_BACKEND_IDS,
+    MAX_SERVICE_IDS, SCOPE_ALL, SCOPE_PODS, SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
 };
 
 use crate::{
@@ -131,7 +131,7 @@ impl<M: ServiceMaps> Reconciler<M> {
 
     fn alloc_backend_id(&mut self) -> u32 {
         loop {
-            if self.next_backend_id == 0 || self.next_backend_id >= i32::MAX as u32 {
+            if self.next_backend_id == 0 || self.next_backend_id >= MAX_BACKEND_IDS {
                 self.next_backend_id = 1;
             }
             let id = self.next_backend_id;
@@ -155,6 +155,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             Some(id) => *id,
             None => {
                 let id = self.alloc_backend_id();
+                self.maps.reset_backend_stats(id)?;
                 ids.insert(ident, id);
                 id
             }

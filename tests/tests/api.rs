@@ -630,6 +630,13 @@ fn external_traffic_policy_local_with_health_check_and_load_balancer_ip() {
             >= 90.0,
         "{m}"
     );
+    // Per backend: pod1 served requests through the ClusterIP, counted in both directions.
+    let pod1_ip = s.lab.pods[0].ip;
+    let backend = format!("lb_backend_packets_total{{backend=\"{pod1_ip}:{HTTP_PORT}/TCP\"}}");
+    assert!(
+        metric_value(&m, &backend).unwrap_or(0.0) >= 20.0,
+        "{backend}: {m}"
+    );
 }
 
 /// Now, as the API writes timestamps (RFC 3339, UTC).
