@@ -704,3 +704,145 @@ pub fn wait_requests(
     }
     Err(anyhow!("timed out")).context(format!("requests: {:?}", api.requests()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(api: &ApiServer, path: &str) -> (String, Value) {
+        let mut s = TcpStream::connect(api.addr).expect("connect");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("read");
+        let (head, body) = text.split_once("\r\n\r\n").expect("headers");
+        let status = head.lines().next().unwrap_or_default().to_string();
+        (status, serde_json::from_str(body).expect("json body"))
+    }
+
+    /// Opens a watch and returns a reader of its events (one JSON object per line).
+    fn watch(api: &ApiServer, path: &str) -> BufReader<TcpStream> {
+        let mut s = TcpStream::connect(api.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        while r.read_line(&mut line).expect("header") > 2 {
+            line.clear();
+        }
+        r
+    }
+
+    fn next_event(r: &mut BufReader<TcpStream>) -> Option<Value> {
+        // Chunked: a size line, then the data line (our events are single lines).
+        let mut size = String::new();
+        r.read_line(&mut size).ok()?;
+        if size.trim() == "0" || size.is_empty() {
+            return None;
+        }
+        let mut data = String::new();
+        r.read_line(&mut data).ok()?;
+        let mut crlf = String::new();
+        r.read_line(&mut crlf).ok()?;
+        serde_json::from_str(&data).ok()
+    }
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: ns}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+
+    #[test]
+    fn lists_filter_by_label_and_field_selectors_and_carry_a_resource_version() {
+        let api = ApiServer::start(None).expect("start");
+        api.apply_yaml(SVC).expect("a");
+        api.apply_yaml(&SVC.replace(
+            "name: a,",
+            "name: b, labels: {service.kubernetes.io/headless: ''},",
+        ))
+        .expect("b");
+        let (status, list) = get(
+            &api,
+            "/api/v1/services?labelSelector=%21service.kubernetes.io%2Fheadless",
+        );
+        assert!(status.contains("200"), "{status}");
+        assert_eq!(list["kind"], "ServiceList");
+        assert_eq!(list["metadata"]["resourceVersion"], "2");
+        let names: Vec<&str> = list["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .filter_map(|i| i["metadata"]["name"].as_str())
+            .collect();
+        assert_eq!(names, vec!["a"]);
+        let (_, list) = get(
+            &api,
+            "/api/v1/namespaces/ns/services?fieldSelector=metadata.name%3Db",
+        );
+        assert_eq!(list["items"].as_array().map(Vec::len), Some(1));
+        let (_, page) = get(&api, "/api/v1/services?limit=1");
+        assert_eq!(page["items"].as_array().map(Vec::len), Some(1));
+        let cont = page["metadata"]["continue"]
+            .as_str()
+            .expect("continue")
+            .to_string();
+        let (_, rest) = get(&api, &format!("/api/v1/services?limit=1&continue={cont}"));
+        assert_eq!(rest["items"][0]["metadata"]["name"], "b");
+        let (status, _) = get(&api, "/api/v1/namespaces/ns/services/zzz");
+        assert!(status.contains("404"), "{status}");
+    }
+
+    #[test]
+    fn watches_stream_changes_selector_transitions_and_bookmarks() {
+        let api = ApiServer::start(None).expect("start");
+        api.apply_yaml(SVC).expect("a");
+        let mut w = watch(
+            &api,
+            "/api/v1/services?watch=true&resourceVersion=1&allowWatchBookmarks=true&labelSelector=%21x",
+        );
+        api.apply_yaml(&SVC.replace(
+            "clusterIP: 10.96.0.1",
+            "clusterIP: 10.96.0.1, type: ClusterIP",
+        ))
+        .expect("modify");
+        let e = next_event(&mut w).expect("event");
+        assert_eq!(
+            (
+                e["type"].as_str(),
+                e["object"]["metadata"]["resourceVersion"].as_str()
+            ),
+            (Some("MODIFIED"), Some("2"))
+        );
+        // Gains the label the watch excludes: DELETED; loses it: ADDED.
+        api.apply_yaml(&SVC.replace("name: a,", "name: a, labels: {x: y},"))
+            .expect("label");
+        assert_eq!(next_event(&mut w).expect("event")["type"], "DELETED");
+        api.apply_yaml(SVC).expect("unlabel");
+        assert_eq!(next_event(&mut w).expect("event")["type"], "ADDED");
+        // Quiet for over a second: a bookmark with the current resourceVersion.
+        let e = next_event(&mut w).expect("bookmark");
+        assert_eq!(e["type"], "BOOKMARK");
+        assert_eq!(e["object"]["metadata"]["resourceVersion"], "4");
+        // Dropped connections end the stream.
+        api.drop_connections();
+        let mut rest = Vec::new();
+        while let Some(e) = next_event(&mut w) {
+            rest.push(e);
+        }
+        assert!(rest.iter().all(|e| e["type"] == "BOOKMARK"), "{rest:?}");
+    }
+
+    #[test]
+    fn a_compacted_resource_version_gets_410_gone() {
+        let api = ApiServer::start(None).expect("start");
+        api.apply_yaml(SVC).expect("a");
+        api.apply_yaml(SVC).expect("a again");
+        api.compact();
+        let mut w = watch(&api, "/api/v1/services?watch=true&resourceVersion=1");
+        let e = next_event(&mut w).expect("error event");
+        assert_eq!(e["type"], "ERROR");
+        assert_eq!(e["object"]["code"], 410);
+        assert_eq!(e["object"]["reason"], "Expired");
+        // From the current resourceVersion, a watch works.
+        let mut w = watch(&api, "/api/v1/services?watch=true&resourceVersion=2");
+        api.delete(Kind::Service, "ns", "a").expect("delete");
+        assert_eq!(next_event(&mut w).expect("event")["type"], "DELETED");
+    }
+}
