@@ -72,6 +72,16 @@ impl Source {
         }
     }
 
+    /// Whether the objects are complete enough to program from: kube-proxy does not sync
+    /// before its informers have listed, and neither does the agent (an empty store would
+    /// wipe a taken-over datapath).
+    fn ready(&self) -> bool {
+        match self {
+            Source::Manifests { .. } => true,
+            Source::Kube(k) => k.synced(),
+        }
+    }
+
     /// EndpointSlice change trigger times (for network programming latency).
     fn trigger_times(&self) -> Vec<(String, SystemTime)> {
         match self {
@@ -187,7 +197,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                 s.last_queued = Some(SystemTime::now());
             }
         }
-        if !dirty {
+        if !dirty || !source.ready() {
             continue;
         }
         let started = Instant::now();

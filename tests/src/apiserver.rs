@@ -90,6 +90,8 @@ struct Shared {
     changed: Condvar,
     up: AtomicBool,
     stop: AtomicBool,
+    /// Milliseconds every list answer waits (a slow API server).
+    list_delay_ms: std::sync::atomic::AtomicU64,
 }
 
 /// The double. Dropping it stops the server.
@@ -107,6 +109,7 @@ impl ApiServer {
             changed: Condvar::new(),
             up: AtomicBool::new(true),
             stop: AtomicBool::new(false),
+            list_delay_ms: std::sync::atomic::AtomicU64::new(0),
         });
         let (tx, rx) = std::sync::mpsc::channel();
         let s = shared.clone();
@@ -253,6 +256,13 @@ current-context: double
         if !up {
             self.drop_connections();
         }
+    }
+
+    /// Makes every list wait this long before it answers.
+    pub fn set_list_delay(&self, delay: Duration) {
+        self.shared
+            .list_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Request lines served so far (method and path with query).
@@ -518,7 +528,7 @@ fn serve(mut sock: TcpStream, shared: &Shared) -> Result<()> {
     if watch {
         return watch_stream(sock, shared, &target, &req.query);
     }
-    let st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+    let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(name) = &target.name {
         let key = (
             target.kind,
@@ -536,6 +546,12 @@ fn serve(mut sock: TcpStream, shared: &Shared) -> Result<()> {
                 respond(&mut sock, 404, &status(404, "NotFound", "not found"))
             }
         };
+    }
+    let delay = shared.list_delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        drop(st);
+        thread::sleep(Duration::from_millis(delay));
+        st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
     }
     let sel = Selector::parse(&req.query);
     let all: Vec<Value> = st

@@ -20,7 +20,10 @@ use std::{
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -485,19 +488,7 @@ impl Lab {
 
     /// One HTTP request with a new connection; returns the body.
     pub fn curl(&self, ns: &str, url: &str) -> Result<String> {
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            "curl",
-            "-sS",
-            "--max-time",
-            "2",
-            "-H",
-            "Connection: close",
-            url,
-        ])
+        curl(ns, url)
     }
 
     /// `count` HTTP requests, each on a new connection and in its own curl process; returns
@@ -533,6 +524,72 @@ impl Lab {
             Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
         })
     }
+}
+
+/// One HTTP request from namespace `ns` with curl, on a new connection; returns the body.
+pub fn curl(ns: &str, url: &str) -> Result<String> {
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "curl",
+        "-sS",
+        "--max-time",
+        "2",
+        "-H",
+        "Connection: close",
+        url,
+    ])
+}
+
+/// Requests in a loop on a thread, each a new connection, until `finish`.
+pub struct Background {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Background {
+    /// Starts requesting `url` from namespace `ns`; a reply counts as answered when it comes
+    /// from a lab pod.
+    pub fn requests(ns: &str, url: &str) -> Background {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ns, url, flag) = (ns.to_string(), url.to_string(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !flag.load(Ordering::Relaxed) {
+                match curl(&ns, &url) {
+                    Ok(b) if b.starts_with("pod") => ok += 1,
+                    Ok(b) => failed.push(b),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        });
+        Background { stop, thread }
+    }
+
+    /// Stops and returns (answered, failures).
+    pub fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .unwrap_or_else(|_| (0, vec!["the request thread panicked".into()]))
+    }
+}
+
+/// EndpointSlice `endpoints:` entries for `ips` on `node`, ready.
+pub fn endpoint_list(ips: &[Ipv4Addr], node: &str) -> String {
+    if ips.is_empty() {
+        return " []\n".to_string();
+    }
+    let eps: String = ips
+        .iter()
+        .map(|ip| {
+            format!("- {{addresses: [\"{ip}\"], nodeName: {node}, conditions: {{ready: true}}}}\n")
+        })
+        .collect();
+    format!("\n{eps}")
 }
 
 /// TX checksum offload off: full checksums, as on a wire.
@@ -692,15 +749,7 @@ spec:
 
 /// The `echo` Service with an EndpointSlice listing `pods`.
 pub fn echo_manifest(pods: &[LabPod]) -> String {
-    let eps: String = pods
-        .iter()
-        .map(|p| {
-            format!(
-                "- {{addresses: [\"{}\"], nodeName: {NODE_NAME}, conditions: {{ready: true}}}}\n",
-                p.ip
-            )
-        })
-        .collect();
+    let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
     format!(
         r#"apiVersion: v1
 kind: Service
@@ -719,12 +768,7 @@ addressType: IPv4
 ports:
 - {{name: dns, port: {UDP_PORT}, protocol: UDP}}
 - {{name: dns-tcp, port: {HTTP_PORT}, protocol: TCP}}
-endpoints:{}
-"#,
-        if eps.is_empty() {
-            " []\n".to_string()
-        } else {
-            format!("\n{eps}")
-        }
+endpoints:{}"#,
+        endpoint_list(&ips, NODE_NAME)
     )
 }

@@ -4,16 +4,13 @@
 
 use std::{
     collections::BTreeSet,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex, MutexGuard,
-    },
+    sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 use lb_tests::{
     apiserver::{wait_requests, ApiServer, Kind},
-    lab::{wait_for, Lab, LabPod, HTTP_PORT, NODE_IP, NODE_NAME},
+    lab::{endpoint_list, wait_for, Background, Lab, LabPod, HTTP_PORT, NODE_IP, NODE_NAME},
     require_root,
 };
 
@@ -60,15 +57,7 @@ spec:
 }
 
 fn web_slice(pods: &[&LabPod]) -> String {
-    let eps: String = pods
-        .iter()
-        .map(|p| {
-            format!(
-                "- {{addresses: [\"{}\"], nodeName: {NODE_NAME}, conditions: {{ready: true}}}}\n",
-                p.ip
-            )
-        })
-        .collect();
+    let ips: Vec<std::net::Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
     format!(
         r#"apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -78,13 +67,8 @@ metadata:
   labels: {{kubernetes.io/service-name: web}}
 addressType: IPv4
 ports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}]
-endpoints:{}
-"#,
-        if eps.is_empty() {
-            " []\n".to_string()
-        } else {
-            format!("\n{eps}")
-        }
+endpoints:{}"#,
+        endpoint_list(&ips, NODE_NAME)
     )
 }
 
@@ -244,32 +228,7 @@ fn the_datapath_keeps_serving_while_the_api_server_is_away_and_catches_up_after(
     wait_served(&s.lab, &["pod1", "pod2"], "start");
 
     // Requests in a loop from outside for the whole test.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ext, url) = (s.lab.ext_ns.clone(), format!("http://{NODE_IP}:30080/"));
-    let stop2 = stop.clone();
-    let client = std::thread::spawn(move || {
-        let (mut ok, mut failed) = (0usize, 0usize);
-        while !stop2.load(Ordering::Relaxed) {
-            let r = lb_tests::lab::run(&[
-                "ip",
-                "netns",
-                "exec",
-                &ext,
-                "curl",
-                "-sS",
-                "--max-time",
-                "2",
-                "-H",
-                "Connection: close",
-                &url,
-            ]);
-            match r {
-                Ok(b) if b.starts_with("pod") => ok += 1,
-                _ => failed += 1,
-            }
-        }
-        (ok, failed)
-    });
+    let client = Background::requests(&s.lab.ext_ns, &format!("http://{NODE_IP}:30080/"));
 
     // The API server goes away; the datapath keeps its state.
     s.api.set_up(false);
@@ -299,13 +258,13 @@ fn the_datapath_keeps_serving_while_the_api_server_is_away_and_catches_up_after(
         .expect("change after drop");
     wait_served(&s.lab, &["pod2", "pod3"], "after a dropped connection");
 
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = client.join().expect("client");
-    assert_eq!(
-        failed,
-        0,
-        "{failed} of {} requests failed while the API server was away",
-        ok + failed
+    let (ok, failed) = client.finish();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed while the API server was away: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(3)]
     );
     assert!(ok > 10, "only {ok} requests");
     let log = s.lab.agent_log();
@@ -313,6 +272,50 @@ fn the_datapath_keeps_serving_while_the_api_server_is_away_and_catches_up_after(
         log.contains("watch failed"),
         "the outage was noticed: {log}"
     );
+}
+
+#[test]
+fn a_restarted_agent_changes_nothing_before_its_first_list() {
+    let mut s = setup(2);
+    let pods = s.lab.pods.clone();
+    s.api
+        .apply_yaml(&web_service("NodePort", ""))
+        .expect("service");
+    s.api
+        .apply_yaml(&web_slice(&pods.iter().collect::<Vec<_>>()))
+        .expect("slice");
+    let kubeconfig = s.api.kubeconfig();
+    s.lab.start_agent_kube(&kubeconfig).expect("agent");
+    s.lab
+        .wait_healthy(Duration::from_secs(15))
+        .expect("healthy");
+    wait_served(&s.lab, &["pod1", "pod2"], "start");
+    let before = frontends(&s.lab);
+
+    // The agent restarts while the API server answers lists slowly: until the lists are in,
+    // the taken-over datapath must stay as it is (kube-proxy does not sync before that either).
+    s.lab.kill_agent().expect("kill");
+    s.api.set_list_delay(Duration::from_millis(2500));
+    let client = Background::requests(&s.lab.ext_ns, &format!("http://{NODE_IP}:30080/"));
+    s.lab.start_agent_kube(&kubeconfig).expect("restart");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        frontends(&s.lab),
+        before,
+        "frontends changed before the first list"
+    );
+    s.lab
+        .wait_healthy(Duration::from_secs(15))
+        .expect("healthy again");
+    let (ok, failed) = client.finish();
+    assert!(
+        failed.is_empty(),
+        "{} requests failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(ok > 5, "only {ok} requests");
+    assert_eq!(frontends(&s.lab), before);
 }
 
 /// `web` with session affinity (`timeout` seconds) or without (`None`).

@@ -6,15 +6,12 @@ use std::{
     collections::BTreeMap,
     io::ErrorKind,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex, MutexGuard,
-    },
+    sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 use lb_tests::{
-    lab::{echo_manifest, tutorial_manifests, wait_for, Lab, CLIENT_IP, NODE_IP},
+    lab::{echo_manifest, tutorial_manifests, wait_for, Background, Lab, CLIENT_IP, NODE_IP},
     require_root,
 };
 
@@ -285,34 +282,7 @@ fn traffic_keeps_flowing_while_the_agent_is_killed_and_restarted() {
     let before = lab.services_json().expect("services");
 
     // Requests in a loop from outside, each a new connection, for the whole test.
-    let stop = Arc::new(AtomicBool::new(false));
-    let url = format!("http://{NODE_IP}:30080/");
-    let ext = lab.ext_ns.clone();
-    let stop2 = stop.clone();
-    let client = std::thread::spawn(move || {
-        let mut ok = 0usize;
-        let mut failed = Vec::new();
-        while !stop2.load(Ordering::Relaxed) {
-            match lb_tests::lab::run(&[
-                "ip",
-                "netns",
-                "exec",
-                &ext,
-                "curl",
-                "-sS",
-                "--max-time",
-                "2",
-                "-H",
-                "Connection: close",
-                &url,
-            ]) {
-                Ok(b) if b.starts_with("pod") => ok += 1,
-                Ok(b) => failed.push(b),
-                Err(e) => failed.push(e.to_string()),
-            }
-        }
-        (ok, failed)
-    });
+    let client = Background::requests(&lab.ext_ns, &format!("http://{NODE_IP}:30080/"));
 
     std::thread::sleep(Duration::from_millis(700));
     let first_log = lab.agent_log();
@@ -325,8 +295,7 @@ fn traffic_keeps_flowing_while_the_agent_is_killed_and_restarted() {
     lab.wait_healthy(Duration::from_secs(10))
         .expect("healthy again");
     std::thread::sleep(Duration::from_millis(700));
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = client.join().expect("client thread");
+    let (ok, failed) = client.finish();
     assert!(
         failed.is_empty(),
         "{} of {} requests failed: {:?}",
