@@ -206,6 +206,20 @@ impl Datapath {
     }
 }
 
+/// The pinned programs of a running (or stopped) agent.
+pub fn pinned_programs(pin: &Path) -> Result<(Xdp, SchedClassifier)> {
+    let (xdp_path, tc_path) = (pin.join(XDP_PIN), pin.join(TC_PIN));
+    let xdp = Xdp::from_pin(&xdp_path, XdpAttachType::Interface).with_context(|| {
+        format!(
+            "opening {} (is an agent running with this --pin-path?)",
+            xdp_path.display()
+        )
+    })?;
+    let tc = SchedClassifier::from_pin(&tc_path)
+        .with_context(|| format!("opening {}", tc_path.display()))?;
+    Ok((xdp, tc))
+}
+
 fn pin_program(r: Result<(), aya::pin::PinError>, path: &Path) -> Result<()> {
     r.with_context(|| format!("pinning {}", path.display()))
 }

@@ -11,6 +11,8 @@ pub mod manifests;
 pub mod maps;
 pub mod model;
 pub mod node;
+pub mod packet;
 pub mod reconcile;
+pub mod trace;
 pub mod translate;
 pub mod validate;

@@ -26,6 +26,26 @@ enum Command {
         #[arg(long)]
         stats: bool,
     },
+    /// Send one synthesized packet through the pinned datapath and explain the decision.
+    Trace {
+        #[arg(value_enum)]
+        proto: TraceProto,
+        /// Client address and port.
+        src: std::net::SocketAddrV4,
+        /// Destination address and port.
+        dst: std::net::SocketAddrV4,
+        /// The interface the packet arrives on (default: from outside).
+        #[arg(long)]
+        iface: Option<String>,
+        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        pin_path: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TraceProto {
+    Tcp,
+    Udp,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -104,6 +124,23 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(agent::run(cfg))
+        }
+        Command::Trace {
+            proto,
+            src,
+            dst,
+            iface,
+            pin_path,
+        } => {
+            let proto = match proto {
+                TraceProto::Tcp => lb_userspace::model::Proto::Tcp,
+                TraceProto::Udp => lb_userspace::model::Proto::Udp,
+            };
+            print!(
+                "{}",
+                lb_userspace::trace::trace(&pin_path, proto, src, dst, iface.as_deref())?
+            );
+            Ok(())
         }
         Command::Services {
             output,

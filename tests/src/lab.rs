@@ -486,6 +486,16 @@ impl Lab {
         ])
     }
 
+    /// `lb-agent ARGS... --pin-path <the lab's>` in the node namespace; returns stdout.
+    pub fn agent_cli(&self, args: &[&str]) -> Result<String> {
+        let bin = binary("lb-agent")?;
+        let netns = format!("--net=/run/netns/{}", self.node_ns);
+        let mut cmd: Vec<&str> = vec!["nsenter", &netns, bin.to_str().unwrap_or_default()];
+        cmd.extend_from_slice(args);
+        cmd.extend_from_slice(&["--pin-path", self.pin.to_str().unwrap_or_default()]);
+        run(&cmd)
+    }
+
     /// One HTTP request with a new connection; returns the body.
     pub fn curl(&self, ns: &str, url: &str) -> Result<String> {
         curl(ns, url)

@@ -3,7 +3,7 @@
 
 pub mod apiserver;
 pub mod lab;
-pub mod packet;
+pub use lb_userspace::packet;
 
 use std::{
     path::{Path, PathBuf},

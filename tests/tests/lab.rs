@@ -338,3 +338,67 @@ fn traffic_keeps_flowing_while_the_agent_is_killed_and_restarted() {
         "stale frontend kept: {frontends:?}"
     );
 }
+
+#[test]
+fn trace_explains_each_decision_without_leaving_flows_behind() {
+    let lab = lab_with_agent(2);
+    let ct_before = lab.services_json().expect("services");
+
+    let t = lab
+        .agent_cli(&["trace", "tcp", "198.18.0.1:41000", "198.18.0.2:30080"])
+        .expect("trace NodePort");
+    assert!(
+        t.contains("frontend:  198.18.0.2:30080/TCP NodePort"),
+        "{t}"
+    );
+    assert!(
+        t.contains("decision:  new flow → backend 10.244.0.1"),
+        "{t}"
+    );
+    assert!(
+        t.contains("verdict:   XDP_PASS, rewritten to TCP 198.18.0.1:41000 → 10.244.0.1"),
+        "{t}"
+    );
+    assert!(t.contains("checksums valid"), "{t}");
+    // The synthetic flow left no conntrack entry: tracing it again is a new flow again.
+    let again = lab
+        .agent_cli(&["trace", "tcp", "198.18.0.1:41000", "198.18.0.2:30080"])
+        .expect("trace again");
+    assert!(again.contains("new flow"), "{again}");
+
+    let t = lab
+        .agent_cli(&[
+            "trace",
+            "tcp",
+            "10.244.0.11:41001",
+            "10.96.0.99:80",
+            "--iface",
+            "veth1",
+        ])
+        .expect("trace no-endpoint");
+    assert!(t.contains("from pod interface veth1"), "{t}");
+    assert!(t.contains("no usable endpoint"), "{t}");
+    assert!(
+        t.contains("rejected with TCP 10.96.0.99:80 → 10.244.0.11:41001 [ACK,RST]"),
+        "{t}"
+    );
+    let t = lab
+        .agent_cli(&["trace", "udp", "10.244.0.11:41002", "10.96.0.99:53"])
+        .expect("trace UDP no-endpoint");
+    assert!(
+        t.contains("ICMP port unreachable 10.96.0.99 → 10.244.0.11"),
+        "{t}"
+    );
+    let t = lab
+        .agent_cli(&["trace", "tcp", "198.18.0.1:41003", "198.18.0.2:22"])
+        .expect("trace non-service");
+    assert!(
+        t.contains("frontend:  none") && t.contains("not a Service frontend"),
+        "{t}"
+    );
+    assert_eq!(
+        lab.services_json().expect("services"),
+        ct_before,
+        "tracing changed the services"
+    );
+}

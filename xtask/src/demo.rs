@@ -156,6 +156,16 @@ pub fn run(pods: usize, requests: usize) -> Result<()> {
         },
         started.elapsed().as_millis()
     );
+    println!("\nOne packet through the datapath (lb-agent trace tcp 198.18.0.1:40000 {NODE_IP}:30080):\n");
+    print!(
+        "{}",
+        lab.agent_cli(&[
+            "trace",
+            "tcp",
+            "198.18.0.1:40000",
+            &format!("{NODE_IP}:30080")
+        ])?
+    );
     println!("\nWhat the datapath holds (lb-agent services --stats):\n");
     println!("{}", lab.services_table().context("lb-agent services")?);
 
