@@ -18,7 +18,7 @@ use crate::{
     kube_source::KubeSource,
     manifests::{ManifestDir, Objects},
     maps, node,
-    reconcile::Reconciler,
+    reconcile::{self, Reconciler},
     translate::{translate, NodeInfo},
 };
 
@@ -69,6 +69,20 @@ impl Source {
         match self {
             Source::Manifests { files, .. } => files.objects(),
             Source::Kube(k) => k.objects(),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Source::Manifests { .. } => "manifests",
+            Source::Kube(_) => "kubernetes",
+        }
+    }
+
+    fn connected(&self) -> Option<bool> {
+        match self {
+            Source::Manifests { .. } => None,
+            Source::Kube(k) => Some(k.connected()),
         }
     }
 
@@ -191,6 +205,10 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             Err(e) => tracing::warn!(error = format!("{e:#}"), "reading node addresses failed"),
         }
 
+        if let Ok(mut s) = status.lock() {
+            s.source = source.name();
+            s.api_connected = source.connected();
+        }
         if source.poll() {
             dirty = true;
             if let Ok(mut s) = status.lock() {
@@ -209,6 +227,15 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         let t = translate(&source.objects(), &node);
         for w in &t.warnings {
             tracing::warn!("{w}");
+        }
+        let fill = reconcile::fill_levels(&t.desired);
+        for (map, n, cap) in &fill {
+            if *n * 10 >= *cap * 9 && *n <= *cap {
+                tracing::warn!(map, entries = n, capacity = cap, "map nearly full");
+            }
+        }
+        if let Ok(mut s) = status.lock() {
+            s.map_fill = fill;
         }
         let r = match reconciler.as_mut() {
             Some(r) => r,

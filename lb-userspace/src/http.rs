@@ -96,6 +96,14 @@ pub struct Status {
     pub last_queued: Option<SystemTime>,
     /// Services with a Local policy and no local endpoint: (internal, external).
     pub no_local_endpoints: (usize, usize),
+    /// Duration of the last successful sync.
+    pub last_sync_duration: Option<Duration>,
+    /// Where objects come from ("manifests" or "kubernetes") and, for the API, whether every
+    /// watch is connected.
+    pub source: &'static str,
+    pub api_connected: Option<bool>,
+    /// (map, entries, capacity) as of the last desired state.
+    pub map_fill: Vec<(&'static str, usize, usize)>,
     /// Global datapath counters, refreshed before each scrape by the agent.
     pub datapath_counters: Vec<(&'static str, u64)>,
     /// Per-frontend datapath counters, refreshed before each scrape by the agent.
@@ -113,6 +121,10 @@ impl Default for Status {
             programming: Histogram::new(programming_buckets()),
             last_queued: None,
             no_local_endpoints: (0, 0),
+            last_sync_duration: None,
+            source: "",
+            api_connected: None,
+            map_fill: Vec::new(),
             datapath_counters: Vec::new(),
             frontend_counters: Vec::new(),
             backend_counters: Vec::new(),
@@ -123,6 +135,7 @@ impl Default for Status {
 impl Status {
     pub fn record_sync(&mut self, took: Duration) {
         self.sync.observe(took.as_secs_f64());
+        self.last_sync_duration = Some(took);
         self.last_synced = Some(SystemTime::now());
         self.failing = false;
     }
@@ -168,6 +181,27 @@ impl Status {
                 "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds {}\n",
                 secs(t)
             ));
+        }
+        if let Some(d) = self.last_sync_duration {
+            out.push_str("# HELP lb_last_sync_duration_seconds Duration of the last successful sync\n# TYPE lb_last_sync_duration_seconds gauge\n");
+            out.push_str(&format!(
+                "lb_last_sync_duration_seconds {}\n",
+                d.as_secs_f64()
+            ));
+        }
+        out.push_str("# HELP lb_source_info Where the agent takes its objects from\n# TYPE lb_source_info gauge\n");
+        out.push_str(&format!("lb_source_info{{source=\"{}\"}} 1\n", self.source));
+        if let Some(c) = self.api_connected {
+            out.push_str("# HELP lb_api_connected Whether every watch on the API server is connected\n# TYPE lb_api_connected gauge\n");
+            out.push_str(&format!("lb_api_connected {}\n", u8::from(c)));
+        }
+        out.push_str("# HELP lb_map_entries Entries the desired state needs in a map\n# TYPE lb_map_entries gauge\n");
+        for (m, n, _) in &self.map_fill {
+            out.push_str(&format!("lb_map_entries{{map=\"{m}\"}} {n}\n"));
+        }
+        out.push_str("# HELP lb_map_capacity Entries a map holds\n# TYPE lb_map_capacity gauge\n");
+        for (m, _, cap) in &self.map_fill {
+            out.push_str(&format!("lb_map_capacity{{map=\"{m}\"}} {cap}\n"));
         }
         out.push_str("# HELP kubeproxy_sync_proxy_rules_no_local_endpoints_total Number of services with a Local traffic policy and no endpoints\n");
         out.push_str("# TYPE kubeproxy_sync_proxy_rules_no_local_endpoints_total gauge\n");

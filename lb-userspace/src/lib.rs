@@ -13,6 +13,7 @@ pub mod model;
 pub mod node;
 pub mod packet;
 pub mod reconcile;
+pub mod status;
 pub mod trace;
 pub mod translate;
 pub mod validate;

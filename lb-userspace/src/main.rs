@@ -26,6 +26,18 @@ enum Command {
         #[arg(long)]
         stats: bool,
     },
+    /// The datapath and the agent at a glance: attachments, map fill levels, last sync, source.
+    /// Exits 1 when something needs attention.
+    Status {
+        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        pin_path: PathBuf,
+        /// Where the agent serves /healthz.
+        #[arg(long, default_value = "127.0.0.1:10256")]
+        healthz_addr: SocketAddr,
+        /// Where the agent serves /metrics.
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        metrics_addr: SocketAddr,
+    },
     /// Send one synthesized packet through the pinned datapath and explain the decision.
     Trace {
         #[arg(value_enum)]
@@ -124,6 +136,19 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(agent::run(cfg))
+        }
+        Command::Status {
+            pin_path,
+            healthz_addr,
+            metrics_addr,
+        } => {
+            let (report, attention) =
+                lb_userspace::status::status(&pin_path, healthz_addr, metrics_addr)?;
+            print!("{report}");
+            if attention {
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Command::Trace {
             proto,

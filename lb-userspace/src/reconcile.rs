@@ -9,8 +9,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use lb_common::{
-    BackendSlotKey, BackendV4, MemberKey, ServiceKeyV4, ServiceV4, MAX_BACKEND_IDS,
-    MAX_SERVICE_IDS, SCOPE_ALL, SCOPE_PODS, SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
+    map_names, BackendSlotKey, BackendV4, MemberKey, ServiceKeyV4, ServiceV4, MAX_BACKENDS,
+    MAX_BACKEND_IDS, MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_SERVICE_IDS, SCOPE_ALL, SCOPE_PODS,
+    SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
 };
 
 use crate::{
@@ -45,6 +46,54 @@ pub fn affinity_group(service_port: &str) -> u64 {
     service_port.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+/// How full the maps would be with `desired`: (map, entries, capacity).
+pub fn fill_levels(desired: &Desired) -> Vec<(&'static str, usize, usize)> {
+    let frontends = desired.frontends.len() + desired.pod_frontends.len();
+    let slots: usize = desired
+        .frontends
+        .values()
+        .chain(desired.pod_frontends.values())
+        .map(|f| f.backends.len())
+        .sum();
+    let backends: BTreeSet<_> = desired
+        .frontends
+        .values()
+        .chain(desired.pod_frontends.values())
+        .flat_map(|f| f.backends.iter().map(|b| b.addr))
+        .chain(desired.serving.keys().copied())
+        .collect();
+    vec![
+        (map_names::SERVICES_V4, frontends, MAX_SERVICES as usize),
+        (map_names::BACKEND_SLOTS, slots, MAX_BACKEND_SLOTS as usize),
+        (map_names::MEMBERS, slots, MAX_BACKEND_SLOTS as usize),
+        // Ids 1..MAX_BACKEND_IDS: one fewer than the ids.
+        (
+            map_names::BACKENDS_V4,
+            backends.len(),
+            (MAX_BACKENDS as usize).min(MAX_BACKEND_IDS as usize - 1),
+        ),
+        // Service ids 1..MAX_SERVICE_IDS.
+        ("service ids", frontends, MAX_SERVICE_IDS as usize - 1),
+    ]
+}
+
+/// Refuses, before writing anything, a desired state the maps cannot hold: a half-programmed
+/// datapath would be worse than the last good one.
+fn check_capacity(desired: &Desired) -> Result<(), MapError> {
+    for (map, n, cap) in fill_levels(desired) {
+        if n > cap {
+            return Err(MapError {
+                map,
+                op: "capacity",
+                reason: format!(
+                    "{n} entries wanted, room for {cap}: nothing was changed, the last good state stays"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Identity of a backend: address, port and protocol (not its flags).
@@ -170,6 +219,7 @@ impl<M: ServiceMaps> Reconciler<M> {
 
     /// Makes the maps hold `desired`.
     pub fn apply(&mut self, desired: &Desired) -> Result<ApplyStats, MapError> {
+        check_capacity(desired)?;
         let mut stats = ApplyStats::default();
 
         // 1. Backends: reuse the id of an identical address, write new ones and flag changes.
@@ -523,6 +573,29 @@ mod tests {
         r.maps.log.clear();
         r.apply(&desired(&[(addr(VIP, 80), &[a])])).expect("apply");
         assert_eq!(r.maps.log, vec!["delete backend 2"]);
+    }
+
+    #[test]
+    fn a_state_the_maps_cannot_hold_is_refused_before_any_write() {
+        let mut r = Reconciler::new(MemMaps::default()).expect("new");
+        let a = addr([10, 0, 0, 1], 80);
+        r.apply(&desired(&[(addr(VIP, 80), &[a])])).expect("apply");
+        r.maps.log.clear();
+        // More frontends than LB4_SERVICES holds.
+        let many: Vec<L4Addr> = (0..=MAX_SERVICES)
+            .map(|i| addr([10, 97, (i >> 8) as u8, i as u8], 80 + (i >> 16) as u16))
+            .collect();
+        let backends = [a];
+        let wanted: Vec<(L4Addr, &[L4Addr])> = many.iter().map(|f| (*f, &backends[..])).collect();
+        let err = r.apply(&desired(&wanted)).expect_err("over capacity");
+        assert_eq!(err.map, map_names::SERVICES_V4);
+        assert!(err.to_string().contains("nothing was changed"), "{err}");
+        assert!(
+            r.maps.log.is_empty(),
+            "wrote {:?}",
+            &r.maps.log[..3.min(r.maps.log.len())]
+        );
+        assert_eq!(r.maps.services.len(), 1, "the last good state stays");
     }
 
     #[test]

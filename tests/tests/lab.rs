@@ -402,3 +402,34 @@ fn trace_explains_each_decision_without_leaving_flows_behind() {
         "tracing changed the services"
     );
 }
+
+#[test]
+fn status_shows_attachments_maps_and_the_agent() {
+    let mut lab = lab_with_agent(2);
+    let s = lab
+        .agent_cli(&["status"])
+        .expect("status exits 0 when all is well");
+    for want in [
+        "ext0 (external): ",
+        "veth1 (pod): ",
+        "veth2 (pod): ",
+        "LB4_SERVICES",
+        "LB4_CONNTRACK",
+        "Agent:        healthy",
+        "Source:       manifests",
+    ] {
+        assert!(s.contains(want), "{want:?} missing:\n{s}");
+    }
+    assert!(s.contains("XDP") && s.contains("TC ingress"), "{s}");
+    assert!(!s.contains("Warning"), "{s}");
+    // The agent gone: status says so and exits 1; the datapath is still attached.
+    lab.kill_agent().expect("kill");
+    let err = lab
+        .agent_cli(&["status"])
+        .expect_err("exit 1 without an agent");
+    assert!(err.to_string().contains("failed"), "{err}");
+    let body = lab
+        .curl(&lab.ext_ns, &format!("http://{NODE_IP}:30080/"))
+        .expect("still forwarding");
+    assert!(body.starts_with("pod"), "{body}");
+}

@@ -1,0 +1,211 @@
+//! `lb-agent status`: the datapath as pinned (programs, attachments, how full each map is)
+//! and the agent as it reports itself (health, last sync, source), like
+//! `cilium status --verbose`.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, Map, MapData};
+use lb_common::{
+    map_names, AffinityKeyV4, AffinityV4, BackendSlotKey, BackendV4, CtEntryV4, CtKeyV4, MemberKey,
+    ServiceKeyV4, ServiceV4, IFACE_F_POD,
+};
+
+use crate::bpf;
+
+/// A map at or above this share of its capacity is reported as a warning.
+pub const NEARLY_FULL: f64 = 0.9;
+
+fn count<K: aya::Pod, V: aya::Pod>(pin: &Path, name: &str, lru: bool) -> Result<(usize, u32)> {
+    let data = MapData::from_pin(pin.join(name))
+        .with_context(|| format!("opening {}", pin.join(name).display()))?;
+    let max = data.info()?.max_entries();
+    let map = if lru {
+        Map::LruHashMap(data)
+    } else {
+        Map::HashMap(data)
+    };
+    let map: HashMap<MapData, K, V> = HashMap::try_from(map)?;
+    Ok((map.keys().filter(Result::is_ok).count(), max))
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: lb-agent\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+}
+
+fn metric(metrics: &str, series: &str) -> Option<String> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ').map(str::to_owned))
+}
+
+/// The status report, and whether anything calls for attention.
+pub fn status(pin: &Path, healthz: SocketAddr, metrics: SocketAddr) -> Result<(String, bool)> {
+    let mut out = String::new();
+    let mut warnings = Vec::new();
+
+    let (xdp, tc) = bpf::pinned_programs(pin)?;
+    let (xi, ti) = (xdp.info()?, tc.info()?);
+    writeln!(out, "Datapath:     pinned at {}", pin.display())?;
+    writeln!(
+        out,
+        "Programs:     lb_xdp (XDP, id {}), lb_tc_reject (TC ingress, id {})",
+        xi.id(),
+        ti.id()
+    )?;
+
+    // Attachments, from the pinned links.
+    let ifaces: HashMap<MapData, u32, u32> = HashMap::try_from(Map::HashMap(MapData::from_pin(
+        pin.join(map_names::IFACES),
+    )?))?;
+    let mut attached: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
+    for entry in std::fs::read_dir(pin.join("links")).context("reading the pinned links")? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if let Some((kind, idx)) = name.split_once('-') {
+            if let Ok(idx) = idx.parse::<u32>() {
+                let hook = if kind == "xdp" { "XDP" } else { "TC ingress" };
+                attached.entry(idx).or_default().push(hook);
+            }
+        }
+    }
+    let mut first = true;
+    for (idx, hooks) in &attached {
+        let name = nix::net::if_::if_indextoname(*idx)
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| format!("ifindex {idx} (not in this network namespace)"));
+        let kind = if ifaces.get(idx, 0).is_ok_and(|f| f & IFACE_F_POD != 0) {
+            "pod"
+        } else {
+            "external"
+        };
+        let label = if first { "Attachments:" } else { "" };
+        first = false;
+        writeln!(out, "{label:<13} {name} ({kind}): {}", hooks.join(", "))?;
+    }
+    if attached.is_empty() {
+        writeln!(out, "Attachments:  none")?;
+        warnings.push("the datapath is attached to no interface".to_string());
+    }
+
+    // Map fill levels, counted in the maps themselves.
+    let fills = [
+        (
+            map_names::SERVICES_V4,
+            count::<ServiceKeyV4, ServiceV4>(pin, map_names::SERVICES_V4, false)?,
+        ),
+        (
+            map_names::BACKEND_SLOTS,
+            count::<BackendSlotKey, u32>(pin, map_names::BACKEND_SLOTS, false)?,
+        ),
+        (
+            map_names::BACKENDS_V4,
+            count::<u32, BackendV4>(pin, map_names::BACKENDS_V4, false)?,
+        ),
+        (
+            map_names::MEMBERS,
+            count::<MemberKey, u32>(pin, map_names::MEMBERS, false)?,
+        ),
+        (
+            map_names::CONNTRACK_V4,
+            count::<CtKeyV4, CtEntryV4>(pin, map_names::CONNTRACK_V4, true)?,
+        ),
+        (
+            map_names::AFFINITY_V4,
+            count::<AffinityKeyV4, AffinityV4>(pin, map_names::AFFINITY_V4, true)?,
+        ),
+    ];
+    for (i, (name, (n, max))) in fills.iter().enumerate() {
+        let share = *n as f64 / (*max).max(1) as f64;
+        let label = if i == 0 { "Maps:" } else { "" };
+        writeln!(
+            out,
+            "{label:<13} {name:<14} {n:>7} / {max:<7} {:5.1}%",
+            share * 100.0
+        )?;
+        // LRU maps evict by design; only the others can run out.
+        let lru = *name == map_names::CONNTRACK_V4 || *name == map_names::AFFINITY_V4;
+        if share >= NEARLY_FULL && !lru {
+            warnings.push(format!("map {name} is {:.0}% full", share * 100.0));
+        }
+    }
+
+    // The agent, as it reports itself.
+    match (http_get(healthz, "/healthz"), http_get(metrics, "/metrics")) {
+        (Some(h), Some(m)) => {
+            let v: serde_json::Value = serde_json::from_str(&h).unwrap_or_default();
+            let healthy = v["lastUpdated"].as_str().is_some_and(|s| !s.is_empty());
+            let last = v["lastUpdated"].as_str().unwrap_or("never");
+            let took = metric(&m, "lb_last_sync_duration_seconds")
+                .and_then(|s| s.parse::<f64>().ok())
+                .map(|s| format!(" in {:.1} ms", s * 1000.0))
+                .unwrap_or_default();
+            writeln!(
+                out,
+                "Agent:        {} (healthz {healthz}), last sync {last}{took}",
+                if healthy {
+                    "healthy"
+                } else {
+                    "not programmed yet"
+                }
+            )?;
+            let source = m
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("lb_source_info{source=\"")?
+                        .split('"')
+                        .next()
+                        .map(str::to_owned)
+                })
+                .unwrap_or_else(|| "?".into());
+            let api = match metric(&m, "lb_api_connected").as_deref() {
+                Some("1") => " (API server connected)",
+                Some(_) => {
+                    warnings.push(
+                        "the API server is not connected: the datapath keeps its last state".into(),
+                    );
+                    " (API server NOT connected)"
+                }
+                None => "",
+            };
+            writeln!(out, "Source:       {source}{api}")?;
+            if !healthy {
+                warnings.push("the agent has not programmed the datapath yet".into());
+            }
+        }
+        _ => {
+            writeln!(out, "Agent:        not answering on {healthz} / {metrics} (the datapath keeps forwarding from its pins)")?;
+            warnings.push("no agent answers".into());
+        }
+    }
+    writeln!(
+        out,
+        "Features:     IPv4 ClusterIP, NodePort, externalIPs, LoadBalancer IPs (XDP DNAT, conntrack); \
+         rejects (TC); sessionAffinity ClientIP; topology hints; traffic policies; \
+         healthCheckNodePort"
+    )?;
+    writeln!(
+        out,
+        "Not yet:      IPv6, backends on other nodes (SNAT), host-network clients (cgroup hooks)"
+    )?;
+    for w in &warnings {
+        writeln!(out, "Warning:      {w}")?;
+    }
+    Ok((out, !warnings.is_empty()))
+}
