@@ -3,7 +3,9 @@
 #   - Debian packages: the BPF toolchain (Debian's Rust 1.96 with its library source, LLVM 22)
 #     and the lab's tools (iproute2, ethtool, curl, ncat, bpftool, ...);
 #   - bpf-linker 0.13 built against LLVM 22;
+#   - kubernetes-validate (PyPI), which CI uses to check the deploy/ manifests;
 #   - a BPF filesystem on /sys/fs/bpf.
+# With LB_SETUP_IMAGE=1 (building the container image) only the build toolchain is installed.
 # `scripts/setup.sh --check` only reports whether anything is missing (exit 1 if so).
 set -euo pipefail
 
@@ -12,6 +14,7 @@ PACKAGES=(
   iproute2 ethtool curl ncat bpftool tcpdump util-linux procps iptables nftables iperf3 wrk
 )
 BPF_LINKER_VERSION=0.13.0
+KUBERNETES_VALIDATE_VERSION=1.37.0
 
 missing_packages() {
   local p
@@ -25,7 +28,13 @@ bpf_linker_ok() {
 }
 
 bpffs_ok() {
-  [ "$(stat -f -c %T /sys/fs/bpf 2>/dev/null)" = "bpf_fs" ]
+  [ -n "${LB_SETUP_IMAGE:-}" ] || [ "$(stat -f -c %T /sys/fs/bpf 2>/dev/null)" = "bpf_fs" ]
+}
+
+validator_ok() {
+  [ -n "${LB_SETUP_IMAGE:-}" ] && return 0
+  command -v kubernetes-validate >/dev/null 2>&1 \
+    && kubernetes-validate --version 2>/dev/null | grep -q "$KUBERNETES_VALIDATE_VERSION"
 }
 
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -36,6 +45,7 @@ if [ "${1:-}" = "--check" ]; then
   [ -z "$m" ] || { echo "missing packages:" $m; ok=1; }
   bpf_linker_ok || { echo "missing: bpf-linker $BPF_LINKER_VERSION"; ok=1; }
   bpffs_ok || { echo "missing: bpffs on /sys/fs/bpf"; ok=1; }
+  validator_ok || { echo "missing: kubernetes-validate $KUBERNETES_VALIDATE_VERSION"; ok=1; }
   command -v cargo >/dev/null 2>&1 || { echo "missing: cargo (rustup stable)"; ok=1; }
   exit $ok
 fi
@@ -61,6 +71,12 @@ if ! bpf_linker_ok; then
   echo "==> building bpf-linker $BPF_LINKER_VERSION against LLVM 22"
   LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version "$BPF_LINKER_VERSION" \
     --locked --no-default-features --features llvm-22
+fi
+
+if ! validator_ok; then
+  echo "==> installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION"
+  python3 -m pip install -q "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+  hash -r
 fi
 
 if ! bpffs_ok; then

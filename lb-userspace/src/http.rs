@@ -292,13 +292,30 @@ fn health_response(status: &Status, with_node: bool) -> (u16, String) {
     (code, body.to_string())
 }
 
+/// Reads a request's head (up to the blank line, at most 8 KiB, within 5 s). Reading it whole
+/// matters: closing a socket with unread bytes makes the kernel answer with a reset, which
+/// the client sees instead of the response.
+async fn read_head(sock: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout_at(deadline, sock.read(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 || head.len() + n > 8192 {
+            return None;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
 async fn handle(mut sock: TcpStream, status: SharedStatus, refresh: Arc<dyn Fn() + Send + Sync>) {
-    let mut buf = [0u8; 2048];
-    let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
-        Ok(Ok(n)) => n,
-        _ => return,
+    let Some(req) = read_head(&mut sock).await else {
+        return;
     };
-    let req = String::from_utf8_lossy(&buf[..n]);
     let path = req
         .lines()
         .next()
@@ -377,11 +394,7 @@ async fn answer_health_check(
     state: Arc<Mutex<HealthCheck>>,
     status: SharedStatus,
 ) {
-    let mut buf = [0u8; 2048];
-    if !matches!(
-        tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await,
-        Ok(Ok(_))
-    ) {
+    if read_head(&mut sock).await.is_none() {
         return;
     }
     let hc = match state.lock() {

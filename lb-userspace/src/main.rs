@@ -26,6 +26,12 @@ enum Command {
         #[arg(long)]
         stats: bool,
     },
+    /// Remove the datapath: unpin links (which detaches the programs), programs and maps.
+    /// Stop the agent first, or it attaches again.
+    Uninstall {
+        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        pin_path: PathBuf,
+    },
     /// The datapath and the agent at a glance: attachments, map fill levels, last sync, source.
     /// Exits 1 when something needs attention.
     Status {
@@ -136,6 +142,22 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(agent::run(cfg))
+        }
+        Command::Uninstall { pin_path } => {
+            if !pin_path.exists() {
+                println!("nothing pinned at {}", pin_path.display());
+                return Ok(());
+            }
+            let links = std::fs::read_dir(pin_path.join("links"))
+                .map(|d| d.count())
+                .unwrap_or(0);
+            std::fs::remove_dir_all(&pin_path)
+                .with_context(|| format!("removing {}", pin_path.display()))?;
+            println!(
+                "removed {} ({links} links detached, programs and maps unpinned)",
+                pin_path.display()
+            );
+            Ok(())
         }
         Command::Status {
             pin_path,

@@ -67,9 +67,11 @@ pub fn run(args: &[&str]) -> Result<String> {
         .with_context(|| format!("running {}", args[0]))?;
     if !out.status.success() {
         bail!(
-            "`{}` failed: {}",
+            "`{}` failed ({}): {}{}",
             args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())

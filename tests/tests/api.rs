@@ -4,6 +4,7 @@
 
 use std::{
     collections::BTreeSet,
+    path::Path,
     sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -70,6 +71,67 @@ ports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}]
 endpoints:{}"#,
         endpoint_list(&ips, NODE_NAME)
     )
+}
+
+/// The (API group, resource, verb) triples the agent's requests to the double need, against
+/// the rules of deploy/clusterrole.yaml: the ClusterRole must allow exactly those.
+fn rbac_covers_exactly(requests: &[String]) {
+    let mut used = BTreeSet::new();
+    for r in requests {
+        let path = r
+            .trim_start_matches("GET ")
+            .split('?')
+            .next()
+            .unwrap_or_default();
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (group, rest) = match parts.as_slice() {
+            ["api", "v1", rest @ ..] => ("", rest),
+            ["apis", g, _v, rest @ ..] => (*g, rest),
+            _ => panic!("unexpected request {r}"),
+        };
+        let rest = match rest {
+            ["namespaces", _, rest @ ..] => rest,
+            _ => rest,
+        };
+        let verb = match (
+            rest.len(),
+            r.contains("watch=true") || r.contains("watch=1"),
+        ) {
+            (_, true) => "watch",
+            (1, false) => "list",
+            _ => "get",
+        };
+        used.insert((group.to_string(), rest[0].to_string(), verb.to_string()));
+    }
+    let role: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/clusterrole.yaml"),
+        )
+        .expect("clusterrole.yaml"),
+    )
+    .expect("yaml");
+    let mut allowed = BTreeSet::new();
+    for rule in role["rules"].as_sequence().expect("rules") {
+        let strs = |k: &str| -> Vec<String> {
+            rule[k]
+                .as_sequence()
+                .expect(k)
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        };
+        for g in strs("apiGroups") {
+            for res in strs("resources") {
+                for v in strs("verbs") {
+                    allowed.insert((g.clone(), res.clone(), v));
+                }
+            }
+        }
+    }
+    assert_eq!(
+        used, allowed,
+        "the ClusterRole must allow exactly what the agent uses"
+    );
 }
 
 /// The pods that answered `n` requests from `ns` to `url`.
@@ -148,12 +210,20 @@ fn services_and_endpointslices_from_the_api_server() {
         "{reqs:?}"
     );
     wait_requests(&s.api, Duration::from_secs(5), |r| {
+        ["/api/v1/services?", "/api/v1/nodes?"].iter().all(|p| {
+            r.iter()
+                .any(|r| r.starts_with(&format!("GET {p}")) && r.contains("watch=true"))
+        })
+    })
+    .expect("watches on Services and Nodes");
+    wait_requests(&s.api, Duration::from_secs(5), |r| {
         r.iter().any(|r| {
             r.starts_with("GET /apis/discovery.k8s.io/v1/endpointslices?")
                 && r.contains("watch=true")
         })
     })
     .expect("a watch on EndpointSlices");
+    rbac_covers_exactly(&s.api.requests());
 
     wait_served(&s.lab, &["pod1", "pod2"], "created");
     s.api

@@ -432,4 +432,14 @@ fn status_shows_attachments_maps_and_the_agent() {
         .curl(&lab.ext_ns, &format!("http://{NODE_IP}:30080/"))
         .expect("still forwarding");
     assert!(body.starts_with("pod"), "{body}");
+
+    // Uninstall: nothing attached any more, NodePort traffic is no longer translated.
+    let out = lab.agent_cli(&["uninstall"]).expect("uninstall");
+    assert!(out.contains("links detached"), "{out}");
+    let links =
+        lb_tests::lab::run(&["ip", "-n", &lab.node_ns, "-d", "link", "show"]).expect("ip link");
+    assert!(!links.contains("prog/xdp"), "XDP still attached:\n{links}");
+    assert!(lab
+        .curl(&lab.ext_ns, &format!("http://{NODE_IP}:30080/"))
+        .is_err());
 }
