@@ -14,7 +14,10 @@ use anyhow::{bail, Context, Result};
 use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray},
     programs::{
-        links::FdLink, tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     EbpfLoader,
 };
@@ -65,45 +68,93 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the object, reusing the maps and the programs a previous agent pinned.
+    /// Loads the object with the maps a previous agent pinned (if any) and this agent's own
+    /// programs. A previous agent's links are moved to the new programs in place
+    /// (`bpf_link_update`, atomic per interface), so an upgrade never detaches anything and
+    /// conntrack, affinity and counters carry over.
     pub fn load(pin: &Path, conntrack_entries: u32) -> Result<Self> {
         ensure_bpffs(pin)?;
         fs::create_dir_all(pin.join(LINKS_DIR))
             .with_context(|| format!("creating {}", pin.display()))?;
+        check_layout(pin)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin)
             .map_max_entries(map_names::CONNTRACK_V4, conntrack_entries)
             .load(EBPF_OBJECT)
             .context("loading the BPF object")?;
         let (xdp_path, tc_path) = (pin.join(XDP_PIN), pin.join(TC_PIN));
-        let taken_over = xdp_path.exists() && tc_path.exists();
-        if !taken_over {
+        let taken_over = xdp_path.exists() || tc_path.exists();
+        // This agent's programs, pinned beside any older ones, then opened from there.
+        let (xdp_new, tc_new) = (pin.join("prog_lb_xdp_new"), pin.join("prog_lb_tc_new"));
+        {
             let xdp: &mut Xdp = ebpf
                 .program_mut(XDP_PROGRAM)
                 .context("program lb_xdp missing from the object")?
                 .try_into()?;
             xdp.load().context("loading lb_xdp (verifier)")?;
-            pin_program(xdp.pin(&xdp_path), &xdp_path)?;
+            replace_pin(&xdp_new, |p| xdp.pin(p))?;
             let tc: &mut SchedClassifier = ebpf
                 .program_mut(TC_PROGRAM)
                 .context("program lb_tc_reject missing from the object")?
                 .try_into()?;
             tc.load().context("loading lb_tc_reject (verifier)")?;
-            pin_program(tc.pin(&tc_path), &tc_path)?;
+            replace_pin(&tc_new, |p| tc.pin(p))?;
         }
-        let xdp = Xdp::from_pin(&xdp_path, XdpAttachType::Interface)
-            .with_context(|| format!("opening {}", xdp_path.display()))?;
-        let tc = SchedClassifier::from_pin(&tc_path)
-            .with_context(|| format!("opening {}", tc_path.display()))?;
+        let xdp = Xdp::from_pin(&xdp_new, XdpAttachType::Interface)
+            .with_context(|| format!("opening {}", xdp_new.display()))?;
+        let tc = SchedClassifier::from_pin(&tc_new)
+            .with_context(|| format!("opening {}", tc_new.display()))?;
         let ifaces = HashMap::try_from(Map::HashMap(open_map(pin, map_names::IFACES)?))?;
-        Ok(Datapath {
+        let mut dp = Datapath {
             pin: pin.to_owned(),
             xdp,
             tc,
             ifaces,
             marked: Default::default(),
             taken_over,
-        })
+        };
+        dp.adopt_links()?;
+        // The new programs take the usual names (the links hold them either way).
+        for (from, to) in [(&xdp_new, &xdp_path), (&tc_new, &tc_path)] {
+            fs::rename(from, to)
+                .with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
+        }
+        Ok(dp)
+    }
+
+    /// Moves every pinned link to this agent's programs; forgets links that are gone.
+    fn adopt_links(&mut self) -> Result<()> {
+        for entry in fs::read_dir(self.pin.join(LINKS_DIR))? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let fd: FdLink = match PinnedLink::from_pin(&path) {
+                Ok(l) => l.into(),
+                Err(e) => {
+                    tracing::warn!(link = %name, error = %e, "unreadable pinned link; removed");
+                    let _ = fs::remove_file(&path);
+                    continue;
+                }
+            };
+            // The programs own the moved links; the pins keep them attached after the agent.
+            let moved: Result<()> = if name.starts_with("xdp-") {
+                XdpLink::try_from(fd)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|l| Ok(self.xdp.attach_to_link(l).map(|_| ())?))
+            } else {
+                SchedClassifierLink::try_from(fd)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|l| Ok(self.tc.attach_to_link(l).map(|_| ())?))
+            };
+            if let Err(e) = moved {
+                // A link whose interface went away while no agent ran.
+                tracing::info!(link = %name, error = format!("{e:#}"), "stale pinned link removed");
+                let _ = fs::remove_file(&path);
+            }
+        }
+        Ok(())
     }
 
     fn link_path(&self, kind: &str, ifindex: u32) -> PathBuf {
@@ -206,6 +257,51 @@ impl Datapath {
     }
 }
 
+/// The layout of the pinned maps: bumped with any change to the types in `lb-common`. A
+/// bpffs holds no regular files, so the mark is an empty directory `layout-<LAYOUT>`.
+const LAYOUT: &str = "lb-maps-v1";
+
+/// Refuses pinned maps of another layout (they would be misread), and marks new ones.
+fn check_layout(pin: &Path) -> Result<()> {
+    let mut marks = Vec::new();
+    let mut others = false;
+    for entry in fs::read_dir(pin)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        match name.strip_prefix("layout-") {
+            Some(l) => marks.push(l.to_string()),
+            None => others |= name != LINKS_DIR,
+        }
+    }
+    match marks.as_slice() {
+        [m] if m == LAYOUT => Ok(()),
+        [] if !others => {
+            let mark = pin.join(format!("layout-{LAYOUT}"));
+            fs::create_dir(&mark).with_context(|| format!("creating {}", mark.display()))
+        }
+        [] => bail!(
+            "{} holds pins without a layout mark (not this project's, or an unversioned build): \
+             remove them (`lb-agent uninstall --pin-path {}`) first",
+            pin.display(),
+            pin.display()
+        ),
+        found => bail!(
+            "the maps pinned at {} have layout {found:?}, this agent needs {LAYOUT:?}: drain \
+             the node and run `lb-agent uninstall --pin-path {}` before starting this version",
+            pin.display(),
+            pin.display()
+        ),
+    }
+}
+
+/// Pins a program where a leftover of an interrupted start may be pinned.
+fn replace_pin(
+    path: &Path,
+    pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>,
+) -> Result<()> {
+    let _ = fs::remove_file(path);
+    pin(path).with_context(|| format!("pinning {}", path.display()))
+}
+
 /// The pinned programs of a running (or stopped) agent.
 pub fn pinned_programs(pin: &Path) -> Result<(Xdp, SchedClassifier)> {
     let (xdp_path, tc_path) = (pin.join(XDP_PIN), pin.join(TC_PIN));
@@ -218,10 +314,6 @@ pub fn pinned_programs(pin: &Path) -> Result<(Xdp, SchedClassifier)> {
     let tc = SchedClassifier::from_pin(&tc_path)
         .with_context(|| format!("opening {}", tc_path.display()))?;
     Ok((xdp, tc))
-}
-
-fn pin_program(r: Result<(), aya::pin::PinError>, path: &Path) -> Result<()> {
-    r.with_context(|| format!("pinning {}", path.display()))
 }
 
 fn open_map(pin: &Path, name: &str) -> Result<MapData> {

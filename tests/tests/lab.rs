@@ -285,6 +285,14 @@ fn traffic_keeps_flowing_while_the_agent_is_killed_and_restarted() {
     let client = Background::requests(&lab.ext_ns, &format!("http://{NODE_IP}:30080/"));
 
     std::thread::sleep(Duration::from_millis(700));
+    let programs = |lab: &Lab| -> String {
+        let st = lab.agent_cli(&["status"]).unwrap_or_else(|e| e.to_string());
+        st.lines()
+            .find(|l| l.starts_with("Programs:"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let old_programs = programs(&lab);
     let first_log = lab.agent_log();
     assert!(first_log.contains("attached iface=veth1"), "{first_log}");
     lab.kill_agent().expect("kill -9");
@@ -308,6 +316,29 @@ fn traffic_keeps_flowing_while_the_agent_is_killed_and_restarted() {
 
     let log = lab.agent_log();
     assert!(log.contains("taken_over=true"), "{log}");
+    // The restarted agent's own programs replaced the old ones on the same links (an
+    // upgrade path): new program ids, and every interface runs the new XDP program.
+    let new_programs = programs(&lab);
+    assert!(
+        new_programs.starts_with("Programs:") && new_programs != old_programs,
+        "{old_programs} / {new_programs}"
+    );
+    let xdp_id = new_programs
+        .split("(XDP, id ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_default()
+        .to_string();
+    let links =
+        lb_tests::lab::run(&["ip", "-n", &lab.node_ns, "-d", "link", "show"]).expect("ip link");
+    let attached: Vec<&str> = links.lines().filter(|l| l.contains("prog/xdp")).collect();
+    assert_eq!(attached.len(), 5, "ext0 and four pod veths: {links}");
+    assert!(
+        attached
+            .iter()
+            .all(|l| l.contains(&format!("id {xdp_id} "))),
+        "{links}"
+    );
     assert!(
         !log.contains("attached iface"),
         "nothing is attached twice:\n{log}"
@@ -422,8 +453,9 @@ fn status_shows_attachments_maps_and_the_agent() {
     }
     assert!(s.contains("XDP") && s.contains("TC ingress"), "{s}");
     assert!(!s.contains("Warning"), "{s}");
-    // The agent gone: status says so and exits 1; the datapath is still attached.
-    lab.kill_agent().expect("kill");
+    // The agent stopped gracefully (SIGTERM: its program handles are dropped): status says
+    // so and exits 1; the datapath is still attached and forwarding.
+    lab.stop_agent().expect("stop");
     let err = lab
         .agent_cli(&["status"])
         .expect_err("exit 1 without an agent");

@@ -578,3 +578,29 @@ fn udp_rewrites_keep_the_frame_otherwise_identical() {
         },
     );
 }
+
+#[test]
+fn pins_of_another_map_layout_are_refused_before_anything_is_loaded() {
+    lb_tests::require_root();
+    let pin = lb_tests::PinDir::new("layout");
+    std::fs::create_dir_all(pin.path().join("layout-lb-maps-v0")).expect("mark");
+    let err = match lb_userspace::bpf::Datapath::load(pin.path(), 4096) {
+        Ok(_) => panic!("an old layout was taken over"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("lb-maps-v0") && err.contains("uninstall"),
+        "{err}"
+    );
+    // Nothing was pinned beside the old mark.
+    let names: Vec<String> = std::fs::read_dir(pin.path())
+        .expect("read")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| n == "links" || n == "layout-lb-maps-v0"),
+        "{names:?}"
+    );
+}
