@@ -23,6 +23,8 @@ pub mod map_names {
     pub const AFFINITY_V4: &str = "LB4_AFFINITY";
     pub const IFACES: &str = "LB_IFACES";
     pub const BACKEND_STATS: &str = "LB_BE_STATS";
+    pub const FLOW_EVENTS: &str = "LB_FLOWS";
+    pub const CONFIG: &str = "LB_CONFIG";
 }
 
 /// Names of the programs in the object file.
@@ -209,6 +211,8 @@ map_type! {
     size 32;
 }
 
+/// The flow's opening was reported to `LB_FLOWS`, so its closing is reported too.
+pub const CT_F_REPORTED: u16 = 1 << 3;
 /// Client → frontend direction: destination becomes the backend.
 pub const CT_F_FORWARD: u16 = 1 << 0;
 /// Backend → client direction: source becomes the frontend again.
@@ -236,6 +240,41 @@ map_type! {
     size 16;
 }
 
+/// `LB_CONFIG` indexes (an array of u32 the agent writes).
+pub mod config {
+    /// Report one new flow in N to `LB_FLOWS` (0: none). Closed flows are reported for the
+    /// flows whose opening was.
+    pub const FLOW_SAMPLE: u32 = 0;
+    pub const COUNT: u32 = 4;
+}
+
+/// Bytes of the `LB_FLOWS` ring buffer.
+pub const FLOW_EVENTS_BYTES: u32 = 256 * 1024;
+
+/// `FlowEvent::kind`.
+pub const FLOW_NEW: u8 = 1;
+pub const FLOW_CLOSED: u8 = 2;
+
+map_type! {
+    /// A load-balancing decision, reported through the `LB_FLOWS` ring buffer.
+    pub struct FlowEvent {
+        /// `bpf_ktime_get_ns()` (monotonic).
+        pub ts_ns: u64,
+        /// Network byte order, as the packet carried them.
+        pub client_addr: u32,
+        pub frontend_addr: u32,
+        pub backend_addr: u32,
+        pub svc_id: u32,
+        pub client_port: u16,
+        pub frontend_port: u16,
+        pub backend_port: u16,
+        pub proto: u8,
+        /// `FLOW_NEW` or `FLOW_CLOSED`.
+        pub kind: u8,
+    }
+    size 32;
+}
+
 /// Indexes of the global per-CPU counters in `LB_STATS`.
 pub mod stat {
     pub const RX: u32 = 0;
@@ -254,7 +293,10 @@ pub mod stat {
     pub const PASS_TRUNCATED: u32 = 13;
     /// Handed by XDP to the TC ingress program, which answers with RST / ICMP.
     pub const PASS_TO_REJECT: u32 = 14;
-    pub const COUNT: u32 = 15;
+    /// Flow events that found the ring buffer full (nobody reading `lb-agent flows` fast
+    /// enough).
+    pub const FLOW_EVENTS_LOST: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Names in index order, for the agent's output.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -273,5 +315,6 @@ pub mod stat {
         "drop_inconsistent",
         "pass_truncated",
         "pass_to_reject",
+        "flow_events_lost",
     ];
 }

@@ -27,16 +27,16 @@ use aya_ebpf::{
         bpf_skb_change_tail, bpf_skb_pull_data,
     },
     macros::{classifier, map, xdp},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    stat, AffinityKeyV4, AffinityV4, BackendSlotKey, BackendStats, BackendV4, CtEntryV4, CtKeyV4,
-    MemberKey, ServiceKeyV4, ServiceStats, ServiceV4, AFFINITY_ENTRIES, BACKEND_F_TERMINATING,
-    CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, CT_REFRESH_NS, DEFAULT_CONNTRACK_ENTRIES,
-    HAIRPIN_SNAT_V4, IFACE_F_POD, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_BACKEND_IDS,
-    MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_SERVICE_IDS, SCOPE_ALL, SCOPE_PODS,
-    SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
+    config, stat, AffinityKeyV4, AffinityV4, BackendSlotKey, BackendStats, BackendV4, CtEntryV4,
+    CtKeyV4, FlowEvent, MemberKey, ServiceKeyV4, ServiceStats, ServiceV4, AFFINITY_ENTRIES,
+    BACKEND_F_TERMINATING, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, CT_F_REPORTED, CT_REFRESH_NS,
+    DEFAULT_CONNTRACK_ENTRIES, FLOW_CLOSED, FLOW_EVENTS_BYTES, FLOW_NEW, HAIRPIN_SNAT_V4,
+    IFACE_F_POD, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_BACKEND_IDS, MAX_BACKEND_SLOTS,
+    MAX_SERVICES, MAX_SERVICE_IDS, SCOPE_ALL, SCOPE_PODS, SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -60,6 +60,13 @@ static LB_IFACES: HashMap<u32, u32> = HashMap::pinned(4096, 0);
 static LB_BE_STATS: PerCpuArray<BackendStats> = PerCpuArray::pinned(MAX_BACKEND_IDS, 0);
 #[map]
 static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
+#[map]
+static LB_FLOWS: RingBuf = RingBuf::pinned(FLOW_EVENTS_BYTES, 0);
+#[map]
+static LB_CONFIG: Array<u32> = Array::pinned(config::COUNT, 0);
+/// Per-CPU count of new flows, for 1-in-N sampling.
+#[map]
+static LB_FLOW_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static LB_SVC_STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(MAX_SERVICE_IDS, 0);
 
@@ -287,6 +294,13 @@ fn process(ctx: &XdpContext) -> u32 {
             return pass(stat::REVERSE_NAT);
         }
         if keep_flow(proto, tcp_flags, entry.backend_id) {
+            // The client closes (FIN or RST) a reported flow: report that once.
+            if entry.flags & CT_F_REPORTED != 0 && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                entry.flags &= !CT_F_REPORTED;
+                // SAFETY: bpf_ktime_get_ns has no preconditions.
+                let now = unsafe { bpf_ktime_get_ns() };
+                report_flow(FLOW_CLOSED, proto, &pkt, &to, entry.svc_id, now);
+            }
             refresh(entry);
             count_service(entry.svc_id, bytes, false, false);
             count_backend(entry.backend_id, bytes);
@@ -379,6 +393,7 @@ fn process(ctx: &XdpContext) -> u32 {
         flags: CT_F_REPLY | flags,
         _pad: 0,
     };
+    let reported = sample_flow() && report_flow(FLOW_NEW, proto, &pkt, &to, svc.svc_id, now);
     let forward = CtEntryV4 {
         last_seen_ns: now,
         nat_saddr: to.saddr,
@@ -387,7 +402,7 @@ fn process(ctx: &XdpContext) -> u32 {
         nat_dport: to.dport,
         backend_id,
         svc_id: svc.svc_id,
-        flags: CT_F_FORWARD | flags,
+        flags: CT_F_FORWARD | flags | if reported { CT_F_REPORTED } else { 0 },
         _pad: 0,
     };
     // The reply entry goes in first, so that no reply can be seen before it exists. A failed
@@ -398,6 +413,44 @@ fn process(ctx: &XdpContext) -> u32 {
     count_backend(backend_id, bytes);
     hdr.rewrite(&pkt, &to);
     pass(stat::DNAT_NEW)
+}
+
+/// 1-in-N sampling of new flows for `LB_FLOWS` (`LB_CONFIG[FLOW_SAMPLE]`, 0 = off).
+#[inline(always)]
+fn sample_flow() -> bool {
+    let n = LB_CONFIG.get(config::FLOW_SAMPLE).copied().unwrap_or(0);
+    if n == 0 {
+        return false;
+    }
+    let Some(seq) = LB_FLOW_SEQ.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a per-CPU slot, only this CPU writes it.
+    let seq = unsafe { &mut *seq };
+    *seq = seq.wrapping_add(1);
+    *seq % n == 0
+}
+
+/// Reports a decision to `LB_FLOWS`; false when the ring buffer is full.
+#[inline(always)]
+fn report_flow(kind: u8, proto: u8, pkt: &Tuple, to: &Tuple, svc_id: u32, now: u64) -> bool {
+    let ev = FlowEvent {
+        ts_ns: now,
+        client_addr: pkt.saddr,
+        frontend_addr: pkt.daddr,
+        backend_addr: to.daddr,
+        svc_id,
+        client_port: pkt.sport,
+        frontend_port: pkt.dport,
+        backend_port: to.dport,
+        proto,
+        kind,
+    };
+    if LB_FLOWS.output::<FlowEvent>(&ev, 0).is_err() {
+        count(stat::FLOW_EVENTS_LOST);
+        return false;
+    }
+    true
 }
 
 /// Whether the packet came in from one of this node's pods.

@@ -37,6 +37,8 @@ pub struct RunConfig {
     pub metrics_addr: SocketAddr,
     pub healthz_addr: SocketAddr,
     pub conntrack_entries: u32,
+    /// Report one new flow in N to `lb-agent flows` (0: none).
+    pub flow_sample: u32,
 }
 
 /// Where the objects come from. Translation is the same for both.
@@ -143,6 +145,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         tracing::warn!("{w}");
     }
     let mut datapath = Datapath::load(&cfg.pin_path, cfg.conntrack_entries)?;
+    datapath.set_config(lb_common::config::FLOW_SAMPLE, cfg.flow_sample)?;
     tracing::info!(
         pin_path = %cfg.pin_path.display(),
         taken_over = datapath.taken_over,
@@ -279,6 +282,10 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                 }
                 seen_triggers = Some(triggers.into_iter().map(|(k, _)| k).collect());
                 health_checks.sync(&t.desired.health_checks, &status);
+                let names = frontend_names(&t.desired, r.service_ids());
+                if let Ok(mut s) = status.lock() {
+                    s.frontends = names;
+                }
                 dirty = false;
             }
             Err(e) => {
@@ -293,6 +300,29 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     }
     tracing::info!("stopping; the datapath stays attached and programmed");
     Ok(())
+}
+
+/// Service id → (frontend, service port name) of every programmed entry.
+fn frontend_names(
+    desired: &crate::model::Desired,
+    ids: Vec<(lb_common::ServiceKeyV4, u32)>,
+) -> std::collections::BTreeMap<u32, (String, String)> {
+    let mut by_key = std::collections::HashMap::new();
+    for (scope, frontends) in [
+        (lb_common::SCOPE_ALL, &desired.frontends),
+        (lb_common::SCOPE_PODS, &desired.pod_frontends),
+    ] {
+        for (fe, st) in frontends {
+            let k = maps::frontend_key(fe, scope);
+            by_key.insert(
+                (k.addr, k.port, k.proto, k.scope),
+                (fe.to_string(), st.service.to_string()),
+            );
+        }
+    }
+    ids.into_iter()
+        .filter_map(|(k, id)| Some((id, by_key.get(&(k.addr, k.port, k.proto, k.scope))?.clone())))
+        .collect()
 }
 
 /// Every frontend's datapath counters, from the pinned maps.

@@ -168,6 +168,14 @@ impl Datapath {
             && self.link_path("tc", ifindex).exists()
     }
 
+    /// Writes one `LB_CONFIG` value.
+    pub fn set_config(&mut self, index: u32, value: u32) -> Result<()> {
+        let mut config: aya::maps::Array<MapData, u32> =
+            aya::maps::Array::try_from(Map::Array(open_map(&self.pin, map_names::CONFIG)?))?;
+        config.set(index, value, 0).context("writing LB_CONFIG")?;
+        Ok(())
+    }
+
     /// Records whether an interface leads to this node's pods (`LB_IFACES`).
     pub fn mark(&mut self, ifindex: u32, pod: bool) -> Result<()> {
         if pod {

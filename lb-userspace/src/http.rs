@@ -104,6 +104,8 @@ pub struct Status {
     pub api_connected: Option<bool>,
     /// (map, entries, capacity) as of the last desired state.
     pub map_fill: Vec<(&'static str, usize, usize)>,
+    /// Service id → (frontend, `namespace/name:port`), for `lb-agent flows` and operators.
+    pub frontends: BTreeMap<u32, (String, String)>,
     /// Global datapath counters, refreshed before each scrape by the agent.
     pub datapath_counters: Vec<(&'static str, u64)>,
     /// Per-frontend datapath counters, refreshed before each scrape by the agent.
@@ -125,6 +127,7 @@ impl Default for Status {
             source: "",
             api_connected: None,
             map_fill: Vec::new(),
+            frontends: BTreeMap::new(),
             datapath_counters: Vec::new(),
             frontend_counters: Vec::new(),
             backend_counters: Vec::new(),
@@ -343,6 +346,18 @@ async fn handle(mut sock: TcpStream, status: SharedStatus, refresh: Arc<dyn Fn()
                 (c, "application/json", b)
             }
             "/metrics" => (200, "text/plain; version=0.0.4", s.metrics()),
+            "/debug/frontends" => {
+                let list: Vec<serde_json::Value> = s
+                    .frontends
+                    .iter()
+                    .map(|(id, (fe, svc))| serde_json::json!({"id": id, "frontend": fe, "service": svc}))
+                    .collect();
+                (
+                    200,
+                    "application/json",
+                    serde_json::Value::from(list).to_string(),
+                )
+            }
             _ => (404, "text/plain", "404 page not found\n".to_owned()),
         }
     };

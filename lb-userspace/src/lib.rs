@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod flows;
 pub mod http;
 pub mod kube_source;
 pub mod manifests;

@@ -1,4 +1,4 @@
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -25,6 +25,25 @@ enum Command {
         /// Add the per-service packet counters.
         #[arg(long)]
         stats: bool,
+    },
+    /// Live load-balancing decisions (client → frontend → backend, new and closed).
+    Flows {
+        /// Only flows whose service (namespace/name:port) or frontend contains this.
+        #[arg(long)]
+        service: Option<String>,
+        /// Per frontend, each backend's share of new flows (at the end of --duration).
+        #[arg(long)]
+        summary: bool,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Stop after this many seconds (default: run until interrupted; 10 with --summary).
+        #[arg(long)]
+        duration: Option<f64>,
+        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        pin_path: PathBuf,
+        /// Where the agent serves /metrics (for service names).
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        metrics_addr: SocketAddr,
     },
     /// Remove the datapath: unpin links (which detaches the programs), programs and maps.
     /// Stop the agent first, or it attaches again.
@@ -102,6 +121,10 @@ struct RunArgs {
     /// Connection-tracking entries (used when the map is first created).
     #[arg(long, default_value_t = lb_common::DEFAULT_CONNTRACK_ENTRIES)]
     conntrack_entries: u32,
+    /// Report one new flow in N to `lb-agent flows` (0: none). Events go to a bounded ring
+    /// buffer; when nobody reads it, they are dropped and counted.
+    #[arg(long, default_value_t = 1)]
+    flow_sample: u32,
 }
 
 fn hostname() -> String {
@@ -136,12 +159,34 @@ fn main() -> Result<()> {
                 metrics_addr: a.metrics_addr,
                 healthz_addr: a.healthz_addr,
                 conntrack_entries: a.conntrack_entries,
+                flow_sample: a.flow_sample,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?
                 .block_on(agent::run(cfg))
+        }
+        Command::Flows {
+            service,
+            summary,
+            output,
+            duration,
+            pin_path,
+            metrics_addr,
+        } => {
+            let duration = duration
+                .or(summary.then_some(10.0))
+                .map(Duration::from_secs_f64);
+            let opts = lb_userspace::flows::Options {
+                pin: &pin_path,
+                metrics: metrics_addr,
+                filter: service.as_deref(),
+                summary,
+                json: matches!(output, Output::Json),
+                duration,
+            };
+            lb_userspace::flows::run(&opts, &mut std::io::stdout().lock())
         }
         Command::Uninstall { pin_path } => {
             if !pin_path.exists() {

@@ -164,6 +164,14 @@ impl<M: ServiceMaps> Reconciler<M> {
         &self.maps
     }
 
+    /// The service id of each programmed frontend entry.
+    pub fn service_ids(&self) -> Vec<(ServiceKeyV4, u32)> {
+        self.services
+            .iter()
+            .map(|(k, p)| (ServiceKeyV4::from(*k), p.value.svc_id))
+            .collect()
+    }
+
     fn alloc_svc_id(&mut self) -> u32 {
         let used: BTreeSet<u32> = self.services.values().map(|p| p.value.svc_id).collect();
         loop {

@@ -498,6 +498,19 @@ impl Lab {
         run(&cmd)
     }
 
+    /// Starts `lb-agent ARGS... --pin-path <the lab's>` in the node namespace, stdout piped.
+    pub fn spawn_agent_cli(&self, args: &[&str]) -> Result<Child> {
+        Ok(Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node_ns))
+            .arg(binary("lb-agent")?)
+            .args(args)
+            .arg("--pin-path")
+            .arg(&self.pin)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()?)
+    }
+
     /// One HTTP request with a new connection; returns the body.
     pub fn curl(&self, ns: &str, url: &str) -> Result<String> {
         curl(ns, url)

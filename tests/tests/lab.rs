@@ -475,3 +475,80 @@ fn status_shows_attachments_maps_and_the_agent() {
         .curl(&lab.ext_ns, &format!("http://{NODE_IP}:30080/"))
         .is_err());
 }
+
+fn output_of(child: std::process::Child) -> String {
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "exit {}", out.status);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn flows_show_each_decision_and_the_share_per_backend() {
+    let lab = lab_with_agent(4);
+    let url = format!("http://{NODE_IP}:30080/");
+
+    // Live view: each request is a new flow, then a closed one, client → frontend → backend.
+    let live = lab
+        .spawn_agent_cli(&["flows", "-o", "json", "--duration", "2.5"])
+        .expect("flows");
+    std::thread::sleep(Duration::from_millis(500));
+    let ok = lab.curl_many(&lab.ext_ns, &url, 10).expect("curl");
+    assert!(ok.iter().all(Result::is_ok));
+    let events: Vec<serde_json::Value> = output_of(live)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON object per line"))
+        .collect();
+    let new: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "new").collect();
+    let closed = events.iter().filter(|e| e["event"] == "closed").count();
+    assert_eq!(new.len(), 10, "{events:?}");
+    assert_eq!(closed, 10, "{events:?}");
+    for e in &new {
+        assert!(
+            e["client"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("198.18.0.1:")),
+            "{e}"
+        );
+        assert_eq!(e["frontend"], "198.18.0.2:30080", "{e}");
+        assert!(
+            e["backend"]
+                .as_str()
+                .is_some_and(|b| b.starts_with("10.244.0.1") && b.ends_with(":8080")),
+            "{e}"
+        );
+        assert_eq!(e["service"], "default/web:http", "{e}");
+        assert_eq!(e["proto"], "TCP");
+    }
+
+    // Summary, filtered by service: 80 new flows over the four pods.
+    let summary = lab
+        .spawn_agent_cli(&[
+            "flows",
+            "--summary",
+            "--service",
+            "default/web",
+            "-o",
+            "json",
+            "--duration",
+            "3",
+        ])
+        .expect("flows --summary");
+    std::thread::sleep(Duration::from_millis(500));
+    lab.curl_many(&lab.ext_ns, &url, 80).expect("curl");
+    // Traffic to another service, filtered out.
+    lab.udp(
+        &lab.ext_ns,
+        std::net::SocketAddr::from((NODE_IP, 30053)),
+        b"q",
+    )
+    .expect("udp");
+    let s: serde_json::Value = serde_json::from_str(output_of(summary).trim()).expect("json");
+    let list = s.as_array().expect("a list");
+    assert_eq!(list.len(), 1, "{s}");
+    assert_eq!(list[0]["frontend"], "198.18.0.2:30080/TCP");
+    assert_eq!(list[0]["newFlows"], 80);
+    let backends = list[0]["backends"].as_array().expect("backends");
+    assert_eq!(backends.len(), 4, "{s}");
+    let shares: f64 = backends.iter().filter_map(|b| b["share"].as_f64()).sum();
+    assert!((shares - 1.0).abs() < 1e-9, "{s}");
+}
