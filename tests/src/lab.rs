@@ -551,6 +551,71 @@ impl Lab {
     }
 }
 
+/// A long-lived client in one namespace: a keep-alive HTTP connection and a connected UDP
+/// socket, used across changes to see that their flows survive.
+pub struct Persistent {
+    tcp: std::io::BufReader<std::net::TcpStream>,
+    udp: UdpSocket,
+}
+
+impl Persistent {
+    /// Opens both to `to_tcp` and `to_udp` from namespace `ns` (sockets keep the namespace
+    /// they were made in, whatever thread uses them later).
+    pub fn open(ns: &str, to_tcp: SocketAddr, to_udp: SocketAddr) -> std::io::Result<Persistent> {
+        in_netns(ns, move || {
+            let tcp = std::net::TcpStream::connect_timeout(&to_tcp, Duration::from_secs(2))?;
+            tcp.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let udp = UdpSocket::bind("0.0.0.0:0")?;
+            udp.connect(to_udp)?;
+            udp.set_read_timeout(Some(Duration::from_secs(1)))?;
+            Ok(Persistent {
+                tcp: std::io::BufReader::new(tcp),
+                udp,
+            })
+        })
+    }
+
+    /// One request on the open connection; returns the answering pod's name.
+    pub fn http(&mut self) -> std::io::Result<String> {
+        use std::io::{BufRead, Read, Write};
+        self.tcp
+            .get_mut()
+            .write_all(b"GET / HTTP/1.1\r\nHost: lab\r\n\r\n")?;
+        let mut len = 0usize;
+        loop {
+            let mut line = String::new();
+            if self.tcp.read_line(&mut line)? == 0 {
+                return Err(std::io::Error::other("connection closed"));
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut body = vec![0u8; len];
+        self.tcp.read_exact(&mut body)?;
+        Ok(String::from_utf8_lossy(&body)
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string())
+    }
+
+    /// One datagram on the open socket; returns the answering pod's name.
+    pub fn udp(&self) -> std::io::Result<String> {
+        self.udp.send(b"q")?;
+        let mut buf = [0u8; 512];
+        let n = self.udp.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n])
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string())
+    }
+}
+
 /// One HTTP request from namespace `ns` with curl, on a new connection; returns the body.
 pub fn curl(ns: &str, url: &str) -> Result<String> {
     run(&[

@@ -11,7 +11,10 @@ use std::{
 };
 
 use lb_tests::{
-    lab::{echo_manifest, tutorial_manifests, wait_for, Background, Lab, CLIENT_IP, NODE_IP},
+    lab::{
+        echo_manifest, tutorial_manifests, wait_for, Background, Lab, Persistent, CLIENT_IP,
+        NODE_IP,
+    },
     require_root,
 };
 
@@ -283,6 +286,14 @@ fn traffic_keeps_flowing_while_the_agent_is_killed_and_restarted() {
 
     // Requests in a loop from outside, each a new connection, for the whole test.
     let client = Background::requests(&lab.ext_ns, &format!("http://{NODE_IP}:30080/"));
+    // A long-lived TCP connection and a UDP "connection" through the NodePorts.
+    let mut open = Persistent::open(
+        &lab.ext_ns,
+        SocketAddr::from((NODE_IP, 30080)),
+        SocketAddr::from((NODE_IP, 30053)),
+    )
+    .expect("open");
+    let (tcp_pod, udp_pod) = (open.http().expect("http"), open.udp().expect("udp"));
 
     std::thread::sleep(Duration::from_millis(700));
     let programs = |lab: &Lab| -> String {
@@ -304,6 +315,9 @@ fn traffic_keeps_flowing_while_the_agent_is_killed_and_restarted() {
         .expect("healthy again");
     std::thread::sleep(Duration::from_millis(700));
     let (ok, failed) = client.finish();
+    // The open connection and the UDP flow carried on, with the same pods.
+    assert_eq!(open.http().expect("the TCP connection survived"), tcp_pod);
+    assert_eq!(open.udp().expect("the UDP flow survived"), udp_pod);
     assert!(
         failed.is_empty(),
         "{} of {} requests failed: {:?}",
@@ -551,4 +565,57 @@ fn flows_show_each_decision_and_the_share_per_backend() {
     assert_eq!(backends.len(), 4, "{s}");
     let shares: f64 = backends.iter().filter_map(|b| b["share"].as_f64()).sum();
     assert!((shares - 1.0).abs() < 1e-9, "{s}");
+}
+
+#[test]
+fn a_terminating_endpoint_keeps_its_open_connection_while_new_ones_avoid_it() {
+    let lab = lab_with_agent(2);
+    let (pod1, pod2) = (lab.pods[0].ip, lab.pods[1].ip);
+    let slice = |eps: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: grace}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.30\n  ports:\n  - {{name: http, port: 80, nodePort: 30090}}\n  - {{name: dns, port: 53, protocol: UDP, nodePort: 30091}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: grace-1, labels: {{kubernetes.io/service-name: grace}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}, {{name: dns, port: 5353, protocol: UDP}}]\nendpoints:\n{eps}"
+        )
+    };
+    lab.write_manifest(
+        "grace.yaml",
+        &slice(&format!(
+            "- {{addresses: [\"{pod1}\"], conditions: {{ready: true}}}}\n"
+        )),
+    )
+    .expect("write");
+    let url = format!("http://{NODE_IP}:30090/");
+    wait_for(Duration::from_secs(3), || {
+        Ok(lab
+            .curl(&lab.ext_ns, &url)
+            .is_ok_and(|b| b.starts_with("pod1 ")))
+    })
+    .expect("served by pod1");
+    let mut open = Persistent::open(
+        &lab.ext_ns,
+        SocketAddr::from((NODE_IP, 30090)),
+        SocketAddr::from((NODE_IP, 30091)),
+    )
+    .expect("open");
+    assert_eq!(open.http().expect("http"), "pod1");
+    assert_eq!(open.udp().expect("udp"), "pod1");
+
+    // pod1 starts terminating (still serving), pod2 is ready.
+    lab.write_manifest(
+        "grace.yaml",
+        &slice(&format!(
+            "- {{addresses: [\"{pod1}\"], conditions: {{ready: false, serving: true, terminating: true}}}}\n- {{addresses: [\"{pod2}\"], conditions: {{ready: true}}}}\n"
+        )),
+    )
+    .expect("write");
+    wait_for(Duration::from_secs(3), || {
+        Ok(lab
+            .curl_many(&lab.ext_ns, &url, 10)?
+            .iter()
+            .all(|r| r.as_ref().is_ok_and(|b| b.starts_with("pod2 "))))
+    })
+    .expect("new connections go to pod2 only");
+    for _ in 0..5 {
+        assert_eq!(open.http().expect("the open connection survives"), "pod1");
+        assert_eq!(open.udp().expect("the UDP flow stays"), "pod1");
+    }
 }
