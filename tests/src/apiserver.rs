@@ -66,6 +66,24 @@ impl Kind {
 
 type Key = (Kind, String, String);
 
+/// A client connection: plain TCP or TLS over it.
+trait Conn: Read + Write + Send {
+    /// Cuts the connection (no clean end of the stream).
+    fn cut(&mut self);
+}
+
+impl Conn for TcpStream {
+    fn cut(&mut self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Conn for rustls::StreamOwned<rustls::ServerConnection, TcpStream> {
+    fn cut(&mut self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 struct Event {
     rv: u64,
     kind: Kind,
@@ -83,9 +101,12 @@ struct State {
     /// Bumped to end every open watch.
     generation: u64,
     requests: Vec<String>,
+    /// The Authorization header of each request (empty when absent).
+    authorizations: Vec<String>,
 }
 
 struct Shared {
+    tls: Option<Arc<rustls::ServerConfig>>,
     state: Mutex<State>,
     changed: Condvar,
     up: AtomicBool,
@@ -102,9 +123,43 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    /// Listens on 127.0.0.1 in network namespace `netns` (None: the test's own).
+    /// Listens on 127.0.0.1 in network namespace `netns` (None: the test's own), over HTTP.
     pub fn start(netns: Option<&str>) -> Result<ApiServer> {
+        Self::start_with(netns, None)
+    }
+
+    /// The same over HTTPS, with a certificate for 127.0.0.1 from a CA made for the occasion;
+    /// returns the CA (PEM) clients must trust, as in a pod's service-account `ca.crt`.
+    pub fn start_tls(netns: Option<&str>) -> Result<(ApiServer, String)> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "lb api double CA");
+        let ca_key = KeyPair::generate()?;
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])?;
+        let leaf_key = KeyPair::generate()?;
+        let leaf_cert = leaf.signed_by(&leaf_key, &issuer)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf_cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+            )?;
+        let api = Self::start_with(netns, Some(Arc::new(config)))?;
+        Ok((api, ca_cert.pem()))
+    }
+
+    fn start_with(
+        netns: Option<&str>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<ApiServer> {
         let shared = Arc::new(Shared {
+            tls,
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             up: AtomicBool::new(true),
@@ -265,6 +320,11 @@ current-context: double
             .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
+    /// The Authorization header of every request so far.
+    pub fn authorizations(&self) -> Vec<String> {
+        self.lock().authorizations.clone()
+    }
+
     /// Request lines served so far (method and path with query).
     pub fn requests(&self) -> Vec<String> {
         self.lock().requests.clone()
@@ -307,7 +367,14 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 let s = shared.clone();
                 thread::spawn(move || {
                     let _ = sock.set_nonblocking(false);
-                    if let Err(e) = serve(sock, &s) {
+                    let conn: Box<dyn Conn> = match &s.tls {
+                        Some(cfg) => match rustls::ServerConnection::new(cfg.clone()) {
+                            Ok(c) => Box::new(rustls::StreamOwned::new(c, sock)),
+                            Err(_) => return,
+                        },
+                        None => Box::new(sock),
+                    };
+                    if let Err(e) = serve(conn, &s) {
                         eprintln!("api double: {e:#}");
                     }
                 });
@@ -320,15 +387,17 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 struct Request {
     path: String,
     query: BTreeMap<String, String>,
+    authorization: String,
 }
 
-fn read_request(sock: &TcpStream) -> Result<Option<Request>> {
-    let mut reader = BufReader::new(sock.try_clone()?);
+fn read_request(sock: &mut dyn Conn) -> Result<Option<Request>> {
+    let mut reader = BufReader::new(sock);
     let mut line = String::new();
     if reader.read_line(&mut line)? == 0 {
         return Ok(None);
     }
     let mut content_length = 0usize;
+    let mut authorization = String::new();
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
@@ -337,6 +406,9 @@ fn read_request(sock: &TcpStream) -> Result<Option<Request>> {
         if let Some((k, v)) = h.split_once(':') {
             if k.eq_ignore_ascii_case("content-length") {
                 content_length = v.trim().parse().unwrap_or(0);
+            }
+            if k.eq_ignore_ascii_case("authorization") {
+                authorization = v.trim().to_string();
             }
         }
     }
@@ -355,6 +427,7 @@ fn read_request(sock: &TcpStream) -> Result<Option<Request>> {
     Ok(Some(Request {
         path: path.to_string(),
         query,
+        authorization,
     }))
 }
 
@@ -487,7 +560,7 @@ fn in_scope(t: &Target, obj: &Value) -> bool {
         .is_none_or(|ns| obj["metadata"]["namespace"].as_str() == Some(ns))
 }
 
-fn respond(sock: &mut TcpStream, code: u16, body: &Value) -> Result<()> {
+fn respond(sock: &mut dyn Conn, code: u16, body: &Value) -> Result<()> {
     let text = body.to_string();
     let reason = match code {
         200 => "OK",
@@ -500,6 +573,7 @@ fn respond(sock: &mut TcpStream, code: u16, body: &Value) -> Result<()> {
         "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
         text.len()
     )?;
+    sock.flush()?;
     Ok(())
 }
 
@@ -508,8 +582,9 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
            "message": message, "reason": reason, "code": code})
 }
 
-fn serve(mut sock: TcpStream, shared: &Shared) -> Result<()> {
-    let Some(req) = read_request(&sock)? else {
+fn serve(mut conn: Box<dyn Conn>, shared: &Shared) -> Result<()> {
+    let sock = conn.as_mut();
+    let Some(req) = read_request(sock)? else {
         return Ok(());
     };
     {
@@ -517,9 +592,10 @@ fn serve(mut sock: TcpStream, shared: &Shared) -> Result<()> {
         let q: Vec<String> = req.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
         st.requests
             .push(format!("GET {}?{}", req.path, q.join("&")));
+        st.authorizations.push(req.authorization.clone());
     }
     let Some(target) = route(&req.path) else {
-        return respond(&mut sock, 404, &status(404, "NotFound", "no such resource"));
+        return respond(sock, 404, &status(404, "NotFound", "no such resource"));
     };
     let watch = matches!(
         req.query.get("watch").map(String::as_str),
@@ -539,11 +615,11 @@ fn serve(mut sock: TcpStream, shared: &Shared) -> Result<()> {
             Some(obj) => {
                 let obj = obj.clone();
                 drop(st);
-                respond(&mut sock, 200, &obj)
+                respond(sock, 200, &obj)
             }
             None => {
                 drop(st);
-                respond(&mut sock, 404, &status(404, "NotFound", "not found"))
+                respond(sock, 404, &status(404, "NotFound", "not found"))
             }
         };
     }
@@ -586,17 +662,17 @@ fn serve(mut sock: TcpStream, shared: &Shared) -> Result<()> {
         "metadata": meta,
         "items": all.get(offset.min(all.len())..end).unwrap_or(&[]),
     });
-    respond(&mut sock, 200, &list)
+    respond(sock, 200, &list)
 }
 
-fn chunk(sock: &mut TcpStream, v: &Value) -> std::io::Result<()> {
+fn chunk(sock: &mut dyn Conn, v: &Value) -> std::io::Result<()> {
     let line = format!("{v}\n");
     write!(sock, "{:x}\r\n{line}\r\n", line.len())?;
     sock.flush()
 }
 
 fn watch_stream(
-    mut sock: TcpStream,
+    sock: &mut dyn Conn,
     shared: &Shared,
     target: &Target,
     q: &BTreeMap<String, String>,
@@ -621,8 +697,9 @@ fn watch_stream(
     if from != 0 && from < st.compacted {
         drop(st);
         let gone = status(410, "Expired", &format!("too old resource version: {from}"));
-        chunk(&mut sock, &json!({"type": "ERROR", "object": gone}))?;
+        chunk(sock, &json!({"type": "ERROR", "object": gone}))?;
         write!(sock, "0\r\n\r\n")?;
+        sock.flush()?;
         return Ok(());
     }
     // resourceVersion 0 or absent: start with the current state, as ADDED events.
@@ -636,7 +713,7 @@ fn watch_stream(
         let rv = st.rv;
         drop(st);
         for o in current {
-            chunk(&mut sock, &json!({"type": "ADDED", "object": o}))?;
+            chunk(sock, &json!({"type": "ADDED", "object": o}))?;
         }
         st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
         rv
@@ -650,7 +727,7 @@ fn watch_stream(
             || !shared.up.load(Ordering::SeqCst)
         {
             // Cut, not closed cleanly: no final chunk.
-            let _ = sock.shutdown(std::net::Shutdown::Both);
+            sock.cut();
             return Ok(());
         }
         let mut out = Vec::new();
@@ -683,17 +760,18 @@ fn watch_stream(
         let rv = st.rv;
         drop(st);
         for e in out {
-            chunk(&mut sock, &e)?;
+            chunk(sock, &e)?;
         }
         if Instant::now() >= deadline {
             write!(sock, "0\r\n\r\n")?;
+            sock.flush()?;
             return Ok(());
         }
         if bookmarks && last_bookmark.elapsed() >= Duration::from_secs(1) {
             let bm = json!({"type": "BOOKMARK", "object": {
                 "kind": target.kind.name(), "apiVersion": target.kind.api_version(),
                 "metadata": {"resourceVersion": rv.to_string()}}});
-            chunk(&mut sock, &bm)?;
+            chunk(sock, &bm)?;
             last_bookmark = Instant::now();
         }
         st = shared.state.lock().unwrap_or_else(|p| p.into_inner());

@@ -361,6 +361,51 @@ impl Lab {
         self.start_agent_with(&["--kubeconfig".as_ref(), path.as_os_str()])
     }
 
+    /// Starts `lb-agent run` with no source flag, so with in-cluster configuration, as in a
+    /// pod: `KUBERNETES_SERVICE_HOST`/`PORT` and a service-account folder (token, ca.crt,
+    /// namespace) mounted at the standard place in a mount namespace of its own.
+    pub fn start_agent_incluster(&mut self, port: u16, ca_pem: &str, token: &str) -> Result<()> {
+        let sa = self.dir.join("serviceaccount");
+        fs::create_dir_all(&sa)?;
+        fs::write(sa.join("token"), token)?;
+        fs::write(sa.join("ca.crt"), ca_pem)?;
+        fs::write(sa.join("namespace"), "lb-system")?;
+        let bin = binary("lb-agent")?;
+        self.agent_runs += 1;
+        let log = fs::File::create(self.dir.join(format!("agent-{}.log", self.agent_runs)))?;
+        let script = format!(
+            "mount -t tmpfs tmpfs /run && mkdir -p /run/secrets/kubernetes.io/serviceaccount \
+             && cp {sa}/* /run/secrets/kubernetes.io/serviceaccount/ \
+             && exec {bin} run --node-name {NODE_NAME} --ext-iface ext0 --pod-iface-prefix veth \
+             --pin-path {pin} --healthz-addr 127.0.0.1:10256 --metrics-addr 127.0.0.1:10249",
+            sa = sa.display(),
+            bin = bin.display(),
+            pin = self.pin.display()
+        );
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node_ns))
+            .args([
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+            ])
+            .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+            .env("KUBERNETES_SERVICE_PORT", port.to_string())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting lb-agent (in-cluster)")?;
+        self.agent = Some(child);
+        Ok(())
+    }
+
     /// Starts `lb-agent run` with the lab's node flags and `source` in the node namespace.
     /// `nsenter --net` (not `ip netns exec`) keeps the host's /sys, so the bpffs under
     /// /sys/fs/bpf stays visible.

@@ -345,6 +345,38 @@ fn the_datapath_keeps_serving_while_the_api_server_is_away_and_catches_up_after(
 }
 
 #[test]
+fn the_agent_starts_with_in_cluster_configuration() {
+    // As in a pod of the DaemonSet: no --kubeconfig, the API server at
+    // KUBERNETES_SERVICE_HOST:PORT over TLS, trusted through the service account's ca.crt,
+    // authenticated with its token.
+    require_root();
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up(2).expect("lab up");
+    lab.start_servers().expect("servers");
+    let (api, ca) = ApiServer::start_tls(Some(&lab.node_ns)).expect("api double over TLS");
+    api.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE_NAME}}}\n"
+    ))
+    .expect("node");
+    let pods = lab.pods.clone();
+    api.apply_yaml(&web_service("NodePort", ""))
+        .expect("service");
+    api.apply_yaml(&web_slice(&pods.iter().collect::<Vec<_>>()))
+        .expect("slice");
+    lab.start_agent_incluster(api.addr.port(), &ca, "sa-token-123")
+        .expect("agent");
+    lab.wait_healthy(Duration::from_secs(15)).expect("healthy");
+    wait_served(&lab, &["pod1", "pod2"], "in-cluster");
+    let auth = api.authorizations();
+    assert!(
+        !auth.is_empty() && auth.iter().all(|a| a == "Bearer sa-token-123"),
+        "{auth:?}"
+    );
+    // Nothing of the agent's mount namespace leaked to the host.
+    assert!(!Path::new("/run/secrets/kubernetes.io/serviceaccount/token").exists());
+}
+
+#[test]
 fn a_restarted_agent_changes_nothing_before_its_first_list() {
     let mut s = setup(2);
     let pods = s.lab.pods.clone();
