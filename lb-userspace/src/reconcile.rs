@@ -607,6 +607,38 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_apply_is_repaired_by_a_reconciler_that_rereads_the_maps() {
+        // What the agent does after a map write fails: start over from what the maps hold.
+        let mut r = Reconciler::new(MemMaps::default()).expect("new");
+        let (a, b) = (addr([10, 0, 0, 1], 80), addr([10, 0, 0, 2], 80));
+        r.apply(&desired(&[(addr(VIP, 80), &[a])])).expect("apply");
+        let mut maps = r.maps.clone();
+        maps.log.clear();
+        maps.fail_after = Some(2); // the third write fails
+        let mut r = Reconciler::new(maps).expect("take over");
+        let wanted = desired(&[(addr(VIP, 80), &[a, b]), (addr([10, 96, 0, 2], 53), &[b])]);
+        assert!(r.apply(&wanted).is_err());
+        let mut maps = r.maps.clone();
+        maps.fail_after = None;
+        let mut r = Reconciler::new(maps).expect("take over again");
+        r.apply(&wanted).expect("apply");
+        assert_eq!(
+            shown(&r.maps),
+            vec![
+                (
+                    "10.96.0.1:80/TCP".into(),
+                    vec!["10.0.0.1:80/TCP".into(), "10.0.0.2:80/TCP".into()]
+                ),
+                ("10.96.0.2:53/TCP".into(), vec!["10.0.0.2:80/TCP".into()]),
+            ]
+        );
+        // Nothing stray: every slot and member belongs to a programmed entry.
+        assert_eq!(r.maps.slots.len(), 3);
+        assert_eq!(r.maps.members.len(), 3);
+        assert_eq!(r.maps.backends.len(), 2);
+    }
+
+    #[test]
     fn empty_frontend_is_kept_with_count_zero() {
         let mut r = Reconciler::new(MemMaps::default()).expect("new");
         r.apply(&desired(&[(addr(VIP, 80), &[])])).expect("apply");
