@@ -370,20 +370,13 @@ impl Lab {
         fs::write(sa.join("token"), token)?;
         fs::write(sa.join("ca.crt"), ca_pem)?;
         fs::write(sa.join("namespace"), "lb-system")?;
-        let bin = binary("lb-agent")?;
-        self.agent_runs += 1;
-        let log = fs::File::create(self.dir.join(format!("agent-{}.log", self.agent_runs)))?;
         let script = format!(
             "mount -t tmpfs tmpfs /run && mkdir -p /run/secrets/kubernetes.io/serviceaccount \
-             && cp {sa}/* /run/secrets/kubernetes.io/serviceaccount/ \
-             && exec {bin} run --node-name {NODE_NAME} --ext-iface ext0 --pod-iface-prefix veth \
-             --pin-path {pin} --healthz-addr 127.0.0.1:10256 --metrics-addr 127.0.0.1:10249",
+             && cp {sa}/* /run/secrets/kubernetes.io/serviceaccount/ && exec \"$@\"",
             sa = sa.display(),
-            bin = bin.display(),
-            pin = self.pin.display()
         );
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.node_ns))
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.node_ns))
             .args([
                 "unshare",
                 "--mount",
@@ -392,32 +385,32 @@ impl Lab {
                 "sh",
                 "-c",
                 &script,
+                "sh",
             ])
             .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
-            .env("KUBERNETES_SERVICE_PORT", port.to_string())
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting lb-agent (in-cluster)")?;
-        self.agent = Some(child);
-        Ok(())
+            .env("KUBERNETES_SERVICE_PORT", port.to_string());
+        self.spawn_agent(cmd, &[])
     }
 
     /// Starts `lb-agent run` with the lab's node flags and `source` in the node namespace.
     /// `nsenter --net` (not `ip netns exec`) keeps the host's /sys, so the bpffs under
     /// /sys/fs/bpf stays visible.
     fn start_agent_with(&mut self, source: &[&std::ffi::OsStr]) -> Result<()> {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.node_ns));
+        self.spawn_agent(cmd, source)
+    }
+
+    /// Appends `lb-agent run SOURCE <the lab's node flags>` to `cmd` (a wrapper that ends by
+    /// exec'ing its arguments) and starts it, logging to the run's log file.
+    fn spawn_agent(&mut self, mut cmd: Command, source: &[&std::ffi::OsStr]) -> Result<()> {
         if self.agent.is_some() {
             bail!("the agent is already running");
         }
         let bin = binary("lb-agent")?;
         self.agent_runs += 1;
         let log = fs::File::create(self.dir.join(format!("agent-{}.log", self.agent_runs)))?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.node_ns))
+        let child = cmd
             .arg(&bin)
             .arg("run")
             .args(source)
