@@ -106,6 +106,13 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     process(&ctx)
 }
 
+/// Does nothing: the calibration program of `cargo xtask bench` (the cost of running any XDP
+/// program on a frame). Never attached.
+#[xdp]
+pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 /// The bounds of a packet's linear data.
 trait Packet {
     fn data(&self) -> usize;

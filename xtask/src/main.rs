@@ -1,5 +1,6 @@
 //! The developer workflow: `cargo xtask build-ebpf | build-and-load | lab | test`.
 
+mod bench;
 mod demo;
 mod ebpf_build;
 
@@ -46,6 +47,21 @@ enum Cmd {
     },
     /// Build everything and run every test (the README's test command; needs root).
     Test,
+    /// Measure programming time, endpoint-change latency and per-packet cost (needs root).
+    Bench {
+        /// Numbers of Services to measure at (4 endpoints each).
+        #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
+        services: Vec<usize>,
+        /// Endpoint changes per size.
+        #[arg(long, default_value_t = 200)]
+        changes: usize,
+        /// Frames per per-packet measurement.
+        #[arg(long, default_value_t = 20000)]
+        packets: usize,
+        /// Where results.md and results.json go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+    },
 }
 
 fn workspace() -> PathBuf {
@@ -148,6 +164,43 @@ fn main() -> Result<()> {
         Cmd::Lab { pods, requests } => {
             cargo(&["build", "--bins"])?;
             demo::run(pods, requests)
+        }
+        Cmd::Bench {
+            services,
+            changes,
+            packets,
+            out,
+        } => {
+            // What is measured includes this process's own work (translation, map writes):
+            // measure an optimised build, not the debug one `cargo xtask` runs.
+            if cfg!(debug_assertions) {
+                let list: Vec<String> = services.iter().map(usize::to_string).collect();
+                let out = out.to_string_lossy().into_owned();
+                let (changes, packets) = (changes.to_string(), packets.to_string());
+                return cargo(&[
+                    "run",
+                    "--release",
+                    "--quiet",
+                    "--package",
+                    "xtask",
+                    "--",
+                    "bench",
+                    "--services",
+                    &list.join(","),
+                    "--changes",
+                    &changes,
+                    "--packets",
+                    &packets,
+                    "--out",
+                    &out,
+                ]);
+            }
+            bench::run(&bench::Options {
+                services,
+                changes,
+                packets,
+                out_dir: out,
+            })
         }
         Cmd::Test => {
             cargo(&["build", "--bins"])?;
