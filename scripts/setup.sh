@@ -33,11 +33,12 @@ bpffs_ok() {
 
 validator_ok() {
   [ -n "${LB_SETUP_IMAGE:-}" ] && return 0
-  command -v kubernetes-validate >/dev/null 2>&1 \
-    && kubernetes-validate --version 2>/dev/null | grep -q "$KUBERNETES_VALIDATE_VERSION"
+  python3 -m kubernetes_validate --version 2>/dev/null | grep -q "$KUBERNETES_VALIDATE_VERSION"
 }
 
 export PATH="$HOME/.cargo/bin:$PATH"
+# The machine's Python (with pip) comes through pyenv where there is one.
+if [ -d "$HOME/.pyenv/shims" ]; then export PATH="$HOME/.pyenv/shims:$PATH"; fi
 
 if [ "${1:-}" = "--check" ]; then
   ok=0

@@ -24,8 +24,8 @@ fn object_files() -> Vec<PathBuf> {
 }
 
 fn validate(files: &[PathBuf]) -> std::process::Output {
-    std::process::Command::new("kubernetes-validate")
-        .arg("--strict")
+    std::process::Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict"])
         .args(files)
         .output()
         .expect("kubernetes-validate is missing: run scripts/setup.sh")
