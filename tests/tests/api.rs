@@ -24,6 +24,17 @@ struct Setup {
     _turn: MutexGuard<'static, ()>,
 }
 
+impl Setup {
+    /// `lb-agent run --kubeconfig` pointed at the double, until it is healthy.
+    fn start_agent(&mut self) {
+        let kubeconfig = self.api.kubeconfig();
+        self.lab.start_agent_kube(&kubeconfig).expect("agent");
+        self.lab
+            .wait_healthy(Duration::from_secs(15))
+            .expect("healthy");
+    }
+}
+
 fn setup(pods: usize) -> Setup {
     require_root();
     let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
@@ -191,11 +202,7 @@ fn services_and_endpointslices_from_the_api_server() {
         .apply_yaml(&web_service("NodePort", ""))
         .expect("service");
     s.api.apply_yaml(&web_slice(&[p(1), p(2)])).expect("slice");
-    let kubeconfig = s.api.kubeconfig();
-    s.lab.start_agent_kube(&kubeconfig).expect("agent");
-    s.lab
-        .wait_healthy(Duration::from_secs(15))
-        .expect("healthy");
+    s.start_agent();
 
     // kube-proxy's informer selectors, and a watch with bookmarks after the list.
     let reqs = s.api.requests();
@@ -290,11 +297,7 @@ fn the_datapath_keeps_serving_while_the_api_server_is_away_and_catches_up_after(
         .apply_yaml(&web_service("NodePort", ""))
         .expect("service");
     s.api.apply_yaml(&web_slice(&[p(1), p(2)])).expect("slice");
-    let kubeconfig = s.api.kubeconfig();
-    s.lab.start_agent_kube(&kubeconfig).expect("agent");
-    s.lab
-        .wait_healthy(Duration::from_secs(15))
-        .expect("healthy");
+    s.start_agent();
     wait_served(&s.lab, &["pod1", "pod2"], "start");
 
     // Requests in a loop from outside for the whole test.
@@ -386,11 +389,7 @@ fn a_restarted_agent_changes_nothing_before_its_first_list() {
     s.api
         .apply_yaml(&web_slice(&pods.iter().collect::<Vec<_>>()))
         .expect("slice");
-    let kubeconfig = s.api.kubeconfig();
-    s.lab.start_agent_kube(&kubeconfig).expect("agent");
-    s.lab
-        .wait_healthy(Duration::from_secs(15))
-        .expect("healthy");
+    s.start_agent();
     wait_served(&s.lab, &["pod1", "pod2"], "start");
     let before = frontends(&s.lab);
 
@@ -399,6 +398,7 @@ fn a_restarted_agent_changes_nothing_before_its_first_list() {
     s.lab.kill_agent().expect("kill");
     s.api.set_list_delay(Duration::from_millis(2500));
     let client = Background::requests(&s.lab.ext_ns, &format!("http://{NODE_IP}:30080/"));
+    let kubeconfig = s.api.kubeconfig();
     s.lab.start_agent_kube(&kubeconfig).expect("restart");
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
@@ -441,11 +441,7 @@ fn session_affinity_switched_on_off_and_expiring() {
         .apply_yaml(&web_with_affinity(Some(30)))
         .expect("service");
     s.api.apply_yaml(&web_slice(&all)).expect("slice");
-    let kubeconfig = s.api.kubeconfig();
-    s.lab.start_agent_kube(&kubeconfig).expect("agent");
-    s.lab
-        .wait_healthy(Duration::from_secs(15))
-        .expect("healthy");
+    s.start_agent();
     let url = format!("http://{NODE_IP}:30080/");
     let ext = s.lab.ext_ns.clone();
 
@@ -500,11 +496,7 @@ fn only_terminating_endpoints_left_are_still_served() {
         web_slice(&[]).replace("endpoints: []\n", &format!("endpoints:\n{eps}"))
     };
     s.api.apply_yaml(&slice("{ready: true}")).expect("slice");
-    let kubeconfig = s.api.kubeconfig();
-    s.lab.start_agent_kube(&kubeconfig).expect("agent");
-    s.lab
-        .wait_healthy(Duration::from_secs(15))
-        .expect("healthy");
+    s.start_agent();
     wait_served(&s.lab, &["pod1", "pod2"], "ready");
     // Both terminating but still serving: kube-proxy falls back to them.
     s.api
@@ -602,11 +594,7 @@ fn external_traffic_policy_local_with_health_check_and_load_balancer_ip() {
     s.api
         .apply_yaml(&slice(&[0], &rfc3339_now()))
         .expect("slice");
-    let kubeconfig = s.api.kubeconfig();
-    s.lab.start_agent_kube(&kubeconfig).expect("agent");
-    s.lab
-        .wait_healthy(Duration::from_secs(15))
-        .expect("healthy");
+    s.start_agent();
     let ext = s.lab.ext_ns.clone();
     let hc = || {
         lb_tests::lab::run(&[
