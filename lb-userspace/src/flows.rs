@@ -4,8 +4,8 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    io::Write,
+    net::{Ipv4Addr, SocketAddr},
     path::Path,
     time::{Duration, Instant, SystemTime},
 };
@@ -19,16 +19,7 @@ use crate::model::Proto;
 /// Service names by service id, from the agent's `/debug/frontends` (empty if it does not
 /// answer: events then show frontends only).
 fn names(metrics: SocketAddr) -> BTreeMap<u32, String> {
-    let fetch = || -> Option<String> {
-        let mut s = TcpStream::connect_timeout(&metrics, Duration::from_secs(1)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        let req = "GET /debug/frontends HTTP/1.1\r\nHost: lb-agent\r\nConnection: close\r\n\r\n";
-        s.write_all(req.as_bytes()).ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
-    };
-    let list: Vec<serde_json::Value> = fetch()
+    let list: Vec<serde_json::Value> = crate::http::get(metrics, "/debug/frontends")
         .and_then(|b| serde_json::from_str(&b).ok())
         .unwrap_or_default();
     list.iter()

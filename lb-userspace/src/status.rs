@@ -2,14 +2,7 @@
 //! and the agent as it reports itself (health, last sync, source), like
 //! `cilium status --verbose`.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    path::Path,
-    time::Duration,
-};
+use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr, path::Path};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
@@ -34,20 +27,6 @@ fn count<K: aya::Pod, V: aya::Pod>(pin: &Path, name: &str, lru: bool) -> Result<
     };
     let map: HashMap<MapData, K, V> = HashMap::try_from(map)?;
     Ok((map.keys().filter(Result::is_ok).count(), max))
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: lb-agent\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
 }
 
 fn metric(metrics: &str, series: &str) -> Option<String> {
@@ -147,7 +126,10 @@ pub fn status(pin: &Path, healthz: SocketAddr, metrics: SocketAddr) -> Result<(S
     }
 
     // The agent, as it reports itself.
-    match (http_get(healthz, "/healthz"), http_get(metrics, "/metrics")) {
+    match (
+        crate::http::get(healthz, "/healthz"),
+        crate::http::get(metrics, "/metrics"),
+    ) {
         (Some(h), Some(m)) => {
             let v: serde_json::Value = serde_json::from_str(&h).unwrap_or_default();
             let healthy = v["lastUpdated"].as_str().is_some_and(|s| !s.is_empty());

@@ -11,10 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::{
-    maps::{HashMap, Map, MapData},
-    programs::{TestRun, TestRunOptions},
-};
+use aya::maps::{HashMap, Map, MapData};
 use lb_common::{
     map_names, BackendV4, CtEntryV4, CtKeyV4, ServiceKeyV4, ServiceV4, IFACE_F_POD, SCOPE_ALL,
     SCOPE_PODS, SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
@@ -153,22 +150,9 @@ pub fn trace(
         None => writeln!(out, "frontend:  none at {dst}/{proto}")?,
     }
 
-    let mut buf = vec![0u8; bytes.len() + 256];
-    let mut ctx = [0u8; 24];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(&bytes);
-    opts.data_out = Some(&mut buf);
-    if let Some(i) = ifindex {
-        ctx[4..8].copy_from_slice(&(bytes.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&i.to_ne_bytes());
-        opts.ctx_in = Some(&ctx);
-    }
-    let r = xdp
-        .test_run(opts)
-        .context("running lb_xdp (BPF_PROG_TEST_RUN)")?;
-    buf.truncate(r.data_size_out as usize);
+    let (verdict, buf) = bpf::run_frame(&xdp, &bytes, ifindex).context("running lb_xdp")?;
 
-    match r.return_value {
+    match verdict {
         XDP_PASS if buf != bytes => {
             let o = parse(&buf);
             let created = conntrack.get(&key, 0).ok();
@@ -236,13 +220,9 @@ pub fn trace(
                     out,
                     "decision:  no usable endpoint → handed to lb_tc_reject"
                 )?;
-                let mut tbuf = vec![0u8; bytes.len() + 256];
-                let mut topts = TestRunOptions::new();
-                topts.data_in = Some(&bytes);
-                topts.data_out = Some(&mut tbuf);
-                let t = tc.test_run(topts).context("running lb_tc_reject")?;
-                tbuf.truncate(t.data_size_out as usize);
-                match t.return_value {
+                let (tc_verdict, tbuf) =
+                    bpf::run_frame(&tc, &bytes, None).context("running lb_tc_reject")?;
+                match tc_verdict {
                     TC_ACT_REDIRECT if proto == Proto::Tcp => {
                         writeln!(out, "verdict:   rejected with {} (connection refused)", describe(&parse(&tbuf)))?
                     }

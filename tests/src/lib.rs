@@ -10,10 +10,9 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use anyhow::{bail, Context, Result};
-use aya::programs::{TestRun, TestRunOptions};
+use anyhow::{bail, Result};
 use lb_userspace::{
-    bpf::{Datapath, PinnedMaps},
+    bpf::{run_frame, Datapath, PinnedMaps},
     manifests::parse_file,
     reconcile::Reconciler,
     translate::{translate, NodeInfo},
@@ -89,47 +88,18 @@ impl Harness {
 
     /// Runs one frame through the XDP program: (XDP verdict, output frame).
     pub fn run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        test_run(self.datapath.xdp(), frame)
+        run_frame(self.datapath.xdp(), frame, None)
     }
 
     /// Runs one frame through the XDP program as if it came in on interface `ifindex`.
     pub fn run_from(&self, ifindex: u32, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex; data_end must be the frame's length.
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        opts.ctx_in = Some(&ctx);
-        let r = self
-            .datapath
-            .xdp()
-            .test_run(opts)
-            .context("BPF_PROG_TEST_RUN")?;
-        out.truncate(r.data_size_out as usize);
-        Ok((r.return_value, out))
+        run_frame(self.datapath.xdp(), frame, Some(ifindex))
     }
 
     /// Runs one frame through the TC ingress program: (TC verdict, output frame).
     pub fn run_tc(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        test_run(self.datapath.tc(), frame)
+        run_frame(self.datapath.tc(), frame, None)
     }
-}
-
-fn test_run<P>(prog: &P, frame: &[u8]) -> Result<(u32, Vec<u8>)>
-where
-    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
-{
-    let mut out = vec![0u8; frame.len() + 256];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(frame);
-    opts.data_out = Some(&mut out);
-    let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
-    out.truncate(r.data_size_out as usize);
-    Ok((r.return_value, out))
 }
 
 /// XDP verdicts.
