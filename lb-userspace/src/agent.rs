@@ -266,6 +266,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                             tracing::info!(%ip, "node address (source of SNATed flows)");
                         }
                     }
+                    None if cfg.ext_ifaces.is_empty() => {}
                     None => tracing::warn!(
                         "no IPv4 address on the external interfaces: traffic from outside to \
                          backends on other nodes is dropped until one appears (or --node-ip)"

@@ -308,7 +308,8 @@ impl Datapath {
                     .with_context(|| format!("program {name} missing"))?
                     .try_into()?;
                 let id = prog
-                    .attach(&fd, CgroupAttachMode::AllowMultiple)
+                    // A BPF link: the kernel attaches it as one of many (flags must be 0).
+                    .attach(&fd, CgroupAttachMode::Single)
                     .with_context(|| format!("attaching {name} to {}", dir.display()))?;
                 let link: FdLink = prog.take_link(id)?.try_into()?;
                 let path = links.join(format!("{SOCK_LINK_PREFIX}{name}-{}", std::process::id()));
