@@ -18,8 +18,9 @@ use crate::{
     kube_source::KubeSource,
     manifests::{ManifestDir, Objects},
     maps, node,
-    reconcile::{self, Reconciler},
-    translate::{translate, NodeInfo},
+    reconcile::{Partial, Reconciler},
+    sync::{Dirty, Engine},
+    translate::{NodeInfo, ServiceKey},
 };
 
 /// How often interfaces, addresses and manifests are looked at.
@@ -109,11 +110,28 @@ impl Source {
         }
     }
 
-    /// EndpointSlice change trigger times (for network programming latency).
-    fn trigger_times(&self) -> Vec<(String, SystemTime)> {
+    /// Trigger times of the EndpointSlice changes since the last call (for the network
+    /// programming latency).
+    fn take_triggers(&self) -> Vec<SystemTime> {
         match self {
             Source::Manifests { .. } => Vec::new(),
-            Source::Kube(k) => k.slice_trigger_times(),
+            Source::Kube(k) => k.take_triggers(),
+        }
+    }
+
+    /// The Services changed since the last call.
+    fn take_dirty(&mut self) -> Dirty {
+        match self {
+            Source::Manifests { files, .. } => files.take_dirty(),
+            Source::Kube(k) => k.take_dirty(),
+        }
+    }
+
+    /// The named Services with their EndpointSlices (and the Pods, for manifests).
+    fn objects_for(&self, keys: &BTreeSet<ServiceKey>) -> Objects {
+        match self {
+            Source::Manifests { files, .. } => files.objects_for(keys),
+            Source::Kube(k) => k.objects_for(keys),
         }
     }
 
@@ -230,11 +248,14 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut reconciler: Option<Reconciler<PinnedMaps>> = None;
     let mut health_checks = HealthChecks::default();
-    // EndpointSlice trigger times already seen (None until the first sync, whose are not
-    // changes but the initial state).
-    let mut seen_triggers: Option<BTreeSet<String>> = None;
+    let mut engine = Engine::default();
+    // What to translate again; everything until a full sync succeeded.
+    let mut pending = Dirty {
+        all: true,
+        ..Default::default()
+    };
+    let mut zone = None;
     let mut addresses: BTreeSet<Ipv4Addr> = BTreeSet::new();
-    let mut dirty = true;
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -253,7 +274,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             Ok(a) if a != addresses => {
                 tracing::info!(addresses = ?a, "node addresses");
                 addresses = a;
-                dirty = true;
+                pending.all = true;
                 let snat_ip = cfg
                     .node_ip
                     .or_else(|| node::primary_address(&cfg.ext_ifaces));
@@ -282,33 +303,28 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             s.api_connected = source.connected();
         }
         if source.poll() {
-            dirty = true;
             if let Ok(mut s) = status.lock() {
                 s.last_queued = Some(SystemTime::now());
             }
         }
-        if !dirty || !source.ready() {
+        if !source.ready() {
+            continue;
+        }
+        pending.merge(source.take_dirty());
+        let z = source.zone();
+        if z != zone {
+            zone = z;
+            pending.all = true;
+        }
+        if pending.is_empty() {
             continue;
         }
         let started = Instant::now();
         let node = NodeInfo {
             name: cfg.node_name.clone(),
             addresses: addresses.iter().copied().collect(),
-            zone: source.zone(),
+            zone: zone.clone(),
         };
-        let t = translate(&source.objects(), &node);
-        for w in &t.warnings {
-            tracing::warn!("{w}");
-        }
-        let fill = reconcile::fill_levels(&t.desired);
-        for (map, n, cap) in &fill {
-            if *n * 10 >= *cap * 9 && *n <= *cap {
-                tracing::warn!(map, entries = n, capacity = cap, "map nearly full");
-            }
-        }
-        if let Ok(mut s) = status.lock() {
-            s.map_fill = fill;
-        }
         let r = match reconciler.as_mut() {
             Some(r) => r,
             None => match PinnedMaps::open(&cfg.pin_path).map(Reconciler::new) {
@@ -323,52 +339,124 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                 }
             },
         };
-        match r.apply(&t.desired) {
+        // Only the Services that changed, unless everything must be looked at again.
+        let incremental = if pending.all {
+            None
+        } else {
+            let objects = source.objects_for(&pending.services);
+            engine.update(&objects, &node, &pending.services)
+        };
+        let full = incremental.is_none();
+        let (result, warnings, touched) = match incremental {
+            Some((partial, warnings)) => {
+                let old_ids = service_ids_of(r, &partial);
+                let result = r.apply_partial(engine.desired(), &partial);
+                (result, warnings, Some((partial, old_ids)))
+            }
+            None => {
+                let warnings = engine.rebuild(&source.objects(), &node);
+                (r.apply(engine.desired()), warnings, None)
+            }
+        };
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+        let desired = engine.desired();
+        match result {
             Ok(stats) => {
                 let took = started.elapsed();
                 tracing::info!(
-                    frontends = t.desired.frontends.len(),
+                    frontends = desired.frontends.len(),
+                    services = if full {
+                        None
+                    } else {
+                        Some(pending.services.len())
+                    },
                     writes = stats.writes,
                     deletes = stats.deletes,
                     took_us = took.as_micros() as u64,
                     "datapath programmed"
                 );
-                let triggers = source.trigger_times();
+                let triggers = source.take_triggers();
                 let now = SystemTime::now();
+                let fill = r.fill();
+                for (map, n, cap) in &fill {
+                    if *n * 10 >= *cap * 9 && *n <= *cap {
+                        tracing::warn!(map, entries = n, capacity = cap, "map nearly full");
+                    }
+                }
+                health_checks.sync(&desired.health_checks, &status);
                 if let Ok(mut s) = status.lock() {
+                    s.map_fill = fill;
                     s.record_sync(took);
                     s.no_local_endpoints = (
-                        t.desired.no_local_endpoints_internal,
-                        t.desired.no_local_endpoints_external,
+                        desired.no_local_endpoints_internal,
+                        desired.no_local_endpoints_external,
                     );
-                    if let Some(seen) = &seen_triggers {
-                        for (key, at) in &triggers {
-                            if !seen.contains(key) {
-                                s.record_programming(now.duration_since(*at).unwrap_or_default());
-                            }
+                    for at in &triggers {
+                        s.record_programming(now.duration_since(*at).unwrap_or_default());
+                    }
+                    match &touched {
+                        None => s.frontends = frontend_names(desired, r.service_ids()),
+                        Some((partial, old_ids)) => {
+                            update_frontend_names(&mut s.frontends, desired, r, partial, old_ids)
                         }
                     }
                 }
-                seen_triggers = Some(triggers.into_iter().map(|(k, _)| k).collect());
-                health_checks.sync(&t.desired.health_checks, &status);
-                let names = frontend_names(&t.desired, r.service_ids());
-                if let Ok(mut s) = status.lock() {
-                    s.frontends = names;
-                }
-                dirty = false;
+                pending = Dirty::default();
             }
             Err(e) => {
                 tracing::error!(error = %e, "programming the datapath failed; will retry");
                 if let Ok(mut s) = status.lock() {
                     s.failing = true;
                 }
-                // Start over from what the maps really hold.
+                // Start over from what the maps really hold, with everything.
                 reconciler = None;
+                pending.all = true;
             }
         }
     }
     tracing::info!("stopping; the datapath stays attached and programmed");
     Ok(())
+}
+
+/// The service ids the frontends of a partial change have before it is applied.
+fn service_ids_of(r: &Reconciler<PinnedMaps>, partial: &Partial) -> Vec<u32> {
+    partial
+        .frontends
+        .iter()
+        .flat_map(|fe| {
+            [lb_common::SCOPE_ALL, lb_common::SCOPE_PODS]
+                .map(|scope| r.service_id(&maps::frontend_key(fe, scope)))
+        })
+        .flatten()
+        .collect()
+}
+
+/// Updates the names of the frontends a partial change touched.
+fn update_frontend_names(
+    names: &mut std::collections::BTreeMap<u32, (String, String)>,
+    desired: &crate::model::Desired,
+    r: &Reconciler<PinnedMaps>,
+    partial: &Partial,
+    old_ids: &[u32],
+) {
+    for id in old_ids {
+        names.remove(id);
+    }
+    for fe in &partial.frontends {
+        for (scope, frontends) in [
+            (lb_common::SCOPE_ALL, &desired.frontends),
+            (lb_common::SCOPE_PODS, &desired.pod_frontends),
+        ] {
+            if let (Some(st), Some(id)) = (
+                frontends.get(fe),
+                r.service_id(&maps::frontend_key(fe, scope)),
+            ) {
+                names.insert(id, (fe.to_string(), st.service.to_string()));
+            }
+        }
+    }
 }
 
 /// Service id → (frontend, service port name) of every programmed entry.

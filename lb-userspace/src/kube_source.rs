@@ -7,9 +7,10 @@
 //! good state while the API server is away.
 
 use std::{
+    collections::{BTreeSet, HashSet},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::{Duration, SystemTime},
 };
@@ -28,7 +29,14 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
-use crate::{manifests::Objects, translate::LABEL_HEADLESS, translate::LABEL_SERVICE_PROXY_NAME};
+use crate::{
+    manifests::Objects,
+    sync::Dirty,
+    translate::{
+        service_key_of_service, service_key_of_slice, ServiceKey, LABEL_HEADLESS,
+        LABEL_SERVICE_PROXY_NAME,
+    },
+};
 
 /// `topology.kubernetes.io/zone` of this node's Node object.
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
@@ -46,7 +54,59 @@ pub struct KubeSource {
     feeds: Vec<Arc<Feed>>,
     /// Set by every event; taken by `take_changed`.
     changed: Arc<AtomicBool>,
+    /// The Services events touched since `take_dirty`.
+    dirty: Arc<Mutex<Dirty>>,
+    /// `endpoints.kubernetes.io/last-change-trigger-time` of EndpointSlice changes watched
+    /// since `take_triggers` (the initial lists are the starting state, not changes).
+    triggers: Arc<Mutex<Vec<SystemTime>>>,
     pub notify: Arc<Notify>,
+}
+
+/// Shared between the reflectors and the agent.
+#[derive(Clone)]
+struct Shared {
+    changed: Arc<AtomicBool>,
+    dirty: Arc<Mutex<Dirty>>,
+    triggers: Arc<Mutex<Vec<SystemTime>>>,
+    notify: Arc<Notify>,
+}
+
+/// What an object change means for translation: which Service it belongs to (None: any),
+/// and, for an EndpointSlice, its change trigger time.
+trait Tracked {
+    fn service_key(&self) -> Option<ServiceKey>;
+    fn trigger_time(&self) -> Option<SystemTime> {
+        None
+    }
+}
+
+impl Tracked for Service {
+    fn service_key(&self) -> Option<ServiceKey> {
+        Some(service_key_of_service(self))
+    }
+}
+
+impl Tracked for EndpointSlice {
+    fn service_key(&self) -> Option<ServiceKey> {
+        // A slice without the label belongs to no Service: nothing to translate again.
+        Some(service_key_of_slice(self).unwrap_or_default())
+    }
+    fn trigger_time(&self) -> Option<SystemTime> {
+        let t = self
+            .metadata
+            .annotations
+            .as_ref()?
+            .get("endpoints.kubernetes.io/last-change-trigger-time")?;
+        let ts: jiff::Timestamp = t.parse().ok()?;
+        Some(SystemTime::from(ts))
+    }
+}
+
+impl Tracked for Node {
+    /// The node's zone feeds topology hints of every Service.
+    fn service_key(&self) -> Option<ServiceKey> {
+        None
+    }
 }
 
 async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client> {
@@ -68,29 +128,33 @@ async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client> {
 impl KubeSource {
     pub async fn start(kubeconfig: Option<&std::path::Path>, node_name: &str) -> Result<Self> {
         let client = client(kubeconfig).await?;
-        let changed = Arc::new(AtomicBool::new(true));
-        let notify = Arc::new(Notify::new());
+        let shared = Shared {
+            changed: Arc::new(AtomicBool::new(true)),
+            dirty: Arc::new(Mutex::new(Dirty {
+                all: true,
+                ..Default::default()
+            })),
+            triggers: Arc::new(Mutex::new(Vec::new())),
+            notify: Arc::new(Notify::new()),
+        };
         let proxy_selector = format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}");
         let mut feeds = Vec::new();
         let services = spawn_reflector(
             Api::<Service>::all(client.clone()),
             watcher::Config::default().labels(&proxy_selector),
-            &changed,
-            &notify,
+            &shared,
             &mut feeds,
         );
         let slices = spawn_reflector(
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default().labels(&proxy_selector),
-            &changed,
-            &notify,
+            &shared,
             &mut feeds,
         );
         let nodes = spawn_reflector(
             Api::<Node>::all(client),
             watcher::Config::default().fields(&format!("metadata.name={node_name}")),
-            &changed,
-            &notify,
+            &shared,
             &mut feeds,
         );
         Ok(KubeSource {
@@ -98,8 +162,10 @@ impl KubeSource {
             slices,
             nodes,
             feeds,
-            changed,
-            notify,
+            changed: shared.changed,
+            dirty: shared.dirty,
+            triggers: shared.triggers,
+            notify: shared.notify,
         })
     }
 
@@ -118,6 +184,58 @@ impl KubeSource {
     /// Whether anything changed since the last call.
     pub fn take_changed(&self) -> bool {
         self.changed.swap(false, Ordering::SeqCst)
+    }
+
+    /// The Services changed since the last call.
+    pub fn take_dirty(&self) -> Dirty {
+        self.dirty
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or(Dirty {
+                all: true,
+                ..Default::default()
+            })
+    }
+
+    /// Trigger times of the EndpointSlice changes since the last call.
+    pub fn take_triggers(&self) -> Vec<SystemTime> {
+        self.triggers
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default()
+    }
+
+    /// The named Services and their EndpointSlices.
+    pub fn objects_for(&self, keys: &BTreeSet<ServiceKey>) -> Objects {
+        let wanted: HashSet<(&str, &str)> =
+            keys.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect();
+        let services = keys
+            .iter()
+            .filter_map(|(ns, name)| {
+                self.services
+                    .get(&reflector::ObjectRef::new(name).within(ns))
+            })
+            .map(|s| (*s).clone())
+            .collect();
+        let slices = self
+            .slices
+            .state()
+            .iter()
+            .filter(|s| {
+                let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+                s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(crate::translate::LABEL_SERVICE_NAME))
+                    .is_some_and(|svc| wanted.contains(&(ns, svc.as_str())))
+            })
+            .map(|s| (**s).clone())
+            .collect();
+        Objects {
+            services,
+            slices,
+            pods: Vec::new(),
+        }
     }
 
     pub fn objects(&self) -> Objects {
@@ -139,29 +257,6 @@ impl KubeSource {
             .state()
             .first()
             .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned())
-    }
-
-    /// `endpoints.kubernetes.io/last-change-trigger-time` of every EndpointSlice.
-    pub fn slice_trigger_times(&self) -> Vec<(String, SystemTime)> {
-        self.slices
-            .state()
-            .iter()
-            .filter_map(|s| {
-                let t = s
-                    .metadata
-                    .annotations
-                    .as_ref()?
-                    .get("endpoints.kubernetes.io/last-change-trigger-time")?;
-                let ts: jiff::Timestamp = t.parse().ok()?;
-                let key = format!(
-                    "{}/{}@{}",
-                    s.metadata.namespace.as_deref().unwrap_or_default(),
-                    s.metadata.name.as_deref().unwrap_or_default(),
-                    s.metadata.resource_version.as_deref().unwrap_or_default()
-                );
-                Some((key, SystemTime::from(ts)))
-            })
-            .collect()
     }
 }
 
@@ -207,12 +302,12 @@ impl Backoff for RetryBackoff {
 fn spawn_reflector<K>(
     api: Api<K>,
     config: watcher::Config,
-    changed: &Arc<AtomicBool>,
-    notify: &Arc<Notify>,
+    shared: &Shared,
     feeds: &mut Vec<Arc<Feed>>,
 ) -> reflector::Store<K>
 where
     K: Resource<DynamicType = ()>
+        + Tracked
         + Clone
         + DeserializeOwned
         + std::fmt::Debug
@@ -227,8 +322,12 @@ where
     });
     feeds.push(feed.clone());
     let kind = K::kind(&()).into_owned();
-    let changed = changed.clone();
-    let notify = notify.clone();
+    let Shared {
+        changed,
+        dirty,
+        triggers,
+        notify,
+    } = shared.clone();
     tokio::spawn(async move {
         let stream = reflector(writer, watcher(api, config).backoff(RetryBackoff::new()));
         futures::pin_mut!(stream);
@@ -243,11 +342,26 @@ where
                         tracing::info!(%kind, "initial list done");
                     }
                     feed.connected.store(true, Ordering::SeqCst);
+                    // A relist may have replaced anything.
+                    if let Ok(mut d) = dirty.lock() {
+                        d.all = true;
+                    }
                     changed.store(true, Ordering::SeqCst);
                     notify.notify_one();
                 }
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
                     feed.connected.store(true, Ordering::SeqCst);
+                    if let Ok(mut d) = dirty.lock() {
+                        match obj.service_key() {
+                            Some(k) => {
+                                d.services.insert(k);
+                            }
+                            None => d.all = true,
+                        }
+                    }
+                    if let (Some(t), Ok(mut tr)) = (obj.trigger_time(), triggers.lock()) {
+                        tr.push(t);
+                    }
                     changed.store(true, Ordering::SeqCst);
                     notify.notify_one();
                 }

@@ -17,6 +17,7 @@ pub mod node;
 pub mod packet;
 pub mod reconcile;
 pub mod status;
+pub mod sync;
 pub mod trace;
 pub mod translate;
 pub mod validate;

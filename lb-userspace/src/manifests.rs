@@ -3,8 +3,13 @@
 //! EndpointSlices and Pods. Other kinds are ignored.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
+};
+
+use crate::{
+    sync::Dirty,
+    translate::{service_key_of_service, service_key_of_slice, ServiceKey},
 };
 
 use k8s_openapi::api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice};
@@ -142,6 +147,8 @@ fn add_value(
 #[derive(Default)]
 pub struct ManifestDir {
     files: BTreeMap<PathBuf, FileState>,
+    /// What the scans changed since `take_dirty`.
+    dirty: Dirty,
 }
 
 struct FileState {
@@ -186,9 +193,18 @@ impl ManifestDir {
 
         let mut changed = false;
         let mut errors = Vec::new();
-        let before = self.files.len();
-        self.files.retain(|p, _| present.contains_key(p));
-        changed |= self.files.len() != before;
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !present.contains_key(*p))
+            .cloned()
+            .collect();
+        for p in gone {
+            if let Some(f) = self.files.remove(&p) {
+                self.dirty.note(&f.objects);
+                changed = true;
+            }
+        }
         for (path, stamp) in present {
             if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
                 continue;
@@ -201,7 +217,10 @@ impl ManifestDir {
                 .and_then(|text| parse_file(&path, &text));
             match parsed {
                 Ok(objects) => {
-                    self.files.insert(path, FileState { stamp, objects });
+                    self.dirty.note(&objects);
+                    if let Some(old) = self.files.insert(path, FileState { stamp, objects }) {
+                        self.dirty.note(&old.objects);
+                    }
                     changed = true;
                 }
                 Err(e) => {
@@ -223,6 +242,33 @@ impl ManifestDir {
             }
         }
         Ok(Scan { changed, errors })
+    }
+
+    /// The Services changed by the scans since the last call.
+    pub fn take_dirty(&mut self) -> Dirty {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// The named Services, their EndpointSlices and every Pod.
+    pub fn objects_for(&self, keys: &BTreeSet<ServiceKey>) -> Objects {
+        let mut out = Objects::default();
+        for f in self.files.values() {
+            let o = &f.objects;
+            out.services.extend(
+                o.services
+                    .iter()
+                    .filter(|s| keys.contains(&service_key_of_service(s)))
+                    .cloned(),
+            );
+            out.slices.extend(
+                o.slices
+                    .iter()
+                    .filter(|s| service_key_of_slice(s).is_some_and(|k| keys.contains(&k)))
+                    .cloned(),
+            );
+            out.pods.extend(o.pods.iter().cloned());
+        }
+        out
     }
 
     /// All objects of all files.

@@ -20,7 +20,7 @@ use lb_common::{
 use crate::{
     maglev,
     maps::{backend_value, frontend_key, kind_flag, MapError, ServiceKeyV4Ord, ServiceMaps},
-    model::{Desired, FrontendKind},
+    model::{Desired, FrontendKind, FrontendState, L4Addr},
 };
 
 /// One Maglev table: shared by the external frontends (NodePort, externalIPs, load-balancer
@@ -30,6 +30,8 @@ struct MaglevTable {
     index: u32,
     /// The backend ids it was computed for, sorted.
     ids: Vec<u32>,
+    /// The entries that name it.
+    keys: BTreeSet<ServiceKeyV4Ord>,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +57,22 @@ pub struct Reconciler<M: ServiceMaps> {
     maglev: BTreeMap<String, MaglevTable>,
     /// Source ranges programmed per service id.
     ranges: BTreeMap<u32, BTreeSet<(Ipv4Addr, u8)>>,
+    /// Backend id by identity (address, port, protocol).
+    ids: HashMap<(u32, u16, u8), u32>,
+    /// How many programmed slots name each backend id.
+    refs: HashMap<u32, u32>,
+    /// Backend ids kept for serving endpoints (their flows carry on).
+    serving: HashSet<u32>,
+    /// Programmed slots, over all entries.
+    slot_total: usize,
+}
+
+/// What a partial `apply` looks at: the frontends (both scopes) and serving endpoints of the
+/// Services that changed. Everything else is known to be programmed already.
+#[derive(Debug, Default, Clone)]
+pub struct Partial {
+    pub frontends: BTreeSet<L4Addr>,
+    pub serving: BTreeSet<L4Addr>,
 }
 
 /// The affinity group of a Service port: FNV-1a (64 bit) of `namespace/name:port`, stable
@@ -178,6 +196,17 @@ impl<M: ServiceMaps> Reconciler<M> {
         let backends: BTreeMap<u32, BackendV4> = maps.backends()?.into_iter().collect();
         let next_svc_id = services.values().map(|p| p.value.svc_id).max().unwrap_or(0) + 1;
         let next_backend_id = backends.keys().max().copied().unwrap_or(0) + 1;
+        let ids = backends
+            .iter()
+            .map(|(id, b)| (backend_identity(b), *id))
+            .collect();
+        let mut refs: HashMap<u32, u32> = HashMap::new();
+        for p in services.values() {
+            for id in &p.slots {
+                *refs.entry(*id).or_default() += 1;
+            }
+        }
+        let slot_total = services.values().map(|p| p.slots.len()).sum();
         let mut ranges: BTreeMap<u32, BTreeSet<(Ipv4Addr, u8)>> = BTreeMap::new();
         for (svc_id, net, len) in maps.source_ranges()? {
             ranges.entry(svc_id).or_default().insert((net, len));
@@ -190,6 +219,11 @@ impl<M: ServiceMaps> Reconciler<M> {
             next_backend_id,
             maglev: BTreeMap::new(),
             ranges,
+            ids,
+            refs,
+            // Unknown until the first apply, which is a full one: nothing is removed before.
+            serving: HashSet::new(),
+            slot_total,
         })
     }
 
@@ -236,17 +270,16 @@ impl<M: ServiceMaps> Reconciler<M> {
     /// map entry written if it differs.
     fn ensure_backend(
         &mut self,
-        ids: &mut HashMap<(u32, u16, u8), u32>,
         value: BackendV4,
         stats: &mut ApplyStats,
     ) -> Result<u32, MapError> {
         let ident = backend_identity(&value);
-        let id = match ids.get(&ident) {
+        let id = match self.ids.get(&ident) {
             Some(id) => *id,
             None => {
                 let id = self.alloc_backend_id();
                 self.maps.reset_backend_stats(id)?;
-                ids.insert(ident, id);
+                self.ids.insert(ident, id);
                 id
             }
         };
@@ -263,9 +296,9 @@ impl<M: ServiceMaps> Reconciler<M> {
     /// their entries at it. A table is rewritten in place, entry by entry, when its backends
     /// change (every entry always names a backend that exists). Returns the Service ports
     /// that have a table.
-    fn program_maglev(
+    fn program_maglev<'a>(
         &mut self,
-        desired: &Desired,
+        frontends: impl Iterator<Item = (&'a L4Addr, &'a FrontendState)>,
         slot_lists: &mut BTreeMap<ServiceKeyV4Ord, (ServiceV4, Vec<u32>)>,
         stats: &mut ApplyStats,
     ) -> Result<BTreeSet<String>, MapError> {
@@ -274,7 +307,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         if size == 0 {
             return Ok(BTreeSet::new());
         }
-        for (fe, state) in &desired.frontends {
+        for (fe, state) in frontends {
             if state.kind == FrontendKind::ClusterIP || state.backends.is_empty() {
                 continue;
             }
@@ -294,14 +327,19 @@ impl<M: ServiceMaps> Reconciler<M> {
                 g.1.push(key);
             }
         }
-        if groups.len() > count as usize {
+        let kept = self
+            .maglev
+            .keys()
+            .filter(|n| !groups.contains_key(*n))
+            .count();
+        if groups.len() + kept > count as usize {
             return Err(MapError {
                 map: map_names::MAGLEV,
                 op: "capacity",
                 reason: format!(
                     "{} tables wanted, room for {count} (--maglev-tables): nothing was changed, \
                      the last good state stays",
-                    groups.len()
+                    groups.len() + kept
                 ),
             });
         }
@@ -324,6 +362,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                     MaglevTable {
                         index: m - 1,
                         ids: Vec::new(), // content unknown: rewritten below
+                        keys: BTreeSet::new(),
                     },
                 );
             }
@@ -340,6 +379,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                     MaglevTable {
                         index,
                         ids: Vec::new(),
+                        keys: BTreeSet::new(),
                     }
                 }
             };
@@ -357,6 +397,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                 MaglevTable {
                     index: table.index,
                     ids: ids.clone(),
+                    keys: keys.iter().copied().collect(),
                 },
             );
             for k in keys {
@@ -370,41 +411,157 @@ impl<M: ServiceMaps> Reconciler<M> {
 
     /// Makes the maps hold `desired`.
     pub fn apply(&mut self, desired: &Desired) -> Result<ApplyStats, MapError> {
-        check_capacity(desired)?;
+        self.apply_scoped(desired, None)
+    }
+
+    /// Makes the maps hold `desired` for the frontends and serving endpoints in `partial`
+    /// (those of the Services that changed), touching nothing else: the cost follows the
+    /// size of the change, not the number of Services.
+    pub fn apply_partial(
+        &mut self,
+        desired: &Desired,
+        partial: &Partial,
+    ) -> Result<ApplyStats, MapError> {
+        self.apply_scoped(desired, Some(partial))
+    }
+
+    /// The service id of a programmed entry.
+    pub fn service_id(&self, key: &ServiceKeyV4) -> Option<u32> {
+        self.services.get(&key.into()).map(|p| p.value.svc_id)
+    }
+
+    /// How full the maps are with what is programmed: (map, entries, capacity).
+    pub fn fill(&self) -> Vec<(&'static str, usize, usize)> {
+        vec![
+            (
+                map_names::SERVICES_V4,
+                self.services.len(),
+                MAX_SERVICES as usize,
+            ),
+            (
+                map_names::BACKEND_SLOTS,
+                self.slot_total,
+                MAX_BACKEND_SLOTS as usize,
+            ),
+            (
+                map_names::MEMBERS,
+                self.slot_total,
+                MAX_BACKEND_SLOTS as usize,
+            ),
+            (
+                map_names::BACKENDS_V4,
+                self.backends.len(),
+                (MAX_BACKENDS as usize).min(MAX_BACKEND_IDS as usize - 1),
+            ),
+            (
+                "service ids",
+                self.services.len(),
+                MAX_SERVICE_IDS as usize - 1,
+            ),
+        ]
+    }
+
+    /// Refuses, before writing, a partial change the maps cannot hold.
+    fn check_partial_capacity(&self, desired: &Desired, partial: &Partial) -> Result<(), MapError> {
+        let frontends = desired.frontends.len() + desired.pod_frontends.len();
+        let mut slots = self.slot_total;
+        let mut new_backends = HashSet::new();
+        for fe in &partial.frontends {
+            for scope in [SCOPE_ALL, SCOPE_PODS] {
+                if let Some(p) = self.services.get(&(&frontend_key(fe, scope)).into()) {
+                    slots = slots.saturating_sub(p.slots.len());
+                }
+            }
+            for st in [desired.frontends.get(fe), desired.pod_frontends.get(fe)]
+                .into_iter()
+                .flatten()
+            {
+                slots += st.backends.len();
+                for b in &st.backends {
+                    let ident = backend_identity(&backend_value(&b.addr, false, false));
+                    if !self.ids.contains_key(&ident) {
+                        new_backends.insert(ident);
+                    }
+                }
+            }
+        }
+        let backends = self.backends.len() + new_backends.len();
+        for (map, n, cap) in [
+            (map_names::SERVICES_V4, frontends, MAX_SERVICES as usize),
+            ("service ids", frontends, MAX_SERVICE_IDS as usize - 1),
+            (map_names::BACKEND_SLOTS, slots, MAX_BACKEND_SLOTS as usize),
+            (
+                map_names::BACKENDS_V4,
+                backends,
+                (MAX_BACKENDS as usize).min(MAX_BACKEND_IDS as usize - 1),
+            ),
+        ] {
+            if n > cap {
+                return Err(MapError {
+                    map,
+                    op: "capacity",
+                    reason: format!(
+                        "{n} entries wanted, room for {cap}: nothing was changed, the last good state stays"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_scoped(
+        &mut self,
+        desired: &Desired,
+        partial: Option<&Partial>,
+    ) -> Result<ApplyStats, MapError> {
+        match partial {
+            None => check_capacity(desired)?,
+            Some(p) => self.check_partial_capacity(desired, p)?,
+        }
         let mut stats = ApplyStats::default();
 
+        // The entries to look at, with their desired state (None: to be removed).
+        type Entry<'a> = (ServiceKeyV4Ord, &'a L4Addr, u8, Option<&'a FrontendState>);
+        let in_scope: Vec<Entry> = match partial {
+            None => desired
+                .frontends
+                .iter()
+                .map(|(fe, st)| (fe, st, SCOPE_ALL))
+                .chain(
+                    desired
+                        .pod_frontends
+                        .iter()
+                        .map(|(fe, st)| (fe, st, SCOPE_PODS)),
+                )
+                .map(|(fe, st, scope)| ((&frontend_key(fe, scope)).into(), fe, scope, Some(st)))
+                .collect(),
+            Some(p) => p
+                .frontends
+                .iter()
+                .flat_map(|fe| {
+                    [
+                        (fe, SCOPE_ALL, desired.frontends.get(fe)),
+                        (fe, SCOPE_PODS, desired.pod_frontends.get(fe)),
+                    ]
+                })
+                .map(|(fe, scope, st)| ((&frontend_key(fe, scope)).into(), fe, scope, st))
+                .collect(),
+        };
+
         // 1. Backends: reuse the id of an identical address, write new ones and flag changes.
-        let mut ids: HashMap<(u32, u16, u8), u32> = self
-            .backends
-            .iter()
-            .map(|(id, b)| (backend_identity(b), *id))
-            .collect();
-        let mut wanted_backends = BTreeSet::new();
         let mut slot_lists: BTreeMap<ServiceKeyV4Ord, (ServiceV4, Vec<u32>)> = BTreeMap::new();
         let mut range_lists: BTreeMap<ServiceKeyV4Ord, BTreeSet<(Ipv4Addr, u8)>> = BTreeMap::new();
-        let entries = desired
-            .frontends
-            .iter()
-            .map(|(fe, st)| (fe, st, SCOPE_ALL))
-            .chain(
-                desired
-                    .pod_frontends
-                    .iter()
-                    .map(|(fe, st)| (fe, st, SCOPE_PODS)),
-            );
-        for (fe, state, scope) in entries {
+        for (key, fe, scope, state) in &in_scope {
+            let Some(state) = state else { continue };
             let mut slots = Vec::with_capacity(state.backends.len());
             for b in &state.backends {
                 let value = backend_value(&b.addr, b.local, b.terminating);
-                let id = self.ensure_backend(&mut ids, value, &mut stats)?;
-                wanted_backends.insert(id);
-                slots.push(id);
+                slots.push(self.ensure_backend(value, &mut stats)?);
             }
-            let key = frontend_key(fe, scope);
-            let pod_scope = scope == SCOPE_ALL && desired.pod_frontends.contains_key(fe);
-            let fenced = scope == SCOPE_ALL && !state.source_ranges.is_empty();
+            let pod_scope = *scope == SCOPE_ALL && desired.pod_frontends.contains_key(*fe);
+            let fenced = *scope == SCOPE_ALL && !state.source_ranges.is_empty();
             if fenced {
-                range_lists.insert((&key).into(), state.source_ranges.iter().copied().collect());
+                range_lists.insert(*key, state.source_ranges.iter().copied().collect());
             }
             let value = ServiceV4 {
                 svc_id: 0, // filled in below
@@ -422,16 +579,45 @@ impl<M: ServiceMaps> Reconciler<M> {
                 maglev: 0, // set by program_maglev
                 _pad: 0,
             };
-            slot_lists.insert((&key).into(), (value, slots));
+            slot_lists.insert(*key, (value, slots));
         }
         // Serving endpoints no frontend chooses (terminating ones) stay for their flows.
-        for b in desired.serving.values() {
-            let value = backend_value(&b.addr, b.local, b.terminating);
-            wanted_backends.insert(self.ensure_backend(&mut ids, value, &mut stats)?);
+        let mut released: Vec<u32> = Vec::new();
+        match partial {
+            None => {
+                let mut serving = HashSet::new();
+                for b in desired.serving.values() {
+                    let value = backend_value(&b.addr, b.local, b.terminating);
+                    serving.insert(self.ensure_backend(value, &mut stats)?);
+                }
+                self.serving = serving;
+            }
+            Some(p) => {
+                for addr in &p.serving {
+                    match desired.serving.get(addr) {
+                        Some(b) => {
+                            let value = backend_value(&b.addr, b.local, b.terminating);
+                            let id = self.ensure_backend(value, &mut stats)?;
+                            self.serving.insert(id);
+                        }
+                        None => {
+                            let v = backend_value(addr, false, false);
+                            if let Some(id) = self.ids.get(&backend_identity(&v)).copied() {
+                                self.serving.remove(&id);
+                                released.push(id);
+                            }
+                        }
+                    }
+                }
+            }
         }
 
         // Maglev tables of external frontends, written before the entries that name them.
-        let tables = self.program_maglev(desired, &mut slot_lists, &mut stats)?;
+        let external = in_scope
+            .iter()
+            .filter(|(_, _, scope, _)| *scope == SCOPE_ALL)
+            .filter_map(|(_, fe, _, st)| st.map(|st| (*fe, st)));
+        let tables = self.program_maglev(external, &mut slot_lists, &mut stats)?;
 
         // 2. Frontends that stay or are new.
         for (key, (mut value, slots)) in slot_lists.iter().map(|(k, v)| (*k, v.clone())) {
@@ -492,16 +678,24 @@ impl<M: ServiceMaps> Reconciler<M> {
                 self.maps.delete_member(&mk)?;
                 stats.deletes += 1;
             }
+            self.count_refs(&old_slots, &slots, &mut released);
             self.services.insert(key, Programmed { value, slots });
         }
 
         // 3. Frontends no longer wanted: the entry first, then its slots.
-        let gone: Vec<ServiceKeyV4Ord> = self
-            .services
-            .keys()
-            .filter(|k| !slot_lists.contains_key(k))
-            .copied()
-            .collect();
+        let gone: Vec<ServiceKeyV4Ord> = match partial {
+            None => self
+                .services
+                .keys()
+                .filter(|k| !slot_lists.contains_key(k))
+                .copied()
+                .collect(),
+            Some(_) => in_scope
+                .iter()
+                .filter(|(k, _, _, st)| st.is_none() && self.services.contains_key(k))
+                .map(|(k, ..)| *k)
+                .collect(),
+        };
         for key in gone {
             if let Some(p) = self.services.get(&key).cloned() {
                 self.maps.delete_service(&ServiceKeyV4::from(key))?;
@@ -526,26 +720,59 @@ impl<M: ServiceMaps> Reconciler<M> {
                     self.maps.delete_source_range(p.value.svc_id, net, len)?;
                     stats.deletes += 1;
                 }
+                self.count_refs(&p.slots, &[], &mut released);
                 self.services.remove(&key);
             }
         }
 
         // Tables no entry names any more are free again (their content is left as it is).
-        self.maglev.retain(|name, _| tables.contains(name));
+        match partial {
+            None => self.maglev.retain(|name, _| tables.contains(name)),
+            Some(_) => {
+                let looked_at: BTreeSet<ServiceKeyV4Ord> = in_scope.iter().map(|e| e.0).collect();
+                self.maglev.retain(|name, t| {
+                    if !tables.contains(name) {
+                        t.keys.retain(|k| !looked_at.contains(k));
+                    }
+                    !t.keys.is_empty()
+                });
+            }
+        }
 
         // 4. Backends nothing names any more.
-        let unused: Vec<u32> = self
-            .backends
-            .keys()
-            .filter(|id| !wanted_backends.contains(id))
-            .copied()
-            .collect();
+        let mut unused: Vec<u32> = match partial {
+            None => self.backends.keys().copied().collect(),
+            Some(_) => released,
+        };
+        unused.retain(|id| !self.serving.contains(id) && !self.refs.contains_key(id));
+        unused.sort_unstable();
+        unused.dedup();
         for id in unused {
-            self.maps.delete_backend(id)?;
-            self.backends.remove(&id);
-            stats.deletes += 1;
+            if let Some(b) = self.backends.remove(&id) {
+                self.maps.delete_backend(id)?;
+                self.ids.remove(&backend_identity(&b));
+                stats.deletes += 1;
+            }
         }
         Ok(stats)
+    }
+
+    /// Moves slot reference counts from `old` to `new` slots; ids that lost a reference go to
+    /// `released` (candidates for removal).
+    fn count_refs(&mut self, old: &[u32], new: &[u32], released: &mut Vec<u32>) {
+        for id in new {
+            *self.refs.entry(*id).or_default() += 1;
+        }
+        for id in old {
+            if let Some(n) = self.refs.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.refs.remove(id);
+                }
+            }
+            released.push(*id);
+        }
+        self.slot_total = (self.slot_total + new.len()).saturating_sub(old.len());
     }
 }
 

@@ -125,31 +125,68 @@ pub fn parse_cidr(s: &str) -> Option<Option<(Ipv4Addr, u8)>> {
     Some(Some((Ipv4Addr::from(u32::from(addr) & mask), len)))
 }
 
-pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
-    let mut t = Translation::default();
-    let mut slices_by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-    for s in &objects.slices {
-        let labels = s.metadata.labels.as_ref();
-        let Some(svc) = labels.and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
-            continue;
-        };
-        if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
+/// A Service's namespace and name.
+pub type ServiceKey = (String, String);
+
+/// The Service an object belongs to: a Service's own key, an EndpointSlice's Service (its
+/// `kubernetes.io/service-name` label), None for anything else.
+pub fn service_key_of_service(svc: &Service) -> ServiceKey {
+    (
+        namespace(&svc.metadata),
+        svc.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+pub fn service_key_of_slice(slice: &EndpointSlice) -> Option<ServiceKey> {
+    let svc = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    Some((namespace(&slice.metadata), svc.clone()))
+}
+
+/// The EndpointSlices of each Service (those kube-proxy consumes).
+pub fn slices_by_service(slices: &[EndpointSlice]) -> BTreeMap<ServiceKey, Vec<&EndpointSlice>> {
+    let mut by: BTreeMap<ServiceKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices {
+        if s.metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME))
+        {
             continue;
         }
-        slices_by_service
-            .entry((namespace(&s.metadata), svc.clone()))
-            .or_default()
-            .push(s);
+        if let Some(key) = service_key_of_slice(s) {
+            by.entry(key).or_default().push(s);
+        }
     }
+    by
+}
 
+/// Translates every Service of `objects`.
+pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
+    let mut t = Translation::default();
+    let slices = slices_by_service(&objects.slices);
     for svc in &objects.services {
+        let key = service_key_of_service(svc);
+        translate_service(&mut t, svc, slices.get(&key), &objects.pods, node);
+    }
+    t
+}
+
+/// Translates one Service (with its EndpointSlices, or the Pods it selects when it has
+/// none) into `t`.
+pub fn translate_service(
+    t: &mut Translation,
+    svc: &Service,
+    slices: Option<&Vec<&EndpointSlice>>,
+    pods: &[Pod],
+    node: &NodeInfo,
+) {
+    {
         let ns = namespace(&svc.metadata);
         let name = svc.metadata.name.clone().unwrap_or_default();
         if skip_service(svc) {
-            continue;
+            return;
         }
-        let Some(spec) = &svc.spec else { continue };
-        let slices = slices_by_service.get(&(ns.clone(), name.clone()));
+        let Some(spec) = &svc.spec else { return };
         // Ready endpoints on this node over all ports, for the health check node port.
         let mut local_ready = BTreeSet::new();
         let (mut lacks_internal, mut lacks_external) = (false, false);
@@ -172,7 +209,7 @@ pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
             };
             let endpoints = match slices {
                 Some(slices) => endpoints_from_slices(slices, &port_name, proto),
-                None => endpoints_from_pods(svc, sp, proto, &objects.pods),
+                None => endpoints_from_pods(svc, sp, proto, pods),
             };
             let (Ok(port), Ok(node_port)) = (
                 u16::try_from(sp.port),
@@ -309,7 +346,6 @@ pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
             }
         }
     }
-    t
 }
 
 /// The API's default for `sessionAffinityConfig.clientIP.timeoutSeconds`.
