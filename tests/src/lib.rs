@@ -3,6 +3,7 @@
 
 pub mod apiserver;
 pub mod lab;
+pub mod netns;
 pub use lb_userspace::packet;
 
 use std::{
