@@ -267,6 +267,27 @@ impl ClusterState {
         }
     }
 
+    /// What a cluster tagged `tag` made, found by name (its namespaces, pins, cgroups and
+    /// work folder): for removing one whose state file is lost.
+    pub fn by_tag(tag: &str) -> Result<ClusterState> {
+        let (pins, dir, cgroup) = names(tag);
+        let namespaces = run(&["ip", "netns", "list"])?
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|ns| ns.starts_with(&format!("{tag}-")))
+            .map(str::to_string)
+            .collect();
+        Ok(ClusterState {
+            tag: tag.to_string(),
+            dir: Some(dir),
+            namespaces,
+            pins: Some(pins),
+            cgroup: cgroup2_mount()?.map(|root| root.join(cgroup)),
+            cgroup_mount: None,
+            state_file: None,
+        })
+    }
+
     fn save(&self) -> Result<()> {
         let Some(path) = &self.state_file else {
             return Ok(());
@@ -325,6 +346,15 @@ impl ClusterState {
         }
         problems
     }
+}
+
+/// A cluster's pin folder, work folder and cgroup name (below the cgroup2 root).
+fn names(tag: &str) -> (PathBuf, PathBuf, String) {
+    (
+        PathBuf::from(format!("/sys/fs/bpf/lb-lab-{tag}")),
+        std::env::temp_dir().join(format!("lb-lab-{tag}")),
+        format!("lb-lab-{tag}"),
+    )
 }
 
 /// The mount point of the cgroup v2 hierarchy, from /proc/self/mounts.
@@ -392,7 +422,7 @@ pub fn plan(tag: &str, nodes: usize, pods_per_node: usize) -> (Vec<ClusterNode>,
             name: node_name(k),
             ns: format!("{tag}-node{k}"),
             ip: node_ip(k),
-            pin: PathBuf::from(format!("/sys/fs/bpf/lb-lab-{tag}/node{k}")),
+            pin: names(tag).0.join(format!("node{k}")),
             cgroup: PathBuf::new(),
         })
         .collect();
@@ -449,7 +479,7 @@ impl Cluster {
         let mut cluster = Cluster {
             bridge_ns: format!("{tag}-net"),
             client_ns: format!("{tag}-client"),
-            dir: std::env::temp_dir().join(format!("lb-lab-{tag}")),
+            dir: names(&tag).1,
             agents_cgroup: PathBuf::new(),
             state: ClusterState {
                 tag: tag.clone(),
@@ -474,10 +504,15 @@ impl Cluster {
         self.state.save().context("writing the state file")
     }
 
+    /// Creates a namespace of the cluster's, noted first so that teardown removes it even if
+    /// setting it up fails halfway.
     fn add_netns(&mut self, ns: &str) -> Result<()> {
-        add_netns(ns)?;
-        let ns = ns.to_string();
-        self.record(|s| s.namespaces.push(ns))
+        if Path::new("/run/netns").join(ns).exists() {
+            bail!("network namespace {ns} exists already");
+        }
+        let name = ns.to_string();
+        self.record(|s| s.namespaces.push(name))?;
+        add_netns(ns)
     }
 
     fn build(&mut self) -> Result<()> {
@@ -485,7 +520,7 @@ impl Cluster {
         fs::create_dir_all(dir.join("manifests"))?;
         self.record(|s| s.dir = Some(dir.clone()))?;
         self.build_cgroups()?;
-        let pins = PathBuf::from(format!("/sys/fs/bpf/lb-lab-{}", self.tag));
+        let pins = names(&self.tag).0;
         self.record(|s| s.pins = Some(pins))?;
 
         let bridge = self.bridge_ns.clone();
@@ -512,6 +547,7 @@ impl Cluster {
         }
         for pod in self.pods.clone() {
             let node_ns = self.nodes[pod.node - 1].ns.clone();
+            self.add_netns(&pod.ns)?;
             add_pod(&PodLink {
                 node_ns: &node_ns,
                 pod_ns: &pod.ns,
@@ -520,8 +556,6 @@ impl Cluster {
                 gateway: pod_gateway(pod.node),
             })
             .with_context(|| format!("pod {}", pod.name))?;
-            let ns = pod.ns.clone();
-            self.record(|s| s.namespaces.push(ns))?;
         }
         let client = self.client_ns.clone();
         self.add_netns(&client)?;
@@ -541,7 +575,7 @@ impl Cluster {
                 m
             }
         };
-        let cg = root.join(format!("lb-lab-{}", self.tag));
+        let cg = root.join(names(&self.tag).2);
         fs::create_dir(&cg).with_context(|| format!("creating {}", cg.display()))?;
         self.record(|s| s.cgroup = Some(cg.clone()))?;
         for node in &mut self.nodes {

@@ -136,6 +136,7 @@ impl Lab {
 
     fn add_pod_links(&self, i: usize) -> Result<()> {
         let p = &self.pods[i];
+        add_netns(&p.ns)?;
         add_pod(&PodLink {
             node_ns: &self.node_ns,
             pod_ns: &p.ns,

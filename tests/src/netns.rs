@@ -119,9 +119,10 @@ pub struct PodLink<'a> {
     pub gateway: Ipv4Addr,
 }
 
-/// Creates the pod's namespace and its veth: `eth0` with the pod address in the pod, the
-/// gateway address on the node side, a /32 route to the pod on the node, a default route
-/// through the gateway in the pod; TX checksum offload off in the pod.
+/// Links pod namespace `pod_ns` (made by the caller) to its node with a veth: `eth0` with the
+/// pod address in the pod, the gateway address on the node side, a /32 route to the pod on
+/// the node, a default route through the gateway in the pod; TX checksum offload off in the
+/// pod.
 pub fn add_pod(link: &PodLink) -> Result<()> {
     let PodLink {
         node_ns: node,
@@ -130,7 +131,6 @@ pub fn add_pod(link: &PodLink) -> Result<()> {
         ip,
         gateway,
     } = *link;
-    add_netns(pod)?;
     let (ip32, gw32, gw) = (
         format!("{ip}/32"),
         format!("{gateway}/32"),
