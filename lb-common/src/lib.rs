@@ -25,11 +25,22 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "LB_BE_STATS";
     pub const FLOW_EVENTS: &str = "LB_FLOWS";
     pub const CONFIG: &str = "LB_CONFIG";
+    pub const SNAT_V4: &str = "LB4_SNAT";
+    pub const MAGLEV: &str = "LB_MAGLEV";
+    pub const SOURCE_RANGES_V4: &str = "LB4_SRC_RANGES";
+    pub const SOCK_REVERSE_V4: &str = "LB4_SOCK_REV";
 }
 
 /// Names of the programs in the object file.
 pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_PROGRAM: &str = "lb_tc_reject";
+/// The cgroup v2 socket hooks (host-network clients), in attach order.
+pub const SOCK_PROGRAMS: [&str; 4] = [
+    "lb_connect4",
+    "lb_sendmsg4",
+    "lb_recvmsg4",
+    "lb_getpeername4",
+];
 
 /// Capacity of the maps (entries). The conntrack size can be changed at load time.
 pub const MAX_SERVICES: u32 = 65_536;
@@ -41,6 +52,18 @@ pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 pub const AFFINITY_ENTRIES: u32 = 65_536;
 /// Service ids index `LB_SVC_STATS`, so they stay below this bound. Id 0 is never used.
 pub const MAX_SERVICE_IDS: u32 = 65_536;
+/// Entries of the SNAT map (flows from outside to a backend on another node).
+pub const DEFAULT_SNAT_ENTRIES: u32 = 131_072;
+/// Maglev lookup tables: default size of one (a prime) and default number of tables. The
+/// tables of `LB_MAGLEV` are `MAGLEV_SIZE` entries each, back to back.
+pub const DEFAULT_MAGLEV_SIZE: u32 = 4093;
+pub const DEFAULT_MAGLEV_TABLES: u32 = 1024;
+/// loadBalancerSourceRanges prefixes, over all Services.
+pub const SOURCE_RANGE_ENTRIES: u32 = 16_384;
+/// Host sockets translated by the cgroup hooks (their reverse entries).
+pub const SOCK_REVERSE_ENTRIES: u32 = 65_536;
+/// How many ports a new SNAT flow tries before it gives up (dropped, counted).
+pub const SNAT_TRIES: u32 = 32;
 
 /// Source address a hairpin flow (a pod reaching itself through a Service) is translated to,
 /// so that the pod's reply leaves the pod and comes back through the node: 169.254.42.1.
@@ -103,8 +126,12 @@ map_type! {
         /// Frontends of one Service port share their clients' affinity: the key of
         /// `LB4_AFFINITY` entries (a stable hash of `namespace/name:port`).
         pub affinity_group: u64,
+        /// 1 + the index of the frontend's Maglev table in `LB_MAGLEV`; 0: none (random
+        /// choice among the slots).
+        pub maglev: u32,
+        pub _pad: u32,
     }
-    size 24;
+    size 32;
 }
 
 /// Frontend kinds (informational: the datapath treats them alike).
@@ -117,6 +144,10 @@ pub const SVC_F_LOAD_BALANCER: u32 = 1 << 3;
 pub const SVC_F_DROP_NO_ENDPOINTS: u32 = 1 << 8;
 /// Packets from this node's pods use the `SCOPE_PODS` entry of the same frontend.
 pub const SVC_F_POD_SCOPE: u32 = 1 << 9;
+/// Only clients in the frontend's `LB4_SRC_RANGES` prefixes may connect (loadBalancerSourceRanges).
+pub const SVC_F_SOURCE_RANGES: u32 = 1 << 10;
+/// Frontends reached from outside the cluster (NodePort, externalIP, LoadBalancer IP).
+pub const SVC_F_EXTERNAL: u32 = SVC_F_NODE_PORT | SVC_F_EXTERNAL_IP | SVC_F_LOAD_BALANCER;
 
 map_type! {
     /// One slot of a service's backend list.
@@ -219,6 +250,50 @@ pub const CT_F_FORWARD: u16 = 1 << 0;
 pub const CT_F_REPLY: u16 = 1 << 1;
 /// The client is the backend itself; its source is translated to `HAIRPIN_SNAT_V4`.
 pub const CT_F_HAIRPIN: u16 = 1 << 2;
+/// The flow came from outside to a backend on another node: its source is the node address
+/// and an allocated port, whose reply entry is in `LB4_SNAT`.
+pub const CT_F_SNAT: u16 = 1 << 4;
+/// A FIN was seen in this entry's direction.
+pub const CT_F_FIN: u16 = 1 << 5;
+/// A RST was seen in this entry's direction.
+pub const CT_F_RST: u16 = 1 << 6;
+
+map_type! {
+    /// `LB4_SRC_RANGES` key data (after the LPM prefix length): a frontend's service id, then
+    /// the client address (network byte order). The prefix length is 32 + the CIDR's.
+    pub struct SourceRangeV4 {
+        /// Big-endian bytes of the service id, so that it is matched whole, first.
+        pub svc_id_be: u32,
+        pub addr: u32,
+    }
+    size 8;
+}
+
+map_type! {
+    /// `LB4_SOCK_REV` key: a host socket the cgroup hooks translated, and the backend it was
+    /// sent to.
+    pub struct SockRevKeyV4 {
+        pub cookie: u64,
+        /// Network byte order.
+        pub addr: u32,
+        /// Network byte order.
+        pub port: u16,
+        pub _pad: u16,
+    }
+    size 16;
+}
+
+map_type! {
+    /// `LB4_SOCK_REV` value: the frontend the socket addressed.
+    pub struct SockRevV4 {
+        /// Network byte order.
+        pub addr: u32,
+        /// Network byte order.
+        pub port: u16,
+        pub _pad: u16,
+    }
+    size 8;
+}
 
 map_type! {
     /// Per-service counters (`LB_SVC_STATS`, per CPU, indexed by service id).
@@ -245,7 +320,18 @@ pub mod config {
     /// Report one new flow in N to `LB_FLOWS` (0: none). Closed flows are reported for the
     /// flows whose opening was.
     pub const FLOW_SAMPLE: u32 = 0;
-    pub const COUNT: u32 = 4;
+    /// The node's address (network byte order): the source of SNATed flows.
+    pub const NODE_ADDR: u32 = 1;
+    /// First and last SNAT port (host byte order).
+    pub const SNAT_PORT_MIN: u32 = 2;
+    pub const SNAT_PORT_MAX: u32 = 3;
+    /// Entries of one Maglev table (a prime).
+    pub const MAGLEV_SIZE: u32 = 4;
+    /// The agent's network namespace cookie (low, high 32 bits): the cgroup hooks translate
+    /// only sockets of that namespace (the node's own processes; pods go through the veth).
+    pub const NETNS_COOKIE_LO: u32 = 5;
+    pub const NETNS_COOKIE_HI: u32 = 6;
+    pub const COUNT: u32 = 8;
 }
 
 /// Bytes of the `LB_FLOWS` ring buffer.
@@ -296,7 +382,19 @@ pub mod stat {
     /// Flow events that found the ring buffer full (nobody reading `lb-agent flows` fast
     /// enough).
     pub const FLOW_EVENTS_LOST: u32 = 15;
-    pub const COUNT: u32 = 16;
+    /// New flows from outside to a backend on another node (source NAT to the node).
+    pub const SNAT_NEW: u32 = 16;
+    /// Replies of such flows, translated back.
+    pub const SNAT_REPLY: u32 = 17;
+    /// No free SNAT port after `SNAT_TRIES` tries: dropped.
+    pub const DROP_SNAT_PORTS: u32 = 18;
+    /// A client outside the frontend's loadBalancerSourceRanges: dropped.
+    pub const DROP_SOURCE_RANGE: u32 = 19;
+    /// Host sockets translated by the cgroup hooks (connect or sendmsg).
+    pub const SOCK_TRANSLATED: u32 = 20;
+    /// Host sockets refused (a frontend without endpoints).
+    pub const SOCK_REFUSED: u32 = 21;
+    pub const COUNT: u32 = 22;
 
     /// Names in index order, for the agent's output.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -316,5 +414,11 @@ pub mod stat {
         "pass_truncated",
         "pass_to_reject",
         "flow_events_lost",
+        "snat_new",
+        "snat_reply",
+        "drop_snat_ports",
+        "drop_source_range",
+        "sock_translated",
+        "sock_refused",
     ];
 }

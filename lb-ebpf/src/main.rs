@@ -3,10 +3,18 @@
 //! Per packet: parse Ethernet + IPv4 (no options, no fragments) + TCP/UDP, then
 //! 1. conntrack hit in the reply direction → restore the frontend as source (reverse NAT);
 //! 2. conntrack hit in the forward direction → rewrite to the flow's backend;
-//! 3. otherwise a frontend lookup → pick a backend uniformly among the service's slots,
-//!    record both directions in conntrack, rewrite; a frontend without a usable backend is
-//!    dropped (Local policy) or passed on untouched to `lb_tc_reject`;
-//! 4. anything else passes untouched.
+//! 3. a reply to a flow this node source-NATed (addressed to the node address and a port of
+//!    the SNAT range) → restore the frontend as source and the client as destination;
+//! 4. otherwise a frontend lookup → the client must be in the frontend's source ranges, if it
+//!    has any → pick a backend (the client's sticky one, by the frontend's Maglev table for
+//!    external frontends, else uniformly among the slots), record both directions, rewrite; a
+//!    client from outside going to a backend on another node is also source-NATed to the node
+//!    address and a free port, so that the reply comes back here; a frontend without a usable
+//!    backend is dropped (Local policy) or passed on untouched to `lb_tc_reject`;
+//! 5. anything else passes untouched.
+//!
+//! Translated packets go to the stack (XDP_PASS), which routes them: to a local pod's veth,
+//! or out to the node that runs the backend.
 //!
 //! `lb_tc_reject` (TC ingress, on the same interfaces) answers what XDP passed on for a
 //! frontend without backends: TCP with RST, UDP with ICMP port-unreachable, sent back out of
@@ -20,23 +28,28 @@
 
 use core::mem;
 
+mod sock;
+
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{xdp_action, BPF_F_MMAPABLE, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{
         bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_head,
         bpf_skb_change_tail, bpf_skb_pull_data,
     },
     macros::{classifier, map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
     config, stat, AffinityKeyV4, AffinityV4, BackendSlotKey, BackendStats, BackendV4, CtEntryV4,
-    CtKeyV4, FlowEvent, MemberKey, ServiceKeyV4, ServiceStats, ServiceV4, AFFINITY_ENTRIES,
-    BACKEND_F_TERMINATING, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, CT_F_REPORTED, CT_REFRESH_NS,
-    DEFAULT_CONNTRACK_ENTRIES, FLOW_CLOSED, FLOW_EVENTS_BYTES, FLOW_NEW, HAIRPIN_SNAT_V4,
-    IFACE_F_POD, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_BACKEND_IDS, MAX_BACKEND_SLOTS,
-    MAX_SERVICES, MAX_SERVICE_IDS, SCOPE_ALL, SCOPE_PODS, SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
+    CtKeyV4, FlowEvent, MemberKey, ServiceKeyV4, ServiceStats, ServiceV4, SockRevKeyV4, SockRevV4,
+    SourceRangeV4, AFFINITY_ENTRIES, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, CT_F_FIN,
+    CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, CT_F_REPORTED, CT_F_RST, CT_F_SNAT, CT_REFRESH_NS,
+    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAGLEV_TABLES, DEFAULT_SNAT_ENTRIES,
+    FLOW_CLOSED, FLOW_EVENTS_BYTES, FLOW_NEW, HAIRPIN_SNAT_V4, IFACE_F_POD, IPPROTO_TCP,
+    IPPROTO_UDP, MAX_BACKENDS, MAX_BACKEND_IDS, MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_SERVICE_IDS,
+    SCOPE_ALL, SCOPE_PODS, SNAT_TRIES, SOCK_REVERSE_ENTRIES, SOURCE_RANGE_ENTRIES,
+    SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE, SVC_F_SOURCE_RANGES,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -69,6 +82,23 @@ static LB_CONFIG: Array<u32> = Array::pinned(config::COUNT, 0);
 static LB_FLOW_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static LB_SVC_STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(MAX_SERVICE_IDS, 0);
+/// Reply entries of source-NATed flows, keyed by (backend, node address, backend port, SNAT
+/// port): the allocated port is the key, so an insert that finds it taken tries another.
+#[map]
+static LB4_SNAT: LruHashMap<CtKeyV4, CtEntryV4> = LruHashMap::pinned(DEFAULT_SNAT_ENTRIES, 0);
+/// Maglev tables, `LB_CONFIG[MAGLEV_SIZE]` backend ids each, back to back (the agent sets the
+/// size at load time).
+#[map]
+static LB_MAGLEV: Array<u32> =
+    Array::pinned(DEFAULT_MAGLEV_SIZE * DEFAULT_MAGLEV_TABLES, BPF_F_MMAPABLE);
+/// loadBalancerSourceRanges: (service id, client prefix) → 1.
+#[map]
+static LB4_SRC_RANGES: LpmTrie<SourceRangeV4, u8> = LpmTrie::pinned(SOURCE_RANGE_ENTRIES, 0);
+/// Host sockets the cgroup hooks sent to a backend instead of a frontend: (socket, backend)
+/// → frontend, for `getpeername` and the source of received datagrams.
+#[map]
+static LB4_SOCK_REV: LruHashMap<SockRevKeyV4, SockRevV4> =
+    LruHashMap::pinned(SOCK_REVERSE_ENTRIES, 0);
 
 const ETH_LEN: usize = mem::size_of::<EthHdr>();
 const IP_LEN: usize = mem::size_of::<Ipv4Hdr>();
@@ -295,6 +325,7 @@ fn process(ctx: &XdpContext) -> u32 {
             dport: entry.nat_dport,
         };
         if entry.flags & CT_F_REPLY != 0 {
+            note_close(entry, tcp_flags);
             refresh(entry);
             count_backend(entry.backend_id, bytes);
             hdr.rewrite(&pkt, &to);
@@ -308,11 +339,19 @@ fn process(ctx: &XdpContext) -> u32 {
                 let now = unsafe { bpf_ktime_get_ns() };
                 report_flow(FLOW_CLOSED, proto, &pkt, &to, entry.svc_id, now);
             }
+            note_close(entry, tcp_flags);
             refresh(entry);
             count_service(entry.svc_id, bytes, false, false);
             count_backend(entry.backend_id, bytes);
             hdr.rewrite(&pkt, &to);
             return pass(stat::DNAT_ESTABLISHED);
+        }
+    }
+
+    let node_addr = cfg_value(config::NODE_ADDR);
+    if pkt.daddr == node_addr {
+        if let Some(verdict) = snat_reply(&hdr, &pkt, proto, tcp_flags, bytes) {
+            return verdict;
         }
     }
 
@@ -326,7 +365,16 @@ fn process(ctx: &XdpContext) -> u32 {
     let Some(mut svc) = (unsafe { LB4_SERVICES.get(&svc_key) }).copied() else {
         return pass(stat::PASS_NO_SERVICE);
     };
-    if svc.flags & SVC_F_POD_SCOPE != 0 && from_pod(ctx) {
+    let pod_client = from_pod(ctx);
+    // Source ranges fence clients from outside; this node's pods are not subject to them
+    // (as with kube-proxy and Cilium).
+    if svc.flags & SVC_F_SOURCE_RANGES != 0 && !pod_client && !source_allowed(svc.svc_id, pkt.saddr)
+    {
+        count_service(svc.svc_id, bytes, false, true);
+        count(stat::DROP_SOURCE_RANGE);
+        return xdp_action::XDP_DROP;
+    }
+    if svc.flags & SVC_F_POD_SCOPE != 0 && pod_client {
         let pod_key = ServiceKeyV4 {
             scope: SCOPE_PODS,
             ..svc_key
@@ -358,7 +406,12 @@ fn process(ctx: &XdpContext) -> u32 {
     } else {
         None
     };
-    let Some((backend_id, backend)) = sticky.or_else(|| random_backend(&svc)) else {
+    let chosen = match sticky {
+        Some(b) => Some(b),
+        None if svc.maglev != 0 => maglev_backend(&svc, &pkt, proto),
+        None => random_backend(&svc),
+    };
+    let Some((backend_id, backend)) = chosen else {
         // The agent writes backends before the slots and slots before the count,
         // so this is only reached if the maps were changed by something else.
         count(stat::DROP_INCONSISTENT);
@@ -374,20 +427,21 @@ fn process(ctx: &XdpContext) -> u32 {
     }
 
     let hairpin = backend.addr == pkt.saddr;
-    let flags = if hairpin { CT_F_HAIRPIN } else { 0 };
-    let to = Tuple {
+    // A client outside this node's pods going to a backend on another node: the reply must
+    // come back here to be translated, so the source becomes this node.
+    let snat = !hairpin && backend.flags & BACKEND_F_LOCAL == 0 && !pod_client;
+    let flags = if hairpin {
+        CT_F_HAIRPIN
+    } else if snat {
+        CT_F_SNAT
+    } else {
+        0
+    };
+    let mut to = Tuple {
         saddr: if hairpin { HAIRPIN_SNAT_V4 } else { pkt.saddr },
         daddr: backend.addr,
         sport: pkt.sport,
         dport: backend.port,
-    };
-    let reply_key = CtKeyV4 {
-        saddr: to.daddr,
-        daddr: to.saddr,
-        sport: to.dport,
-        dport: to.sport,
-        proto,
-        _pad: [0; 3],
     };
     let reply = CtEntryV4 {
         last_seen_ns: now,
@@ -399,6 +453,23 @@ fn process(ctx: &XdpContext) -> u32 {
         svc_id: svc.svc_id,
         flags: CT_F_REPLY | flags,
         _pad: 0,
+    };
+    if snat {
+        let Some(port) = snat_port(node_addr, &backend, proto, &reply) else {
+            count(stat::DROP_SNAT_PORTS);
+            return xdp_action::XDP_DROP;
+        };
+        to.saddr = node_addr;
+        to.sport = port;
+        count(stat::SNAT_NEW);
+    }
+    let reply_key = CtKeyV4 {
+        saddr: to.daddr,
+        daddr: to.saddr,
+        sport: to.dport,
+        dport: to.sport,
+        proto,
+        _pad: [0; 3],
     };
     let reported = sample_flow() && report_flow(FLOW_NEW, proto, &pkt, &to, svc.svc_id, now);
     let forward = CtEntryV4 {
@@ -412,9 +483,12 @@ fn process(ctx: &XdpContext) -> u32 {
         flags: CT_F_FORWARD | flags | if reported { CT_F_REPORTED } else { 0 },
         _pad: 0,
     };
-    // The reply entry goes in first, so that no reply can be seen before it exists. A failed
-    // insert (map full of entries in use) still forwards this packet; the LRU frees space.
-    let _ = LB4_CONNTRACK.insert(&reply_key, &reply, 0);
+    // The reply entry goes in first, so that no reply can be seen before it exists (a SNAT
+    // flow's is in LB4_SNAT already). A failed insert (map full of entries in use) still
+    // forwards this packet; the LRU frees space.
+    if !snat {
+        let _ = LB4_CONNTRACK.insert(&reply_key, &reply, 0);
+    }
     let _ = LB4_CONNTRACK.insert(&ct_key, &forward, 0);
     count_service(svc.svc_id, bytes, true, false);
     count_backend(backend_id, bytes);
@@ -422,10 +496,144 @@ fn process(ctx: &XdpContext) -> u32 {
     pass(stat::DNAT_NEW)
 }
 
+/// One `LB_CONFIG` value (0 when unset).
+#[inline(always)]
+fn cfg_value(index: u32) -> u32 {
+    LB_CONFIG.get(index).copied().unwrap_or(0)
+}
+
+/// Records a FIN or RST in a conntrack entry's direction; the agent removes flows that have
+/// closed (FIN both ways, or a RST) once they are quiet.
+#[inline(always)]
+fn note_close(entry: &mut CtEntryV4, tcp_flags: u8) {
+    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        let f = if tcp_flags & TCP_RST != 0 {
+            CT_F_RST
+        } else {
+            CT_F_FIN
+        };
+        if entry.flags & f == 0 {
+            entry.flags |= f;
+        }
+    }
+}
+
+/// A reply to a source-NATed flow (addressed to this node and an allocated port): restores
+/// the frontend as source and the client as destination. None: not such a reply.
+#[inline(always)]
+fn snat_reply(hdr: &Headers, pkt: &Tuple, proto: u8, tcp_flags: u8, bytes: u64) -> Option<u32> {
+    let port = u16::from_be(pkt.dport) as u32;
+    if port < cfg_value(config::SNAT_PORT_MIN) || port > cfg_value(config::SNAT_PORT_MAX) {
+        return None;
+    }
+    let key = CtKeyV4 {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto,
+        _pad: [0; 3],
+    };
+    let entry = LB4_SNAT.get_ptr_mut(&key)?;
+    // SAFETY: a map value pointer returned by the kernel, valid for this program run.
+    let entry = unsafe { &mut *entry };
+    note_close(entry, tcp_flags);
+    refresh(entry);
+    count_backend(entry.backend_id, bytes);
+    let to = Tuple {
+        saddr: entry.nat_saddr,
+        daddr: entry.nat_daddr,
+        sport: entry.nat_sport,
+        dport: entry.nat_dport,
+    };
+    hdr.rewrite(pkt, &to);
+    Some(pass(stat::SNAT_REPLY))
+}
+
+/// Reserves a source port on this node for a flow to `backend` by inserting its reply entry
+/// into `LB4_SNAT` under that port: a port another flow to the same backend holds is never
+/// taken. Tries `SNAT_TRIES` random ports of the range (random rather than consecutive, so
+/// that taken ports do not cluster); the port is in network byte order.
+#[inline(always)]
+fn snat_port(node_addr: u32, backend: &BackendV4, proto: u8, reply: &CtEntryV4) -> Option<u16> {
+    let min = cfg_value(config::SNAT_PORT_MIN);
+    let max = cfg_value(config::SNAT_PORT_MAX);
+    if min == 0 || max < min || max > 65535 || node_addr == 0 {
+        return None;
+    }
+    let range = max - min + 1;
+    let mut key = CtKeyV4 {
+        saddr: backend.addr,
+        daddr: node_addr,
+        sport: backend.port,
+        dport: 0,
+        proto,
+        _pad: [0; 3],
+    };
+    let mut i = 0;
+    while i < SNAT_TRIES {
+        // SAFETY: bpf_get_prandom_u32 has no preconditions.
+        let r = unsafe { bpf_get_prandom_u32() };
+        let port = ((min + r.checked_rem(range).unwrap_or(0)) as u16).to_be();
+        key.dport = port;
+        if LB4_SNAT.insert(&key, reply, BPF_NOEXIST as u64).is_ok() {
+            return Some(port);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Whether a client may use a frontend with loadBalancerSourceRanges.
+#[inline(always)]
+fn source_allowed(svc_id: u32, saddr: u32) -> bool {
+    let key = Key::new(
+        64,
+        SourceRangeV4 {
+            svc_id_be: svc_id.to_be(),
+            addr: saddr,
+        },
+    );
+    LB4_SRC_RANGES.get(&key).is_some()
+}
+
+/// The flow hash Maglev uses: the client address and port, the frontend port and the
+/// protocol (not the frontend address, so that a NodePort flow hashes alike on every node),
+/// through MurmurHash3's 64-bit finaliser.
+#[inline(always)]
+fn flow_hash(pkt: &Tuple, proto: u8) -> u32 {
+    let mut h = ((pkt.saddr as u64) << 32) | ((pkt.sport as u64) << 16) | pkt.dport as u64;
+    h ^= (proto as u64) << 59;
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    h as u32
+}
+
+/// The backend the frontend's Maglev table gives this flow: the same on every node that
+/// has the same table.
+#[inline(always)]
+fn maglev_backend(svc: &ServiceV4, pkt: &Tuple, proto: u8) -> Option<(u32, BackendV4)> {
+    let size = cfg_value(config::MAGLEV_SIZE);
+    if size == 0 {
+        return random_backend(svc);
+    }
+    let idx = svc
+        .maglev
+        .wrapping_sub(1)
+        .wrapping_mul(size)
+        .wrapping_add(flow_hash(pkt, proto).checked_rem(size).unwrap_or(0));
+    let id = LB_MAGLEV.get(idx).copied()?;
+    // SAFETY: the value is copied out at once.
+    unsafe { LB4_BACKENDS.get(id) }.map(|b| (id, *b))
+}
+
 /// 1-in-N sampling of new flows for `LB_FLOWS` (`LB_CONFIG[FLOW_SAMPLE]`, 0 = off).
 #[inline(always)]
 fn sample_flow() -> bool {
-    let n = LB_CONFIG.get(config::FLOW_SAMPLE).copied().unwrap_or(0);
+    let n = cfg_value(config::FLOW_SAMPLE);
     if n == 0 {
         return false;
     }

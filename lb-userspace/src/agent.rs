@@ -36,9 +36,20 @@ pub struct RunConfig {
     pub pin_path: PathBuf,
     pub metrics_addr: SocketAddr,
     pub healthz_addr: SocketAddr,
-    pub conntrack_entries: u32,
+    /// Sizes of the maps when they are first created.
+    pub map_sizes: bpf::MapSizes,
     /// Report one new flow in N to `lb-agent flows` (0: none).
     pub flow_sample: u32,
+    /// The source address of SNATed flows; default: the first IPv4 address of the first
+    /// `--ext-iface`.
+    pub node_ip: Option<Ipv4Addr>,
+    /// Source ports for SNAT (first, last).
+    pub snat_ports: (u16, u16),
+    /// Entries of one Maglev table (a prime).
+    pub maglev_size: u32,
+    /// Conntrack garbage collection: how often, and the timeouts.
+    pub ct_gc_interval: Duration,
+    pub ct_timeouts: crate::conntrack::Timeouts,
 }
 
 /// Where the objects come from. Translation is the same for both.
@@ -123,9 +134,14 @@ impl Source {
 }
 
 pub async fn run(cfg: RunConfig) -> Result<()> {
-    if cfg.cgroup.is_some() {
-        tracing::warn!(
-            "--cgroup: socket-level translation for host processes is not built yet; ignored"
+    if !crate::maglev::is_prime(cfg.maglev_size) {
+        bail!("--maglev-table-size {}: must be a prime", cfg.maglev_size);
+    }
+    if cfg.snat_ports.0 == 0 || cfg.snat_ports.0 > cfg.snat_ports.1 {
+        bail!(
+            "--snat-ports {}-{}: must be FIRST-LAST with 0 < FIRST <= LAST",
+            cfg.snat_ports.0,
+            cfg.snat_ports.1
         );
     }
     let mut source = match &cfg.manifests {
@@ -144,8 +160,43 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     for w in node::check_host() {
         tracing::warn!("{w}");
     }
-    let mut datapath = Datapath::load(&cfg.pin_path, cfg.conntrack_entries)?;
-    datapath.set_config(lb_common::config::FLOW_SAMPLE, cfg.flow_sample)?;
+    let mut datapath = Datapath::load(&cfg.pin_path, cfg.map_sizes)?;
+    {
+        use lb_common::config as c;
+        let cookie = node::netns_cookie()?;
+        for (index, value) in [
+            (c::FLOW_SAMPLE, cfg.flow_sample),
+            (c::SNAT_PORT_MIN, cfg.snat_ports.0 as u32),
+            (c::SNAT_PORT_MAX, cfg.snat_ports.1 as u32),
+            (c::MAGLEV_SIZE, cfg.maglev_size),
+            (c::NETNS_COOKIE_LO, cookie as u32),
+            (c::NETNS_COOKIE_HI, (cookie >> 32) as u32),
+        ] {
+            datapath.set_config(index, value)?;
+        }
+    }
+    datapath.attach_cgroup(cfg.cgroup.as_deref())?;
+    if let Some(cg) = &cfg.cgroup {
+        tracing::info!(cgroup = %cg.display(), "socket hooks attached (host-network clients)");
+    }
+    {
+        let (pin, every, timeouts) = (cfg.pin_path.clone(), cfg.ct_gc_interval, cfg.ct_timeouts);
+        std::thread::spawn(move || loop {
+            std::thread::sleep(every);
+            match crate::conntrack::sweep(&pin, &timeouts) {
+                Ok(s) if s != Default::default() => {
+                    tracing::debug!(
+                        flows = s.flows,
+                        snat = s.snat,
+                        orphans = s.orphans,
+                        "conntrack swept"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "conntrack sweep failed"),
+            }
+        });
+    }
     tracing::info!(
         pin_path = %cfg.pin_path.display(),
         taken_over = datapath.taken_over,
@@ -203,6 +254,24 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                 tracing::info!(addresses = ?a, "node addresses");
                 addresses = a;
                 dirty = true;
+                let snat_ip = cfg
+                    .node_ip
+                    .or_else(|| node::primary_address(&cfg.ext_ifaces));
+                match snat_ip {
+                    Some(ip) => {
+                        let v = u32::from_ne_bytes(ip.octets());
+                        if let Err(e) = datapath.set_config(lb_common::config::NODE_ADDR, v) {
+                            tracing::warn!(error = format!("{e:#}"), "setting the node address");
+                        } else {
+                            tracing::info!(%ip, "node address (source of SNATed flows)");
+                        }
+                    }
+                    None if cfg.ext_ifaces.is_empty() => {}
+                    None => tracing::warn!(
+                        "no IPv4 address on the external interfaces: traffic from outside to \
+                         backends on other nodes is dropped until one appears (or --node-ip)"
+                    ),
+                }
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = format!("{e:#}"), "reading node addresses failed"),
@@ -351,10 +420,8 @@ fn attach_interfaces(datapath: &mut Datapath, cfg: &RunConfig) -> Result<()> {
             continue;
         }
         let is_pod = !cfg.ext_ifaces.contains(name);
-        if is_pod {
-            if let Err(e) = node::prepare_pod_interface(name) {
-                tracing::warn!(iface = %name, error = format!("{e:#}"), "sysctl failed");
-            }
+        if let Err(e) = node::prepare_interface(name) {
+            tracing::warn!(iface = %name, error = format!("{e:#}"), "sysctl failed");
         }
         match datapath.attach(*idx, name, is_pod) {
             Ok(true) => tracing::info!(iface = %name, ifindex = idx, "attached"),

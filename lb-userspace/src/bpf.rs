@@ -7,25 +7,30 @@
 
 use std::{
     fs,
+    net::Ipv4Addr,
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{HashMap, Map, MapData, PerCpuArray},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        HashMap, Map, MapData, PerCpuArray,
+    },
     programs::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
-        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, TestRunResult, Xdp,
-        XdpMode,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, TestRun,
+        TestRunOptions, TestRunResult, Xdp, XdpMode,
     },
     EbpfLoader,
 };
 use aya_obj::programs::XdpAttachType;
 use lb_common::{
     map_names, stat, BackendSlotKey, BackendStats, BackendV4, MemberKey, ServiceKeyV4,
-    ServiceStats, ServiceV4, TC_PROGRAM, XDP_PROGRAM,
+    ServiceStats, ServiceV4, SourceRangeV4, SOCK_PROGRAMS, TC_PROGRAM, XDP_PROGRAM,
 };
 
 use crate::maps::{MapError, ServiceMaps};
@@ -34,6 +39,9 @@ use crate::maps::{MapError, ServiceMaps};
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const CGROUP2_MAGIC: i64 = 0x6367_7270;
+/// Pinned links of the socket hooks: `links/sock-<program>-<agent pid>`.
+const SOCK_LINK_PREFIX: &str = "sock-";
 const XDP_PIN: &str = "prog_lb_xdp";
 const TC_PIN: &str = "prog_lb_tc";
 const LINKS_DIR: &str = "links";
@@ -55,11 +63,32 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Sizes of the maps, used when they are first created (pinned maps keep theirs).
+#[derive(Debug, Clone, Copy)]
+pub struct MapSizes {
+    pub conntrack: u32,
+    pub snat: u32,
+    /// Entries of `LB_MAGLEV`: table size × number of tables.
+    pub maglev: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            conntrack: lb_common::DEFAULT_CONNTRACK_ENTRIES,
+            snat: lb_common::DEFAULT_SNAT_ENTRIES,
+            maglev: lb_common::DEFAULT_MAGLEV_SIZE * lb_common::DEFAULT_MAGLEV_TABLES,
+        }
+    }
+}
+
 /// The loaded (or taken over) programs.
 pub struct Datapath {
     pin: PathBuf,
     xdp: Xdp,
     tc: SchedClassifier,
+    /// The object, which holds the cgroup socket hooks (attached only by `attach_cgroup`).
+    ebpf: aya::Ebpf,
     /// `LB_IFACES`: which interfaces lead to this node's pods.
     ifaces: HashMap<MapData, u32, u32>,
     /// Interfaces whose `LB_IFACES` entry this agent has written.
@@ -73,16 +102,26 @@ impl Datapath {
     /// programs. A previous agent's links are moved to the new programs in place
     /// (`bpf_link_update`, atomic per interface), so an upgrade never detaches anything and
     /// conntrack, affinity and counters carry over.
-    pub fn load(pin: &Path, conntrack_entries: u32) -> Result<Self> {
+    pub fn load(pin: &Path, sizes: MapSizes) -> Result<Self> {
         ensure_bpffs(pin)?;
         fs::create_dir_all(pin.join(LINKS_DIR))
             .with_context(|| format!("creating {}", pin.display()))?;
         check_layout(pin)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin)
-            .map_max_entries(map_names::CONNTRACK_V4, conntrack_entries)
+            .map_max_entries(map_names::CONNTRACK_V4, sizes.conntrack)
+            .map_max_entries(map_names::SNAT_V4, sizes.snat)
+            .map_max_entries(map_names::MAGLEV, sizes.maglev)
             .load(EBPF_OBJECT)
             .context("loading the BPF object")?;
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("loading {name} (verifier)"))?;
+        }
         let (xdp_path, tc_path) = (pin.join(XDP_PIN), pin.join(TC_PIN));
         let taken_over = xdp_path.exists() || tc_path.exists();
         // This agent's programs, pinned beside any older ones, then opened from there.
@@ -110,6 +149,7 @@ impl Datapath {
             pin: pin.to_owned(),
             xdp,
             tc,
+            ebpf,
             ifaces,
             marked: Default::default(),
             taken_over,
@@ -139,6 +179,10 @@ impl Datapath {
                     continue;
                 }
             };
+            if name.starts_with(SOCK_LINK_PREFIX) {
+                // Replaced in attach_cgroup (or removed, when no --cgroup is given).
+                continue;
+            }
             // The programs own the moved links; the pins keep them attached after the agent.
             let moved: Result<()> = if name.starts_with("xdp-") {
                 XdpLink::try_from(fd)
@@ -231,6 +275,56 @@ impl Datapath {
         Ok(attached)
     }
 
+    /// Attaches the socket hooks to a cgroup v2 directory with pinned links. A previous
+    /// agent's hooks stay attached until this agent's are (both translate alike: the second
+    /// sees a backend, not a frontend), then their links are unpinned, which detaches them.
+    /// `None` detaches any hooks a previous agent left.
+    pub fn attach_cgroup(&mut self, cgroup: Option<&Path>) -> Result<()> {
+        let links = self.pin.join(LINKS_DIR);
+        let old: Vec<PathBuf> = fs::read_dir(&links)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(SOCK_LINK_PREFIX))
+            })
+            .collect();
+        let mut new = Vec::new();
+        if let Some(dir) = cgroup {
+            let fd = fs::File::open(dir)
+                .with_context(|| format!("opening the cgroup {}", dir.display()))?;
+            let st = nix::sys::statfs::fstatfs(&fd)
+                .with_context(|| format!("statfs {}", dir.display()))?;
+            if st.filesystem_type().0 as i64 != CGROUP2_MAGIC {
+                bail!(
+                    "--cgroup {}: not a cgroup v2 directory (find the cgroup2 mount in /proc/mounts)",
+                    dir.display()
+                );
+            }
+            for name in SOCK_PROGRAMS {
+                let prog: &mut CgroupSockAddr = self
+                    .ebpf
+                    .program_mut(name)
+                    .with_context(|| format!("program {name} missing"))?
+                    .try_into()?;
+                let id = prog
+                    // A BPF link: the kernel attaches it as one of many (flags must be 0).
+                    .attach(&fd, CgroupAttachMode::Single)
+                    .with_context(|| format!("attaching {name} to {}", dir.display()))?;
+                let link: FdLink = prog.take_link(id)?.try_into()?;
+                let path = links.join(format!("{SOCK_LINK_PREFIX}{name}-{}", std::process::id()));
+                let _ = fs::remove_file(&path);
+                link.pin(&path)
+                    .with_context(|| format!("pinning {}", path.display()))?;
+                new.push(path);
+            }
+        }
+        for p in old.iter().filter(|p| !new.contains(p)) {
+            fs::remove_file(p).with_context(|| format!("unpinning {}", p.display()))?;
+        }
+        Ok(())
+    }
+
     /// Removes the pins of links whose interface is gone (the kernel detached them already).
     pub fn forget_links_except(&mut self, live: &[u32]) -> Result<Vec<u32>> {
         self.marked.retain(|i| live.contains(i));
@@ -268,7 +362,7 @@ impl Datapath {
 
 /// The layout of the pinned maps: bumped with any change to the types in `lb-common`. A
 /// bpffs holds no regular files, so the mark is an empty directory `layout-<LAYOUT>`.
-const LAYOUT: &str = "lb-maps-v1";
+const LAYOUT: &str = "lb-maps-v2";
 
 /// Refuses pinned maps of another layout (they would be misread), and marks new ones.
 fn check_layout(pin: &Path) -> Result<()> {
@@ -348,7 +442,7 @@ pub fn pinned_programs(pin: &Path) -> Result<(Xdp, SchedClassifier)> {
     Ok((xdp, tc))
 }
 
-fn open_map(pin: &Path, name: &str) -> Result<MapData> {
+pub(crate) fn open_map(pin: &Path, name: &str) -> Result<MapData> {
     let path = pin.join(name);
     MapData::from_pin(&path).with_context(|| {
         format!(
@@ -359,6 +453,92 @@ fn open_map(pin: &Path, name: &str) -> Result<MapData> {
     })
 }
 
+/// `LB_MAGLEV` mapped into the agent's memory (the map is `BPF_F_MMAPABLE`): a whole table is
+/// compared and rewritten at memory speed instead of one syscall per entry. The kernel lays
+/// array elements out 8 bytes apart (values are rounded up to 8), so entry i is the u32 at
+/// byte 8·i.
+struct MaglevMap {
+    ptr: *mut u64,
+    entries: usize,
+    bytes: usize,
+    /// Entries of one table (`LB_CONFIG[MAGLEV_SIZE]`); 0 when the datapath has none.
+    size: u32,
+}
+
+// SAFETY: the mapping is owned by this value alone and only accessed through `&mut self`.
+unsafe impl Send for MaglevMap {}
+
+impl MaglevMap {
+    fn open(pin: &Path) -> Result<Self> {
+        let map = open_map(pin, map_names::MAGLEV)?;
+        let entries = map.info().context("LB_MAGLEV info")?.max_entries() as usize;
+        let config: aya::maps::Array<MapData, u32> =
+            aya::maps::Array::try_from(Map::Array(open_map(pin, map_names::CONFIG)?))?;
+        let size = config.get(&lb_common::config::MAGLEV_SIZE, 0).unwrap_or(0);
+        let bytes = (entries * 8).next_multiple_of(4096).max(4096);
+        // SAFETY: a shared mapping of the map's fd, of the map's size; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&map.fd().as_fd()),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            bail!("mapping LB_MAGLEV: {}", std::io::Error::last_os_error());
+        }
+        Ok(MaglevMap {
+            ptr: ptr.cast(),
+            entries,
+            bytes,
+            size,
+        })
+    }
+
+    fn tables(&self) -> u32 {
+        if self.size == 0 {
+            0
+        } else {
+            (self.entries / self.size as usize) as u32
+        }
+    }
+
+    fn write(&mut self, index: u32, content: &[u32]) -> Result<usize, MapError> {
+        let start = index as usize * self.size as usize;
+        if index >= self.tables() || content.len() != self.size as usize {
+            return Err(MapError {
+                map: map_names::MAGLEV,
+                op: "update",
+                reason: format!("table {index} of {} entries does not fit", content.len()),
+            });
+        }
+        let mut changed = 0;
+        for (i, v) in content.iter().enumerate() {
+            // SAFETY: start + i < entries (checked above): an element within the mapping, whose
+            // first 4 bytes are the value (little-endian, as the BPF target).
+            let slot = unsafe { self.ptr.add(start + i).cast::<u32>() };
+            // SAFETY: as above; aligned 4-byte accesses, so a packet sees the old or the new id.
+            unsafe {
+                if std::ptr::read_volatile(slot) != *v {
+                    std::ptr::write_volatile(slot, *v);
+                    changed += 1;
+                }
+            }
+        }
+        Ok(changed)
+    }
+}
+
+impl Drop for MaglevMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `open`, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
+    }
+}
+
 /// The pinned service maps.
 pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKeyV4, ServiceV4>,
@@ -366,11 +546,15 @@ pub struct PinnedMaps {
     backends: HashMap<MapData, u32, BackendV4>,
     members: HashMap<MapData, MemberKey, u32>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
+    maglev: MaglevMap,
+    ranges: LpmTrie<MapData, SourceRangeV4, u8>,
 }
 
 impl PinnedMaps {
     pub fn open(pin: &Path) -> Result<Self> {
         Ok(PinnedMaps {
+            maglev: MaglevMap::open(pin)?,
+            ranges: LpmTrie::try_from(Map::LpmTrie(open_map(pin, map_names::SOURCE_RANGES_V4)?))?,
             services: HashMap::try_from(Map::HashMap(open_map(pin, map_names::SERVICES_V4)?))?,
             slots: HashMap::try_from(Map::HashMap(open_map(pin, map_names::BACKEND_SLOTS)?))?,
             backends: HashMap::try_from(Map::HashMap(open_map(pin, map_names::BACKENDS_V4)?))?,
@@ -474,6 +658,49 @@ impl ServiceMaps for PinnedMaps {
             .set(id, zeros, 0)
             .map_err(err(map_names::BACKEND_STATS, "reset"))
     }
+    fn maglev_geometry(&self) -> (u32, u32) {
+        (self.maglev.size, self.maglev.tables())
+    }
+    fn set_maglev_table(&mut self, index: u32, content: &[u32]) -> Result<usize, MapError> {
+        self.maglev.write(index, content)
+    }
+    fn source_ranges(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>, MapError> {
+        self.ranges
+            .iter()
+            .map(|r| {
+                r.map(|(k, _)| {
+                    let d = k.data();
+                    (
+                        u32::from_be(d.svc_id_be),
+                        Ipv4Addr::from(d.addr.to_ne_bytes()),
+                        k.prefix_len().saturating_sub(32) as u8,
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err(map_names::SOURCE_RANGES_V4, "iterate"))
+    }
+    fn set_source_range(&mut self, svc_id: u32, net: Ipv4Addr, len: u8) -> Result<(), MapError> {
+        self.ranges
+            .insert(&range_key(svc_id, net, len), 1, 0)
+            .map_err(err(map_names::SOURCE_RANGES_V4, "update"))
+    }
+    fn delete_source_range(&mut self, svc_id: u32, net: Ipv4Addr, len: u8) -> Result<(), MapError> {
+        tolerate_missing(self.ranges.remove(&range_key(svc_id, net, len)))
+            .map_err(err(map_names::SOURCE_RANGES_V4, "delete"))
+    }
+}
+
+/// The `LB4_SRC_RANGES` key of a service's range: the service id is matched whole, then
+/// `len` bits of the address.
+fn range_key(svc_id: u32, net: Ipv4Addr, len: u8) -> LpmKey<SourceRangeV4> {
+    LpmKey::new(
+        32 + len as u32,
+        SourceRangeV4 {
+            svc_id_be: svc_id.to_be(),
+            addr: u32::from_ne_bytes(net.octets()),
+        },
+    )
 }
 
 /// Every backend's counters, summed over CPUs: (backend address, counters).

@@ -5,9 +5,11 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod conntrack;
 pub mod flows;
 pub mod http;
 pub mod kube_source;
+pub mod maglev;
 pub mod manifests;
 pub mod maps;
 pub mod model;

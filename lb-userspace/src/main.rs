@@ -125,6 +125,56 @@ struct RunArgs {
     /// buffer; when nobody reads it, they are dropped and counted.
     #[arg(long, default_value_t = 1)]
     flow_sample: u32,
+    /// Source address of flows from outside to backends on other nodes (SNAT). Default: the
+    /// first IPv4 address of the first --ext-iface.
+    #[arg(long, value_name = "IP")]
+    node_ip: Option<std::net::Ipv4Addr>,
+    /// Source ports for that SNAT, FIRST-LAST. Keep them out of the node's own ephemeral
+    /// range (net.ipv4.ip_local_port_range, 32768-60999 by default) and the NodePort range.
+    #[arg(long, value_name = "FIRST-LAST", default_value = "61000-65535", value_parser = port_range)]
+    snat_ports: (u16, u16),
+    /// SNAT map entries (used when the map is first created).
+    #[arg(long, default_value_t = lb_common::DEFAULT_SNAT_ENTRIES)]
+    snat_entries: u32,
+    /// Entries of one Maglev table: a prime well above 100 × the largest backend count of
+    /// a Service (the same on every node, or flows change backend between nodes).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_SIZE)]
+    maglev_table_size: u32,
+    /// Maglev tables: one per Service port with NodePort / externalIPs / LoadBalancer IPs
+    /// (used when the map is first created).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_TABLES)]
+    maglev_tables: u32,
+    /// Seconds between conntrack sweeps (closed and idle flows, SNAT ports).
+    #[arg(long, default_value_t = 5.0)]
+    ct_gc_interval: f64,
+    /// Seconds a closed flow (FIN both ways, or RST) stays before its entries and SNAT port
+    /// are freed.
+    #[arg(long, default_value_t = 10.0)]
+    ct_close_grace: f64,
+    /// Seconds an idle UDP flow keeps its backend.
+    #[arg(long, default_value_t = 120.0)]
+    ct_udp_timeout: f64,
+    /// Seconds an idle TCP flow keeps its backend (kube-proxy: 86400).
+    #[arg(long, default_value_t = 86400.0)]
+    ct_tcp_timeout: f64,
+}
+
+/// `FIRST-LAST` → (first, last).
+fn port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected FIRST-LAST"))?;
+    let a: u16 = a.trim().parse().map_err(|e| format!("{a:?}: {e}"))?;
+    let b: u16 = b.trim().parse().map_err(|e| format!("{b:?}: {e}"))?;
+    if a == 0 || a > b {
+        return Err(format!("{s:?}: need 0 < FIRST <= LAST"));
+    }
+    Ok((a, b))
+}
+
+/// Seconds from the command line as a Duration (negative or not finite: an error).
+fn seconds(name: &str, v: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(v).map_err(|e| anyhow::anyhow!("--{name} {v}: {e}"))
 }
 
 fn hostname() -> String {
@@ -158,8 +208,21 @@ fn main() -> Result<()> {
                 pin_path: a.pin_path,
                 metrics_addr: a.metrics_addr,
                 healthz_addr: a.healthz_addr,
-                conntrack_entries: a.conntrack_entries,
+                map_sizes: bpf::MapSizes {
+                    conntrack: a.conntrack_entries,
+                    snat: a.snat_entries,
+                    maglev: a.maglev_table_size.saturating_mul(a.maglev_tables),
+                },
                 flow_sample: a.flow_sample,
+                node_ip: a.node_ip,
+                snat_ports: a.snat_ports,
+                maglev_size: a.maglev_table_size,
+                ct_gc_interval: seconds("ct-gc-interval", a.ct_gc_interval)?,
+                ct_timeouts: lb_userspace::conntrack::Timeouts {
+                    closed: seconds("ct-close-grace", a.ct_close_grace)?,
+                    tcp_idle: seconds("ct-tcp-timeout", a.ct_tcp_timeout)?,
+                    udp_idle: seconds("ct-udp-timeout", a.ct_udp_timeout)?,
+                },
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -36,6 +36,15 @@ pub trait ServiceMaps {
     fn delete_member(&mut self, key: &MemberKey) -> Result<(), MapError>;
     /// Zeroes the counters of a backend id about to be (re)used.
     fn reset_backend_stats(&mut self, id: u32) -> Result<(), MapError>;
+    /// `LB_MAGLEV`: (entries of one table, number of tables).
+    fn maglev_geometry(&self) -> (u32, u32);
+    /// Makes Maglev table `index` hold `content` (one table's entries); returns how many
+    /// entries changed. Entries change one by one, each always a valid backend id.
+    fn set_maglev_table(&mut self, index: u32, content: &[u32]) -> Result<usize, MapError>;
+    /// `LB4_SRC_RANGES`: (service id, network, prefix length).
+    fn source_ranges(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>, MapError>;
+    fn set_source_range(&mut self, svc_id: u32, net: Ipv4Addr, len: u8) -> Result<(), MapError>;
+    fn delete_source_range(&mut self, svc_id: u32, net: Ipv4Addr, len: u8) -> Result<(), MapError>;
 }
 
 /// Maps in memory, with a log of every write (so tests can check the order of updates).
@@ -47,6 +56,11 @@ pub struct MemMaps {
     pub members: BTreeMap<(u32, u32), u32>,
     /// Backend ids whose counters were reset (kept out of `log`).
     pub stats_reset: Vec<u32>,
+    /// Maglev tables by index; `maglev_size` 0 means no Maglev tables.
+    pub maglev: BTreeMap<u32, Vec<u32>>,
+    pub maglev_size: u32,
+    pub maglev_tables: u32,
+    pub source_ranges: std::collections::BTreeSet<(u32, Ipv4Addr, u8)>,
     pub log: Vec<String>,
     /// Fail writes after this many (to test error handling).
     pub fail_after: Option<usize>,
@@ -170,6 +184,33 @@ impl ServiceMaps for MemMaps {
     }
     fn reset_backend_stats(&mut self, id: u32) -> Result<(), MapError> {
         self.stats_reset.push(id);
+        Ok(())
+    }
+    fn maglev_geometry(&self) -> (u32, u32) {
+        (self.maglev_size, self.maglev_tables)
+    }
+    fn set_maglev_table(&mut self, index: u32, content: &[u32]) -> Result<usize, MapError> {
+        let old = self.maglev.get(&index).cloned().unwrap_or_default();
+        let changed = content
+            .iter()
+            .enumerate()
+            .filter(|(i, v)| old.get(*i) != Some(v))
+            .count();
+        self.write(format!("set maglev {index} ({changed} changed)"))?;
+        self.maglev.insert(index, content.to_vec());
+        Ok(changed)
+    }
+    fn source_ranges(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>, MapError> {
+        Ok(self.source_ranges.iter().copied().collect())
+    }
+    fn set_source_range(&mut self, svc_id: u32, net: Ipv4Addr, len: u8) -> Result<(), MapError> {
+        self.write(format!("set range {svc_id} {net}/{len}"))?;
+        self.source_ranges.insert((svc_id, net, len));
+        Ok(())
+    }
+    fn delete_source_range(&mut self, svc_id: u32, net: Ipv4Addr, len: u8) -> Result<(), MapError> {
+        self.write(format!("delete range {svc_id} {net}/{len}"))?;
+        self.source_ranges.remove(&(svc_id, net, len));
         Ok(())
     }
 }

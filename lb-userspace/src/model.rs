@@ -108,6 +108,9 @@ pub struct FrontendState {
     pub drop_when_empty: bool,
     /// sessionAffinity ClientIP timeout in seconds; 0 = no affinity.
     pub affinity_timeout_s: u32,
+    /// loadBalancerSourceRanges (network, prefix length) of a load-balancer IP: only clients
+    /// from outside the node's pods in these may connect. Empty: anyone.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
 }
 
 /// The whole desired state of this node's datapath.

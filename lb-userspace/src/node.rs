@@ -30,6 +30,44 @@ pub fn addresses() -> Result<BTreeSet<Ipv4Addr>> {
     Ok(out)
 }
 
+/// The first IPv4 address of the first of `ifaces` that has one.
+pub fn primary_address(ifaces: &[String]) -> Option<Ipv4Addr> {
+    let addrs: Vec<_> = nix::ifaddrs::getifaddrs().ok()?.collect();
+    ifaces.iter().find_map(|name| {
+        addrs
+            .iter()
+            .filter(|a| &a.interface_name == name)
+            .find_map(|a| a.address.as_ref()?.as_sockaddr_in().map(|s| s.ip()))
+    })
+}
+
+/// The cookie of the agent's network namespace (`SO_NETNS_COOKIE`), which the socket hooks
+/// compare with theirs.
+pub fn netns_cookie() -> Result<u64> {
+    use std::os::fd::AsRawFd;
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").context("a socket for the netns cookie")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket and an out-buffer of the size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        anyhow::bail!(
+            "SO_NETNS_COOKIE: {} (kernel 5.14 or later needed)",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(cookie)
+}
+
 /// Whether an interface is one the datapath attaches to.
 pub fn wanted(name: &str, ext_ifaces: &[String], pod_prefix: &str) -> bool {
     ext_ifaces.iter().any(|e| e == name) || (!pod_prefix.is_empty() && name.starts_with(pod_prefix))
@@ -53,11 +91,12 @@ pub fn read_sysctl(key: &str) -> Result<String> {
         .to_string())
 }
 
-/// Lets a pod interface take what the datapath hands the stack:
-/// `accept_local` for NodePort replies, which carry the node's own address as source, and
-/// `rp_filter` 0 for hairpin packets, whose source (169.254.42.1) is not routed via the pod.
+/// Lets an interface the datapath runs on take what it hands the stack: `accept_local` for
+/// packets that carry the node's own address as source (NodePort replies from pods, flows
+/// source-NATed to the node on their way to another node), and `rp_filter` 0 for hairpin
+/// packets, whose source (169.254.42.1) is not routed via the pod, and for SNATed packets.
 /// (The kernel applies the larger of `all.rp_filter` and the interface's; see `check_host`.)
-pub fn prepare_pod_interface(name: &str) -> Result<()> {
+pub fn prepare_interface(name: &str) -> Result<()> {
     write_sysctl(&format!("net.ipv4.conf.{name}.accept_local"), "1")?;
     write_sysctl(&format!("net.ipv4.conf.{name}.rp_filter"), "0")
 }

@@ -6,18 +6,31 @@
 //! The reconciler starts from what the (pinned) maps already hold, so an agent restart
 //! rewrites nothing that is still right and removes what is no longer wanted.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
 use lb_common::{
     map_names, BackendSlotKey, BackendV4, MemberKey, ServiceKeyV4, ServiceV4, MAX_BACKENDS,
     MAX_BACKEND_IDS, MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_SERVICE_IDS, SCOPE_ALL, SCOPE_PODS,
-    SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
+    SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
+    maglev,
     maps::{backend_value, frontend_key, kind_flag, MapError, ServiceKeyV4Ord, ServiceMaps},
-    model::Desired,
+    model::{Desired, FrontendKind},
 };
+
+/// One Maglev table: shared by the external frontends (NodePort, externalIPs, load-balancer
+/// IPs) of one Service port, which have the same backends.
+#[derive(Debug, Clone)]
+struct MaglevTable {
+    index: u32,
+    /// The backend ids it was computed for, sorted.
+    ids: Vec<u32>,
+}
 
 #[derive(Debug, Clone)]
 struct Programmed {
@@ -38,6 +51,10 @@ pub struct Reconciler<M: ServiceMaps> {
     backends: BTreeMap<u32, BackendV4>,
     next_svc_id: u32,
     next_backend_id: u32,
+    /// Maglev tables by Service port (`namespace/name:port`).
+    maglev: BTreeMap<String, MaglevTable>,
+    /// Source ranges programmed per service id.
+    ranges: BTreeMap<u32, BTreeSet<(Ipv4Addr, u8)>>,
 }
 
 /// The affinity group of a Service port: FNV-1a (64 bit) of `namespace/name:port`, stable
@@ -96,6 +113,16 @@ fn check_capacity(desired: &Desired) -> Result<(), MapError> {
     Ok(())
 }
 
+/// What a backend's Maglev permutation is derived from: its address, port and protocol, so
+/// that every node computes the same table for the same endpoints.
+fn maglev_identity(b: &BackendV4) -> Vec<u8> {
+    let mut v = Vec::with_capacity(7);
+    v.extend_from_slice(&b.addr.to_ne_bytes());
+    v.extend_from_slice(&b.port.to_ne_bytes());
+    v.push(b.proto);
+    v
+}
+
 /// Identity of a backend: address, port and protocol (not its flags).
 fn backend_identity(b: &BackendV4) -> (u32, u16, u8) {
     (b.addr, b.port, b.proto)
@@ -151,12 +178,18 @@ impl<M: ServiceMaps> Reconciler<M> {
         let backends: BTreeMap<u32, BackendV4> = maps.backends()?.into_iter().collect();
         let next_svc_id = services.values().map(|p| p.value.svc_id).max().unwrap_or(0) + 1;
         let next_backend_id = backends.keys().max().copied().unwrap_or(0) + 1;
+        let mut ranges: BTreeMap<u32, BTreeSet<(Ipv4Addr, u8)>> = BTreeMap::new();
+        for (svc_id, net, len) in maps.source_ranges()? {
+            ranges.entry(svc_id).or_default().insert((net, len));
+        }
         Ok(Reconciler {
             maps,
             services,
             backends,
             next_svc_id,
             next_backend_id,
+            maglev: BTreeMap::new(),
+            ranges,
         })
     }
 
@@ -225,6 +258,116 @@ impl<M: ServiceMaps> Reconciler<M> {
         Ok(id)
     }
 
+    /// Programs one Maglev table per Service port with external frontends (NodePort,
+    /// externalIPs, load-balancer IPs: the traffic that may land on any node) and points
+    /// their entries at it. A table is rewritten in place, entry by entry, when its backends
+    /// change (every entry always names a backend that exists). Returns the Service ports
+    /// that have a table.
+    fn program_maglev(
+        &mut self,
+        desired: &Desired,
+        slot_lists: &mut BTreeMap<ServiceKeyV4Ord, (ServiceV4, Vec<u32>)>,
+        stats: &mut ApplyStats,
+    ) -> Result<BTreeSet<String>, MapError> {
+        let (size, count) = self.maps.maglev_geometry();
+        let mut groups: BTreeMap<String, (Vec<u32>, Vec<ServiceKeyV4Ord>)> = BTreeMap::new();
+        if size == 0 {
+            return Ok(BTreeSet::new());
+        }
+        for (fe, state) in &desired.frontends {
+            if state.kind == FrontendKind::ClusterIP || state.backends.is_empty() {
+                continue;
+            }
+            let key: ServiceKeyV4Ord = (&frontend_key(fe, SCOPE_ALL)).into();
+            let Some((_, slots)) = slot_lists.get(&key) else {
+                continue;
+            };
+            let mut ids = slots.clone();
+            ids.sort_unstable();
+            let name = state.service.to_string();
+            let g = groups
+                .entry(name)
+                .or_insert_with(|| (ids.clone(), Vec::new()));
+            // Frontends of one Service port share the external set; one that differs
+            // (never seen) keeps the random choice.
+            if g.0 == ids {
+                g.1.push(key);
+            }
+        }
+        if groups.len() > count as usize {
+            return Err(MapError {
+                map: map_names::MAGLEV,
+                op: "capacity",
+                reason: format!(
+                    "{} tables wanted, room for {count} (--maglev-tables): nothing was changed, \
+                     the last good state stays",
+                    groups.len()
+                ),
+            });
+        }
+        // Indexes in use: by the tables kept, and (after a restart) by what the entries in
+        // the maps name, which a group takes over when one of its frontends names it.
+        let mut used: BTreeSet<u32> = self.maglev.values().map(|t| t.index).collect();
+        for (name, (_, keys)) in &groups {
+            if self.maglev.contains_key(name) {
+                continue;
+            }
+            let inherited = keys
+                .iter()
+                .filter_map(|k| self.services.get(k))
+                .map(|p| p.value.maglev)
+                .find(|m| *m != 0 && !used.contains(&(m - 1)) && *m <= count);
+            if let Some(m) = inherited {
+                used.insert(m - 1);
+                self.maglev.insert(
+                    name.clone(),
+                    MaglevTable {
+                        index: m - 1,
+                        ids: Vec::new(), // content unknown: rewritten below
+                    },
+                );
+            }
+        }
+        for (name, (ids, keys)) in &groups {
+            let table = match self.maglev.get(name) {
+                Some(t) => t.clone(),
+                None => {
+                    let Some(index) = (0..count).find(|i| !used.contains(i)) else {
+                        // Unreachable: the count was checked above.
+                        continue;
+                    };
+                    used.insert(index);
+                    MaglevTable {
+                        index,
+                        ids: Vec::new(),
+                    }
+                }
+            };
+            if table.ids != *ids {
+                let members: Vec<(Vec<u8>, u32)> = ids
+                    .iter()
+                    .filter_map(|id| self.backends.get(id).map(|b| (maglev_identity(b), *id)))
+                    .collect();
+                let content = maglev::table(size, &members);
+                let changed = self.maps.set_maglev_table(table.index, &content)?;
+                stats.writes += changed;
+            }
+            self.maglev.insert(
+                name.clone(),
+                MaglevTable {
+                    index: table.index,
+                    ids: ids.clone(),
+                },
+            );
+            for k in keys {
+                if let Some((v, _)) = slot_lists.get_mut(k) {
+                    v.maglev = table.index + 1;
+                }
+            }
+        }
+        Ok(groups.into_keys().collect())
+    }
+
     /// Makes the maps hold `desired`.
     pub fn apply(&mut self, desired: &Desired) -> Result<ApplyStats, MapError> {
         check_capacity(desired)?;
@@ -238,6 +381,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             .collect();
         let mut wanted_backends = BTreeSet::new();
         let mut slot_lists: BTreeMap<ServiceKeyV4Ord, (ServiceV4, Vec<u32>)> = BTreeMap::new();
+        let mut range_lists: BTreeMap<ServiceKeyV4Ord, BTreeSet<(Ipv4Addr, u8)>> = BTreeMap::new();
         let entries = desired
             .frontends
             .iter()
@@ -258,6 +402,10 @@ impl<M: ServiceMaps> Reconciler<M> {
             }
             let key = frontend_key(fe, scope);
             let pod_scope = scope == SCOPE_ALL && desired.pod_frontends.contains_key(fe);
+            let fenced = scope == SCOPE_ALL && !state.source_ranges.is_empty();
+            if fenced {
+                range_lists.insert((&key).into(), state.source_ranges.iter().copied().collect());
+            }
             let value = ServiceV4 {
                 svc_id: 0, // filled in below
                 count: slots.len() as u32,
@@ -267,9 +415,12 @@ impl<M: ServiceMaps> Reconciler<M> {
                     } else {
                         0
                     }
-                    | if pod_scope { SVC_F_POD_SCOPE } else { 0 },
+                    | if pod_scope { SVC_F_POD_SCOPE } else { 0 }
+                    | if fenced { SVC_F_SOURCE_RANGES } else { 0 },
                 affinity_timeout_s: state.affinity_timeout_s,
                 affinity_group: affinity_group(&state.service.to_string()),
+                maglev: 0, // set by program_maglev
+                _pad: 0,
             };
             slot_lists.insert((&key).into(), (value, slots));
         }
@@ -278,6 +429,9 @@ impl<M: ServiceMaps> Reconciler<M> {
             let value = backend_value(&b.addr, b.local, b.terminating);
             wanted_backends.insert(self.ensure_backend(&mut ids, value, &mut stats)?);
         }
+
+        // Maglev tables of external frontends, written before the entries that name them.
+        let tables = self.program_maglev(desired, &mut slot_lists, &mut stats)?;
 
         // 2. Frontends that stay or are new.
         for (key, (mut value, slots)) in slot_lists.iter().map(|(k, v)| (*k, v.clone())) {
@@ -302,9 +456,24 @@ impl<M: ServiceMaps> Reconciler<M> {
                     stats.writes += 2;
                 }
             }
+            let ranges = range_lists.get(&key).cloned().unwrap_or_default();
+            let old_ranges = self.ranges.get(&value.svc_id).cloned().unwrap_or_default();
+            for (net, len) in ranges.difference(&old_ranges) {
+                self.maps.set_source_range(value.svc_id, *net, *len)?;
+                stats.writes += 1;
+            }
             if old.as_ref().map(|p| p.value) != Some(value) {
                 self.maps.set_service(&ServiceKeyV4::from(key), &value)?;
                 stats.writes += 1;
+            }
+            for (net, len) in old_ranges.difference(&ranges) {
+                self.maps.delete_source_range(value.svc_id, *net, *len)?;
+                stats.deletes += 1;
+            }
+            if ranges.is_empty() {
+                self.ranges.remove(&value.svc_id);
+            } else {
+                self.ranges.insert(value.svc_id, ranges);
             }
             for i in slots.len()..old_slots.len() {
                 let sk = BackendSlotKey {
@@ -314,7 +483,8 @@ impl<M: ServiceMaps> Reconciler<M> {
                 self.maps.delete_slot(&sk)?;
                 stats.deletes += 1;
             }
-            for id in old_slots.iter().filter(|id| !slots.contains(id)) {
+            let kept: HashSet<&u32> = slots.iter().collect();
+            for id in old_slots.iter().filter(|id| !kept.contains(id)) {
                 let mk = MemberKey {
                     svc_id: value.svc_id,
                     backend_id: *id,
@@ -352,9 +522,16 @@ impl<M: ServiceMaps> Reconciler<M> {
                     self.maps.delete_member(&mk)?;
                     stats.deletes += 1;
                 }
+                for (net, len) in self.ranges.remove(&p.value.svc_id).unwrap_or_default() {
+                    self.maps.delete_source_range(p.value.svc_id, net, len)?;
+                    stats.deletes += 1;
+                }
                 self.services.remove(&key);
             }
         }
+
+        // Tables no entry names any more are free again (their content is left as it is).
+        self.maglev.retain(|name, _| tables.contains(name));
 
         // 4. Backends nothing names any more.
         let unused: Vec<u32> = self
@@ -411,6 +588,7 @@ mod tests {
                         .collect(),
                     drop_when_empty: false,
                     affinity_timeout_s: 0,
+                    source_ranges: Vec::new(),
                 },
             );
         }

@@ -179,13 +179,11 @@ pub fn status(pin: &Path, healthz: SocketAddr, metrics: SocketAddr) -> Result<(S
     writeln!(
         out,
         "Features:     IPv4 ClusterIP, NodePort, externalIPs, LoadBalancer IPs (XDP DNAT, conntrack); \
-         rejects (TC); sessionAffinity ClientIP; topology hints; traffic policies; \
-         healthCheckNodePort"
+         backends on other nodes (SNAT); Maglev for external traffic; loadBalancerSourceRanges; \
+         host-network clients (cgroup hooks); rejects (TC); sessionAffinity ClientIP; \
+         topology hints; traffic policies; healthCheckNodePort"
     )?;
-    writeln!(
-        out,
-        "Not yet:      IPv6, backends on other nodes (SNAT), host-network clients (cgroup hooks)"
-    )?;
+    writeln!(out, "Not yet:      IPv6")?;
     for w in &warnings {
         writeln!(out, "Warning:      {w}")?;
     }

@@ -70,6 +70,61 @@ struct Endpoint {
     node_hints: Vec<String>,
 }
 
+/// The annotation kube-proxy reads when `spec.loadBalancerSourceRanges` is empty.
+pub const ANNOTATION_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+
+/// A Service's IPv4 loadBalancerSourceRanges (the spec field, else the annotation, as
+/// kube-proxy's `GetLoadBalancerSourceRanges`), normalised to their network address. IPv6
+/// ranges belong to the other family and are skipped; a range that does not parse is
+/// reported and skipped (the API server's validation rejects those).
+fn load_balancer_source_ranges(svc: &Service, warnings: &mut Vec<String>) -> Vec<(Ipv4Addr, u8)> {
+    let from_spec: Vec<String> = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.clone())
+        .unwrap_or_default();
+    let raw: Vec<String> = if from_spec.is_empty() {
+        svc.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_SOURCE_RANGES))
+            .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
+            .unwrap_or_default()
+    } else {
+        from_spec
+    };
+    let mut out = Vec::new();
+    for r in raw.iter().filter(|r| !r.is_empty()) {
+        match parse_cidr(r) {
+            Some(Some(c)) => out.push(c),
+            Some(None) => {} // IPv6: the other family's
+            None => warnings.push(format!(
+                "service {}/{}: loadBalancerSourceRanges entry {r:?} is not a CIDR; ignored",
+                svc.metadata.namespace.as_deref().unwrap_or("default"),
+                svc.metadata.name.as_deref().unwrap_or("")
+            )),
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// `a.b.c.d/n` → Some(Some((network, n))); an IPv6 CIDR → Some(None); anything else → None.
+pub fn parse_cidr(s: &str) -> Option<Option<(Ipv4Addr, u8)>> {
+    let (addr, len) = s.trim().split_once('/')?;
+    let len: u8 = len.parse().ok()?;
+    if addr.parse::<std::net::Ipv6Addr>().is_ok() && len <= 128 {
+        return Some(None);
+    }
+    let addr: Ipv4Addr = addr.parse().ok()?;
+    if len > 32 {
+        return None;
+    }
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    Some(Some((Ipv4Addr::from(u32::from(addr) & mask), len)))
+}
+
 pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
     let mut t = Translation::default();
     let mut slices_by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
@@ -150,6 +205,7 @@ pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
                     .map(|e| e.addr),
             );
             let sets = categorize(&endpoints, node, proto);
+            let source_ranges = load_balancer_source_ranges(svc, &mut t.warnings);
             let affinity_timeout_s = affinity_timeout(spec);
             lacks_internal |= internal_local && sets.local.is_empty();
             lacks_external |= external_local && sets.local.is_empty();
@@ -172,6 +228,12 @@ pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
                     backends: set.clone(),
                     drop_when_empty: set.is_empty() && sets.has_any,
                     affinity_timeout_s,
+                    // Only load-balancer IPs are fenced (kube-proxy's firewall chain).
+                    source_ranges: if kind == FrontendKind::LoadBalancer {
+                        source_ranges.clone()
+                    } else {
+                        Vec::new()
+                    },
                 };
                 if let Some(prev) = t.desired.frontends.get(&fe) {
                     t.warnings.push(format!(

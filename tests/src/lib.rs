@@ -13,12 +13,16 @@ use std::{
 };
 
 use anyhow::{bail, Result};
+use lb_common::{config, DEFAULT_MAGLEV_SIZE};
 use lb_userspace::{
-    bpf::{run_frame, Datapath, PinnedMaps},
+    bpf::{run_frame, Datapath, MapSizes, PinnedMaps},
     manifests::parse_file,
     reconcile::Reconciler,
     translate::{translate, NodeInfo},
 };
+
+/// The agent's default SNAT port range.
+pub const SNAT_PORTS: (u16, u16) = (61000, 65535);
 
 /// Privileged tests need root; say so instead of failing obscurely.
 pub fn require_root() {
@@ -67,7 +71,26 @@ impl Harness {
     pub fn new(node: NodeInfo) -> Result<Harness> {
         require_root();
         let pin = PinDir::new("pkt");
-        let datapath = Datapath::load(pin.path(), 65536)?;
+        let mut datapath = Datapath::load(
+            pin.path(),
+            MapSizes {
+                conntrack: 65536,
+                ..Default::default()
+            },
+        )?;
+        // As the agent configures it (the reconciler reads the Maglev size).
+        let node_addr = node
+            .addresses
+            .first()
+            .map_or(0, |a| u32::from_ne_bytes(a.octets()));
+        for (index, value) in [
+            (config::SNAT_PORT_MIN, SNAT_PORTS.0 as u32),
+            (config::SNAT_PORT_MAX, SNAT_PORTS.1 as u32),
+            (config::MAGLEV_SIZE, DEFAULT_MAGLEV_SIZE),
+            (config::NODE_ADDR, node_addr),
+        ] {
+            datapath.set_config(index, value)?;
+        }
         let reconciler = Reconciler::new(PinnedMaps::open(pin.path())?)?;
         Ok(Harness {
             datapath,

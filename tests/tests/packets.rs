@@ -584,7 +584,7 @@ fn pins_of_another_map_layout_are_refused_before_anything_is_loaded() {
     lb_tests::require_root();
     let pin = lb_tests::PinDir::new("layout");
     std::fs::create_dir_all(pin.path().join("layout-lb-maps-v0")).expect("mark");
-    let err = match lb_userspace::bpf::Datapath::load(pin.path(), 4096) {
+    let err = match lb_userspace::bpf::Datapath::load(pin.path(), Default::default()) {
         Ok(_) => panic!("an old layout was taken over"),
         Err(e) => format!("{e:#}"),
     };

@@ -118,7 +118,13 @@ pub fn run(opts: &Options) -> Result<()> {
             continue;
         }
         let pin = PinDir::new("bench");
-        let datapath = Datapath::load(pin.path(), 262_144)?;
+        let datapath = Datapath::load(
+            pin.path(),
+            lb_userspace::bpf::MapSizes {
+                conntrack: 262_144,
+                ..Default::default()
+            },
+        )?;
         let mut reconciler = Reconciler::new(PinnedMaps::open(pin.path())?)?;
         let base = objects(n, 0)?;
         let started = Instant::now();

@@ -1,0 +1,240 @@
+//! Conntrack garbage collection: the datapath records FIN and RST per direction; the agent
+//! removes a flow (its forward entry and its reply entry, in `LB4_CONNTRACK` or, for a
+//! source-NATed flow, `LB4_SNAT`, which frees its port) once it has closed and been quiet for
+//! a grace period, or has been idle longer than its protocol's timeout. The LRU maps also
+//! evict under pressure; this keeps them from filling with dead flows in the first place.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::Result;
+use aya::maps::{HashMap, Map, MapData};
+use lb_common::{
+    map_names, CtEntryV4, CtKeyV4, CT_F_FIN, CT_F_FORWARD, CT_F_REPLY, CT_F_RST, CT_F_SNAT,
+    IPPROTO_TCP,
+};
+
+use crate::bpf::open_map;
+
+/// When flows are removed.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// A closed flow (FIN both ways, or a RST) quiet this long.
+    pub closed: Duration,
+    /// A TCP flow idle this long (kube-proxy sets nf_conntrack_tcp_timeout_established to
+    /// 24 h).
+    pub tcp_idle: Duration,
+    /// A UDP flow idle this long (the kernel's UDP stream timeout is 120 s).
+    pub udp_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            closed: Duration::from_secs(10),
+            tcp_idle: Duration::from_secs(24 * 3600),
+            udp_idle: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What one sweep removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    pub flows: usize,
+    pub snat: usize,
+    pub orphans: usize,
+}
+
+/// The key of the other direction's entry of a flow: packets of the other direction carry
+/// this entry's translated tuple, reversed (for a forward entry: from the backend to the
+/// translated source; for a reply entry: from the client to the frontend).
+fn partner_key(key: &CtKeyV4, e: &CtEntryV4) -> CtKeyV4 {
+    CtKeyV4 {
+        saddr: e.nat_daddr,
+        daddr: e.nat_saddr,
+        sport: e.nat_dport,
+        dport: e.nat_sport,
+        proto: key.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Whether a flow is over, from both directions' entries: closed (FIN both ways, or a RST)
+/// and quiet for `t.closed`, or idle for its protocol's timeout.
+fn expired(
+    fwd: &CtEntryV4,
+    reply: Option<&CtEntryV4>,
+    proto: u8,
+    now_ns: u64,
+    t: &Timeouts,
+) -> bool {
+    let last = reply.map_or(fwd.last_seen_ns, |r| r.last_seen_ns.max(fwd.last_seen_ns));
+    let idle = Duration::from_nanos(now_ns.saturating_sub(last));
+    let rst = (fwd.flags | reply.map_or(0, |r| r.flags)) & CT_F_RST != 0;
+    let fin_both = fwd.flags & CT_F_FIN != 0 && reply.is_some_and(|r| r.flags & CT_F_FIN != 0);
+    if (rst || fin_both) && idle >= t.closed {
+        return true;
+    }
+    idle >= if proto == IPPROTO_TCP {
+        t.tcp_idle
+    } else {
+        t.udp_idle
+    }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64);
+    ts.unwrap_or(0)
+}
+
+/// One sweep over the pinned conntrack and SNAT maps.
+pub fn sweep(pin: &Path, t: &Timeouts) -> Result<Swept> {
+    let mut ct: HashMap<MapData, CtKeyV4, CtEntryV4> =
+        HashMap::try_from(Map::LruHashMap(open_map(pin, map_names::CONNTRACK_V4)?))?;
+    let mut snat: HashMap<MapData, CtKeyV4, CtEntryV4> =
+        HashMap::try_from(Map::LruHashMap(open_map(pin, map_names::SNAT_V4)?))?;
+    let now = monotonic_ns();
+    let entries: Vec<(CtKeyV4, CtEntryV4)> = ct.iter().filter_map(|r| r.ok()).collect();
+    let mut swept = Swept::default();
+    let mut drop_ct = Vec::new();
+    let mut drop_snat = Vec::new();
+    for (key, e) in &entries {
+        if e.flags & CT_F_FORWARD != 0 {
+            let pk = partner_key(key, e);
+            let in_snat = e.flags & CT_F_SNAT != 0;
+            let reply = if in_snat {
+                snat.get(&pk, 0).ok()
+            } else {
+                ct.get(&pk, 0).ok()
+            };
+            if expired(e, reply.as_ref(), key.proto, now, t) {
+                drop_ct.push(*key);
+                if reply.is_some() {
+                    if in_snat {
+                        drop_snat.push(pk);
+                    } else {
+                        drop_ct.push(pk);
+                    }
+                }
+                swept.flows += 1;
+            }
+        } else if e.flags & CT_F_REPLY != 0 {
+            // A reply entry whose forward entry the LRU evicted: nothing can use it.
+            let fk = partner_key(key, e);
+            let idle = Duration::from_nanos(now.saturating_sub(e.last_seen_ns));
+            if ct.get(&fk, 0).is_err() && idle >= t.closed {
+                drop_ct.push(*key);
+                swept.orphans += 1;
+            }
+        }
+    }
+    // SNAT reply entries whose forward entry is gone (evicted, or a flow re-chosen).
+    let forward_snat: std::collections::HashSet<CtKeyV4> = entries
+        .iter()
+        .filter(|(_, e)| e.flags & CT_F_SNAT != 0 && e.flags & CT_F_FORWARD != 0)
+        .map(|(k, e)| partner_key(k, e))
+        .collect();
+    for r in snat.iter() {
+        let Ok((k, e)) = r else { continue };
+        let idle = Duration::from_nanos(now.saturating_sub(e.last_seen_ns));
+        if !forward_snat.contains(&k) && idle >= t.closed && !drop_snat.contains(&k) {
+            drop_snat.push(k);
+            swept.orphans += 1;
+        }
+    }
+    for k in &drop_ct {
+        let _ = ct.remove(k);
+    }
+    swept.snat = drop_snat.len();
+    for k in &drop_snat {
+        let _ = snat.remove(k);
+    }
+    Ok(swept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(flags: u16, last: u64) -> CtEntryV4 {
+        CtEntryV4 {
+            last_seen_ns: last,
+            flags,
+            ..Default::default()
+        }
+    }
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn closed_flows_go_after_the_grace() {
+        let t = Timeouts::default();
+        let fwd = entry(CT_F_FORWARD | CT_F_FIN, 100 * S);
+        let rep = entry(CT_F_REPLY | CT_F_FIN, 100 * S);
+        assert!(
+            !expired(&fwd, Some(&rep), 6, 105 * S, &t),
+            "within the grace"
+        );
+        assert!(expired(&fwd, Some(&rep), 6, 111 * S, &t));
+        // One FIN is a half-close: the flow lives on.
+        let open = entry(CT_F_REPLY, 100 * S);
+        assert!(!expired(&fwd, Some(&open), 6, 200 * S, &t));
+        // A RST in either direction closes it.
+        let rst = entry(CT_F_REPLY | CT_F_RST, 100 * S);
+        assert!(expired(
+            &entry(CT_F_FORWARD, 100 * S),
+            Some(&rst),
+            6,
+            111 * S,
+            &t
+        ));
+    }
+
+    #[test]
+    fn idle_flows_time_out() {
+        let t = Timeouts {
+            closed: Duration::from_secs(10),
+            tcp_idle: Duration::from_secs(3600),
+            udp_idle: Duration::from_secs(120),
+        };
+        let fwd = entry(CT_F_FORWARD, 0);
+        assert!(!expired(&fwd, None, 6, 3599 * S, &t));
+        assert!(expired(&fwd, None, 6, 3600 * S, &t));
+        assert!(!expired(&fwd, None, 17, 119 * S, &t));
+        assert!(expired(&fwd, None, 17, 120 * S, &t));
+    }
+
+    #[test]
+    fn partner_of_forward_and_reply() {
+        let key = CtKeyV4 {
+            saddr: 1,
+            daddr: 2,
+            sport: 3,
+            dport: 4,
+            proto: 6,
+            _pad: [0; 3],
+        };
+        // client 1:3 → frontend 2:4, translated to node 9:7 → backend 5:6.
+        let fwd = CtEntryV4 {
+            nat_saddr: 9,
+            nat_daddr: 5,
+            nat_sport: 7,
+            nat_dport: 6,
+            flags: CT_F_FORWARD,
+            ..Default::default()
+        };
+        let rk = partner_key(&key, &fwd);
+        assert_eq!((rk.saddr, rk.daddr, rk.sport, rk.dport), (5, 9, 6, 7));
+        let rep = CtEntryV4 {
+            nat_saddr: 2,
+            nat_daddr: 1,
+            nat_sport: 4,
+            nat_dport: 3,
+            flags: CT_F_REPLY,
+            ..Default::default()
+        };
+        assert_eq!(partner_key(&rk, &rep), key);
+    }
+}
