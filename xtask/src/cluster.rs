@@ -102,7 +102,7 @@ fn print_summary(c: &Cluster) {
     println!(
         "\nTry:
   ip netns exec {client} curl http://{n1}:{WEB_NODEPORT_TCP}/
-  ip netns exec {client} curl --interface {DENIED_CLIENT_IP} http://{LB_IP}/     # not in the source ranges
+  ip netns exec {client} curl --max-time 2 --interface {DENIED_CLIENT_IP} http://{LB_IP}/   # not in the source ranges: dropped
   ip netns exec {client} ip route replace {VIP_RANGE} via {n2}   # LB IPs via another node
   ip netns exec {pod_ns} curl http://{WEB}/
   nsenter --net=/run/netns/{pod_ns} {bins}/lab-client udp {WEB}:53
