@@ -17,8 +17,7 @@
 use std::{
     fs,
     net::{Ipv4Addr, SocketAddr, UdpSocket},
-    os::fd::AsRawFd,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU32, Ordering},
@@ -27,7 +26,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
+
+use crate::netns::{
+    add_netns, add_pod, agent_cli, agent_healthy, checksum_offload_off, remove_manifest,
+    router_sysctls, spawn_agent, write_manifest, AgentFlags, PodLink,
+};
+pub use crate::netns::{bin_dir, binary, curl, enter_netns, in_netns, run, wait_for};
 
 pub const NODE_NAME: &str = "lab-node";
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -56,62 +61,6 @@ pub struct Lab {
     servers: Vec<Child>,
     agent: Option<Child>,
     agent_runs: u32,
-}
-
-/// Runs a command; fails with its stderr.
-pub fn run(args: &[&str]) -> Result<String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {}", args[0]))?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The folder with the workspace's binaries (`lb-agent`, `lab-server`).
-pub fn bin_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("LB_BIN_DIR") {
-        return PathBuf::from(d);
-    }
-    // tests/ → workspace; the profile the tests were built with.
-    let ws = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| ws.join("target"));
-    let profile = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
-    target.join(profile)
-}
-
-pub fn binary(name: &str) -> Result<PathBuf> {
-    let p = bin_dir().join(name);
-    if !p.exists() {
-        bail!(
-            "{} is missing: build it first (`cargo build --workspace{}`)",
-            p.display(),
-            if cfg!(debug_assertions) {
-                ""
-            } else {
-                " --release"
-            }
-        );
-    }
-    Ok(p)
 }
 
 impl Lab {
@@ -149,8 +98,7 @@ impl Lab {
         let node = self.node_ns.clone();
         let ext = self.ext_ns.clone();
         for ns in [&node, &ext] {
-            run(&["ip", "netns", "add", ns])?;
-            run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+            add_netns(ns)?;
         }
         run(&[
             "ip", "-n", &node, "link", "add", "ext0", "type", "veth", "peer", "name", "eth0",
@@ -178,24 +126,8 @@ impl Lab {
         ])?;
         run(&["ip", "-n", &node, "link", "set", "ext0", "up"])?;
         run(&["ip", "-n", &ext, "link", "set", "eth0", "up"])?;
-        peer_settings(&ext, "eth0")?;
-        for (k, v) in [
-            ("net.ipv4.ip_forward", "1"),
-            ("net.ipv4.conf.all.rp_filter", "0"),
-            ("net.ipv4.conf.default.rp_filter", "0"),
-            ("net.ipv4.conf.all.send_redirects", "0"),
-            ("net.ipv4.conf.default.send_redirects", "0"),
-        ] {
-            run(&[
-                "ip",
-                "netns",
-                "exec",
-                &node,
-                "sysctl",
-                "-qw",
-                &format!("{k}={v}"),
-            ])?;
-        }
+        checksum_offload_off(&ext, "eth0")?;
+        router_sysctls(&node)?;
         for i in 0..self.pods.len() {
             self.add_pod_links(i)?;
         }
@@ -204,78 +136,14 @@ impl Lab {
 
     fn add_pod_links(&self, i: usize) -> Result<()> {
         let p = &self.pods[i];
-        let node = &self.node_ns;
-        run(&["ip", "netns", "add", &p.ns])?;
-        run(&["ip", "-n", &p.ns, "link", "set", "lo", "up"])?;
-        run(&[
-            "ip",
-            "-n",
-            node,
-            "link",
-            "add",
-            &p.host_iface,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &p.ns,
-        ])?;
-        run(&[
-            "ip",
-            "-n",
-            node,
-            "addr",
-            "add",
-            &format!("{POD_GATEWAY}/32"),
-            "dev",
-            &p.host_iface,
-        ])?;
-        run(&["ip", "-n", node, "link", "set", &p.host_iface, "up"])?;
-        run(&[
-            "ip",
-            "-n",
-            node,
-            "route",
-            "add",
-            &format!("{}/32", p.ip),
-            "dev",
-            &p.host_iface,
-        ])?;
-        run(&[
-            "ip",
-            "-n",
-            &p.ns,
-            "addr",
-            "add",
-            &format!("{}/32", p.ip),
-            "dev",
-            "eth0",
-        ])?;
-        run(&["ip", "-n", &p.ns, "link", "set", "eth0", "up"])?;
-        run(&[
-            "ip",
-            "-n",
-            &p.ns,
-            "route",
-            "add",
-            &format!("{POD_GATEWAY}/32"),
-            "dev",
-            "eth0",
-        ])?;
-        run(&[
-            "ip",
-            "-n",
-            &p.ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &POD_GATEWAY.to_string(),
-        ])?;
-        peer_settings(&p.ns, "eth0")?;
-        Ok(())
+        add_netns(&p.ns)?;
+        add_pod(&PodLink {
+            node_ns: &self.node_ns,
+            pod_ns: &p.ns,
+            host_iface: &p.host_iface,
+            ip: p.ip,
+            gateway: POD_GATEWAY,
+        })
     }
 
     /// Adds one more pod (namespace, veth, routes) and starts its server.
@@ -335,17 +203,11 @@ impl Lab {
     }
 
     pub fn write_manifest(&self, name: &str, text: &str) -> Result<()> {
-        // Write and rename, so the agent never reads half a file.
-        let dir = self.dir.join("manifests");
-        let tmp = dir.join(format!(".{name}.tmp"));
-        fs::write(&tmp, text)?;
-        fs::rename(&tmp, dir.join(name))?;
-        Ok(())
+        write_manifest(&self.dir.join("manifests"), name, text)
     }
 
     pub fn remove_manifest(&self, name: &str) -> Result<()> {
-        fs::remove_file(self.dir.join("manifests").join(name))?;
-        Ok(())
+        remove_manifest(&self.dir.join("manifests"), name)
     }
 
     /// Starts `lb-agent run --manifests` (the lab's manifests folder) in the node namespace.
@@ -403,41 +265,19 @@ impl Lab {
 
     /// Appends `lb-agent run SOURCE <the lab's node flags>` to `cmd` (a wrapper that ends by
     /// exec'ing its arguments) and starts it, logging to the run's log file.
-    fn spawn_agent(&mut self, mut cmd: Command, source: &[&std::ffi::OsStr]) -> Result<()> {
+    fn spawn_agent(&mut self, cmd: Command, source: &[&std::ffi::OsStr]) -> Result<()> {
         if self.agent.is_some() {
             bail!("the agent is already running");
         }
-        let bin = binary("lb-agent")?;
         self.agent_runs += 1;
-        let log = fs::File::create(self.dir.join(format!("agent-{}.log", self.agent_runs)))?;
-        let child = cmd
-            .arg(&bin)
-            .arg("run")
-            .args(source)
-            .args([
-                "--node-name",
-                NODE_NAME,
-                "--ext-iface",
-                "ext0",
-                "--pod-iface-prefix",
-                "veth",
-            ])
-            .arg("--pin-path")
-            .arg(&self.pin)
-            .args([
-                "--healthz-addr",
-                "127.0.0.1:10256",
-                "--metrics-addr",
-                "127.0.0.1:10249",
-            ])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting lb-agent")?;
-        self.agent = Some(child);
+        let flags = AgentFlags {
+            node_name: NODE_NAME,
+            ext_iface: "ext0",
+            pin: &self.pin,
+            cgroup: None,
+        };
+        let log = self.dir.join(format!("agent-{}.log", self.agent_runs));
+        self.agent = Some(spawn_agent(cmd, source, &flags, &log)?);
         Ok(())
     }
 
@@ -449,23 +289,7 @@ impl Lab {
                     bail!("lb-agent exited ({status})");
                 }
             }
-            let code = run(&[
-                "ip",
-                "netns",
-                "exec",
-                &self.node_ns,
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "1",
-                "http://127.0.0.1:10256/healthz",
-            ])
-            .unwrap_or_default();
-            Ok(code == "200")
+            Ok(agent_healthy(&self.node_ns))
         });
         r.with_context(|| format!("agent not healthy; log:\n{}", self.agent_log()))
     }
@@ -528,12 +352,7 @@ impl Lab {
 
     /// `lb-agent ARGS... --pin-path <the lab's>` in the node namespace; returns stdout.
     pub fn agent_cli(&self, args: &[&str]) -> Result<String> {
-        let bin = binary("lb-agent")?;
-        let netns = format!("--net=/run/netns/{}", self.node_ns);
-        let mut cmd: Vec<&str> = vec!["nsenter", &netns, bin.to_str().unwrap_or_default()];
-        cmd.extend_from_slice(args);
-        cmd.extend_from_slice(&["--pin-path", self.pin.to_str().unwrap_or_default()]);
-        run(&cmd)
+        agent_cli(&self.node_ns, &self.pin, args)
     }
 
     /// Starts `lb-agent ARGS... --pin-path <the lab's>` in the node namespace, stdout piped.
@@ -654,23 +473,6 @@ impl Persistent {
     }
 }
 
-/// One HTTP request from namespace `ns` with curl, on a new connection; returns the body.
-pub fn curl(ns: &str, url: &str) -> Result<String> {
-    run(&[
-        "ip",
-        "netns",
-        "exec",
-        ns,
-        "curl",
-        "-sS",
-        "--max-time",
-        "2",
-        "-H",
-        "Connection: close",
-        url,
-    ])
-}
-
 /// Requests in a loop on a thread, each a new connection, until `finish`.
 pub struct Background {
     stop: Arc<AtomicBool>,
@@ -718,52 +520,6 @@ pub fn endpoint_list(ips: &[Ipv4Addr], node: &str) -> String {
         })
         .collect();
     format!("\n{eps}")
-}
-
-/// TX checksum offload off: full checksums, as on a wire.
-fn peer_settings(ns: &str, iface: &str) -> Result<()> {
-    run(&[
-        "ip", "netns", "exec", ns, "ethtool", "-K", iface, "tx", "off",
-    ])?;
-    Ok(())
-}
-
-/// Runs `f` on a thread that has entered network namespace `ns` (namespaces are per thread).
-pub fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> std::io::Result<T> {
-    let ns = ns.to_string();
-    std::thread::spawn(move || {
-        enter_netns(&ns)?;
-        f()
-    })
-    .join()
-    .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
-}
-
-/// Moves the calling thread into network namespace `ns` (namespaces are per thread).
-pub fn enter_netns(ns: &str) -> std::io::Result<()> {
-    let file = fs::File::open(format!("/run/netns/{ns}"))?;
-    // SAFETY: setns on a valid namespace fd; affects only this thread.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Polls `cond` every 50 ms until it is true or `timeout` passes.
-pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond()? {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(anyhow!("timed out after {timeout:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 impl Drop for Lab {

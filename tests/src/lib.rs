@@ -2,7 +2,9 @@
 //! BPF_PROG_TEST_RUN, and the network-namespace lab.
 
 pub mod apiserver;
+pub mod cluster;
 pub mod lab;
+pub mod netns;
 pub use lb_userspace::packet;
 
 use std::{

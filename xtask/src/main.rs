@@ -1,6 +1,7 @@
 //! The developer workflow: `cargo xtask build-ebpf | build-and-load | lab | test`.
 
 mod bench;
+mod cluster;
 mod demo;
 mod ebpf_build;
 
@@ -21,6 +22,22 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum LabAction {
+    /// Build a kind-like cluster in network namespaces (nodes on a bridge, pods, a client
+    /// outside, one lb-agent per node, sample Services), print how to reach it, and leave it
+    /// running.
+    Up {
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// Pods per node.
+        #[arg(long, default_value_t = 2)]
+        pods: usize,
+    },
+    /// Remove what `lab up` made (whatever of it is left).
+    Down,
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Build the BPF object (lb-ebpf) with the BPF toolchain.
     BuildEbpf,
@@ -37,7 +54,11 @@ enum Cmd {
     },
     /// The standalone lab demo: a node and its pods in network namespaces, sample Services,
     /// traffic from outside and from a pod, and how it spread over the pods. Cleans up after.
+    /// `lab up` / `lab down`: a kind-like cluster of several nodes, left running.
+    #[command(args_conflicts_with_subcommands = true)]
     Lab {
+        #[command(subcommand)]
+        action: Option<LabAction>,
         /// Pods behind the node.
         #[arg(long, default_value_t = 4)]
         pods: usize,
@@ -161,10 +182,25 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Lab { pods, requests } => {
+        Cmd::Lab {
+            action: None,
+            pods,
+            requests,
+        } => {
             cargo(&["build", "--bins"])?;
             demo::run(pods, requests)
         }
+        Cmd::Lab {
+            action: Some(LabAction::Up { nodes, pods }),
+            ..
+        } => {
+            cargo(&["build", "--bins"])?;
+            cluster::up(nodes, pods)
+        }
+        Cmd::Lab {
+            action: Some(LabAction::Down),
+            ..
+        } => cluster::down(),
         Cmd::Bench {
             services,
             changes,

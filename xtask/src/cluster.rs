@@ -1,0 +1,149 @@
+//! `cargo xtask lab up` and `lab down`: the kind-like cluster of `lb_tests::cluster`, left
+//! running for people (and benchmarks) to use, and removed again.
+
+use std::{net::SocketAddrV4, path::Path, time::Duration};
+
+use anyhow::{bail, Result};
+use lb_tests::{
+    cluster::{
+        node_ip, pod_cidr, services::*, Cluster, ClusterConfig, ClusterState, Origin, Proto,
+        CLIENT_IP, DENIED_CLIENT_IP, VIP_RANGE,
+    },
+    netns::bin_dir,
+};
+
+/// Where `up` records what it made, for `down`.
+pub const STATE_FILE: &str = "/run/lb-lab/state.json";
+/// The prefix of every name the lab has (namespaces `lblab-node1`, `lblab-client`, ...).
+pub const TAG: &str = "lblab";
+
+pub fn up(nodes: usize, pods: usize) -> Result<()> {
+    let state_file = Path::new(STATE_FILE);
+    if let Some(state) = ClusterState::load(state_file)? {
+        bail!(
+            "a lab is up already (tag {}, state in {STATE_FILE}): `cargo xtask lab down` first",
+            state.tag
+        );
+    }
+    println!("Building the cluster: {nodes} nodes with {pods} pods each, a client outside...");
+    let mut cluster = Cluster::up_with(ClusterConfig {
+        tag: Some(TAG.to_string()),
+        detached: true,
+        state_file: Some(state_file.to_path_buf()),
+        ..ClusterConfig::new(nodes, pods)
+    })?;
+    cluster.start_all()?;
+    print_summary(&cluster);
+    // Everything keeps running: the processes are in sessions of their own.
+    cluster.detach();
+    println!("\nState in {STATE_FILE}; remove it all with `cargo xtask lab down`.");
+    Ok(())
+}
+
+pub fn down() -> Result<()> {
+    let state = match ClusterState::load(Path::new(STATE_FILE))? {
+        Some(s) => s,
+        None => {
+            println!("No state in {STATE_FILE}; removing whatever is named {TAG}-*.");
+            ClusterState::by_tag(TAG)?
+        }
+    };
+    let problems = state.teardown();
+    if !problems.is_empty() {
+        bail!("some parts could not be removed:\n{}", problems.join("\n"));
+    }
+    println!("The lab is gone.");
+    Ok(())
+}
+
+fn print_summary(c: &Cluster) {
+    let bins = bin_dir();
+    println!("\nThe cluster is up; every node runs lb-agent (healthy).\n\nNodes:");
+    for n in &c.nodes {
+        println!(
+            "  {:<6} {:<12} netns {:<14} pods {:<14} cgroup {}\n         pins {}",
+            n.name,
+            n.ip,
+            n.ns,
+            pod_cidr(n.index),
+            n.cgroup.display(),
+            n.pin.display()
+        );
+    }
+    println!(
+        "\nPods (lab-server: HTTP on 8080, UDP echo on 5353, answering \"POD CLIENT-ADDRESS\"):"
+    );
+    for p in &c.pods {
+        println!("  {:<12} {:<12} netns {}", p.name, p.ip, p.ns);
+    }
+    println!(
+        "\nOutside client: netns {}, addresses {CLIENT_IP} and {DENIED_CLIENT_IP}, \
+         {VIP_RANGE} routed via node1.",
+        c.client_ns
+    );
+    let k = c.nodes.len();
+    println!(
+        "\nServices (each 80/TCP → 8080 and 53/UDP → 5353):
+  web            ClusterIP {WEB}                        every pod
+  web-nodeport   ClusterIP {WEB_NODEPORT}, NodePort {WEB_NODEPORT_TCP}/TCP {WEB_NODEPORT_UDP}/UDP   every pod
+  external       ClusterIP {EXTERNAL}, externalIP {EXTERNAL_IP}     node1-pod1
+  lb             LoadBalancer {LB_IP}, NodePort {LB_NODEPORT_TCP}/{LB_NODEPORT_UDP}, source ranges {CLIENT_IP}/32   node1-pod1
+  local          LoadBalancer {LOCAL_LB_IP}, NodePort {LOCAL_NODEPORT_TCP}/{LOCAL_NODEPORT_UDP}, externalTrafficPolicy Local   node1's pods
+  self           ClusterIP {SELF}                        node1-pod1
+  on-node1..{k}    ClusterIP {}..{}, NodePort {}+K/TCP {}+K/UDP   nodeK-pod1",
+        on_node(1),
+        on_node(k),
+        on_node_tcp(0),
+        on_node_udp(0),
+    );
+    let client = &c.client_ns;
+    let pod = &c.pods[0];
+    let node1 = &c.nodes[0];
+    println!(
+        "\nTry:
+  ip netns exec {client} curl http://{n1}:{WEB_NODEPORT_TCP}/
+  ip netns exec {client} curl --max-time 2 --interface {DENIED_CLIENT_IP} http://{LB_IP}/   # not in the source ranges: dropped
+  ip netns exec {client} ip route replace {VIP_RANGE} via {n2}   # LB IPs via another node
+  ip netns exec {pod_ns} curl http://{WEB}/
+  nsenter --net=/run/netns/{pod_ns} {bins}/lab-client udp {WEB}:53
+  # node1's host network, in its cgroup (what the agent's socket hooks see):
+  sh -c 'echo $$ > {cg}/cgroup.procs && exec nsenter --net=/run/netns/{node_ns} {bins}/lab-client tcp {WEB}:80'
+  nsenter --net=/run/netns/{node_ns} {bins}/lb-agent services --pin-path {pin}
+Manifests (the agents follow changes): {manifests}
+Logs: {dir}",
+        n1 = node1.ip,
+        n2 = node_ip(k.min(2)),
+        pod_ns = pod.ns,
+        bins = bins.display(),
+        cg = node1.cgroup.display(),
+        node_ns = node1.ns,
+        pin = node1.pin.display(),
+        manifests = c.dir.join("manifests").display(),
+        dir = c.dir.display(),
+    );
+    println!("\nFirst requests:");
+    let first = pod.name.clone();
+    for (what, origin, proto, to) in [
+        (
+            format!("outside → node1 NodePort on-node1 {}", on_node_tcp(1)),
+            Origin::Outside(CLIENT_IP),
+            Proto::Tcp,
+            SocketAddrV4::new(node1.ip, on_node_tcp(1)),
+        ),
+        (
+            format!("{first} → ClusterIP web {WEB}:53"),
+            Origin::Pod(first.clone()),
+            Proto::Udp,
+            SocketAddrV4::new(WEB, 53),
+        ),
+        (
+            format!("node1 host → ClusterIP web {WEB}:80"),
+            Origin::Node(1),
+            Proto::Tcp,
+            SocketAddrV4::new(WEB, 80),
+        ),
+    ] {
+        let outcome = c.request(&origin, proto, to, Duration::from_secs(2));
+        println!("  {what} ({proto}): {outcome}");
+    }
+}
