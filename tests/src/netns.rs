@@ -196,6 +196,11 @@ pub fn spawn_agent(
         "127.0.0.1:10256",
         "--metrics-addr",
         "127.0.0.1:10249",
+        // Sweep closed flows (and free their SNAT ports) within seconds, so tests see it.
+        "--ct-gc-interval",
+        "1",
+        "--ct-close-grace",
+        "2",
     ])
     .env("RUST_LOG", "info")
     .env("NO_COLOR", "1")

@@ -522,3 +522,202 @@ fn a_dropped_cluster_leaves_nothing_behind() {
     drop(cluster);
     assert_eq!(leftovers(&tag, &state), Vec::<String>::new());
 }
+
+/// Entries of a node's `LB4_SNAT` (its source-NATed flows).
+fn snat_entries(cluster: &Cluster, k: usize) -> usize {
+    use aya::maps::{HashMap, Map, MapData};
+    use lb_common::{CtEntryV4, CtKeyV4};
+    let node = cluster.node(k).expect("node");
+    let map = MapData::from_pin(node.pin.join("LB4_SNAT")).expect("LB4_SNAT pinned");
+    let map: HashMap<MapData, CtKeyV4, CtEntryV4> =
+        HashMap::try_from(Map::LruHashMap(map)).expect("an LRU hash");
+    map.keys().count()
+}
+
+/// Many connections from one outside client at once, through node 1 to a backend on node 2:
+/// each is source-NATed to node 1 with a port of its own (the backend sees distinct
+/// node1:port pairs), and once they are closed the agent frees every port.
+#[test]
+fn many_concurrent_flows_get_distinct_snat_ports_freed_after_close() {
+    require_root();
+    let _turn = turn();
+    let mut cluster = Cluster::up(2, 1).expect("cluster up");
+    cluster.start_all().expect("servers, manifests, agents");
+    const FLOWS: usize = 300;
+    let target = SocketAddrV4::new(node_ip(1), on_node_tcp(2));
+    // One process holds all connections open, prints what the backend saw on each, and
+    // closes them when told (a line on stdin).
+    let script = format!(
+        r#"
+import socket, sys
+socks = []
+for i in range({FLOWS}):
+    s = socket.create_connection(("{ip}", {port}), timeout=5)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: lab\r\n\r\n")
+    data = b""
+    while not data.endswith(b"\n") or b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    print(data.split(b"\r\n\r\n", 1)[1].decode().strip(), flush=True)
+    socks.append(s)
+print("open", flush=True)
+sys.stdin.readline()
+for s in socks:
+    s.close()
+print("closed", flush=True)
+"#,
+        ip = target.ip(),
+        port = target.port()
+    );
+    let mut child = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &cluster.client_ns,
+            "python3",
+            "-c",
+            &script,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 in the client namespace");
+    use std::io::{BufRead, Write};
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut seen = std::collections::BTreeSet::new();
+    for line in lines.by_ref() {
+        let line = line.expect("read");
+        if line == "open" {
+            break;
+        }
+        // "<pod> <address:port it saw>"
+        let addr: SocketAddrV4 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected answer {line:?}"));
+        assert_eq!(*addr.ip(), node_ip(1), "the backend sees node 1: {line}");
+        assert!(
+            (61000..=65535).contains(&addr.port()),
+            "port {} in the SNAT range",
+            addr.port()
+        );
+        assert!(
+            seen.insert(addr.port()),
+            "SNAT port {} used twice",
+            addr.port()
+        );
+    }
+    assert_eq!(
+        seen.len(),
+        FLOWS,
+        "every connection answered on a port of its own"
+    );
+    let open = snat_entries(&cluster, 1);
+    println!(
+        "{FLOWS} concurrent connections: {} distinct SNAT ports; LB4_SNAT holds {open} entries",
+        seen.len()
+    );
+    assert!(open >= FLOWS, "one SNAT entry per open flow ({open})");
+
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"close\n")
+        .expect("tell the client to close");
+    assert_eq!(
+        lines.next().map(|l| l.expect("read")),
+        Some("closed".into())
+    );
+    let _ = child.wait();
+    // Lab agents sweep every second and free closed flows after 2 s.
+    let started = Instant::now();
+    let mut left = open;
+    while started.elapsed() < Duration::from_secs(15) {
+        left = snat_entries(&cluster, 1);
+        if left == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    println!(
+        "after closing: {left} SNAT entries left after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(left, 0, "SNAT ports leaked after the flows closed");
+}
+
+/// Maglev in the lab: the same client address and port reaching the NodePort of node 1 and
+/// then of node 2 is answered by the same pod (4 pods over 2 nodes), for every port tried.
+#[test]
+fn a_flow_keeps_its_backend_whichever_node_it_arrives_at() {
+    require_root();
+    let _turn = turn();
+    let mut cluster = Cluster::up(2, 2).expect("cluster up");
+    cluster.start_all().expect("servers, manifests, agents");
+    const PORTS: u16 = 20;
+    let script = format!(
+        r#"
+import socket
+def ask(node, sport):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("{client}", sport))
+    s.settimeout(5)
+    s.connect((node, {port}))
+    s.sendall(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
+    data = b""
+    while True:
+        c = s.recv(4096)
+        if not c:
+            break
+        data += c
+    s.close()
+    return data.split(b"\r\n\r\n", 1)[1].split()[0].decode()
+for sport in range(41000, 41000 + {PORTS}):
+    print(sport, ask("{n1}", sport), ask("{n2}", sport), flush=True)
+"#,
+        client = CLIENT_IP,
+        port = WEB_NODEPORT_TCP,
+        n1 = node_ip(1),
+        n2 = node_ip(2),
+    );
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &cluster.client_ns,
+            "python3",
+            "-c",
+            &script,
+        ])
+        .output()
+        .expect("python3 in the client namespace");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut pods = std::collections::BTreeSet::new();
+    let mut agree = 0;
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(f.len(), 3, "{line}");
+        pods.insert(f[1].to_string());
+        agree += usize::from(f[1] == f[2]);
+        assert_eq!(
+            f[1], f[2],
+            "source port {}: node 1 chose {}, node 2 {}",
+            f[0], f[1], f[2]
+        );
+    }
+    println!(
+        "maglev across nodes: {agree} of {PORTS} client ports got the same pod via node 1 and node 2; pods used: {pods:?}"
+    );
+    assert_eq!(agree, PORTS as usize);
+    assert!(pods.len() >= 2, "the flows spread over pods: {pods:?}");
+}
