@@ -34,6 +34,8 @@ pub mod map_names {
 /// Names of the programs in the object file.
 pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_PROGRAM: &str = "lb_tc_reject";
+/// The translation for packets from pods (TC ingress on their veths).
+pub const TC_POD_PROGRAM: &str = "lb_tc_pod";
 /// The cgroup v2 socket hooks (host-network clients), in attach order.
 pub const SOCK_PROGRAMS: [&str; 4] = [
     "lb_connect4",

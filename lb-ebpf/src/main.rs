@@ -1,4 +1,8 @@
-//! The XDP service datapath: ClusterIP / NodePort translation for IPv4 TCP and UDP.
+//! The service datapath: ClusterIP / NodePort / externalIP / LoadBalancer-IP translation for
+//! IPv4 TCP and UDP, in XDP on the external interfaces (`lb_xdp`) and in TC on the pods'
+//! interfaces (`lb_tc_pod`, whose rewrites go through the kernel's checksum helpers because
+//! pods send partial checksums), both running `process`; cgroup socket hooks for the node's
+//! own processes are in `sock.rs`.
 //!
 //! Per packet: parse Ethernet + IPv4 (no options, no fragments) + TCP/UDP, then
 //! 1. conntrack hit in the reply direction → restore the frontend as source (reverse NAT);
@@ -16,7 +20,7 @@
 //! Translated packets go to the stack (XDP_PASS), which routes them: to a local pod's veth,
 //! or out to the node that runs the backend.
 //!
-//! `lb_tc_reject` (TC ingress, on the same interfaces) answers what XDP passed on for a
+//! `lb_tc_reject` (TC ingress, on the external interfaces) answers what XDP passed on for a
 //! frontend without backends: TCP with RST, UDP with ICMP port-unreachable, sent back out of
 //! the interface it came in on. It runs in TC because an XDP_TX on a veth only reaches a peer
 //! that runs XDP itself, which a pod does not (DESIGN.md, "veth caveats").
@@ -31,7 +35,10 @@ use core::mem;
 mod sock;
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_F_MMAPABLE, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{
+        xdp_action, BPF_F_MARK_MANGLED_0, BPF_F_MMAPABLE, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK,
+        TC_ACT_SHOT,
+    },
     helpers::{
         bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_head,
         bpf_skb_change_tail, bpf_skb_pull_data,
@@ -108,6 +115,12 @@ const UDP_LEN: usize = 8;
 const ICMP_LEN: usize = 8;
 const IPPROTO_ICMP: u8 = 1;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+/// Offsets in a frame with an IPv4 header without options.
+const IP_CSUM_OFF: usize = ETH_LEN + 10;
+const IP_SRC_OFF: usize = ETH_LEN + 12;
+const IP_DST_OFF: usize = ETH_LEN + 16;
+const TCP_CSUM_OFF: usize = L4_OFF + 16;
+const UDP_CSUM_OFF: usize = L4_OFF + 6;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -133,7 +146,105 @@ struct Tuple {
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     count(stat::RX);
-    process(&ctx)
+    match process(&ctx) {
+        // A reject goes on untouched to lb_tc_reject, in TC ingress on the same interface.
+        Verdict::Pass | Verdict::Reject => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+/// The datapath for packets from this node's pods, in TC ingress on their veths. It runs the
+/// same translation as `lb_xdp`, but rewrites through the kernel's checksum helpers: a pod's
+/// own stack sends TCP and UDP with partial checksums (`CHECKSUM_PARTIAL`: the field holds the
+/// pseudo-header sum, the device finishes it), which only the skb's checksum state tells
+/// apart and XDP cannot see. `bpf_l4_csum_replace` updates such a field correctly (the
+/// addresses with `BPF_F_PSEUDO_HDR`; the ports not at all), and a full one as RFC 1624 does.
+#[classifier]
+pub fn lb_tc_pod(ctx: TcContext) -> i32 {
+    count(stat::RX);
+    // Linear headers for direct reads (a no-op when they are; fails harmlessly on a short
+    // frame, which parse() then leaves alone).
+    let _ = ctx.pull_data((L4_OFF + TCP_LEN) as u32);
+    match process(&ctx) {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Drop => TC_ACT_SHOT,
+        Verdict::Reject => reject(&ctx),
+    }
+}
+
+/// What the translation decided; each program turns it into its own return code.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// To the stack (translated or untouched).
+    Pass,
+    Drop,
+    /// A frontend without usable backends: answer with RST / ICMP port-unreachable.
+    Reject,
+}
+
+/// Where the translation runs: XDP on external interfaces, TC on pod interfaces.
+trait Hook: Packet {
+    /// The packet came in from one of this node's pods.
+    fn from_pod(&self) -> bool;
+    /// Rewrites addresses and ports from `from` to `to`, checksums included.
+    fn rewrite(&self, hdr: &Headers, from: &Tuple, to: &Tuple);
+}
+
+impl Hook for XdpContext {
+    /// An interface the agent marked as a pod's (`LB_IFACES`).
+    #[inline(always)]
+    fn from_pod(&self) -> bool {
+        // SAFETY: ctx.ctx is the program's own context.
+        let ifindex = unsafe { (*self.ctx).ingress_ifindex };
+        // SAFETY: the value is read at once.
+        unsafe { LB_IFACES.get(ifindex) }.is_some_and(|f| f & IFACE_F_POD != 0)
+    }
+
+    #[inline(always)]
+    fn rewrite(&self, hdr: &Headers, from: &Tuple, to: &Tuple) {
+        hdr.rewrite(from, to);
+    }
+}
+
+impl Hook for TcContext {
+    /// `lb_tc_pod` is attached to pod interfaces only.
+    #[inline(always)]
+    fn from_pod(&self) -> bool {
+        true
+    }
+
+    #[inline(always)]
+    fn rewrite(&self, hdr: &Headers, from: &Tuple, to: &Tuple) {
+        let csum = if hdr.udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };
+        // A UDP checksum of zero means "none": the helpers leave it so.
+        let mangled = if hdr.udp {
+            BPF_F_MARK_MANGLED_0 as u64
+        } else {
+            0
+        };
+        let addrs = [
+            (from.saddr, to.saddr, IP_SRC_OFF),
+            (from.daddr, to.daddr, IP_DST_OFF),
+        ];
+        for (old, new, off) in addrs {
+            if old != new {
+                let _ = self.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4);
+                let flags = BPF_F_PSEUDO_HDR as u64 | mangled | 4;
+                let _ = self.l4_csum_replace(csum, old as u64, new as u64, flags);
+                let _ = self.store(off, &new, 0);
+            }
+        }
+        let ports = [
+            (from.sport, to.sport, L4_OFF),
+            (from.dport, to.dport, L4_OFF + 2),
+        ];
+        for (old, new, off) in ports {
+            if old != new {
+                let _ = self.l4_csum_replace(csum, old as u64, new as u64, mangled | 2);
+                let _ = self.store(off, &new, 0);
+            }
+        }
+    }
 }
 
 /// Does nothing: the calibration program of `cargo xtask bench` (the cost of running any XDP
@@ -143,10 +254,12 @@ pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// The bounds of a packet's linear data.
+/// The bounds of a packet's linear data, and its whole length (an skb's payload may lie
+/// beyond the linear part).
 trait Packet {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
+    fn frame_len(&self) -> u64;
 }
 
 impl Packet for XdpContext {
@@ -158,6 +271,10 @@ impl Packet for XdpContext {
     fn data_end(&self) -> usize {
         XdpContext::data_end(self)
     }
+    #[inline(always)]
+    fn frame_len(&self) -> u64 {
+        (XdpContext::data_end(self) - XdpContext::data(self)) as u64
+    }
 }
 
 impl Packet for TcContext {
@@ -168,6 +285,10 @@ impl Packet for TcContext {
     #[inline(always)]
     fn data_end(&self) -> usize {
         TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> u64 {
+        self.len() as u64
     }
 }
 
@@ -212,9 +333,9 @@ fn count_backend(backend_id: u32, bytes: u64) {
 }
 
 #[inline(always)]
-fn pass(idx: u32) -> u32 {
+fn pass(idx: u32) -> Verdict {
     count(idx);
-    xdp_action::XDP_PASS
+    Verdict::Pass
 }
 
 /// An IPv4 TCP or UDP packet the datapath may translate.
@@ -260,7 +381,7 @@ fn parse(ctx: &impl Packet) -> Result<Parsed, u32> {
         IPPROTO_UDP => (UDP_LEN, 6),
         _ => return Err(stat::PASS_OTHER_PROTO),
     };
-    if tot_len < IP_LEN + l4_len || ETH_LEN + tot_len > ctx.data_end() - ctx.data() {
+    if tot_len < IP_LEN + l4_len || (ETH_LEN + tot_len) as u64 > ctx.frame_len() {
         return Err(stat::PASS_TRUNCATED);
     }
     let ports = ptr_at::<Ports>(ctx, L4_OFF).ok_or(stat::PASS_TRUNCATED)?;
@@ -295,7 +416,7 @@ fn parse(ctx: &impl Packet) -> Result<Parsed, u32> {
 }
 
 #[inline(always)]
-fn process(ctx: &XdpContext) -> u32 {
+fn process(ctx: &impl Hook) -> Verdict {
     let Parsed {
         hdr,
         pkt,
@@ -305,7 +426,7 @@ fn process(ctx: &XdpContext) -> u32 {
         Ok(p) => p,
         Err(reason) => return pass(reason),
     };
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let bytes = ctx.frame_len();
 
     let ct_key = CtKeyV4 {
         saddr: pkt.saddr,
@@ -328,7 +449,7 @@ fn process(ctx: &XdpContext) -> u32 {
             note_close(entry, tcp_flags);
             refresh(entry);
             count_backend(entry.backend_id, bytes);
-            hdr.rewrite(&pkt, &to);
+            ctx.rewrite(&hdr, &pkt, &to);
             return pass(stat::REVERSE_NAT);
         }
         if keep_flow(proto, tcp_flags, entry.backend_id) {
@@ -343,14 +464,14 @@ fn process(ctx: &XdpContext) -> u32 {
             refresh(entry);
             count_service(entry.svc_id, bytes, false, false);
             count_backend(entry.backend_id, bytes);
-            hdr.rewrite(&pkt, &to);
+            ctx.rewrite(&hdr, &pkt, &to);
             return pass(stat::DNAT_ESTABLISHED);
         }
     }
 
     let node_addr = cfg_value(config::NODE_ADDR);
     if pkt.daddr == node_addr {
-        if let Some(verdict) = snat_reply(&hdr, &pkt, proto, tcp_flags, bytes) {
+        if let Some(verdict) = snat_reply(ctx, &hdr, &pkt, proto, tcp_flags, bytes) {
             return verdict;
         }
     }
@@ -365,14 +486,14 @@ fn process(ctx: &XdpContext) -> u32 {
     let Some(mut svc) = (unsafe { LB4_SERVICES.get(&svc_key) }).copied() else {
         return pass(stat::PASS_NO_SERVICE);
     };
-    let pod_client = from_pod(ctx);
+    let pod_client = ctx.from_pod();
     // Source ranges fence clients from outside; this node's pods are not subject to them
     // (as with kube-proxy and Cilium).
     if svc.flags & SVC_F_SOURCE_RANGES != 0 && !pod_client && !source_allowed(svc.svc_id, pkt.saddr)
     {
         count_service(svc.svc_id, bytes, false, true);
         count(stat::DROP_SOURCE_RANGE);
-        return xdp_action::XDP_DROP;
+        return Verdict::Drop;
     }
     if svc.flags & SVC_F_POD_SCOPE != 0 && pod_client {
         let pod_key = ServiceKeyV4 {
@@ -388,10 +509,11 @@ fn process(ctx: &XdpContext) -> u32 {
         if svc.flags & SVC_F_DROP_NO_ENDPOINTS != 0 {
             count_service(svc.svc_id, bytes, false, true);
             count(stat::DROP_NO_LOCAL);
-            return xdp_action::XDP_DROP;
+            return Verdict::Drop;
         }
-        // Untouched, to lb_tc_reject (which counts it for the service).
-        return pass(stat::PASS_TO_REJECT);
+        // Answered by the TC side (which counts it for the service).
+        count(stat::PASS_TO_REJECT);
+        return Verdict::Reject;
     }
 
     // SAFETY: bpf_ktime_get_ns has no preconditions.
@@ -415,7 +537,7 @@ fn process(ctx: &XdpContext) -> u32 {
         // The agent writes backends before the slots and slots before the count,
         // so this is only reached if the maps were changed by something else.
         count(stat::DROP_INCONSISTENT);
-        return xdp_action::XDP_DROP;
+        return Verdict::Drop;
     };
     if svc.affinity_timeout_s != 0 {
         let a = AffinityV4 {
@@ -457,7 +579,7 @@ fn process(ctx: &XdpContext) -> u32 {
     if snat {
         let Some(port) = snat_port(node_addr, &backend, proto, &reply) else {
             count(stat::DROP_SNAT_PORTS);
-            return xdp_action::XDP_DROP;
+            return Verdict::Drop;
         };
         to.saddr = node_addr;
         to.sport = port;
@@ -492,7 +614,7 @@ fn process(ctx: &XdpContext) -> u32 {
     let _ = LB4_CONNTRACK.insert(&ct_key, &forward, 0);
     count_service(svc.svc_id, bytes, true, false);
     count_backend(backend_id, bytes);
-    hdr.rewrite(&pkt, &to);
+    ctx.rewrite(&hdr, &pkt, &to);
     pass(stat::DNAT_NEW)
 }
 
@@ -521,7 +643,14 @@ fn note_close(entry: &mut CtEntryV4, tcp_flags: u8) {
 /// A reply to a source-NATed flow (addressed to this node and an allocated port): restores
 /// the frontend as source and the client as destination. None: not such a reply.
 #[inline(always)]
-fn snat_reply(hdr: &Headers, pkt: &Tuple, proto: u8, tcp_flags: u8, bytes: u64) -> Option<u32> {
+fn snat_reply(
+    ctx: &impl Hook,
+    hdr: &Headers,
+    pkt: &Tuple,
+    proto: u8,
+    tcp_flags: u8,
+    bytes: u64,
+) -> Option<Verdict> {
     let port = u16::from_be(pkt.dport) as u32;
     if port < cfg_value(config::SNAT_PORT_MIN) || port > cfg_value(config::SNAT_PORT_MAX) {
         return None;
@@ -546,7 +675,7 @@ fn snat_reply(hdr: &Headers, pkt: &Tuple, proto: u8, tcp_flags: u8, bytes: u64) 
         sport: entry.nat_sport,
         dport: entry.nat_dport,
     };
-    hdr.rewrite(pkt, &to);
+    ctx.rewrite(hdr, pkt, &to);
     Some(pass(stat::SNAT_REPLY))
 }
 
@@ -666,15 +795,6 @@ fn report_flow(kind: u8, proto: u8, pkt: &Tuple, to: &Tuple, svc_id: u32, now: u
         return false;
     }
     true
-}
-
-/// Whether the packet came in from one of this node's pods.
-#[inline(always)]
-fn from_pod(ctx: &XdpContext) -> bool {
-    // SAFETY: ctx.ctx is the program's own context.
-    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    // SAFETY: the value is read at once.
-    unsafe { LB_IFACES.get(ifindex) }.is_some_and(|f| f & IFACE_F_POD != 0)
 }
 
 /// A uniformly random backend among the service's slots.

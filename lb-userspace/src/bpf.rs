@@ -30,7 +30,7 @@ use aya::{
 use aya_obj::programs::XdpAttachType;
 use lb_common::{
     map_names, stat, BackendSlotKey, BackendStats, BackendV4, MemberKey, ServiceKeyV4,
-    ServiceStats, ServiceV4, SourceRangeV4, SOCK_PROGRAMS, TC_PROGRAM, XDP_PROGRAM,
+    ServiceStats, ServiceV4, SourceRangeV4, SOCK_PROGRAMS, TC_POD_PROGRAM, TC_PROGRAM, XDP_PROGRAM,
 };
 
 use crate::maps::{MapError, ServiceMaps};
@@ -44,6 +44,7 @@ const CGROUP2_MAGIC: i64 = 0x6367_7270;
 const SOCK_LINK_PREFIX: &str = "sock-";
 const XDP_PIN: &str = "prog_lb_xdp";
 const TC_PIN: &str = "prog_lb_tc";
+const TC_POD_PIN: &str = "prog_lb_tc_pod";
 const LINKS_DIR: &str = "links";
 
 /// Checks that `dir` (or the nearest existing parent) is on a bpffs.
@@ -87,6 +88,8 @@ pub struct Datapath {
     pin: PathBuf,
     xdp: Xdp,
     tc: SchedClassifier,
+    /// The translation for pod interfaces (TC, where the skb's checksum state is known).
+    tc_pod: SchedClassifier,
     /// The object, which holds the cgroup socket hooks (attached only by `attach_cgroup`).
     ebpf: aya::Ebpf,
     /// `LB_IFACES`: which interfaces lead to this node's pods.
@@ -122,10 +125,15 @@ impl Datapath {
             prog.load()
                 .with_context(|| format!("loading {name} (verifier)"))?;
         }
-        let (xdp_path, tc_path) = (pin.join(XDP_PIN), pin.join(TC_PIN));
+        let (xdp_path, tc_path, pod_path) =
+            (pin.join(XDP_PIN), pin.join(TC_PIN), pin.join(TC_POD_PIN));
         let taken_over = xdp_path.exists() || tc_path.exists();
         // This agent's programs, pinned beside any older ones, then opened from there.
-        let (xdp_new, tc_new) = (pin.join("prog_lb_xdp_new"), pin.join("prog_lb_tc_new"));
+        let (xdp_new, tc_new, pod_new) = (
+            pin.join("prog_lb_xdp_new"),
+            pin.join("prog_lb_tc_new"),
+            pin.join("prog_lb_tc_pod_new"),
+        );
         {
             let xdp: &mut Xdp = ebpf
                 .program_mut(XDP_PROGRAM)
@@ -139,16 +147,25 @@ impl Datapath {
                 .try_into()?;
             tc.load().context("loading lb_tc_reject (verifier)")?;
             replace_pin(&tc_new, |p| tc.pin(p))?;
+            let pod: &mut SchedClassifier = ebpf
+                .program_mut(TC_POD_PROGRAM)
+                .context("program lb_tc_pod missing from the object")?
+                .try_into()?;
+            pod.load().context("loading lb_tc_pod (verifier)")?;
+            replace_pin(&pod_new, |p| pod.pin(p))?;
         }
         let xdp = Xdp::from_pin(&xdp_new, XdpAttachType::Interface)
             .with_context(|| format!("opening {}", xdp_new.display()))?;
         let tc = SchedClassifier::from_pin(&tc_new)
             .with_context(|| format!("opening {}", tc_new.display()))?;
+        let tc_pod = SchedClassifier::from_pin(&pod_new)
+            .with_context(|| format!("opening {}", pod_new.display()))?;
         let ifaces = HashMap::try_from(Map::HashMap(open_map(pin, map_names::IFACES)?))?;
         let mut dp = Datapath {
             pin: pin.to_owned(),
             xdp,
             tc,
+            tc_pod,
             ebpf,
             ifaces,
             marked: Default::default(),
@@ -156,7 +173,11 @@ impl Datapath {
         };
         dp.adopt_links()?;
         // The new programs take the usual names (the links hold them either way).
-        for (from, to) in [(&xdp_new, &xdp_path), (&tc_new, &tc_path)] {
+        for (from, to) in [
+            (&xdp_new, &xdp_path),
+            (&tc_new, &tc_path),
+            (&pod_new, &pod_path),
+        ] {
             fs::rename(from, to)
                 .with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
         }
@@ -188,6 +209,10 @@ impl Datapath {
                 XdpLink::try_from(fd)
                     .map_err(anyhow::Error::from)
                     .and_then(|l| Ok(self.xdp.attach_to_link(l).map(|_| ())?))
+            } else if name.starts_with("tcpod-") {
+                SchedClassifierLink::try_from(fd)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|l| Ok(self.tc_pod.attach_to_link(l).map(|_| ())?))
             } else {
                 SchedClassifierLink::try_from(fd)
                     .map_err(anyhow::Error::from)
@@ -206,11 +231,12 @@ impl Datapath {
         self.pin.join(LINKS_DIR).join(format!("{kind}-{ifindex}"))
     }
 
-    /// Whether both programs are attached to the interface and its kind is recorded.
+    /// Whether the interface's programs are attached and its kind is recorded.
     pub fn is_attached(&self, ifindex: u32) -> bool {
         self.marked.contains(&ifindex)
-            && self.link_path("xdp", ifindex).exists()
-            && self.link_path("tc", ifindex).exists()
+            && (self.link_path("tcpod", ifindex).exists()
+                || (self.link_path("xdp", ifindex).exists()
+                    && self.link_path("tc", ifindex).exists()))
     }
 
     /// Writes one `LB_CONFIG` value.
@@ -234,13 +260,32 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches both programs to an interface with pinned links (TC ingress first, so that
-    /// what XDP hands on is answered), skipping a program whose link is pinned already.
+    /// Attaches the datapath to an interface with pinned links, skipping a program whose
+    /// link is pinned already: on a pod interface `lb_tc_pod` (TC ingress), elsewhere `lb_xdp`
+    /// and `lb_tc_reject` (TC ingress first, so that what XDP hands on is answered).
     /// Returns whether it attached anything now.
     pub fn attach(&mut self, ifindex: u32, ifname: &str, pod: bool) -> Result<bool> {
         // The kind first: a packet from a pod must never be taken for an outside one.
         if !self.marked.contains(&ifindex) {
             self.mark(ifindex, pod)?;
+        }
+        if pod {
+            let path = self.link_path("tcpod", ifindex);
+            if path.exists() {
+                return Ok(false);
+            }
+            let id = self
+                .tc_pod
+                .attach_with_options(
+                    ifname,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .with_context(|| format!("attaching TC ingress (tcx) to pod interface {ifname}"))?;
+            let fd: FdLink = self.tc_pod.take_link(id)?.try_into()?;
+            fd.pin(&path)
+                .with_context(|| format!("pinning {}", path.display()))?;
+            return Ok(true);
         }
         let mut attached = false;
         let tc_path = self.link_path("tc", ifindex);
@@ -358,6 +403,11 @@ impl Datapath {
     pub fn tc(&self) -> &SchedClassifier {
         &self.tc
     }
+
+    /// The pod interfaces' program (for BPF_PROG_TEST_RUN).
+    pub fn tc_pod(&self) -> &SchedClassifier {
+        &self.tc_pod
+    }
 }
 
 /// The layout of the pinned maps: bumped with any change to the types in `lb-common`. A
@@ -429,7 +479,7 @@ where
 }
 
 /// The pinned programs of a running (or stopped) agent.
-pub fn pinned_programs(pin: &Path) -> Result<(Xdp, SchedClassifier)> {
+pub fn pinned_programs(pin: &Path) -> Result<(Xdp, SchedClassifier, SchedClassifier)> {
     let (xdp_path, tc_path) = (pin.join(XDP_PIN), pin.join(TC_PIN));
     let xdp = Xdp::from_pin(&xdp_path, XdpAttachType::Interface).with_context(|| {
         format!(
@@ -439,7 +489,10 @@ pub fn pinned_programs(pin: &Path) -> Result<(Xdp, SchedClassifier)> {
     })?;
     let tc = SchedClassifier::from_pin(&tc_path)
         .with_context(|| format!("opening {}", tc_path.display()))?;
-    Ok((xdp, tc))
+    let pod_path = pin.join(TC_POD_PIN);
+    let pod = SchedClassifier::from_pin(&pod_path)
+        .with_context(|| format!("opening {}", pod_path.display()))?;
+    Ok((xdp, tc, pod))
 }
 
 pub(crate) fn open_map(pin: &Path, name: &str) -> Result<MapData> {

@@ -40,14 +40,15 @@ pub fn status(pin: &Path, healthz: SocketAddr, metrics: SocketAddr) -> Result<(S
     let mut out = String::new();
     let mut warnings = Vec::new();
 
-    let (xdp, tc) = bpf::pinned_programs(pin)?;
-    let (xi, ti) = (xdp.info()?, tc.info()?);
+    let (xdp, tc, pod) = bpf::pinned_programs(pin)?;
+    let (xi, ti, pi) = (xdp.info()?, tc.info()?, pod.info()?);
     writeln!(out, "Datapath:     pinned at {}", pin.display())?;
     writeln!(
         out,
-        "Programs:     lb_xdp (XDP, id {}), lb_tc_reject (TC ingress, id {})",
+        "Programs:     lb_xdp (XDP, id {}), lb_tc_reject (TC ingress, id {}), lb_tc_pod (TC ingress of pod interfaces, id {})",
         xi.id(),
-        ti.id()
+        ti.id(),
+        pi.id()
     )?;
 
     // Attachments, from the pinned links.
@@ -59,7 +60,11 @@ pub fn status(pin: &Path, healthz: SocketAddr, metrics: SocketAddr) -> Result<(S
         let name = entry?.file_name().to_string_lossy().into_owned();
         if let Some((kind, idx)) = name.split_once('-') {
             if let Ok(idx) = idx.parse::<u32>() {
-                let hook = if kind == "xdp" { "XDP" } else { "TC ingress" };
+                let hook = match kind {
+                    "xdp" => "XDP",
+                    "tcpod" => "TC ingress (pod)",
+                    _ => "TC ingress",
+                };
                 attached.entry(idx).or_default().push(hook);
             }
         }

@@ -73,7 +73,9 @@ pub fn trace(
     dst: SocketAddrV4,
     iface: Option<&str>,
 ) -> Result<String> {
-    let (xdp, tc) = bpf::pinned_programs(pin)?;
+    // Pod interfaces run lb_tc_pod, which makes the same decisions (one translation
+    // function); lb_xdp stands in for it here, told the interface is a pod's.
+    let (xdp, tc, _) = bpf::pinned_programs(pin)?;
     let frame = match proto {
         Proto::Tcp => Frame::tcp((*src.ip(), src.port()), (*dst.ip(), dst.port()), SYN),
         Proto::Udp => Frame::udp(

@@ -18,9 +18,10 @@
 //! removed when it is dropped, also after a failure midway; [`Cluster::detach`] leaves it
 //! running and hands back a [`ClusterState`] that removes it later (`cargo xtask lab down`).
 //!
-//! As in the one-node lab, the pods' and the client's interfaces (and the nodes' links to the
-//! bridge) have TX checksum offload off, so frames carry full checksums (DESIGN.md, "veth
-//! caveats").
+//! As in the one-node lab, pods keep TX checksum offload on (partial checksums, as real pods
+//! send them) while the nodes' links to the bridge and the client have it off, so whatever
+//! crosses the "network" carries a checksum computed from what the datapath wrote, and the
+//! receiver checks it.
 
 use std::{
     fs,

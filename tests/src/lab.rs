@@ -10,9 +10,10 @@
 //! setup does); the node routes each pod address to its veth. Every namespace, process and
 //! pin belongs to one `Lab` and is removed when it is dropped, also when a test fails.
 //!
-//! The pods' and the client's `eth0` have TX checksum offload off, so that frames carry full
-//! checksums as they do on a wire, and what the datapath rewrites can be checked (see
-//! DESIGN.md, "veth caveats").
+//! The pods keep TX checksum offload on, as pods do (their TCP and UDP leave with partial
+//! checksums); the node's `ext0` and the client's `eth0` have it off, so that what leaves
+//! towards the client carries a checksum computed from what the datapath wrote, as on a
+//! wire, and the client's stack checks it.
 
 use std::{
     fs,
@@ -127,6 +128,7 @@ impl Lab {
         run(&["ip", "-n", &node, "link", "set", "ext0", "up"])?;
         run(&["ip", "-n", &ext, "link", "set", "eth0", "up"])?;
         checksum_offload_off(&ext, "eth0")?;
+        checksum_offload_off(&node, "ext0")?;
         router_sysctls(&node)?;
         for i in 0..self.pods.len() {
             self.add_pod_links(i)?;

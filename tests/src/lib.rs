@@ -121,6 +121,12 @@ impl Harness {
         run_frame(self.datapath.xdp(), frame, Some(ifindex))
     }
 
+    /// Runs one frame through the pod interfaces' program (`lb_tc_pod`), as sent by a pod:
+    /// (TC verdict, output frame).
+    pub fn run_pod(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        run_frame(self.datapath.tc_pod(), frame, None)
+    }
+
     /// Runs one frame through the TC ingress program: (TC verdict, output frame).
     pub fn run_tc(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
         run_frame(self.datapath.tc(), frame, None)

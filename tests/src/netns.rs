@@ -99,8 +99,10 @@ pub fn router_sysctls(ns: &str) -> Result<()> {
     Ok(())
 }
 
-/// TX checksum offload off: full checksums, as on a wire (the datapath rewrites packets and
-/// fixes their checksums incrementally).
+/// TX checksum offload off: what leaves the interface carries a full checksum, computed in
+/// software from what the datapath left in the field, as a NIC computes it on the wire. On
+/// a node's external interface this makes every rewrite of a pod's partial checksum checked
+/// by the receiver.
 pub fn checksum_offload_off(ns: &str, iface: &str) -> Result<()> {
     run(&[
         "ip", "netns", "exec", ns, "ethtool", "-K", iface, "tx", "off",
@@ -121,8 +123,9 @@ pub struct PodLink<'a> {
 
 /// Links pod namespace `pod_ns` (made by the caller) to its node with a veth: `eth0` with the
 /// pod address in the pod, the gateway address on the node side, a /32 route to the pod on
-/// the node, a default route through the gateway in the pod; TX checksum offload off in the
-/// pod.
+/// the node, a default route through the gateway in the pod. The pod keeps TX checksum
+/// offload on, as pods do: its TCP and UDP leave with partial checksums (`CHECKSUM_PARTIAL`),
+/// which the datapath must update as such.
 pub fn add_pod(link: &PodLink) -> Result<()> {
     let PodLink {
         node_ns: node,
@@ -153,7 +156,7 @@ pub fn add_pod(link: &PodLink) -> Result<()> {
         cmd.extend_from_slice(args);
         run(&cmd)?;
     }
-    checksum_offload_off(pod, "eth0")
+    Ok(())
 }
 
 /// What `lb-agent run` is told about its node.

@@ -337,21 +337,34 @@ fn traffic_keeps_flowing_while_the_agent_is_killed_and_restarted() {
         new_programs.starts_with("Programs:") && new_programs != old_programs,
         "{old_programs} / {new_programs}"
     );
-    let xdp_id = new_programs
-        .split("(XDP, id ")
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .unwrap_or_default()
-        .to_string();
+    let id_of = |what: &str| {
+        new_programs
+            .split(what)
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (xdp_id, pod_id) = (id_of("(XDP, id "), id_of("pod interfaces, id "));
     let links =
         lb_tests::lab::run(&["ip", "-n", &lab.node_ns, "-d", "link", "show"]).expect("ip link");
     let attached: Vec<&str> = links.lines().filter(|l| l.contains("prog/xdp")).collect();
-    assert_eq!(attached.len(), 5, "ext0 and four pod veths: {links}");
-    assert!(
-        attached
-            .iter()
-            .all(|l| l.contains(&format!("id {xdp_id} "))),
-        "{links}"
+    assert_eq!(attached.len(), 1, "XDP on ext0 only: {links}");
+    assert!(attached[0].contains(&format!("id {xdp_id} ")), "{links}");
+    // The four pod veths run the new lb_tc_pod (tcx links; program ids are unique).
+    let net = lb_tests::lab::run(&["bpftool", "-j", "link", "show"]).expect("bpftool link");
+    let links: serde_json::Value = serde_json::from_str(&net).expect("bpftool json");
+    let pods = links
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter(|k| k["prog_id"].as_u64() == pod_id.parse::<u64>().ok())
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(
+        pods, 4,
+        "lb_tc_pod id {pod_id} on the four pod veths: {net}"
     );
     assert!(
         !log.contains("attached iface"),

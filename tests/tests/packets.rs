@@ -604,3 +604,71 @@ fn pins_of_another_map_layout_are_refused_before_anything_is_loaded() {
         "{names:?}"
     );
 }
+
+/// From a pod, `lb_tc_pod` does the translation (TC, through the kernel's checksum helpers):
+/// every byte and both checksums as XDP would write them, TCP and UDP, both directions,
+/// a zero UDP checksum kept.
+#[test]
+fn the_pod_program_translates_like_xdp() {
+    let mut h = harness();
+    h.program(&services(&[POD1])).expect("program");
+    let check = |input: &Frame, expected: &Frame| {
+        let (verdict, out) = h.run_pod(&input.build()).expect("test run");
+        assert_eq!(verdict, TC_ACT_OK, "verdict");
+        verify_checksums(&out).unwrap_or_else(|e| panic!("{e}: {out:02x?}"));
+        assert_eq!(parse(&out), *expected);
+        assert_eq!(out, expected.build(), "every byte");
+    };
+    let syn = Frame::tcp((POD2, 40000), (VIP, 80), SYN);
+    check(
+        &syn,
+        &Frame {
+            dst: POD1,
+            dport: 8080,
+            ..syn.clone()
+        },
+    );
+    let synack = Frame::tcp((POD1, 8080), (POD2, 40000), SYN | ACK);
+    check(
+        &synack,
+        &Frame {
+            src: VIP,
+            sport: 80,
+            ..synack.clone()
+        },
+    );
+    // A NodePort reply from a pod to an outside client.
+    let syn = Frame::tcp((CLIENT, 40001), (NODE_IP, 30080), SYN);
+    let (v, _) = h.run(&syn.build()).expect("run");
+    assert_eq!(v, XDP_PASS);
+    let reply = Frame::tcp((POD1, 8080), (CLIENT, 40001), SYN | ACK).with_payload(b"hello");
+    check(
+        &reply,
+        &Frame {
+            src: NODE_IP,
+            sport: 30080,
+            ..reply.clone()
+        },
+    );
+    let q = Frame::udp((POD2, 33333), (VIP, 53), b"query");
+    check(
+        &q,
+        &Frame {
+            dst: POD1,
+            dport: 5353,
+            ..q.clone()
+        },
+    );
+    let q0 = Frame {
+        udp_no_checksum: true,
+        ..Frame::udp((POD2, 33334), (VIP, 53), b"q")
+    };
+    check(
+        &q0,
+        &Frame {
+            dst: POD1,
+            dport: 5353,
+            ..q0.clone()
+        },
+    );
+}
