@@ -47,7 +47,9 @@ enum Cmd {
     },
     /// Build everything and run every test (the README's test command; needs root).
     Test,
-    /// Measure programming time, endpoint-change latency and per-packet cost (needs root).
+    /// Compare lb-agent with kube-proxy's iptables and nftables modes and with no service
+    /// translation, on the lab: programming time, new connections, requests, throughput,
+    /// memory; plus lb-agent's endpoint-change latency and per-packet cost (needs root).
     Bench {
         /// Numbers of Services to measure at (4 endpoints each).
         #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
@@ -58,7 +60,13 @@ enum Cmd {
         /// Frames per per-packet measurement.
         #[arg(long, default_value_t = 20000)]
         packets: usize,
-        /// Where results.md and results.json go.
+        /// How long each wrk and iperf3 run lasts (e.g. 5s, 500ms).
+        #[arg(long, default_value = "2s", value_parser = bench::parse_duration)]
+        duration: std::time::Duration,
+        /// wrk's open connections.
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// Where results.md, results.json and results.png go.
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
     },
@@ -169,6 +177,8 @@ fn main() -> Result<()> {
             services,
             changes,
             packets,
+            duration,
+            connections,
             out,
         } => {
             // What is measured includes this process's own work (translation, map writes):
@@ -177,6 +187,8 @@ fn main() -> Result<()> {
                 let list: Vec<String> = services.iter().map(usize::to_string).collect();
                 let out = out.to_string_lossy().into_owned();
                 let (changes, packets) = (changes.to_string(), packets.to_string());
+                let duration = format!("{}ms", duration.as_millis());
+                let connections = connections.to_string();
                 return cargo(&[
                     "run",
                     "--release",
@@ -191,6 +203,10 @@ fn main() -> Result<()> {
                     &changes,
                     "--packets",
                     &packets,
+                    "--duration",
+                    &duration,
+                    "--connections",
+                    &connections,
                     "--out",
                     &out,
                 ]);
@@ -199,6 +215,8 @@ fn main() -> Result<()> {
                 services,
                 changes,
                 packets,
+                duration,
+                connections,
                 out_dir: out,
             })
         }
