@@ -74,20 +74,12 @@ fn probability(n: usize) -> String {
     format!("{:.10}", 1.0 / n as f64)
 }
 
-/// The jumps from the base chains into kube-proxy's chains, which kube-proxy makes once at
-/// start (not part of each sync); load with `iptables-restore --noflush`.
+/// The jumps from the base chains into kube-proxy's chains, which kube-proxy makes apart
+/// from its syncs; load with `iptables-restore --noflush` after the rules (which declare the
+/// chains they jump to).
 pub fn iptables_jumps() -> String {
     let mut t = String::new();
     t.push_str("*filter\n");
-    for c in [
-        "KUBE-PROXY-FIREWALL",
-        "KUBE-NODEPORTS",
-        "KUBE-EXTERNAL-SERVICES",
-        "KUBE-FORWARD",
-        "KUBE-SERVICES",
-    ] {
-        let _ = writeln!(t, ":{c} - [0:0]");
-    }
     let portals = "-m comment --comment \"kubernetes service portals\"";
     let ext = "-m comment --comment \"kubernetes externally-visible service portals\"";
     let fw = "-m comment --comment \"kubernetes load balancer firewall\"";
@@ -106,7 +98,7 @@ pub fn iptables_jumps() -> String {
         t.push_str(&line);
         t.push('\n');
     }
-    t.push_str("COMMIT\n*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n");
+    t.push_str("COMMIT\n*nat\n");
     let _ = writeln!(t, "-A PREROUTING {portals} -j KUBE-SERVICES");
     let _ = writeln!(t, "-A OUTPUT {portals} -j KUBE-SERVICES");
     t.push_str("-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n");
@@ -530,10 +522,10 @@ mod tests {
         let rules = iptables_rules(&s, &node());
         ns.feed(&["iptables-restore", "--test", "--noflush"], &rules)
             .expect("iptables-restore --test");
-        ns.feed(&["iptables-restore", "--noflush"], &iptables_jumps())
-            .expect("jumps");
         ns.feed(&["iptables-restore", "--noflush"], &rules)
             .expect("iptables-restore");
+        ns.feed(&["iptables-restore", "--noflush"], &iptables_jumps())
+            .expect("jumps");
         let saved = ns
             .feed(&["iptables-save", "-t", "nat"], "")
             .expect("iptables-save");
@@ -614,9 +606,16 @@ mod tests {
             let b = crate::bench::lab::BenchLab::up().expect("lab");
             let set = crate::bench::lab::service_set(30, &b.endpoints());
             if iptables {
-                b.load_iptables(&set).expect("iptables-restore");
+                let (synced, _) = b
+                    .load_iptables(&set, std::time::Duration::from_secs(60))
+                    .expect("iptables-restore");
+                assert!(
+                    synced.is_some(),
+                    "iptables-restore --noflush took over a minute"
+                );
             } else {
-                b.load_nft(&set).expect("nft -f");
+                b.load_nft(&set, std::time::Duration::from_secs(60))
+                    .expect("nft -f");
             }
             let t = b
                 .targets(crate::bench::lab::Datapath::Iptables, &set)

@@ -209,52 +209,92 @@ impl BenchLab {
     }
 
     /// Writes `text` to the lab's folder and runs `cmd` with it as standard input in the
-    /// node namespace; returns how long `cmd` took.
-    fn load(&self, file: &str, text: &str, cmd: &[&str]) -> Result<Duration> {
+    /// node namespace; returns how long `cmd` took, or `None` when it did not finish within
+    /// `timeout` (it is killed then).
+    fn load(
+        &self,
+        file: &str,
+        text: &str,
+        cmd: &[&str],
+        timeout: Duration,
+    ) -> Result<Option<Duration>> {
         let path = self.lab.dir.join(file);
         fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        let err = self.lab.dir.join(format!("{file}.err"));
         let started = Instant::now();
-        let out = Command::new("ip")
+        let mut child = Command::new("ip")
             .args(["netns", "exec", &self.lab.node_ns])
             .args(cmd)
             .stdin(fs::File::open(&path)?)
-            .output()
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&err)?)
+            .spawn()
             .with_context(|| format!("running {}", cmd[0]))?;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if started.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
         let took = started.elapsed();
-        if !out.status.success() {
+        if !status.success() {
             bail!(
-                "`{}` < {} failed ({}): {}",
+                "`{}` < {} failed ({status}): {}",
                 cmd.join(" "),
                 path.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
+                fs::read_to_string(&err).unwrap_or_default().trim()
             );
         }
-        Ok(took)
+        Ok(Some(took))
     }
 
-    /// kube-proxy's iptables mode: the jumps, then one full sync with `iptables-restore`
-    /// (timed, as kube-proxy runs it: `--noflush`).
-    pub fn load_iptables(&self, set: &[Svc]) -> Result<Duration> {
+    /// kube-proxy's iptables mode: one full sync as kube-proxy runs it,
+    /// `iptables-restore --noflush` (timed; given up after `timeout`), then the jumps from the
+    /// base chains. When the sync does not finish in time, the same rules are loaded with a
+    /// plain `iptables-restore` (which replaces the tables whole) so that traffic can still
+    /// be measured; that time is returned second.
+    pub fn load_iptables(
+        &self,
+        set: &[Svc],
+        timeout: Duration,
+    ) -> Result<(Option<Duration>, Option<Duration>)> {
+        let rules = kube_proxy::iptables_rules(set, &self.node());
+        let noflush = ["iptables-restore", "--noflush"];
+        let synced = self.load("iptables-rules", &rules, &noflush, timeout)?;
+        let mut plain = None;
+        if synced.is_none() {
+            plain = self.load(
+                "iptables-rules",
+                &rules,
+                &["iptables-restore"],
+                Duration::from_secs(600),
+            )?;
+            plain.context("plain iptables-restore did not finish in 10 minutes")?;
+        }
         self.load(
             "iptables-jumps",
             &kube_proxy::iptables_jumps(),
-            &["iptables-restore", "--noflush"],
-        )?;
-        self.load(
-            "iptables-rules",
-            &kube_proxy::iptables_rules(set, &self.node()),
-            &["iptables-restore", "--noflush"],
-        )
+            &noflush,
+            Duration::from_secs(60),
+        )?
+        .context("loading the jumps did not finish in a minute")?;
+        Ok((synced, plain))
     }
 
     /// kube-proxy's nftables mode: one full sync with `nft -f` (timed).
-    pub fn load_nft(&self, set: &[Svc]) -> Result<Duration> {
+    pub fn load_nft(&self, set: &[Svc], timeout: Duration) -> Result<Duration> {
         self.load(
             "nft-rules",
             &kube_proxy::nft_rules(set, &self.node()),
             &["nft", "-f", "-"],
-        )
+            timeout,
+        )?
+        .with_context(|| format!("nft -f did not finish within {timeout:?}"))
     }
 
     /// lb-agent with the Services as manifests; returns the time from start to healthy

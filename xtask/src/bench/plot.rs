@@ -83,26 +83,12 @@ fn panel(
         let mut chart = b
             .build_cartesian_2d(x_range, (lo..y_max * 3.0).log_scale())
             .map_err(|e| anyhow!("{e}"))?;
-        chart
-            .configure_mesh()
-            .x_desc("Services (4 endpoints each)")
-            .y_desc(y_desc)
-            .label_style(("sans-serif", 15))
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
-        draw_lines(&mut chart, &all)
+        draw_lines(&mut chart, &all, y_desc)
     } else {
         let mut chart = b
             .build_cartesian_2d(x_range, 0f64..y_max * 1.15)
             .map_err(|e| anyhow!("{e}"))?;
-        chart
-            .configure_mesh()
-            .x_desc("Services (4 endpoints each)")
-            .y_desc(y_desc)
-            .label_style(("sans-serif", 15))
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
-        draw_lines(&mut chart, &all)
+        draw_lines(&mut chart, &all, y_desc)
     }
 }
 
@@ -111,10 +97,20 @@ type Series = (Datapath, Vec<(f64, f64)>);
 fn draw_lines<'a, Y>(
     chart: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<LogCoord<f64>, Y>>,
     all: &[Series],
+    y_desc: &str,
 ) -> Result<()>
 where
-    Y: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64> + plotters::coord::ranged1d::ValueFormatter<f64>,
 {
+    chart
+        .configure_mesh()
+        .x_desc("Services (4 endpoints each)")
+        .y_desc(y_desc)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y}"))
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
     for (dp, s) in all {
         let c = color(*dp);
         chart

@@ -158,7 +158,7 @@ pub fn wrk(r: &WrkRun) -> Result<Wrk> {
         args.extend(["-H", "Connection: close"]);
     }
     args.push(&url);
-    let out = output(&args)?;
+    let out = lb_tests::lab::run(&args)?;
     parse_wrk(&out).with_context(|| format!("wrk against {url}"))
 }
 
@@ -204,23 +204,6 @@ pub fn iperf3(ns: &str, to: SocketAddrV4, duration: Duration) -> Result<Iperf> {
         .output()
         .context("running iperf3")?;
     parse_iperf3(&String::from_utf8_lossy(&out.stdout)).with_context(|| format!("iperf3 to {to}"))
-}
-
-/// Runs a command; its stdout, or an error with its stderr.
-fn output(args: &[&str]) -> Result<String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("running {}", args[0]))?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]
