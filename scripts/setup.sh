@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the project needs on a Debian 12 machine, idempotently:
 #   - Debian packages: the BPF toolchain (Debian's Rust 1.96 with its library source, LLVM 22)
-#     and the lab's tools (iproute2, ethtool, curl, ncat, bpftool, ...);
+#     and the lab's and the bench's tools (iproute2, ethtool, curl, ncat, bpftool, wrk, iperf3,
+#     and a font for the bench's plot, ...);
 #   - bpf-linker 0.13 built against LLVM 22;
 #   - kubernetes-validate (PyPI), which CI uses to check the deploy/ manifests;
 #   - a BPF filesystem on /sys/fs/bpf.
@@ -12,6 +13,7 @@ set -euo pipefail
 PACKAGES=(
   rustc-web cargo-web rust-web-src llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
   iproute2 ethtool curl ncat bpftool tcpdump util-linux procps iptables nftables iperf3 wrk
+  fonts-dejavu-core
 )
 BPF_LINKER_VERSION=0.13.0
 KUBERNETES_VALIDATE_VERSION=1.37.0

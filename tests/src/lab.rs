@@ -296,6 +296,11 @@ impl Lab {
         r.with_context(|| format!("agent not healthy; log:\n{}", self.agent_log()))
     }
 
+    /// The running agent's process id (`nsenter` execs it, so it is the child's).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
     /// The current (or last) agent run's log.
     pub fn agent_log(&self) -> String {
         fs::read_to_string(self.dir.join(format!("agent-{}.log", self.agent_runs)))

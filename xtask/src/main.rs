@@ -68,10 +68,12 @@ enum Cmd {
     },
     /// Build everything and run every test (the README's test command; needs root).
     Test,
-    /// Measure programming time, endpoint-change latency and per-packet cost (needs root).
+    /// Compare lb-agent with kube-proxy's iptables and nftables modes and with no service
+    /// translation, on the lab: programming time, new connections, requests, throughput,
+    /// memory; plus lb-agent's endpoint-change latency and per-packet cost (needs root).
     Bench {
         /// Numbers of Services to measure at (4 endpoints each).
-        #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
+        #[arg(long, value_delimiter = ',', default_value = "1,1000")]
         services: Vec<usize>,
         /// Endpoint changes per size.
         #[arg(long, default_value_t = 200)]
@@ -79,7 +81,16 @@ enum Cmd {
         /// Frames per per-packet measurement.
         #[arg(long, default_value_t = 20000)]
         packets: usize,
-        /// Where results.md and results.json go.
+        /// How long each wrk and iperf3 run lasts (e.g. 5s, 500ms).
+        #[arg(long, default_value = "2s", value_parser = bench::parse_duration)]
+        duration: std::time::Duration,
+        /// wrk's open connections.
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// How long loading kube-proxy's ruleset (iptables-restore, nft -f) may take.
+        #[arg(long, default_value = "120s", value_parser = bench::parse_duration)]
+        restore_timeout: std::time::Duration,
+        /// Where results.md, results.json and results.png go.
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
     },
@@ -205,14 +216,22 @@ fn main() -> Result<()> {
             services,
             changes,
             packets,
+            duration,
+            connections,
+            restore_timeout,
             out,
         } => {
             // What is measured includes this process's own work (translation, map writes):
             // measure an optimised build, not the debug one `cargo xtask` runs.
             if cfg!(debug_assertions) {
+                // The lab runs lb-agent and lab-server from the same profile.
+                cargo(&["build", "--release", "--bins"])?;
                 let list: Vec<String> = services.iter().map(usize::to_string).collect();
                 let out = out.to_string_lossy().into_owned();
                 let (changes, packets) = (changes.to_string(), packets.to_string());
+                let duration = format!("{}ms", duration.as_millis());
+                let connections = connections.to_string();
+                let restore_timeout = format!("{}ms", restore_timeout.as_millis());
                 return cargo(&[
                     "run",
                     "--release",
@@ -227,6 +246,12 @@ fn main() -> Result<()> {
                     &changes,
                     "--packets",
                     &packets,
+                    "--duration",
+                    &duration,
+                    "--connections",
+                    &connections,
+                    "--restore-timeout",
+                    &restore_timeout,
                     "--out",
                     &out,
                 ]);
@@ -235,6 +260,9 @@ fn main() -> Result<()> {
                 services,
                 changes,
                 packets,
+                duration,
+                connections,
+                restore_timeout,
                 out_dir: out,
             })
         }

@@ -1,0 +1,168 @@
+//! What the agent costs, measured in this process against the real pinned maps and the real
+//! BPF program (not attached anywhere):
+//! * programming: Kubernetes objects → translation → the maps, from empty (the agent's full
+//!   sync: `sync::Engine::rebuild` and `Reconciler::apply`);
+//! * endpoint change: one EndpointSlice changes and goes the agent's incremental way: the
+//!   changed Service and its slices are picked out of all objects (as a source does), that
+//!   Service is translated again (`Engine::update`) and its frontends programmed
+//!   (`Reconciler::apply_partial`); p50 / p99 over many changes;
+//! * per packet: the XDP program on a new-flow SYN and on a conntrack hit, next to an XDP
+//!   program that does nothing, by BPF_PROG_TEST_RUN (the kernel's own timing, one frame
+//!   per run, many runs).
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    programs::{TestRun, TestRunOptions, Xdp},
+    EbpfLoader,
+};
+use lb_tests::PinDir;
+use lb_userspace::{
+    bpf::{Datapath, MapSizes, PinnedMaps, EBPF_OBJECT},
+    manifests::Objects,
+    packet::{Frame, ACK, SYN},
+    reconcile::Reconciler,
+    sync::Engine,
+    translate::{service_key_of_service, service_key_of_slice, NodeInfo, ServiceKey},
+};
+use serde_json::{json, Value};
+
+use super::{
+    services::{generate, objects, service_ip},
+    stats::percentile,
+};
+
+fn endpoint_ip(i: usize, e: usize) -> Ipv4Addr {
+    let n = i * 4 + e;
+    Ipv4Addr::new(10, 244 + (n >> 16) as u8, (n >> 8) as u8, n as u8)
+}
+
+/// `n` Services with 4 endpoints each, every endpoint its own address; in odd generations
+/// endpoint 0 of the last Service has another address (the endpoint change).
+fn objects_at(n: usize, generation: usize) -> Result<lb_userspace::manifests::Objects> {
+    let mut set = generate(n, 8080, endpoint_ip);
+    if generation % 2 == 1 {
+        if let Some(last) = set.last_mut() {
+            last.endpoints[0] = Ipv4Addr::new(10, 255, 0, 1);
+        }
+    }
+    objects(&set)
+}
+
+/// The named Services and their EndpointSlices, picked out of all objects by a scan, as the
+/// manifests source does.
+fn pick(all: &Objects, keys: &std::collections::BTreeSet<ServiceKey>) -> Objects {
+    Objects {
+        services: all
+            .services
+            .iter()
+            .filter(|s| keys.contains(&service_key_of_service(s)))
+            .cloned()
+            .collect(),
+        slices: all
+            .slices
+            .iter()
+            .filter(|s| service_key_of_slice(s).is_some_and(|k| keys.contains(&k)))
+            .cloned()
+            .collect(),
+        pods: Vec::new(),
+    }
+}
+
+/// Average kernel-measured time of one run of `prog` over `frames` (one frame per run).
+fn per_packet(prog: &Xdp, frames: &[Vec<u8>]) -> Result<f64> {
+    let mut total = Duration::ZERO;
+    let mut out = vec![0u8; 256];
+    for f in frames {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(f);
+        opts.data_out = Some(&mut out);
+        total += prog.test_run(opts).context("BPF_PROG_TEST_RUN")?.duration;
+    }
+    Ok(total.as_nanos() as f64 / frames.len().max(1) as f64)
+}
+
+/// The in-process measurements for `n` Services, as a results.json row.
+pub fn measure(n: usize, changes: usize, packets: usize) -> Result<Value> {
+    let node = NodeInfo {
+        name: lb_tests::lab::NODE_NAME.into(),
+        addresses: vec![Ipv4Addr::new(198, 18, 0, 2)],
+        zone: None,
+    };
+    let pin = PinDir::new("bench");
+    let mut datapath = Datapath::load(
+        pin.path(),
+        MapSizes {
+            conntrack: 262_144,
+            ..Default::default()
+        },
+    )?;
+    datapath.set_config(lb_common::config::MAGLEV_SIZE, lb_common::DEFAULT_MAGLEV_SIZE)?;
+    let mut reconciler = Reconciler::new(PinnedMaps::open(pin.path())?)?;
+    let base = objects_at(n, 0)?;
+    let mut engine = Engine::default();
+    let started = Instant::now();
+    engine.rebuild(&base, &node);
+    reconciler.apply(engine.desired())?;
+    let programming = started.elapsed();
+
+    let mut times = Vec::with_capacity(changes);
+    let variants = [objects_at(n, 1)?, base];
+    let changed: std::collections::BTreeSet<ServiceKey> = variants[0]
+        .services
+        .last()
+        .map(service_key_of_service)
+        .into_iter()
+        .collect();
+    for k in 0..changes {
+        let objs = &variants[k % 2];
+        let started = Instant::now();
+        let subset = pick(objs, &changed);
+        let (partial, _) = engine
+            .update(&subset, &node, &changed)
+            .context("an update without competing Services")?;
+        let stats = reconciler.apply_partial(engine.desired(), &partial)?;
+        times.push(started.elapsed());
+        if stats.writes == 0 {
+            bail!("an endpoint change wrote nothing");
+        }
+    }
+    times.sort();
+
+    // Per packet, towards the last Service created.
+    let vip = service_ip(n - 1);
+    let client = Ipv4Addr::new(198, 18, 1, 1);
+    let new_flows: Vec<Vec<u8>> = (0..packets)
+        .map(|i| Frame::tcp((client, 1024 + (i % 60_000) as u16), (vip, 80), SYN).build())
+        .collect();
+    let hit = Frame::tcp((client, 65_000), (vip, 80), SYN).build();
+    let prog = datapath.xdp();
+    per_packet(prog, std::slice::from_ref(&hit))?; // opens the flow
+    let hits: Vec<Vec<u8>> = (0..packets)
+        .map(|_| Frame::tcp((client, 65_000), (vip, 80), ACK).build())
+        .collect();
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin.path())
+        .load(EBPF_OBJECT)?;
+    let pass: &mut Xdp = ebpf
+        .program_mut("lb_xdp_pass")
+        .context("lb_xdp_pass missing")?
+        .try_into()?;
+    pass.load()?;
+    let empty_ns = per_packet(pass, &hits)?;
+    let hit_ns = per_packet(prog, &hits)?;
+    let new_ns = per_packet(prog, &new_flows)?;
+    Ok(json!({
+        "services": n,
+        "programming_ms": programming.as_secs_f64() * 1000.0,
+        "endpoint_change_p50_ms": percentile(&times, 0.5).as_secs_f64() * 1000.0,
+        "endpoint_change_p99_ms": percentile(&times, 0.99).as_secs_f64() * 1000.0,
+        "empty_program_ns": empty_ns,
+        "conntrack_hit_ns": hit_ns,
+        "new_flow_ns": new_ns,
+    }))
+}
