@@ -7,6 +7,10 @@
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream, UdpSocket},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     thread,
     time::Duration,
 };
@@ -67,8 +71,35 @@ fn main() {
             }
         }
     });
-    for sock in tcp.incoming().flatten() {
-        let name = name.clone();
-        thread::spawn(move || serve_http(sock, &name));
+    // A pool of workers, each accepting and serving one connection at a time: no thread is
+    // started per connection, so a connection costs the server little more than the
+    // kernel's work and benchmarks see the datapath's cost rather than the server's. When
+    // the last idle worker takes a connection it starts another, so one always accepts (the
+    // pool grows to the most connections ever open at once).
+    let listener = Arc::new(tcp);
+    let idle = Arc::new(AtomicUsize::new(0));
+    for _ in 0..WORKERS {
+        spawn_worker(&listener, &name, &idle);
     }
+    loop {
+        thread::park();
+    }
+}
+
+/// Workers started up front.
+const WORKERS: usize = 8;
+
+fn spawn_worker(listener: &Arc<TcpListener>, name: &str, idle: &Arc<AtomicUsize>) {
+    idle.fetch_add(1, Ordering::SeqCst);
+    let (listener, name, idle) = (listener.clone(), name.to_string(), idle.clone());
+    thread::spawn(move || loop {
+        let Ok((sock, _)) = listener.accept() else {
+            continue;
+        };
+        if idle.fetch_sub(1, Ordering::SeqCst) == 1 {
+            spawn_worker(&listener, &name, &idle);
+        }
+        serve_http(sock, &name);
+        idle.fetch_add(1, Ordering::SeqCst);
+    });
 }
