@@ -93,6 +93,10 @@ enum Cmd {
         /// Where results.md, results.json and results.png go.
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
+        /// Only the in-process measurements (programming, endpoint change, per packet): no
+        /// lab, no kube-proxy.
+        #[arg(long)]
+        in_process_only: bool,
     },
 }
 
@@ -220,6 +224,7 @@ fn main() -> Result<()> {
             connections,
             restore_timeout,
             out,
+            in_process_only,
         } => {
             // What is measured includes this process's own work (translation, map writes):
             // measure an optimised build, not the debug one `cargo xtask` runs.
@@ -227,12 +232,13 @@ fn main() -> Result<()> {
                 // The lab runs lb-agent and lab-server from the same profile.
                 cargo(&["build", "--release", "--bins"])?;
                 let list: Vec<String> = services.iter().map(usize::to_string).collect();
+                let list = list.join(",");
                 let out = out.to_string_lossy().into_owned();
                 let (changes, packets) = (changes.to_string(), packets.to_string());
                 let duration = format!("{}ms", duration.as_millis());
                 let connections = connections.to_string();
                 let restore_timeout = format!("{}ms", restore_timeout.as_millis());
-                return cargo(&[
+                let mut args = vec![
                     "run",
                     "--release",
                     "--quiet",
@@ -241,7 +247,7 @@ fn main() -> Result<()> {
                     "--",
                     "bench",
                     "--services",
-                    &list.join(","),
+                    &list,
                     "--changes",
                     &changes,
                     "--packets",
@@ -254,7 +260,11 @@ fn main() -> Result<()> {
                     &restore_timeout,
                     "--out",
                     &out,
-                ]);
+                ];
+                if in_process_only {
+                    args.push("--in-process-only");
+                }
+                return cargo(&args);
             }
             bench::run(&bench::Options {
                 services,
@@ -264,6 +274,7 @@ fn main() -> Result<()> {
                 connections,
                 restore_timeout,
                 out_dir: out,
+                in_process_only,
             })
         }
         Cmd::Test => {

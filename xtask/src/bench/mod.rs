@@ -46,6 +46,8 @@ pub struct Options {
     /// How long `iptables-restore --noflush` and `nft -f` may take.
     pub restore_timeout: Duration,
     pub out_dir: PathBuf,
+    /// Only the in-process measurements (programming, endpoint change, per packet).
+    pub in_process_only: bool,
 }
 
 /// A duration as `5s`, `500ms` or plain seconds (`5`).
@@ -82,7 +84,12 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         let mut row = micro::measure(n, opts.changes, opts.packets)?;
         let mut datapaths = Map::new();
-        for dp in Datapath::ALL {
+        let lab = if opts.in_process_only {
+            &[][..]
+        } else {
+            &Datapath::ALL[..]
+        };
+        for &dp in lab {
             eprintln!("{n} services: {}", dp.title());
             let mut v = measure_datapath(dp, n, opts)
                 .unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
@@ -382,6 +389,7 @@ mod tests {
             connections: 4,
             restore_timeout: Duration::from_secs(60),
             out_dir: out.clone(),
+            in_process_only: false,
         })
         .expect("bench");
         let v: serde_json::Value =
