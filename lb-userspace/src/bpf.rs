@@ -506,20 +506,20 @@ pub(crate) fn open_map(pin: &Path, name: &str) -> Result<MapData> {
     })
 }
 
-/// `LB_MAGLEV` mapped into the agent's memory (the map is `BPF_F_MMAPABLE`): a whole table is
-/// compared and rewritten at memory speed instead of one syscall per entry. The kernel lays
-/// array elements out 8 bytes apart (values are rounded up to 8), so entry i is the u32 at
-/// byte 8·i.
+/// `LB_MAGLEV`, written through a memory mapping (the map is `BPF_F_MMAPABLE`): a table is
+/// compared and rewritten at memory speed instead of one syscall per entry. Only the pages of
+/// the table being written are mapped, and only while it is written, so the agent's memory
+/// does not include the whole array. The kernel lays array elements out 8 bytes apart (values
+/// are rounded up to 8), so entry i is the u32 at byte 8·i.
 struct MaglevMap {
-    ptr: *mut u64,
+    map: MapData,
     entries: usize,
-    bytes: usize,
     /// Entries of one table (`LB_CONFIG[MAGLEV_SIZE]`); 0 when the datapath has none.
     size: u32,
 }
 
-// SAFETY: the mapping is owned by this value alone and only accessed through `&mut self`.
-unsafe impl Send for MaglevMap {}
+/// Bytes between array elements.
+const MAGLEV_STRIDE: usize = 8;
 
 impl MaglevMap {
     fn open(pin: &Path) -> Result<Self> {
@@ -528,27 +528,7 @@ impl MaglevMap {
         let config: aya::maps::Array<MapData, u32> =
             aya::maps::Array::try_from(Map::Array(open_map(pin, map_names::CONFIG)?))?;
         let size = config.get(&lb_common::config::MAGLEV_SIZE, 0).unwrap_or(0);
-        let bytes = (entries * 8).next_multiple_of(4096).max(4096);
-        // SAFETY: a shared mapping of the map's fd, of the map's size; checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                std::os::fd::AsRawFd::as_raw_fd(&map.fd().as_fd()),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            bail!("mapping LB_MAGLEV: {}", std::io::Error::last_os_error());
-        }
-        Ok(MaglevMap {
-            ptr: ptr.cast(),
-            entries,
-            bytes,
-            size,
-        })
+        Ok(MaglevMap { map, entries, size })
     }
 
     fn tables(&self) -> u32 {
@@ -560,35 +540,56 @@ impl MaglevMap {
     }
 
     fn write(&mut self, index: u32, content: &[u32]) -> Result<usize, MapError> {
-        let start = index as usize * self.size as usize;
+        let fail = |reason: String| MapError {
+            map: map_names::MAGLEV,
+            op: "update",
+            reason,
+        };
         if index >= self.tables() || content.len() != self.size as usize {
-            return Err(MapError {
-                map: map_names::MAGLEV,
-                op: "update",
-                reason: format!("table {index} of {} entries does not fit", content.len()),
-            });
+            return Err(fail(format!(
+                "table {index} of {} entries does not fit",
+                content.len()
+            )));
+        }
+        let page = 4096;
+        let start = index as usize * self.size as usize * MAGLEV_STRIDE;
+        let end = start + content.len() * MAGLEV_STRIDE;
+        let offset = start - start % page;
+        let len = (end - offset).next_multiple_of(page);
+        // SAFETY: a shared mapping of whole pages of the map (offset page-aligned, within the
+        // array: end <= entries · 8 by the check above); unmapped below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&self.map.fd().as_fd()),
+                offset as libc::off_t,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(fail(format!("mmap: {}", std::io::Error::last_os_error())));
         }
         let mut changed = 0;
         for (i, v) in content.iter().enumerate() {
-            // SAFETY: start + i < entries (checked above): an element within the mapping, whose
-            // first 4 bytes are the value (little-endian, as the BPF target).
-            let slot = unsafe { self.ptr.add(start + i).cast::<u32>() };
-            // SAFETY: as above; aligned 4-byte accesses, so a packet sees the old or the new id.
+            // SAFETY: start - offset + 8·i + 4 <= len: within the mapping; the element's first
+            // 4 bytes are the value (little-endian, as the BPF target); aligned 4-byte
+            // accesses, so a packet sees the old or the new id.
             unsafe {
+                let slot = base
+                    .cast::<u8>()
+                    .add(start - offset + i * MAGLEV_STRIDE)
+                    .cast::<u32>();
                 if std::ptr::read_volatile(slot) != *v {
                     std::ptr::write_volatile(slot, *v);
                     changed += 1;
                 }
             }
         }
+        // SAFETY: the mapping made above, unmapped once.
+        unsafe { libc::munmap(base, len) };
         Ok(changed)
-    }
-}
-
-impl Drop for MaglevMap {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `open`, unmapped once.
-        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
     }
 }
 

@@ -1052,4 +1052,69 @@ mod tests {
         assert!(rows[0].backends.is_empty());
         assert_eq!(rows[0].no_backend, "reject");
     }
+
+    #[test]
+    fn external_frontends_of_a_service_port_share_one_maglev_table() {
+        let maps = MemMaps {
+            maglev_size: 13,
+            maglev_tables: 2,
+            ..Default::default()
+        };
+        let mut r = Reconciler::new(maps).expect("reconciler");
+        let b1 = addr([10, 244, 0, 1], 8080);
+        let b2 = addr([10, 244, 0, 2], 8080);
+        let np = addr([198, 18, 0, 2], 30080);
+        let lb = addr([203, 0, 113, 20], 80);
+        let cip = addr([10, 96, 0, 1], 80);
+        let mut d = desired(&[(np, &[b1, b2]), (lb, &[b1, b2]), (cip, &[b1, b2])]);
+        d.frontends.get_mut(&np).expect("np").kind = FrontendKind::NodePort;
+        d.frontends.get_mut(&lb).expect("lb").kind = FrontendKind::LoadBalancer;
+        r.apply(&d).expect("apply");
+        let get = |r: &Reconciler<MemMaps>, a: &L4Addr| {
+            r.maps().services[&(&frontend_key(a, SCOPE_ALL)).into()].maglev
+        };
+        let (np_table, lb_table) = (get(&r, &np), get(&r, &lb));
+        assert_eq!(np_table, lb_table, "one table for the Service port");
+        assert_ne!(np_table, 0);
+        assert_eq!(get(&r, &cip), 0, "ClusterIPs choose at random");
+        let table = &r.maps().maglev[&(np_table - 1)];
+        assert_eq!(table.len(), 13);
+        let ids: BTreeSet<u32> = table.iter().copied().collect();
+        assert_eq!(ids.len(), 2, "both backends own entries: {table:?}");
+
+        // One backend goes: the table is rewritten in place, entries of the other stay.
+        let mut d2 = desired(&[(np, &[b2]), (lb, &[b2]), (cip, &[b2])]);
+        d2.frontends.get_mut(&np).expect("np").kind = FrontendKind::NodePort;
+        d2.frontends.get_mut(&lb).expect("lb").kind = FrontendKind::LoadBalancer;
+        r.apply(&d2).expect("apply");
+        let idx = get(&r, &np);
+        assert_eq!(idx, np_table, "rewritten in place");
+        let remaining: BTreeSet<u32> = r.maps().maglev[&(idx - 1)].iter().copied().collect();
+        assert_eq!(remaining.len(), 1);
+        assert!(r
+            .maps()
+            .backends
+            .contains_key(remaining.iter().next().expect("one")));
+
+        // Three Service ports with external frontends do not fit two tables: refused whole.
+        let other = |i: u8| {
+            let s = ServicePortName {
+                namespace: "default".into(),
+                name: format!("s{i}"),
+                port: String::new(),
+            };
+            (addr([198, 18, 0, 2], 30000 + i as u16), s)
+        };
+        let mut d3 = d2.clone();
+        for i in 1..=2 {
+            let (fe, name) = other(i);
+            let mut st = d3.frontends[&np].clone();
+            st.service = name;
+            d3.frontends.insert(fe, st);
+        }
+        let before = r.maps().clone();
+        let err = r.apply(&d3).expect_err("no room for a third table");
+        assert_eq!(err.op, "capacity", "{err}");
+        assert_eq!(r.maps().log, before.log, "nothing written");
+    }
 }

@@ -101,7 +101,10 @@ pub fn measure(n: usize, changes: usize, packets: usize) -> Result<Value> {
             ..Default::default()
         },
     )?;
-    datapath.set_config(lb_common::config::MAGLEV_SIZE, lb_common::DEFAULT_MAGLEV_SIZE)?;
+    datapath.set_config(
+        lb_common::config::MAGLEV_SIZE,
+        lb_common::DEFAULT_MAGLEV_SIZE,
+    )?;
     let mut reconciler = Reconciler::new(PinnedMaps::open(pin.path())?)?;
     let base = objects_at(n, 0)?;
     let mut engine = Engine::default();
