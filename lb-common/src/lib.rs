@@ -333,6 +333,9 @@ pub mod config {
     /// only sockets of that namespace (the node's own processes; pods go through the veth).
     pub const NETNS_COOKIE_LO: u32 = 5;
     pub const NETNS_COOKIE_HI: u32 = 6;
+    /// No backend id above this was ever used since the maps were created, so their
+    /// counters (`LB_BE_STATS`) are still zero and need no reset when an id is handed out.
+    pub const BACKEND_ID_WATERMARK: u32 = 7;
     pub const COUNT: u32 = 8;
 }
 

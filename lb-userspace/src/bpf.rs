@@ -602,12 +602,14 @@ pub struct PinnedMaps {
     backend_stats: PerCpuArray<MapData, BackendStats>,
     maglev: MaglevMap,
     ranges: LpmTrie<MapData, SourceRangeV4, u8>,
+    config: aya::maps::Array<MapData, u32>,
 }
 
 impl PinnedMaps {
     pub fn open(pin: &Path) -> Result<Self> {
         Ok(PinnedMaps {
             maglev: MaglevMap::open(pin)?,
+            config: aya::maps::Array::try_from(Map::Array(open_map(pin, map_names::CONFIG)?))?,
             ranges: LpmTrie::try_from(Map::LpmTrie(open_map(pin, map_names::SOURCE_RANGES_V4)?))?,
             services: HashMap::try_from(Map::HashMap(open_map(pin, map_names::SERVICES_V4)?))?,
             slots: HashMap::try_from(Map::HashMap(open_map(pin, map_names::BACKEND_SLOTS)?))?,
@@ -714,6 +716,16 @@ impl ServiceMaps for PinnedMaps {
     }
     fn maglev_geometry(&self) -> (u32, u32) {
         (self.maglev.size, self.maglev.tables())
+    }
+    fn backend_id_watermark(&self) -> Result<u32, MapError> {
+        self.config
+            .get(&lb_common::config::BACKEND_ID_WATERMARK, 0)
+            .map_err(err(map_names::CONFIG, "lookup"))
+    }
+    fn set_backend_id_watermark(&mut self, id: u32) -> Result<(), MapError> {
+        self.config
+            .set(lb_common::config::BACKEND_ID_WATERMARK, id, 0)
+            .map_err(err(map_names::CONFIG, "update"))
     }
     fn set_maglev_table(&mut self, index: u32, content: &[u32]) -> Result<usize, MapError> {
         self.maglev.write(index, content)

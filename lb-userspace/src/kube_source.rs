@@ -33,7 +33,7 @@ use crate::{
     manifests::Objects,
     sync::Dirty,
     translate::{
-        service_key_of_service, service_key_of_slice, ServiceKey, LABEL_HEADLESS,
+        named_in, service_key_of_service, service_key_of_slice, ServiceKey, LABEL_HEADLESS,
         LABEL_SERVICE_PROXY_NAME,
     },
 };
@@ -221,14 +221,7 @@ impl KubeSource {
             .slices
             .state()
             .iter()
-            .filter(|s| {
-                let ns = s.metadata.namespace.as_deref().unwrap_or("default");
-                s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(crate::translate::LABEL_SERVICE_NAME))
-                    .is_some_and(|svc| wanted.contains(&(ns, svc.as_str())))
-            })
+            .filter(|s| named_in(&s.metadata, true, &wanted))
             .map(|s| (**s).clone())
             .collect();
         Objects {

@@ -3,13 +3,13 @@
 //! EndpointSlices and Pods. Other kinds are ignored.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     path::{Path, PathBuf},
 };
 
 use crate::{
     sync::Dirty,
-    translate::{service_key_of_service, service_key_of_slice, ServiceKey},
+    translate::{named_in, ServiceKey},
 };
 
 use k8s_openapi::api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice};
@@ -251,19 +251,21 @@ impl ManifestDir {
 
     /// The named Services, their EndpointSlices and every Pod.
     pub fn objects_for(&self, keys: &BTreeSet<ServiceKey>) -> Objects {
+        let wanted: HashSet<(&str, &str)> =
+            keys.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect();
         let mut out = Objects::default();
         for f in self.files.values() {
             let o = &f.objects;
             out.services.extend(
                 o.services
                     .iter()
-                    .filter(|s| keys.contains(&service_key_of_service(s)))
+                    .filter(|s| named_in(&s.metadata, false, &wanted))
                     .cloned(),
             );
             out.slices.extend(
                 o.slices
                     .iter()
-                    .filter(|s| service_key_of_slice(s).is_some_and(|k| keys.contains(&k)))
+                    .filter(|s| named_in(&s.metadata, true, &wanted))
                     .cloned(),
             );
             out.pods.extend(o.pods.iter().cloned());

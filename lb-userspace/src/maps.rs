@@ -36,6 +36,9 @@ pub trait ServiceMaps {
     fn delete_member(&mut self, key: &MemberKey) -> Result<(), MapError>;
     /// Zeroes the counters of a backend id about to be (re)used.
     fn reset_backend_stats(&mut self, id: u32) -> Result<(), MapError>;
+    /// Backend ids above this were never used (`LB_CONFIG[BACKEND_ID_WATERMARK]`).
+    fn backend_id_watermark(&self) -> Result<u32, MapError>;
+    fn set_backend_id_watermark(&mut self, id: u32) -> Result<(), MapError>;
     /// `LB_MAGLEV`: (entries of one table, number of tables).
     fn maglev_geometry(&self) -> (u32, u32);
     /// Makes Maglev table `index` hold `content` (one table's entries); returns how many
@@ -56,6 +59,7 @@ pub struct MemMaps {
     pub members: BTreeMap<(u32, u32), u32>,
     /// Backend ids whose counters were reset (kept out of `log`).
     pub stats_reset: Vec<u32>,
+    pub watermark: u32,
     /// Maglev tables by index; `maglev_size` 0 means no Maglev tables.
     pub maglev: BTreeMap<u32, Vec<u32>>,
     pub maglev_size: u32,
@@ -184,6 +188,13 @@ impl ServiceMaps for MemMaps {
     }
     fn reset_backend_stats(&mut self, id: u32) -> Result<(), MapError> {
         self.stats_reset.push(id);
+        Ok(())
+    }
+    fn backend_id_watermark(&self) -> Result<u32, MapError> {
+        Ok(self.watermark)
+    }
+    fn set_backend_id_watermark(&mut self, id: u32) -> Result<(), MapError> {
+        self.watermark = id;
         Ok(())
     }
     fn maglev_geometry(&self) -> (u32, u32) {

@@ -65,7 +65,15 @@ pub struct Reconciler<M: ServiceMaps> {
     serving: HashSet<u32>,
     /// Programmed slots, over all entries.
     slot_total: usize,
+    /// Backend ids above this were never used: their counters need no reset.
+    used_high: u32,
+    /// The watermark persisted in the maps: ahead of every id used, moved in steps before
+    /// an id above it is used, so that a crash never leaves a used id above it.
+    watermark: u32,
 }
+
+/// How far the persisted backend id watermark moves ahead of the ids in use.
+const WATERMARK_STEP: u32 = 1024;
 
 /// What a partial `apply` looks at: the frontends (both scopes) and serving endpoints of the
 /// Services that changed. Everything else is known to be programmed already.
@@ -207,6 +215,9 @@ impl<M: ServiceMaps> Reconciler<M> {
             }
         }
         let slot_total = services.values().map(|p| p.slots.len()).sum();
+        let watermark = maps
+            .backend_id_watermark()?
+            .max(backends.keys().max().copied().unwrap_or(0));
         let mut ranges: BTreeMap<u32, BTreeSet<(Ipv4Addr, u8)>> = BTreeMap::new();
         for (svc_id, net, len) in maps.source_ranges()? {
             ranges.entry(svc_id).or_default().insert((net, len));
@@ -224,6 +235,8 @@ impl<M: ServiceMaps> Reconciler<M> {
             // Unknown until the first apply, which is a full one: nothing is removed before.
             serving: HashSet::new(),
             slot_total,
+            used_high: watermark,
+            watermark,
         })
     }
 
@@ -278,7 +291,15 @@ impl<M: ServiceMaps> Reconciler<M> {
             Some(id) => *id,
             None => {
                 let id = self.alloc_backend_id();
-                self.maps.reset_backend_stats(id)?;
+                if id <= self.used_high {
+                    self.maps.reset_backend_stats(id)?;
+                } else if id > self.watermark {
+                    // Fresh since the maps were made (counters still zero): recorded first.
+                    let mark = id.saturating_add(WATERMARK_STEP).min(MAX_BACKEND_IDS);
+                    self.maps.set_backend_id_watermark(mark)?;
+                    self.watermark = mark;
+                }
+                self.used_high = self.used_high.max(id);
                 self.ids.insert(ident, id);
                 id
             }
@@ -1116,5 +1137,25 @@ mod tests {
         let err = r.apply(&d3).expect_err("no room for a third table");
         assert_eq!(err.op, "capacity", "{err}");
         assert_eq!(r.maps().log, before.log, "nothing written");
+    }
+
+    #[test]
+    fn counters_of_never_used_backend_ids_are_not_reset() {
+        let b = [addr([10, 244, 0, 1], 80), addr([10, 244, 0, 2], 80)];
+        let fe = addr([10, 96, 0, 1], 80);
+        // Fresh maps: ids 1 and 2 were never used; the watermark moves ahead first.
+        let mut r = Reconciler::new(MemMaps::default()).expect("reconciler");
+        r.apply(&desired(&[(fe, &b)])).expect("apply");
+        assert!(r.maps().stats_reset.is_empty());
+        assert_eq!(r.maps().watermark, 1 + WATERMARK_STEP);
+        // Maps whose ids up to 100 were used before: their counters are reset on reuse.
+        let used = MemMaps {
+            watermark: 100,
+            ..Default::default()
+        };
+        let mut r = Reconciler::new(used).expect("reconciler");
+        r.apply(&desired(&[(fe, &b)])).expect("apply");
+        assert_eq!(r.maps().stats_reset, vec![1, 2]);
+        assert_eq!(r.maps().watermark, 100);
     }
 }

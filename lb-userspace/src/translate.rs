@@ -142,6 +142,26 @@ pub fn service_key_of_slice(slice: &EndpointSlice) -> Option<ServiceKey> {
     Some((namespace(&slice.metadata), svc.clone()))
 }
 
+/// Whether an object (by its metadata) is, or belongs to, one of the Services `keys`
+/// (given as borrowed namespace and name), without allocating: a Service by its own name, an
+/// EndpointSlice by its `kubernetes.io/service-name` label.
+pub fn named_in(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    slice: bool,
+    keys: &std::collections::HashSet<(&str, &str)>,
+) -> bool {
+    let ns = meta.namespace.as_deref().unwrap_or("default");
+    let name = if slice {
+        meta.labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_SERVICE_NAME))
+            .map(String::as_str)
+    } else {
+        meta.name.as_deref()
+    };
+    name.is_some_and(|n| keys.contains(&(ns, n)))
+}
+
 /// The EndpointSlices of each Service (those kube-proxy consumes).
 pub fn slices_by_service(slices: &[EndpointSlice]) -> BTreeMap<ServiceKey, Vec<&EndpointSlice>> {
     let mut by: BTreeMap<ServiceKey, Vec<&EndpointSlice>> = BTreeMap::new();

@@ -27,7 +27,7 @@ use lb_userspace::{
     packet::{Frame, ACK, SYN},
     reconcile::Reconciler,
     sync::Engine,
-    translate::{service_key_of_service, service_key_of_slice, NodeInfo, ServiceKey},
+    translate::{named_in, service_key_of_service, NodeInfo, ServiceKey},
 };
 use serde_json::{json, Value};
 
@@ -56,17 +56,19 @@ fn objects_at(n: usize, generation: usize) -> Result<lb_userspace::manifests::Ob
 /// The named Services and their EndpointSlices, picked out of all objects by a scan, as the
 /// manifests source does.
 fn pick(all: &Objects, keys: &std::collections::BTreeSet<ServiceKey>) -> Objects {
+    let wanted: std::collections::HashSet<(&str, &str)> =
+        keys.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect();
     Objects {
         services: all
             .services
             .iter()
-            .filter(|s| keys.contains(&service_key_of_service(s)))
+            .filter(|s| named_in(&s.metadata, false, &wanted))
             .cloned()
             .collect(),
         slices: all
             .slices
             .iter()
-            .filter(|s| service_key_of_slice(s).is_some_and(|k| keys.contains(&k)))
+            .filter(|s| named_in(&s.metadata, true, &wanted))
             .cloned()
             .collect(),
         pods: Vec::new(),
