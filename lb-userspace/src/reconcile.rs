@@ -125,7 +125,14 @@ pub fn fill_levels(desired: &Desired) -> Vec<(&'static str, usize, usize)> {
 /// Refuses, before writing anything, a desired state the maps cannot hold: a half-programmed
 /// datapath would be worse than the last good one.
 fn check_capacity(desired: &Desired) -> Result<(), MapError> {
-    for (map, n, cap) in fill_levels(desired) {
+    refuse_overfull(fill_levels(desired))
+}
+
+/// An error for the first (map, entries, capacity) over capacity.
+fn refuse_overfull(
+    levels: impl IntoIterator<Item = (&'static str, usize, usize)>,
+) -> Result<(), MapError> {
+    for (map, n, cap) in levels {
         if n > cap {
             return Err(MapError {
                 map,
@@ -507,7 +514,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             }
         }
         let backends = self.backends.len() + new_backends.len();
-        for (map, n, cap) in [
+        refuse_overfull([
             (map_names::SERVICES_V4, frontends, MAX_SERVICES as usize),
             ("service ids", frontends, MAX_SERVICE_IDS as usize - 1),
             (map_names::BACKEND_SLOTS, slots, MAX_BACKEND_SLOTS as usize),
@@ -516,18 +523,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                 backends,
                 (MAX_BACKENDS as usize).min(MAX_BACKEND_IDS as usize - 1),
             ),
-        ] {
-            if n > cap {
-                return Err(MapError {
-                    map,
-                    op: "capacity",
-                    reason: format!(
-                        "{n} entries wanted, room for {cap}: nothing was changed, the last good state stays"
-                    ),
-                });
-            }
-        }
-        Ok(())
+        ])
     }
 
     fn apply_scoped(
