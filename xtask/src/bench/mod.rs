@@ -255,71 +255,74 @@ fn markdown(rows: &[Value], machine: &str, opts: &Options) -> Result<String> {
         )?;
     }
 
-    writeln!(md, "\n## Four datapaths on the lab\n")?;
-    writeln!(md, "| Services | datapath | programming (ms) | new conn/s pod → ClusterIP (p50 / p99 ms) | new conn/s outside → NodePort (p50 / p99 ms) | keep-alive req/s pod → ClusterIP | iperf3 pod → ClusterIP (Gbit/s) | iperf3 outside → NodePort (Gbit/s) |")?;
-    writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|")?;
     let mut failures = Vec::new();
-    for r in rows {
-        for dp in Datapath::ALL {
-            let v = &r["datapaths"][dp.key()];
-            if let Some(e) = v.get("error") {
-                failures.push(format!("{} Services, {}: {e}", r["services"], dp.title()));
-            }
-            for (k, m) in v.as_object().into_iter().flatten() {
-                if let Some(e) = m.get("error") {
-                    failures.push(format!(
-                        "{} Services, {}, {k}: {e}",
-                        r["services"],
-                        dp.title()
-                    ));
+    // The lab's sections, unless only the in-process part ran.
+    if !opts.in_process_only {
+        writeln!(md, "\n## Four datapaths on the lab\n")?;
+        writeln!(md, "| Services | datapath | programming (ms) | new conn/s pod → ClusterIP (p50 / p99 ms) | new conn/s outside → NodePort (p50 / p99 ms) | keep-alive req/s pod → ClusterIP | iperf3 pod → ClusterIP (Gbit/s) | iperf3 outside → NodePort (Gbit/s) |")?;
+        writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|")?;
+        for r in rows {
+            for dp in Datapath::ALL {
+                let v = &r["datapaths"][dp.key()];
+                if let Some(e) = v.get("error") {
+                    failures.push(format!("{} Services, {}: {e}", r["services"], dp.title()));
                 }
+                for (k, m) in v.as_object().into_iter().flatten() {
+                    if let Some(e) = m.get("error") {
+                        failures.push(format!(
+                            "{} Services, {}, {k}: {e}",
+                            r["services"],
+                            dp.title()
+                        ));
+                    }
+                }
+                let programming = match (dp, num(v, &["plain_restore_ms"])) {
+                    (Datapath::Pod, _) => "—".to_string(),
+                    (_, Some(plain)) => format!(
+                        "{} (> {:.0} s; plain restore {plain:.0})",
+                        cell(num(v, &["programming_ms"]), 1),
+                        opts.restore_timeout.as_secs_f64()
+                    ),
+                    _ => cell(num(v, &["programming_ms"]), 1),
+                };
+                writeln!(
+                    md,
+                    "| {} | {} | {programming} | {} | {} | {} | {} | {} |",
+                    r["services"],
+                    dp.title(),
+                    wrk_cell(&v["new_connections_inside"]),
+                    wrk_cell(&v["new_connections_outside"]),
+                    cell(num(v, &["keepalive_inside", "per_second"]), 0),
+                    cell(num(v, &["iperf_inside", "gbit_per_second"]), 2),
+                    cell(num(v, &["iperf_outside", "gbit_per_second"]), 2),
+                )?;
             }
-            let programming = match (dp, num(v, &["plain_restore_ms"])) {
-                (Datapath::Pod, _) => "—".to_string(),
-                (_, Some(plain)) => format!(
-                    "{} (> {:.0} s; plain restore {plain:.0})",
-                    cell(num(v, &["programming_ms"]), 1),
-                    opts.restore_timeout.as_secs_f64()
-                ),
-                _ => cell(num(v, &["programming_ms"]), 1),
+        }
+
+        writeln!(md, "\n## lb-agent against the others (new connections per second, pod → ClusterIP; outside → NodePort)\n")?;
+        writeln!(md, "| Services | ÷ iptables | ÷ nftables | ÷ straight to pod | lb-agent start → programmed (ms) | lb-agent VmRSS / VmHWM (MiB) |")?;
+        writeln!(md, "|---:|---:|---:|---:|---:|---:|")?;
+        for r in rows {
+            let d = &r["datapaths"];
+            let rate = |dp: Datapath, which: &str| num(&d[dp.key()], &[which, "per_second"]);
+            let ratios = |other: Datapath| {
+                ["new_connections_inside", "new_connections_outside"]
+                    .map(|w| cell(stats::ratio(rate(Datapath::LbAgent, w), rate(other, w)), 2))
+                    .join("; ")
             };
+            let mib = |k: &str| num(&d["lb-agent"], &["memory_kib", k]).map(|x| x / 1024.0);
             writeln!(
                 md,
-                "| {} | {} | {programming} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} / {} |",
                 r["services"],
-                dp.title(),
-                wrk_cell(&v["new_connections_inside"]),
-                wrk_cell(&v["new_connections_outside"]),
-                cell(num(v, &["keepalive_inside", "per_second"]), 0),
-                cell(num(v, &["iperf_inside", "gbit_per_second"]), 2),
-                cell(num(v, &["iperf_outside", "gbit_per_second"]), 2),
+                ratios(Datapath::Iptables),
+                ratios(Datapath::Nftables),
+                ratios(Datapath::Pod),
+                cell(num(&d["lb-agent"], &["agent_ready_ms"]), 0),
+                cell(mib("vm_rss"), 1),
+                cell(mib("vm_hwm"), 1),
             )?;
         }
-    }
-
-    writeln!(md, "\n## lb-agent against the others (new connections per second, pod → ClusterIP; outside → NodePort)\n")?;
-    writeln!(md, "| Services | ÷ iptables | ÷ nftables | ÷ straight to pod | lb-agent start → programmed (ms) | lb-agent VmRSS / VmHWM (MiB) |")?;
-    writeln!(md, "|---:|---:|---:|---:|---:|---:|")?;
-    for r in rows {
-        let d = &r["datapaths"];
-        let rate = |dp: Datapath, which: &str| num(&d[dp.key()], &[which, "per_second"]);
-        let ratios = |other: Datapath| {
-            ["new_connections_inside", "new_connections_outside"]
-                .map(|w| cell(stats::ratio(rate(Datapath::LbAgent, w), rate(other, w)), 2))
-                .join("; ")
-        };
-        let mib = |k: &str| num(&d["lb-agent"], &["memory_kib", k]).map(|x| x / 1024.0);
-        writeln!(
-            md,
-            "| {} | {} | {} | {} | {} | {} / {} |",
-            r["services"],
-            ratios(Datapath::Iptables),
-            ratios(Datapath::Nftables),
-            ratios(Datapath::Pod),
-            cell(num(&d["lb-agent"], &["agent_ready_ms"]), 0),
-            cell(mib("vm_rss"), 1),
-            cell(mib("vm_hwm"), 1),
-        )?;
     }
     if !failures.is_empty() {
         writeln!(md, "\nNot measured:\n")?;
