@@ -48,7 +48,7 @@ pub struct Swept {
 /// The key of the other direction's entry of a flow: packets of the other direction carry
 /// this entry's translated tuple, reversed (for a forward entry: from the backend to the
 /// translated source; for a reply entry: from the client to the frontend).
-fn partner_key(key: &CtKeyV4, e: &CtEntryV4) -> CtKeyV4 {
+pub fn partner_key(key: &CtKeyV4, e: &CtEntryV4) -> CtKeyV4 {
     CtKeyV4 {
         saddr: e.nat_daddr,
         daddr: e.nat_saddr,

@@ -13,12 +13,13 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{
-    map_names, BackendV4, CtEntryV4, CtKeyV4, ServiceKeyV4, ServiceV4, IFACE_F_POD, SCOPE_ALL,
-    SCOPE_PODS, SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
+    map_names, BackendV4, CtEntryV4, CtKeyV4, ServiceKeyV4, ServiceV4, CT_F_SNAT, IFACE_F_POD,
+    SCOPE_ALL, SCOPE_PODS, SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
 };
 
 use crate::{
     bpf,
+    conntrack::partner_key,
     maps::dump,
     model::Proto,
     packet::{parse, verify_checksums, Frame, ACK, RST, SYN, TCP},
@@ -33,7 +34,7 @@ fn open_hash<K: aya::Pod, V: aya::Pod>(pin: &Path, name: &str) -> Result<HashMap
     let data = MapData::from_pin(pin.join(name))
         .with_context(|| format!("opening pinned map {}", pin.join(name).display()))?;
     let map = match name {
-        map_names::CONNTRACK_V4 => Map::LruHashMap(data),
+        map_names::CONNTRACK_V4 | map_names::SNAT_V4 => Map::LruHashMap(data),
         _ => Map::HashMap(data),
     };
     Ok(HashMap::try_from(map)?)
@@ -200,18 +201,18 @@ pub fn trace(
                 "verdict:   XDP_PASS, rewritten to {} ({checks})",
                 describe(&o)
             )?;
-            // Leave no trace of the synthetic flow.
+            // Leave no trace of the synthetic flow (a source-NATed one's reply entry, which
+            // holds its port, is in LB4_SNAT).
             if existing.is_none() {
                 if let Some(e) = created {
-                    let reply = CtKeyV4 {
-                        saddr: e.nat_daddr,
-                        daddr: e.nat_saddr,
-                        sport: e.nat_dport,
-                        dport: e.nat_sport,
-                        proto: key.proto,
-                        _pad: [0; 3],
-                    };
-                    let _ = conntrack.remove(&reply);
+                    let reply = partner_key(&key, &e);
+                    if e.flags & CT_F_SNAT != 0 {
+                        let mut snat: HashMap<MapData, CtKeyV4, CtEntryV4> =
+                            open_hash(pin, map_names::SNAT_V4)?;
+                        let _ = snat.remove(&reply);
+                    } else {
+                        let _ = conntrack.remove(&reply);
+                    }
                     let _ = conntrack.remove(&key);
                 }
             }
