@@ -471,7 +471,7 @@ fn process(ctx: &impl Hook) -> Verdict {
 
     let node_addr = cfg_value(config::NODE_ADDR);
     if pkt.daddr == node_addr {
-        if let Some(verdict) = snat_reply(ctx, &hdr, &pkt, proto, tcp_flags, bytes) {
+        if let Some(verdict) = snat_reply(ctx, &hdr, &pkt, &ct_key, tcp_flags, bytes) {
             return verdict;
         }
     }
@@ -647,7 +647,7 @@ fn snat_reply(
     ctx: &impl Hook,
     hdr: &Headers,
     pkt: &Tuple,
-    proto: u8,
+    key: &CtKeyV4,
     tcp_flags: u8,
     bytes: u64,
 ) -> Option<Verdict> {
@@ -655,15 +655,7 @@ fn snat_reply(
     if port < cfg_value(config::SNAT_PORT_MIN) || port > cfg_value(config::SNAT_PORT_MAX) {
         return None;
     }
-    let key = CtKeyV4 {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto,
-        _pad: [0; 3],
-    };
-    let entry = LB4_SNAT.get_ptr_mut(&key)?;
+    let entry = LB4_SNAT.get_ptr_mut(key)?;
     // SAFETY: a map value pointer returned by the kernel, valid for this program run.
     let entry = unsafe { &mut *entry };
     note_close(entry, tcp_flags);
