@@ -547,10 +547,22 @@ fn many_concurrent_flows_get_distinct_snat_ports_freed_after_close() {
     let target = SocketAddrV4::new(node_ip(1), on_node_tcp(2));
     // `trace` of such a flow shows the SNAT and leaves neither conntrack nor a port behind.
     let trace = cluster
-        .agent_cli(1, &["trace", "tcp", &format!("{CLIENT_IP}:40000"), &target.to_string()])
+        .agent_cli(
+            1,
+            &[
+                "trace",
+                "tcp",
+                &format!("{CLIENT_IP}:40000"),
+                &target.to_string(),
+            ],
+        )
         .expect("trace");
     assert!(trace.contains(&node_ip(1).to_string()), "{trace}");
-    assert_eq!(snat_entries(&cluster, 1), 0, "trace left a SNAT entry: {trace}");
+    assert_eq!(
+        snat_entries(&cluster, 1),
+        0,
+        "trace left a SNAT entry: {trace}"
+    );
     // One process holds all connections open, prints what the backend saw on each, and
     // closes them when told (a line on stdin).
     let script = format!(
