@@ -593,6 +593,72 @@ impl MaglevMap {
     }
 }
 
+/// `BPF_MAP_UPDATE_BATCH` (kernel 5.6): many entries of a hash map written by one syscall.
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Writes `entries` into the hash map behind `fd`, up to `BATCH` entries per syscall.
+/// Returns `Ok(false)` when the kernel has no batch updates (nothing was written then): the
+/// caller writes entry by entry.
+fn update_batch<K: aya::Pod, V: aya::Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    entries: &[(K, V)],
+) -> std::io::Result<bool> {
+    const BATCH: usize = 16_384;
+    /// The kernel's ENOTSUPP: the map type has no batch operations.
+    const ENOTSUPP: i32 = 524;
+    for (n, chunk) in entries.chunks(BATCH).enumerate() {
+        let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
+        let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+            ..Default::default()
+        };
+        // SAFETY: `attr` is a valid `bpf_attr.batch`: its key and value pointers point at
+        // `count` packed keys and values of the map's own types, alive for the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            let unsupported = matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(ENOTSUPP));
+            if n == 0 && attr.count == 0 && unsupported {
+                return Ok(false);
+            }
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{e} (after {} of {} entries)",
+                    n * BATCH + attr.count as usize,
+                    entries.len()
+                ),
+            ));
+        }
+    }
+    Ok(true)
+}
+
 /// The pinned service maps.
 pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKeyV4, ServiceV4>,
@@ -653,7 +719,39 @@ fn tolerate_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps:
     }
 }
 
+/// Writes `entries` by batch updates, or entry by entry where the kernel has none.
+fn set_many<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    entries: &[(K, V)],
+) -> Result<(), MapError> {
+    let fd = aya::maps::IterableMap::map(map).fd().as_fd();
+    match update_batch(fd, entries) {
+        Ok(true) => Ok(()),
+        Ok(false) => entries
+            .iter()
+            .try_for_each(|(k, v)| map.insert(k, v, 0).map_err(err(name, "update"))),
+        Err(e) => Err(MapError {
+            map: name,
+            op: "batch update",
+            reason: e.to_string(),
+        }),
+    }
+}
+
 impl ServiceMaps for PinnedMaps {
+    fn set_services(&mut self, entries: &[(ServiceKeyV4, ServiceV4)]) -> Result<(), MapError> {
+        set_many(&mut self.services, map_names::SERVICES_V4, entries)
+    }
+    fn set_slots(&mut self, entries: &[(BackendSlotKey, u32)]) -> Result<(), MapError> {
+        set_many(&mut self.slots, map_names::BACKEND_SLOTS, entries)
+    }
+    fn set_backends(&mut self, entries: &[(u32, BackendV4)]) -> Result<(), MapError> {
+        set_many(&mut self.backends, map_names::BACKENDS_V4, entries)
+    }
+    fn set_members(&mut self, entries: &[(MemberKey, u32)]) -> Result<(), MapError> {
+        set_many(&mut self.members, map_names::MEMBERS, entries)
+    }
     fn services(&self) -> Result<Vec<(ServiceKeyV4, ServiceV4)>, MapError> {
         collect(&self.services, map_names::SERVICES_V4)
     }

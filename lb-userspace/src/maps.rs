@@ -48,6 +48,23 @@ pub trait ServiceMaps {
     fn source_ranges(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>, MapError>;
     fn set_source_range(&mut self, svc_id: u32, net: Ipv4Addr, len: u8) -> Result<(), MapError>;
     fn delete_source_range(&mut self, svc_id: u32, net: Ipv4Addr, len: u8) -> Result<(), MapError>;
+
+    // Many entries of one map at once (the pinned maps use one syscall per batch). The
+    // entries of a batch are written in no particular order.
+    fn set_services(&mut self, entries: &[(ServiceKeyV4, ServiceV4)]) -> Result<(), MapError> {
+        entries.iter().try_for_each(|(k, v)| self.set_service(k, v))
+    }
+    fn set_slots(&mut self, entries: &[(BackendSlotKey, u32)]) -> Result<(), MapError> {
+        entries.iter().try_for_each(|(k, v)| self.set_slot(k, *v))
+    }
+    fn set_backends(&mut self, entries: &[(u32, BackendV4)]) -> Result<(), MapError> {
+        entries
+            .iter()
+            .try_for_each(|(k, v)| self.set_backend(*k, v))
+    }
+    fn set_members(&mut self, entries: &[(MemberKey, u32)]) -> Result<(), MapError> {
+        entries.iter().try_for_each(|(k, v)| self.set_member(k, *v))
+    }
 }
 
 /// Maps in memory, with a log of every write (so tests can check the order of updates).

@@ -52,6 +52,10 @@ pub struct Reconciler<M: ServiceMaps> {
     services: BTreeMap<ServiceKeyV4Ord, Programmed>,
     backends: BTreeMap<u32, BackendV4>,
     next_svc_id: u32,
+    /// Backend entries to write before anything names them (`flush_backends`).
+    pending_backends: BTreeMap<u32, BackendV4>,
+    /// The service ids of `services` (and any just allocated).
+    svc_ids: HashSet<u32>,
     next_backend_id: u32,
     /// Maglev tables by Service port (`namespace/name:port`).
     maglev: BTreeMap<String, MaglevTable>,
@@ -210,6 +214,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         }
         let backends: BTreeMap<u32, BackendV4> = maps.backends()?.into_iter().collect();
         let next_svc_id = services.values().map(|p| p.value.svc_id).max().unwrap_or(0) + 1;
+        let svc_ids = services.values().map(|p| p.value.svc_id).collect();
         let next_backend_id = backends.keys().max().copied().unwrap_or(0) + 1;
         let ids = backends
             .iter()
@@ -234,6 +239,8 @@ impl<M: ServiceMaps> Reconciler<M> {
             services,
             backends,
             next_svc_id,
+            svc_ids,
+            pending_backends: BTreeMap::new(),
             next_backend_id,
             maglev: BTreeMap::new(),
             ranges,
@@ -260,14 +267,13 @@ impl<M: ServiceMaps> Reconciler<M> {
     }
 
     fn alloc_svc_id(&mut self) -> u32 {
-        let used: BTreeSet<u32> = self.services.values().map(|p| p.value.svc_id).collect();
         loop {
             if self.next_svc_id == 0 || self.next_svc_id >= MAX_SERVICE_IDS {
                 self.next_svc_id = 1;
             }
             let id = self.next_svc_id;
             self.next_svc_id += 1;
-            if !used.contains(&id) {
+            if self.svc_ids.insert(id) {
                 return id;
             }
         }
@@ -286,8 +292,16 @@ impl<M: ServiceMaps> Reconciler<M> {
         }
     }
 
+    /// Writes the backend entries `ensure_backend` left pending, in one batch.
+    fn flush_backends(&mut self) -> Result<(), MapError> {
+        let batch: Vec<(u32, BackendV4)> = std::mem::take(&mut self.pending_backends)
+            .into_iter()
+            .collect();
+        self.maps.set_backends(&batch)
+    }
+
     /// The id of the backend with `value`'s address (a new one if there is none), with the
-    /// map entry written if it differs.
+    /// map entry to write (`flush_backends`) if it differs.
     fn ensure_backend(
         &mut self,
         value: BackendV4,
@@ -312,7 +326,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             }
         };
         if self.backends.get(&id) != Some(&value) {
-            self.maps.set_backend(id, &value)?;
+            self.pending_backends.insert(id, value);
             self.backends.insert(id, value);
             stats.writes += 1;
         }
@@ -629,6 +643,8 @@ impl<M: ServiceMaps> Reconciler<M> {
             }
         }
 
+        self.flush_backends()?;
+
         // Maglev tables of external frontends, written before the entries that name them.
         let external = in_scope
             .iter()
@@ -636,67 +652,103 @@ impl<M: ServiceMaps> Reconciler<M> {
             .filter_map(|(_, fe, _, st)| st.map(|st| (*fe, st)));
         let tables = self.program_maglev(external, &mut slot_lists, &mut stats)?;
 
-        // 2. Frontends that stay or are new.
-        for (key, (mut value, slots)) in slot_lists.iter().map(|(k, v)| (*k, v.clone())) {
-            let old = self.services.get(&key).cloned();
+        // 2. Frontends that stay or are new, in phases over all of them (each phase one
+        //    batch per map): slots and members, source ranges, the entries, then what
+        //    shrank. An entry never names a slot that is not written yet.
+        struct Change {
+            key: ServiceKeyV4Ord,
+            value: ServiceV4,
+            slots: Vec<u32>,
+            old_slots: Vec<u32>,
+            ranges: BTreeSet<(Ipv4Addr, u8)>,
+            old_ranges: BTreeSet<(Ipv4Addr, u8)>,
+        }
+        let mut changes = Vec::with_capacity(slot_lists.len());
+        let (mut slot_writes, mut member_writes, mut entry_writes) =
+            (Vec::new(), Vec::new(), Vec::new());
+        for (key, (value, slots)) in slot_lists.iter() {
+            let mut value = *value;
+            let old = self.services.get(key).map(|p| (p.value, p.slots.clone()));
             value.svc_id = match &old {
-                Some(p) => p.value.svc_id,
+                Some((v, _)) => v.svc_id,
                 None => self.alloc_svc_id(),
             };
-            let old_slots = old.as_ref().map(|p| p.slots.clone()).unwrap_or_default();
+            let (old_value, old_slots) = match old {
+                Some((v, s)) => (Some(v), s),
+                None => (None, Vec::new()),
+            };
             for (i, id) in slots.iter().enumerate() {
                 if old_slots.get(i) != Some(id) {
                     let mk = MemberKey {
                         svc_id: value.svc_id,
                         backend_id: *id,
                     };
-                    self.maps.set_member(&mk, i as u32)?;
+                    member_writes.push((mk, i as u32));
                     let sk = BackendSlotKey {
                         svc_id: value.svc_id,
                         slot: i as u32,
                     };
-                    self.maps.set_slot(&sk, *id)?;
-                    stats.writes += 2;
+                    slot_writes.push((sk, *id));
                 }
             }
-            let ranges = range_lists.get(&key).cloned().unwrap_or_default();
-            let old_ranges = self.ranges.get(&value.svc_id).cloned().unwrap_or_default();
-            for (net, len) in ranges.difference(&old_ranges) {
-                self.maps.set_source_range(value.svc_id, *net, *len)?;
+            if old_value != Some(value) {
+                entry_writes.push((ServiceKeyV4::from(*key), value));
+            }
+            changes.push(Change {
+                key: *key,
+                value,
+                slots: slots.clone(),
+                old_slots,
+                ranges: range_lists.remove(key).unwrap_or_default(),
+                old_ranges: self.ranges.get(&value.svc_id).cloned().unwrap_or_default(),
+            });
+        }
+        stats.writes += member_writes.len() + slot_writes.len() + entry_writes.len();
+        self.maps.set_members(&member_writes)?;
+        self.maps.set_slots(&slot_writes)?;
+        for c in &changes {
+            for (net, len) in c.ranges.difference(&c.old_ranges) {
+                self.maps.set_source_range(c.value.svc_id, *net, *len)?;
                 stats.writes += 1;
             }
-            if old.as_ref().map(|p| p.value) != Some(value) {
-                self.maps.set_service(&ServiceKeyV4::from(key), &value)?;
-                stats.writes += 1;
-            }
-            for (net, len) in old_ranges.difference(&ranges) {
-                self.maps.delete_source_range(value.svc_id, *net, *len)?;
+        }
+        self.maps.set_services(&entry_writes)?;
+        for c in changes {
+            let svc_id = c.value.svc_id;
+            for (net, len) in c.old_ranges.difference(&c.ranges) {
+                self.maps.delete_source_range(svc_id, *net, *len)?;
                 stats.deletes += 1;
             }
-            if ranges.is_empty() {
-                self.ranges.remove(&value.svc_id);
+            if c.ranges.is_empty() {
+                self.ranges.remove(&svc_id);
             } else {
-                self.ranges.insert(value.svc_id, ranges);
+                self.ranges.insert(svc_id, c.ranges);
             }
-            for i in slots.len()..old_slots.len() {
+            for i in c.slots.len()..c.old_slots.len() {
                 let sk = BackendSlotKey {
-                    svc_id: value.svc_id,
+                    svc_id,
                     slot: i as u32,
                 };
                 self.maps.delete_slot(&sk)?;
                 stats.deletes += 1;
             }
-            let kept: HashSet<&u32> = slots.iter().collect();
-            for id in old_slots.iter().filter(|id| !kept.contains(id)) {
+            let kept: HashSet<&u32> = c.slots.iter().collect();
+            for id in c.old_slots.iter().filter(|id| !kept.contains(id)) {
                 let mk = MemberKey {
-                    svc_id: value.svc_id,
+                    svc_id,
                     backend_id: *id,
                 };
                 self.maps.delete_member(&mk)?;
                 stats.deletes += 1;
             }
-            self.count_refs(&old_slots, &slots, &mut released);
-            self.services.insert(key, Programmed { value, slots });
+            self.count_refs(&c.old_slots, &c.slots, &mut released);
+            self.services.insert(
+                c.key,
+                Programmed {
+                    value: c.value,
+                    slots: c.slots,
+                },
+            );
         }
 
         // 3. Frontends no longer wanted: the entry first, then its slots.
@@ -739,6 +791,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                 }
                 self.count_refs(&p.slots, &[], &mut released);
                 self.services.remove(&key);
+                self.svc_ids.remove(&p.value.svc_id);
             }
         }
 
