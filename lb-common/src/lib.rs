@@ -44,16 +44,17 @@ pub const SOCK_PROGRAMS: [&str; 4] = [
     "lb_getpeername4",
 ];
 
-/// Capacity of the maps (entries). The conntrack size can be changed at load time.
-pub const MAX_SERVICES: u32 = 65_536;
-pub const MAX_BACKENDS: u32 = 65_536;
-/// Backend ids are below this bound (they index `LB_BE_STATS`). Id 0 is never used.
-pub const MAX_BACKEND_IDS: u32 = 65_536;
-pub const MAX_BACKEND_SLOTS: u32 = 262_144;
+/// Default capacity of the service maps (entries); the agent sets them when it creates the
+/// maps (`--max-services`, `--max-backends`, `--max-backend-slots`).
+/// `LB4_SERVICES` and `LB_SVC_STATS` (service ids index it; id 0 is never used, so one
+/// entry fewer frontends fit).
+pub const DEFAULT_SERVICES: u32 = 65_536;
+/// `LB4_BACKENDS` and `LB_BE_STATS` (backend ids index it; id 0 is never used).
+pub const DEFAULT_BACKENDS: u32 = 65_536;
+/// `LB_SLOTS` and `LB_MEMBERS`: all frontends' backend lists together.
+pub const DEFAULT_BACKEND_SLOTS: u32 = 262_144;
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 pub const AFFINITY_ENTRIES: u32 = 65_536;
-/// Service ids index `LB_SVC_STATS`, so they stay below this bound. Id 0 is never used.
-pub const MAX_SERVICE_IDS: u32 = 65_536;
 /// Entries of the SNAT map (flows from outside to a backend on another node).
 pub const DEFAULT_SNAT_ENTRIES: u32 = 131_072;
 /// Maglev lookup tables: default size of one (a prime) and default number of tables. The

@@ -52,32 +52,32 @@ use lb_common::{
     CtKeyV4, FlowEvent, MemberKey, ServiceKeyV4, ServiceStats, ServiceV4, SockRevKeyV4, SockRevV4,
     SourceRangeV4, AFFINITY_ENTRIES, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, CT_F_FIN,
     CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, CT_F_REPORTED, CT_F_RST, CT_F_SNAT, CT_REFRESH_NS,
-    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAGLEV_TABLES, DEFAULT_SNAT_ENTRIES,
-    FLOW_CLOSED, FLOW_EVENTS_BYTES, FLOW_NEW, HAIRPIN_SNAT_V4, IFACE_F_POD, IPPROTO_TCP,
-    IPPROTO_UDP, MAX_BACKENDS, MAX_BACKEND_IDS, MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_SERVICE_IDS,
-    SCOPE_ALL, SCOPE_PODS, SNAT_TRIES, SOCK_REVERSE_ENTRIES, SOURCE_RANGE_ENTRIES,
-    SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE, SVC_F_SOURCE_RANGES,
+    DEFAULT_BACKENDS, DEFAULT_BACKEND_SLOTS, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SIZE,
+    DEFAULT_MAGLEV_TABLES, DEFAULT_SERVICES, DEFAULT_SNAT_ENTRIES, FLOW_CLOSED, FLOW_EVENTS_BYTES,
+    FLOW_NEW, HAIRPIN_SNAT_V4, IFACE_F_POD, IPPROTO_TCP, IPPROTO_UDP, SCOPE_ALL, SCOPE_PODS,
+    SNAT_TRIES, SOCK_REVERSE_ENTRIES, SOURCE_RANGE_ENTRIES, SVC_F_DROP_NO_ENDPOINTS,
+    SVC_F_POD_SCOPE, SVC_F_SOURCE_RANGES,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 #[map]
-static LB4_SERVICES: HashMap<ServiceKeyV4, ServiceV4> = HashMap::pinned(MAX_SERVICES, 0);
+static LB4_SERVICES: HashMap<ServiceKeyV4, ServiceV4> = HashMap::pinned(DEFAULT_SERVICES, 0);
 #[map]
-static LB_SLOTS: HashMap<BackendSlotKey, u32> = HashMap::pinned(MAX_BACKEND_SLOTS, 0);
+static LB_SLOTS: HashMap<BackendSlotKey, u32> = HashMap::pinned(DEFAULT_BACKEND_SLOTS, 0);
 #[map]
-static LB4_BACKENDS: HashMap<u32, BackendV4> = HashMap::pinned(MAX_BACKENDS, 0);
+static LB4_BACKENDS: HashMap<u32, BackendV4> = HashMap::pinned(DEFAULT_BACKENDS, 0);
 #[map]
 static LB4_CONNTRACK: LruHashMap<CtKeyV4, CtEntryV4> =
     LruHashMap::pinned(DEFAULT_CONNTRACK_ENTRIES, 0);
 #[map]
-static LB_MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(MAX_BACKEND_SLOTS, 0);
+static LB_MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(DEFAULT_BACKEND_SLOTS, 0);
 #[map]
 static LB4_AFFINITY: LruHashMap<AffinityKeyV4, AffinityV4> =
     LruHashMap::pinned(AFFINITY_ENTRIES, 0);
 #[map]
 static LB_IFACES: HashMap<u32, u32> = HashMap::pinned(4096, 0);
 #[map]
-static LB_BE_STATS: PerCpuArray<BackendStats> = PerCpuArray::pinned(MAX_BACKEND_IDS, 0);
+static LB_BE_STATS: PerCpuArray<BackendStats> = PerCpuArray::pinned(DEFAULT_BACKENDS, 0);
 #[map]
 static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
 #[map]
@@ -88,7 +88,7 @@ static LB_CONFIG: Array<u32> = Array::pinned(config::COUNT, 0);
 #[map]
 static LB_FLOW_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 #[map]
-static LB_SVC_STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(MAX_SERVICE_IDS, 0);
+static LB_SVC_STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(DEFAULT_SERVICES, 0);
 /// Reply entries of source-NATed flows, keyed by (backend, node address, backend port, SNAT
 /// port): the allocated port is the key, so an insert that finds it taken tries another.
 #[map]

@@ -155,6 +155,15 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     if !crate::maglev::is_prime(cfg.maglev_size) {
         bail!("--maglev-table-size {}: must be a prime", cfg.maglev_size);
     }
+    for (flag, n) in [
+        ("--max-services", cfg.map_sizes.services),
+        ("--max-backends", cfg.map_sizes.backends),
+        ("--max-backend-slots", cfg.map_sizes.slots),
+    ] {
+        if n < 2 {
+            bail!("{flag} {n}: must be at least 2");
+        }
+    }
     if cfg.snat_ports.0 == 0 || cfg.snat_ports.0 > cfg.snat_ports.1 {
         bail!(
             "--snat-ports {}-{}: must be FIRST-LAST with 0 < FIRST <= LAST",
@@ -179,6 +188,21 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         tracing::warn!("{w}");
     }
     let mut datapath = Datapath::load(&cfg.pin_path, cfg.map_sizes)?;
+    let cap = bpf::read_capacity(&cfg.pin_path)?;
+    let asked = (
+        cfg.map_sizes.services,
+        cfg.map_sizes.backends,
+        cfg.map_sizes.slots,
+    );
+    if (cap.services, cap.backends, cap.slots) != asked {
+        tracing::warn!(
+            services = cap.services,
+            backends = cap.backends,
+            backend_slots = cap.slots,
+            "the pinned maps keep the sizes they were made with, not --max-services / \
+             --max-backends / --max-backend-slots (`lb-agent uninstall` to remake them)"
+        );
+    }
     {
         use lb_common::config as c;
         let cookie = node::netns_cookie()?;

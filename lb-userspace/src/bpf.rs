@@ -33,7 +33,7 @@ use lb_common::{
     ServiceStats, ServiceV4, SourceRangeV4, SOCK_PROGRAMS, TC_POD_PROGRAM, TC_PROGRAM, XDP_PROGRAM,
 };
 
-use crate::maps::{MapError, ServiceMaps};
+use crate::maps::{Capacity, MapError, ServiceMaps};
 
 /// The BPF object, built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
@@ -67,6 +67,12 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
 /// Sizes of the maps, used when they are first created (pinned maps keep theirs).
 #[derive(Debug, Clone, Copy)]
 pub struct MapSizes {
+    /// `LB4_SERVICES` and `LB_SVC_STATS`.
+    pub services: u32,
+    /// `LB4_BACKENDS` and `LB_BE_STATS`.
+    pub backends: u32,
+    /// `LB_SLOTS` and `LB_MEMBERS`.
+    pub slots: u32,
     pub conntrack: u32,
     pub snat: u32,
     /// Entries of `LB_MAGLEV`: table size × number of tables.
@@ -76,6 +82,9 @@ pub struct MapSizes {
 impl Default for MapSizes {
     fn default() -> Self {
         MapSizes {
+            services: lb_common::DEFAULT_SERVICES,
+            backends: lb_common::DEFAULT_BACKENDS,
+            slots: lb_common::DEFAULT_BACKEND_SLOTS,
             conntrack: lb_common::DEFAULT_CONNTRACK_ENTRIES,
             snat: lb_common::DEFAULT_SNAT_ENTRIES,
             maglev: lb_common::DEFAULT_MAGLEV_SIZE * lb_common::DEFAULT_MAGLEV_TABLES,
@@ -112,6 +121,12 @@ impl Datapath {
         check_layout(pin)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin)
+            .map_max_entries(map_names::SERVICES_V4, sizes.services)
+            .map_max_entries(map_names::SERVICE_STATS, sizes.services)
+            .map_max_entries(map_names::BACKENDS_V4, sizes.backends)
+            .map_max_entries(map_names::BACKEND_STATS, sizes.backends)
+            .map_max_entries(map_names::BACKEND_SLOTS, sizes.slots)
+            .map_max_entries(map_names::MEMBERS, sizes.slots)
             .map_max_entries(map_names::CONNTRACK_V4, sizes.conntrack)
             .map_max_entries(map_names::SNAT_V4, sizes.snat)
             .map_max_entries(map_names::MAGLEV, sizes.maglev)
@@ -669,11 +684,28 @@ pub struct PinnedMaps {
     maglev: MaglevMap,
     ranges: LpmTrie<MapData, SourceRangeV4, u8>,
     config: aya::maps::Array<MapData, u32>,
+    capacity: Capacity,
+}
+
+/// The sizes the pinned service maps were made with.
+pub fn read_capacity(pin: &Path) -> Result<Capacity> {
+    let size = |name: &str| -> Result<u32> {
+        Ok(open_map(pin, name)?
+            .info()
+            .with_context(|| format!("{name} info"))?
+            .max_entries())
+    };
+    Ok(Capacity {
+        services: size(map_names::SERVICES_V4)?.min(size(map_names::SERVICE_STATS)?),
+        backends: size(map_names::BACKENDS_V4)?.min(size(map_names::BACKEND_STATS)?),
+        slots: size(map_names::BACKEND_SLOTS)?.min(size(map_names::MEMBERS)?),
+    })
 }
 
 impl PinnedMaps {
     pub fn open(pin: &Path) -> Result<Self> {
         Ok(PinnedMaps {
+            capacity: read_capacity(pin)?,
             maglev: MaglevMap::open(pin)?,
             config: aya::maps::Array::try_from(Map::Array(open_map(pin, map_names::CONFIG)?))?,
             ranges: LpmTrie::try_from(Map::LpmTrie(open_map(pin, map_names::SOURCE_RANGES_V4)?))?,
@@ -740,6 +772,9 @@ fn set_many<K: aya::Pod, V: aya::Pod>(
 }
 
 impl ServiceMaps for PinnedMaps {
+    fn capacity(&self) -> Capacity {
+        self.capacity
+    }
     fn set_services(&mut self, entries: &[(ServiceKeyV4, ServiceV4)]) -> Result<(), MapError> {
         set_many(&mut self.services, map_names::SERVICES_V4, entries)
     }

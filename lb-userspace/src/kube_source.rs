@@ -7,7 +7,7 @@
 //! good state while the API server is away.
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -47,9 +47,14 @@ struct Feed {
     connected: AtomicBool,
 }
 
+/// The objects of each Service a reflector has seen: candidates, checked against the store
+/// when used (an object deleted while the watch was down stays here until then).
+type Index<K> = Arc<Mutex<HashMap<ServiceKey, HashSet<reflector::ObjectRef<K>>>>>;
+
 pub struct KubeSource {
     services: reflector::Store<Service>,
     slices: reflector::Store<EndpointSlice>,
+    slice_index: Index<EndpointSlice>,
     nodes: reflector::Store<Node>,
     feeds: Vec<Arc<Feed>>,
     /// Set by every event; taken by `take_changed`.
@@ -139,19 +144,19 @@ impl KubeSource {
         };
         let proxy_selector = format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}");
         let mut feeds = Vec::new();
-        let services = spawn_reflector(
+        let (services, _) = spawn_reflector(
             Api::<Service>::all(client.clone()),
             watcher::Config::default().labels(&proxy_selector),
             &shared,
             &mut feeds,
         );
-        let slices = spawn_reflector(
+        let (slices, slice_index) = spawn_reflector(
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default().labels(&proxy_selector),
             &shared,
             &mut feeds,
         );
-        let nodes = spawn_reflector(
+        let (nodes, _) = spawn_reflector(
             Api::<Node>::all(client),
             watcher::Config::default().fields(&format!("metadata.name={node_name}")),
             &shared,
@@ -160,6 +165,7 @@ impl KubeSource {
         Ok(KubeSource {
             services,
             slices,
+            slice_index,
             nodes,
             feeds,
             changed: shared.changed,
@@ -217,13 +223,31 @@ impl KubeSource {
             })
             .map(|s| (*s).clone())
             .collect();
-        let slices = self
-            .slices
-            .state()
-            .iter()
-            .filter(|s| named_in(&s.metadata, true, &wanted))
-            .map(|s| (**s).clone())
-            .collect();
+        let mut slices = Vec::new();
+        match self.slice_index.lock() {
+            Ok(mut index) => {
+                for key in keys {
+                    let Some(refs) = index.get_mut(key) else {
+                        continue;
+                    };
+                    // Still in the store and still this Service's: used; else forgotten.
+                    refs.retain(|r| match self.slices.get(r) {
+                        Some(s) if service_key_of_slice(&s).as_ref() == Some(key) => {
+                            slices.push((*s).clone());
+                            true
+                        }
+                        _ => false,
+                    });
+                }
+            }
+            Err(_) => slices.extend(
+                self.slices
+                    .state()
+                    .iter()
+                    .filter(|s| named_in(&s.metadata, true, &wanted))
+                    .map(|s| (**s).clone()),
+            ),
+        }
         Objects {
             services,
             slices,
@@ -297,7 +321,7 @@ fn spawn_reflector<K>(
     config: watcher::Config,
     shared: &Shared,
     feeds: &mut Vec<Arc<Feed>>,
-) -> reflector::Store<K>
+) -> (reflector::Store<K>, Index<K>)
 where
     K: Resource<DynamicType = ()>
         + Tracked
@@ -309,6 +333,8 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store();
+    let index: Index<K> = Arc::default();
+    let idx = index.clone();
     let feed = Arc::new(Feed {
         synced: AtomicBool::new(false),
         connected: AtomicBool::new(false),
@@ -327,8 +353,9 @@ where
         while let Some(event) = stream.next().await {
             match event {
                 Ok(watcher::Event::Init) => {}
-                Ok(watcher::Event::InitApply(_)) => {
+                Ok(watcher::Event::InitApply(obj)) => {
                     feed.connected.store(true, Ordering::SeqCst);
+                    note(&idx, &obj, true);
                 }
                 Ok(watcher::Event::InitDone) => {
                     if !feed.synced.swap(true, Ordering::SeqCst) {
@@ -342,8 +369,15 @@ where
                     changed.store(true, Ordering::SeqCst);
                     notify.notify_one();
                 }
-                Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
+                Ok(ev @ (watcher::Event::Apply(_) | watcher::Event::Delete(_))) => {
+                    let (obj, present) = match ev {
+                        watcher::Event::Apply(obj) => (obj, true),
+                        watcher::Event::Delete(obj) => (obj, false),
+                        _ => continue,
+                    };
                     feed.connected.store(true, Ordering::SeqCst);
+                    // Indexed before the Service is marked, so its pass finds the object.
+                    note(&idx, &obj, present);
                     if let Ok(mut d) = dirty.lock() {
                         match obj.service_key() {
                             Some(k) => {
@@ -368,5 +402,27 @@ where
             }
         }
     });
-    store
+    (store, index)
+}
+
+/// Records (or forgets) an object under its Service in `index`.
+fn note<K>(index: &Index<K>, obj: &K, present: bool)
+where
+    K: Resource<DynamicType = ()> + Tracked,
+{
+    let Some(key) = obj.service_key() else {
+        return;
+    };
+    let Ok(mut index) = index.lock() else {
+        return;
+    };
+    let r = reflector::ObjectRef::from_obj(obj);
+    if present {
+        index.entry(key).or_default().insert(r);
+    } else if let Some(refs) = index.get_mut(&key) {
+        refs.remove(&r);
+        if refs.is_empty() {
+            index.remove(&key);
+        }
+    }
 }

@@ -118,6 +118,20 @@ struct RunArgs {
     metrics_addr: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_addr: SocketAddr,
+    /// Frontends (ClusterIP, NodePort, externalIP, LoadBalancer IP, per port and protocol)
+    /// the maps hold, plus one; also the per-CPU counters per frontend (32 bytes × CPUs
+    /// each). Used when the maps are first created.
+    #[arg(long, default_value_t = lb_common::DEFAULT_SERVICES)]
+    max_services: u32,
+    /// Distinct endpoints (address, port, protocol) the maps hold, plus one; also the
+    /// per-CPU counters per endpoint (16 bytes × CPUs each). Used when the maps are first
+    /// created.
+    #[arg(long, default_value_t = lb_common::DEFAULT_BACKENDS)]
+    max_backends: u32,
+    /// Backend slots over all frontends (a frontend with N endpoints takes N). Used when the
+    /// maps are first created.
+    #[arg(long, default_value_t = lb_common::DEFAULT_BACKEND_SLOTS)]
+    max_backend_slots: u32,
     /// Connection-tracking entries (used when the map is first created).
     #[arg(long, default_value_t = lb_common::DEFAULT_CONNTRACK_ENTRIES)]
     conntrack_entries: u32,
@@ -209,6 +223,9 @@ fn main() -> Result<()> {
                 metrics_addr: a.metrics_addr,
                 healthz_addr: a.healthz_addr,
                 map_sizes: bpf::MapSizes {
+                    services: a.max_services,
+                    backends: a.max_backends,
+                    slots: a.max_backend_slots,
                     conntrack: a.conntrack_entries,
                     snat: a.snat_entries,
                     maglev: a.maglev_table_size.saturating_mul(a.maglev_tables),

@@ -3,13 +3,13 @@
 //! EndpointSlices and Pods. Other kinds are ignored.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
 };
 
 use crate::{
     sync::Dirty,
-    translate::{named_in, ServiceKey},
+    translate::{service_key_of_service, service_key_of_slice, ServiceKey},
 };
 
 use k8s_openapi::api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice};
@@ -28,6 +28,50 @@ impl Objects {
         self.services.extend(other.services.iter().cloned());
         self.slices.extend(other.slices.iter().cloned());
         self.pods.extend(other.pods.iter().cloned());
+    }
+}
+
+/// Where each Service's objects are in one `Objects`: the positions of the Service and of
+/// its EndpointSlices, so that the objects of a changed Service are found without a scan.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceIndex {
+    by: HashMap<ServiceKey, (Vec<usize>, Vec<usize>)>,
+}
+
+impl ServiceIndex {
+    pub fn of(objects: &Objects) -> ServiceIndex {
+        let mut by: HashMap<ServiceKey, (Vec<usize>, Vec<usize>)> = HashMap::new();
+        for (i, svc) in objects.services.iter().enumerate() {
+            by.entry(service_key_of_service(svc)).or_default().0.push(i);
+        }
+        for (i, slice) in objects.slices.iter().enumerate() {
+            if let Some(k) = service_key_of_slice(slice) {
+                by.entry(k).or_default().1.push(i);
+            }
+        }
+        ServiceIndex { by }
+    }
+
+    /// Adds the named Services and their EndpointSlices out of `objects` (the objects this
+    /// index was made of) to `out`.
+    pub fn pick(&self, objects: &Objects, keys: &BTreeSet<ServiceKey>, out: &mut Objects) {
+        for key in keys {
+            let Some((services, slices)) = self.by.get(key) else {
+                continue;
+            };
+            out.services.extend(
+                services
+                    .iter()
+                    .filter_map(|i| objects.services.get(*i))
+                    .cloned(),
+            );
+            out.slices.extend(
+                slices
+                    .iter()
+                    .filter_map(|i| objects.slices.get(*i))
+                    .cloned(),
+            );
+        }
     }
 }
 
@@ -154,6 +198,7 @@ pub struct ManifestDir {
 struct FileState {
     stamp: Stamp,
     objects: Objects,
+    index: ServiceIndex,
 }
 
 /// What tells a file changed: modification time and length.
@@ -218,7 +263,13 @@ impl ManifestDir {
             match parsed {
                 Ok(objects) => {
                     self.dirty.note(&objects);
-                    if let Some(old) = self.files.insert(path, FileState { stamp, objects }) {
+                    let index = ServiceIndex::of(&objects);
+                    let state = FileState {
+                        stamp,
+                        objects,
+                        index,
+                    };
+                    if let Some(old) = self.files.insert(path, state) {
                         self.dirty.note(&old.objects);
                     }
                     changed = true;
@@ -234,6 +285,7 @@ impl ManifestDir {
                             FileState {
                                 stamp,
                                 objects: Objects::default(),
+                                index: ServiceIndex::default(),
                             },
                         );
                     }
@@ -251,24 +303,10 @@ impl ManifestDir {
 
     /// The named Services, their EndpointSlices and every Pod.
     pub fn objects_for(&self, keys: &BTreeSet<ServiceKey>) -> Objects {
-        let wanted: HashSet<(&str, &str)> =
-            keys.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect();
         let mut out = Objects::default();
         for f in self.files.values() {
-            let o = &f.objects;
-            out.services.extend(
-                o.services
-                    .iter()
-                    .filter(|s| named_in(&s.metadata, false, &wanted))
-                    .cloned(),
-            );
-            out.slices.extend(
-                o.slices
-                    .iter()
-                    .filter(|s| named_in(&s.metadata, true, &wanted))
-                    .cloned(),
-            );
-            out.pods.extend(o.pods.iter().cloned());
+            f.index.pick(&f.objects, keys, &mut out);
+            out.pods.extend(f.objects.pods.iter().cloned());
         }
         out
     }
@@ -286,6 +324,7 @@ impl ManifestDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     #[test]
     fn multi_document_file_with_list_and_unknown_kinds() {
@@ -314,6 +353,61 @@ items:
         assert_eq!(o.services.len(), 1);
         assert_eq!(o.pods.len(), 1);
         assert_eq!(o.slices.len(), 0);
+    }
+
+    #[test]
+    fn the_index_picks_a_services_objects_only() {
+        let slice = |name: &str, ns: &str, svc: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, \
+                 namespace: {ns}, labels: {{kubernetes.io/service-name: {svc}}}}}\n\
+                 addressType: IPv4\nendpoints: []\n---\n"
+            )
+        };
+        let service = |name: &str, ns: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+                 spec: {{ports: [{{port: 80}}]}}\n---\n"
+            )
+        };
+        let text = [
+            service("web", "shop"),
+            service("web", "default"),
+            service("db", "shop"),
+            slice("web-1", "shop", "web"),
+            slice("web-2", "shop", "web"),
+            slice("web-3", "default", "web"),
+            slice("db-1", "shop", "db"),
+        ]
+        .concat();
+        let o = parse_file(Path::new("a.yaml"), &text).expect("parses");
+        let index = ServiceIndex::of(&o);
+        let mut out = Objects::default();
+        let keys: BTreeSet<ServiceKey> = [("shop".to_string(), "web".to_string())].into();
+        index.pick(&o, &keys, &mut out);
+        let names = |v: Vec<&ObjectMeta>| -> Vec<String> {
+            v.iter()
+                .map(|m| {
+                    format!(
+                        "{}/{}",
+                        m.namespace.clone().unwrap_or_default(),
+                        m.name.clone().unwrap_or_default()
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            names(out.services.iter().map(|s| &s.metadata).collect()),
+            ["shop/web"]
+        );
+        assert_eq!(
+            names(out.slices.iter().map(|s| &s.metadata).collect()),
+            ["shop/web-1", "shop/web-2"]
+        );
+        let mut none = Objects::default();
+        let gone: BTreeSet<ServiceKey> = [("shop".to_string(), "cache".to_string())].into();
+        index.pick(&o, &gone, &mut none);
+        assert!(none.services.is_empty() && none.slices.is_empty());
     }
 
     #[test]

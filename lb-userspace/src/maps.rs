@@ -5,8 +5,9 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use lb_common::{
     BackendSlotKey, BackendV4, MemberKey, ServiceKeyV4, ServiceV4, BACKEND_F_LOCAL,
-    BACKEND_F_TERMINATING, SVC_F_CLUSTER_IP, SVC_F_DROP_NO_ENDPOINTS, SVC_F_EXTERNAL_IP,
-    SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT,
+    BACKEND_F_TERMINATING, DEFAULT_BACKENDS, DEFAULT_BACKEND_SLOTS, DEFAULT_SERVICES,
+    SVC_F_CLUSTER_IP, SVC_F_DROP_NO_ENDPOINTS, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER,
+    SVC_F_NODE_PORT,
 };
 use serde::Serialize;
 
@@ -20,8 +21,44 @@ pub struct MapError {
     pub reason: String,
 }
 
+/// How many entries the service maps hold (set when the maps are created).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// `LB4_SERVICES`, and `LB_SVC_STATS` which service ids index.
+    pub services: u32,
+    /// `LB4_BACKENDS`, and `LB_BE_STATS` which backend ids index.
+    pub backends: u32,
+    /// `LB_SLOTS` and `LB_MEMBERS`.
+    pub slots: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            services: DEFAULT_SERVICES,
+            backends: DEFAULT_BACKENDS,
+            slots: DEFAULT_BACKEND_SLOTS,
+        }
+    }
+}
+
+impl Capacity {
+    /// (map, capacity) of what `Reconciler` fills: frontends, slots, backends. Ids start at
+    /// 1 and index an array of the map's size, so one entry fewer fits.
+    pub fn frontends(&self) -> usize {
+        self.services.saturating_sub(1) as usize
+    }
+    pub fn backend_entries(&self) -> usize {
+        self.backends.saturating_sub(1) as usize
+    }
+}
+
 /// The maps the reconciler programs.
 pub trait ServiceMaps {
+    /// The maps' sizes.
+    fn capacity(&self) -> Capacity {
+        Capacity::default()
+    }
     fn services(&self) -> Result<Vec<(ServiceKeyV4, ServiceV4)>, MapError>;
     fn slots(&self) -> Result<Vec<(BackendSlotKey, u32)>, MapError>;
     fn backends(&self) -> Result<Vec<(u32, BackendV4)>, MapError>;
@@ -85,6 +122,7 @@ pub struct MemMaps {
     pub log: Vec<String>,
     /// Fail writes after this many (to test error handling).
     pub fail_after: Option<usize>,
+    pub capacity: Capacity,
 }
 
 /// `ServiceKeyV4` with an order, for `BTreeMap`.
@@ -125,6 +163,9 @@ impl MemMaps {
 }
 
 impl ServiceMaps for MemMaps {
+    fn capacity(&self) -> Capacity {
+        self.capacity
+    }
     fn services(&self) -> Result<Vec<(ServiceKeyV4, ServiceV4)>, MapError> {
         Ok(self
             .services

@@ -12,14 +12,15 @@ use std::{
 };
 
 use lb_common::{
-    map_names, BackendSlotKey, BackendV4, MemberKey, ServiceKeyV4, ServiceV4, MAX_BACKENDS,
-    MAX_BACKEND_IDS, MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_SERVICE_IDS, SCOPE_ALL, SCOPE_PODS,
-    SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE, SVC_F_SOURCE_RANGES,
+    map_names, BackendSlotKey, BackendV4, MemberKey, ServiceKeyV4, ServiceV4, SCOPE_ALL,
+    SCOPE_PODS, SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
     maglev,
-    maps::{backend_value, frontend_key, kind_flag, MapError, ServiceKeyV4Ord, ServiceMaps},
+    maps::{
+        backend_value, frontend_key, kind_flag, Capacity, MapError, ServiceKeyV4Ord, ServiceMaps,
+    },
     model::{Desired, FrontendKind, FrontendState, L4Addr},
 };
 
@@ -49,6 +50,7 @@ pub struct ApplyStats {
 
 pub struct Reconciler<M: ServiceMaps> {
     maps: M,
+    cap: Capacity,
     services: BTreeMap<ServiceKeyV4Ord, Programmed>,
     backends: BTreeMap<u32, BackendV4>,
     next_svc_id: u32,
@@ -95,8 +97,8 @@ pub fn affinity_group(service_port: &str) -> u64 {
     })
 }
 
-/// How full the maps would be with `desired`: (map, entries, capacity).
-pub fn fill_levels(desired: &Desired) -> Vec<(&'static str, usize, usize)> {
+/// How full maps of capacity `cap` would be with `desired`: (map, entries, capacity).
+pub fn fill_levels(desired: &Desired, cap: &Capacity) -> Vec<(&'static str, usize, usize)> {
     let frontends = desired.frontends.len() + desired.pod_frontends.len();
     let slots: usize = desired
         .frontends
@@ -111,25 +113,27 @@ pub fn fill_levels(desired: &Desired) -> Vec<(&'static str, usize, usize)> {
         .flat_map(|f| f.backends.iter().map(|b| b.addr))
         .chain(desired.serving.keys().copied())
         .collect();
+    levels(cap, frontends, slots, backends.len())
+}
+
+fn levels(
+    cap: &Capacity,
+    frontends: usize,
+    slots: usize,
+    backends: usize,
+) -> Vec<(&'static str, usize, usize)> {
     vec![
-        (map_names::SERVICES_V4, frontends, MAX_SERVICES as usize),
-        (map_names::BACKEND_SLOTS, slots, MAX_BACKEND_SLOTS as usize),
-        (map_names::MEMBERS, slots, MAX_BACKEND_SLOTS as usize),
-        // Ids 1..MAX_BACKEND_IDS: one fewer than the ids.
-        (
-            map_names::BACKENDS_V4,
-            backends.len(),
-            (MAX_BACKENDS as usize).min(MAX_BACKEND_IDS as usize - 1),
-        ),
-        // Service ids 1..MAX_SERVICE_IDS.
-        ("service ids", frontends, MAX_SERVICE_IDS as usize - 1),
+        (map_names::SERVICES_V4, frontends, cap.frontends()),
+        (map_names::BACKEND_SLOTS, slots, cap.slots as usize),
+        (map_names::MEMBERS, slots, cap.slots as usize),
+        (map_names::BACKENDS_V4, backends, cap.backend_entries()),
     ]
 }
 
 /// Refuses, before writing anything, a desired state the maps cannot hold: a half-programmed
 /// datapath would be worse than the last good one.
-fn check_capacity(desired: &Desired) -> Result<(), MapError> {
-    refuse_overfull(fill_levels(desired))
+fn check_capacity(desired: &Desired, cap: &Capacity) -> Result<(), MapError> {
+    refuse_overfull(fill_levels(desired, cap))
 }
 
 /// An error for the first (map, entries, capacity) over capacity.
@@ -235,6 +239,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             ranges.entry(svc_id).or_default().insert((net, len));
         }
         Ok(Reconciler {
+            cap: maps.capacity(),
             maps,
             services,
             backends,
@@ -268,7 +273,7 @@ impl<M: ServiceMaps> Reconciler<M> {
 
     fn alloc_svc_id(&mut self) -> u32 {
         loop {
-            if self.next_svc_id == 0 || self.next_svc_id >= MAX_SERVICE_IDS {
+            if self.next_svc_id == 0 || self.next_svc_id >= self.cap.services {
                 self.next_svc_id = 1;
             }
             let id = self.next_svc_id;
@@ -281,7 +286,7 @@ impl<M: ServiceMaps> Reconciler<M> {
 
     fn alloc_backend_id(&mut self) -> u32 {
         loop {
-            if self.next_backend_id == 0 || self.next_backend_id >= MAX_BACKEND_IDS {
+            if self.next_backend_id == 0 || self.next_backend_id >= self.cap.backends {
                 self.next_backend_id = 1;
             }
             let id = self.next_backend_id;
@@ -316,7 +321,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                     self.maps.reset_backend_stats(id)?;
                 } else if id > self.watermark {
                     // Fresh since the maps were made (counters still zero): recorded first.
-                    let mark = id.saturating_add(WATERMARK_STEP).min(MAX_BACKEND_IDS);
+                    let mark = id.saturating_add(WATERMARK_STEP).min(self.cap.backends);
                     self.maps.set_backend_id_watermark(mark)?;
                     self.watermark = mark;
                 }
@@ -474,33 +479,12 @@ impl<M: ServiceMaps> Reconciler<M> {
 
     /// How full the maps are with what is programmed: (map, entries, capacity).
     pub fn fill(&self) -> Vec<(&'static str, usize, usize)> {
-        vec![
-            (
-                map_names::SERVICES_V4,
-                self.services.len(),
-                MAX_SERVICES as usize,
-            ),
-            (
-                map_names::BACKEND_SLOTS,
-                self.slot_total,
-                MAX_BACKEND_SLOTS as usize,
-            ),
-            (
-                map_names::MEMBERS,
-                self.slot_total,
-                MAX_BACKEND_SLOTS as usize,
-            ),
-            (
-                map_names::BACKENDS_V4,
-                self.backends.len(),
-                (MAX_BACKENDS as usize).min(MAX_BACKEND_IDS as usize - 1),
-            ),
-            (
-                "service ids",
-                self.services.len(),
-                MAX_SERVICE_IDS as usize - 1,
-            ),
-        ]
+        levels(
+            &self.cap,
+            self.services.len(),
+            self.slot_total,
+            self.backends.len(),
+        )
     }
 
     /// Refuses, before writing, a partial change the maps cannot hold.
@@ -528,16 +512,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             }
         }
         let backends = self.backends.len() + new_backends.len();
-        refuse_overfull([
-            (map_names::SERVICES_V4, frontends, MAX_SERVICES as usize),
-            ("service ids", frontends, MAX_SERVICE_IDS as usize - 1),
-            (map_names::BACKEND_SLOTS, slots, MAX_BACKEND_SLOTS as usize),
-            (
-                map_names::BACKENDS_V4,
-                backends,
-                (MAX_BACKENDS as usize).min(MAX_BACKEND_IDS as usize - 1),
-            ),
-        ])
+        refuse_overfull(levels(&self.cap, frontends, slots, backends))
     }
 
     fn apply_scoped(
@@ -546,7 +521,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         partial: Option<&Partial>,
     ) -> Result<ApplyStats, MapError> {
         match partial {
-            None => check_capacity(desired)?,
+            None => check_capacity(desired, &self.cap)?,
             Some(p) => self.check_partial_capacity(desired, p)?,
         }
         let mut stats = ApplyStats::default();
@@ -1060,25 +1035,51 @@ mod tests {
 
     #[test]
     fn a_state_the_maps_cannot_hold_is_refused_before_any_write() {
-        let mut r = Reconciler::new(MemMaps::default()).expect("new");
+        // Maps made for 100 service ids (99 frontends), 50 backend ids, 120 slots.
+        let maps = MemMaps {
+            capacity: Capacity {
+                services: 100,
+                backends: 50,
+                slots: 120,
+            },
+            ..Default::default()
+        };
+        let mut r = Reconciler::new(maps).expect("new");
         let a = addr([10, 0, 0, 1], 80);
-        r.apply(&desired(&[(addr(VIP, 80), &[a])])).expect("apply");
-        r.maps.log.clear();
-        // More frontends than LB4_SERVICES holds.
-        let many: Vec<L4Addr> = (0..=MAX_SERVICES)
-            .map(|i| addr([10, 97, (i >> 8) as u8, i as u8], 80 + (i >> 16) as u16))
-            .collect();
+        let frontends =
+            |n: usize| -> Vec<L4Addr> { (0..n).map(|i| addr([10, 97, 0, i as u8], 80)).collect() };
         let backends = [a];
+        let fit = frontends(99);
+        let wanted: Vec<(L4Addr, &[L4Addr])> = fit.iter().map(|f| (*f, &backends[..])).collect();
+        r.apply(&desired(&wanted)).expect("99 frontends fit");
+        assert_eq!(r.maps.services.len(), 99);
+        r.maps.log.clear();
+        // One frontend more than LB4_SERVICES holds.
+        let many = frontends(100);
         let wanted: Vec<(L4Addr, &[L4Addr])> = many.iter().map(|f| (*f, &backends[..])).collect();
         let err = r.apply(&desired(&wanted)).expect_err("over capacity");
         assert_eq!(err.map, map_names::SERVICES_V4);
+        assert!(err.to_string().contains("room for 99"), "{err}");
         assert!(err.to_string().contains("nothing was changed"), "{err}");
+        // More slots than LB_SLOTS holds: 3 frontends of 41 backends, 50 backend ids.
+        let many_backends: Vec<L4Addr> = (0..41).map(|i| addr([10, 0, 1, i as u8], 80)).collect();
+        let three = frontends(3);
+        let wanted: Vec<(L4Addr, &[L4Addr])> =
+            three.iter().map(|f| (*f, &many_backends[..])).collect();
+        let err = r.apply(&desired(&wanted)).expect_err("over capacity");
+        assert_eq!(err.map, map_names::BACKEND_SLOTS, "{err}");
+        // More backends than backend ids.
+        let too_many: Vec<L4Addr> = (0..50).map(|i| addr([10, 0, 2, i as u8], 80)).collect();
+        let err = r
+            .apply(&desired(&[(fit[0], &too_many[..])]))
+            .expect_err("over capacity");
+        assert_eq!(err.map, map_names::BACKENDS_V4, "{err}");
         assert!(
             r.maps.log.is_empty(),
             "wrote {:?}",
             &r.maps.log[..3.min(r.maps.log.len())]
         );
-        assert_eq!(r.maps.services.len(), 1, "the last good state stays");
+        assert_eq!(r.maps.services.len(), 99, "the last good state stays");
     }
 
     #[test]

@@ -239,6 +239,14 @@ fn services_and_endpointslices_from_the_api_server() {
     wait_served(&s.lab, &["pod1", "pod2", "pod3", "pod4"], "scaled up");
     s.api.apply_yaml(&web_slice(&[p(3)])).expect("scale down");
     wait_served(&s.lab, &["pod3"], "scaled down");
+    // A second slice of the Service, then deleted: its endpoint comes and goes.
+    let second = web_slice(&[p(4)]).replace("name: web-abcde", "name: web-fghij");
+    s.api.apply_yaml(&second).expect("second slice");
+    wait_served(&s.lab, &["pod3", "pod4"], "second slice");
+    s.api
+        .delete(Kind::EndpointSlice, "default", "web-fghij")
+        .expect("delete slice");
+    wait_served(&s.lab, &["pod3"], "second slice deleted");
 
     // Claimed by another proxy: the agent lets go of it; unclaimed: back.
     s.api

@@ -4,24 +4,28 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{BackendSlotKey, BackendV4, IPPROTO_TCP, MAX_BACKENDS};
+use lb_common::{BackendSlotKey, BackendV4, DEFAULT_BACKENDS, IPPROTO_TCP};
 use lb_tests::{require_root, PinDir};
 use lb_userspace::{
     bpf::{Datapath, MapSizes, PinnedMaps},
-    maps::ServiceMaps,
+    maps::{Capacity, ServiceMaps},
+    reconcile::Reconciler,
 };
 
 fn open(tag: &str) -> (PinDir, Datapath, PinnedMaps) {
-    require_root();
-    let pin = PinDir::new(tag);
-    let datapath = Datapath::load(
-        pin.path(),
+    open_sized(
+        tag,
         MapSizes {
             conntrack: 1024,
             ..Default::default()
         },
     )
-    .expect("datapath loads");
+}
+
+fn open_sized(tag: &str, sizes: MapSizes) -> (PinDir, Datapath, PinnedMaps) {
+    require_root();
+    let pin = PinDir::new(tag);
+    let datapath = Datapath::load(pin.path(), sizes).expect("datapath loads");
     let maps = PinnedMaps::open(pin.path()).expect("maps open");
     (pin, datapath, maps)
 }
@@ -69,13 +73,14 @@ fn batch_writes_land_and_overwrite() {
         let want = if i % 2 == 0 { v + 7 } else { *v };
         assert_eq!(read[&(k.svc_id, k.slot)], want, "{k:?}");
     }
-    maps.set_slots(&[]).expect("an empty batch is nothing to do");
+    maps.set_slots(&[])
+        .expect("an empty batch is nothing to do");
 }
 
 #[test]
 fn a_batch_the_map_cannot_hold_fails_naming_the_map() {
     let (_pin, _dp, mut maps) = open("batchfull");
-    let too_many: Vec<(u32, BackendV4)> = (1..=MAX_BACKENDS + 1)
+    let too_many: Vec<(u32, BackendV4)> = (1..=DEFAULT_BACKENDS + 1)
         .map(|id| {
             let b = BackendV4 {
                 addr: id.to_be(),
@@ -92,12 +97,49 @@ fn a_batch_the_map_cannot_hold_fails_naming_the_map() {
     let text = e.to_string();
     assert!(text.contains("LB4_BACKENDS"), "{text}");
     assert!(
-        text.contains(&format!("after {} of {}", MAX_BACKENDS, MAX_BACKENDS + 1)),
+        text.contains(&format!(
+            "after {} of {}",
+            DEFAULT_BACKENDS,
+            DEFAULT_BACKENDS + 1
+        )),
         "{text}"
     );
     // What fitted was written.
     assert_eq!(
         maps.backends().expect("iterate").len(),
-        MAX_BACKENDS as usize
+        DEFAULT_BACKENDS as usize
+    );
+}
+
+#[test]
+fn the_maps_are_made_with_the_sizes_asked_for_and_the_reconciler_keeps_to_them() {
+    let sizes = MapSizes {
+        services: 300_000,
+        backends: 1000,
+        slots: 3000,
+        conntrack: 1024,
+        ..Default::default()
+    };
+    let (pin, _dp, maps) = open_sized("sized", sizes);
+    let cap = Capacity {
+        services: 300_000,
+        backends: 1000,
+        slots: 3000,
+    };
+    assert_eq!(maps.capacity(), cap);
+    assert_eq!(
+        lb_userspace::bpf::read_capacity(pin.path()).expect("read"),
+        cap
+    );
+    let r = Reconciler::new(maps).expect("reconciler");
+    let fill: Vec<(&str, usize)> = r.fill().iter().map(|(m, _, c)| (*m, *c)).collect();
+    assert_eq!(
+        fill,
+        [
+            ("LB4_SERVICES", 299_999),
+            ("LB_SLOTS", 3000),
+            ("LB_MEMBERS", 3000),
+            ("LB4_BACKENDS", 999),
+        ]
     );
 }

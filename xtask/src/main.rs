@@ -97,6 +97,10 @@ enum Cmd {
         /// lab, no kube-proxy.
         #[arg(long)]
         in_process_only: bool,
+        /// The lab (four datapaths) runs at the sizes up to this; larger ones are measured
+        /// in process only (kube-proxy's iptables sync alone takes minutes at 10,000).
+        #[arg(long, default_value_t = 10_000)]
+        lab_max: usize,
     },
 }
 
@@ -225,6 +229,7 @@ fn main() -> Result<()> {
             restore_timeout,
             out,
             in_process_only,
+            lab_max,
         } => {
             // What is measured includes this process's own work (translation, map writes):
             // measure an optimised build, not the debug one `cargo xtask` runs.
@@ -238,6 +243,7 @@ fn main() -> Result<()> {
                 let duration = format!("{}ms", duration.as_millis());
                 let connections = connections.to_string();
                 let restore_timeout = format!("{}ms", restore_timeout.as_millis());
+                let lab_max = lab_max.to_string();
                 let mut args = vec![
                     "run",
                     "--release",
@@ -260,6 +266,8 @@ fn main() -> Result<()> {
                     &restore_timeout,
                     "--out",
                     &out,
+                    "--lab-max",
+                    &lab_max,
                 ];
                 if in_process_only {
                     args.push("--in-process-only");
@@ -275,6 +283,7 @@ fn main() -> Result<()> {
                 restore_timeout,
                 out_dir: out,
                 in_process_only,
+                lab_max,
             })
         }
         Cmd::Test => {

@@ -3,9 +3,9 @@
 //! * programming: Kubernetes objects → translation → the maps, from empty (the agent's full
 //!   sync: `sync::Engine::rebuild` and `Reconciler::apply`);
 //! * endpoint change: one EndpointSlice changes and goes the agent's incremental way: the
-//!   changed Service and its slices are picked out of all objects (as a source does), that
-//!   Service is translated again (`Engine::update`) and its frontends programmed
-//!   (`Reconciler::apply_partial`); p50 / p99 over many changes;
+//!   changed Service and its slices are taken from the objects by Service index (as the
+//!   sources keep them), that Service is translated again (`Engine::update`) and its
+//!   frontends programmed (`Reconciler::apply_partial`); p50 / p99 over many changes;
 //! * per packet: the XDP program on a new-flow SYN and on a conntrack hit, next to an XDP
 //!   program that does nothing, by BPF_PROG_TEST_RUN (the kernel's own timing, one frame
 //!   per run, many runs).
@@ -23,11 +23,11 @@ use aya::{
 use lb_tests::PinDir;
 use lb_userspace::{
     bpf::{Datapath, MapSizes, PinnedMaps, EBPF_OBJECT},
-    manifests::Objects,
+    manifests::{Objects, ServiceIndex},
     packet::{Frame, ACK, SYN},
     reconcile::Reconciler,
     sync::Engine,
-    translate::{named_in, service_key_of_service, NodeInfo, ServiceKey},
+    translate::{service_key_of_service, NodeInfo, ServiceKey},
 };
 use serde_json::{json, Value};
 
@@ -53,28 +53,6 @@ fn objects_at(n: usize, generation: usize) -> Result<lb_userspace::manifests::Ob
     objects(&set)
 }
 
-/// The named Services and their EndpointSlices, picked out of all objects by a scan, as the
-/// manifests source does.
-fn pick(all: &Objects, keys: &std::collections::BTreeSet<ServiceKey>) -> Objects {
-    let wanted: std::collections::HashSet<(&str, &str)> =
-        keys.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect();
-    Objects {
-        services: all
-            .services
-            .iter()
-            .filter(|s| named_in(&s.metadata, false, &wanted))
-            .cloned()
-            .collect(),
-        slices: all
-            .slices
-            .iter()
-            .filter(|s| named_in(&s.metadata, true, &wanted))
-            .cloned()
-            .collect(),
-        pods: Vec::new(),
-    }
-}
-
 /// Average kernel-measured time of one run of `prog` over `frames` (one frame per run).
 fn per_packet(prog: &Xdp, frames: &[Vec<u8>]) -> Result<f64> {
     let mut total = Duration::ZERO;
@@ -88,6 +66,25 @@ fn per_packet(prog: &Xdp, frames: &[Vec<u8>]) -> Result<f64> {
     Ok(total.as_nanos() as f64 / frames.len().max(1) as f64)
 }
 
+/// Map sizes for `n` generated Services (as `--max-services`, `--max-backends`,
+/// `--max-backend-slots`, `--maglev-tables` would set them): the defaults, or room for the
+/// ClusterIPs, the NodePorts (every tenth, at most 2,000: one Maglev table each), 4
+/// endpoints each, all distinct, rounded up to a power of two.
+pub fn sizes_for(n: usize) -> MapSizes {
+    let d = MapSizes::default();
+    let room = |want: usize, default: u32| (want.next_power_of_two() as u32).max(default);
+    let node_ports = n.div_ceil(10).min(2000);
+    let frontends = n + node_ports + 16;
+    MapSizes {
+        services: room(frontends, d.services),
+        backends: room(4 * n + 16, d.backends),
+        slots: room(4 * frontends, d.slots),
+        conntrack: 262_144,
+        maglev: lb_common::DEFAULT_MAGLEV_SIZE * room(node_ports, lb_common::DEFAULT_MAGLEV_TABLES),
+        ..d
+    }
+}
+
 /// The in-process measurements for `n` Services, as a results.json row.
 pub fn measure(n: usize, changes: usize, packets: usize) -> Result<Value> {
     let node = NodeInfo {
@@ -96,13 +93,8 @@ pub fn measure(n: usize, changes: usize, packets: usize) -> Result<Value> {
         zone: None,
     };
     let pin = PinDir::new("bench");
-    let mut datapath = Datapath::load(
-        pin.path(),
-        MapSizes {
-            conntrack: 262_144,
-            ..Default::default()
-        },
-    )?;
+    let sizes = sizes_for(n);
+    let mut datapath = Datapath::load(pin.path(), sizes)?;
     datapath.set_config(
         lb_common::config::MAGLEV_SIZE,
         lb_common::DEFAULT_MAGLEV_SIZE,
@@ -117,6 +109,12 @@ pub fn measure(n: usize, changes: usize, packets: usize) -> Result<Value> {
 
     let mut times = Vec::with_capacity(changes);
     let variants = [objects_at(n, 1)?, base];
+    // The sources keep their objects indexed by Service (the API source as the watch events
+    // come, the manifests source as a file is read): the index is not part of a change.
+    let indexes = [
+        ServiceIndex::of(&variants[0]),
+        ServiceIndex::of(&variants[1]),
+    ];
     let changed: std::collections::BTreeSet<ServiceKey> = variants[0]
         .services
         .last()
@@ -124,9 +122,9 @@ pub fn measure(n: usize, changes: usize, packets: usize) -> Result<Value> {
         .into_iter()
         .collect();
     for k in 0..changes {
-        let objs = &variants[k % 2];
         let started = Instant::now();
-        let subset = pick(objs, &changed);
+        let mut subset = Objects::default();
+        indexes[k % 2].pick(&variants[k % 2], &changed, &mut subset);
         let (partial, _) = engine
             .update(&subset, &node, &changed)
             .context("an update without competing Services")?;
@@ -163,6 +161,7 @@ pub fn measure(n: usize, changes: usize, packets: usize) -> Result<Value> {
     let new_ns = per_packet(prog, &new_flows)?;
     Ok(json!({
         "services": n,
+        "map_sizes": {"services": sizes.services, "backends": sizes.backends, "backend_slots": sizes.slots},
         "programming_ms": programming.as_secs_f64() * 1000.0,
         "endpoint_change_p50_ms": percentile(&times, 0.5).as_secs_f64() * 1000.0,
         "endpoint_change_p99_ms": percentile(&times, 0.99).as_secs_f64() * 1000.0,

@@ -48,6 +48,8 @@ pub struct Options {
     pub out_dir: PathBuf,
     /// Only the in-process measurements (programming, endpoint change, per packet).
     pub in_process_only: bool,
+    /// The lab runs at sizes up to this.
+    pub lab_max: usize,
 }
 
 /// A duration as `5s`, `500ms` or plain seconds (`5`).
@@ -84,7 +86,7 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         let mut row = micro::measure(n, opts.changes, opts.packets)?;
         let mut datapaths = Map::new();
-        let lab = if opts.in_process_only {
+        let lab = if opts.in_process_only || n > opts.lab_max {
             &[][..]
         } else {
             &Datapath::ALL[..]
@@ -256,12 +258,16 @@ fn markdown(rows: &[Value], machine: &str, opts: &Options) -> Result<String> {
     }
 
     let mut failures = Vec::new();
-    // The lab's sections, unless only the in-process part ran.
-    if !opts.in_process_only {
+    // The lab's sections, for the sizes the lab ran at.
+    let lab_rows: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["datapaths"].as_object().is_some_and(|d| !d.is_empty()))
+        .collect();
+    if !lab_rows.is_empty() {
         writeln!(md, "\n## Four datapaths on the lab\n")?;
         writeln!(md, "| Services | datapath | programming (ms) | new conn/s pod → ClusterIP (p50 / p99 ms) | new conn/s outside → NodePort (p50 / p99 ms) | keep-alive req/s pod → ClusterIP | iperf3 pod → ClusterIP (Gbit/s) | iperf3 outside → NodePort (Gbit/s) |")?;
         writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|")?;
-        for r in rows {
+        for r in &lab_rows {
             for dp in Datapath::ALL {
                 let v = &r["datapaths"][dp.key()];
                 if let Some(e) = v.get("error") {
@@ -302,7 +308,7 @@ fn markdown(rows: &[Value], machine: &str, opts: &Options) -> Result<String> {
         writeln!(md, "\n## lb-agent against the others (new connections per second, pod → ClusterIP; outside → NodePort)\n")?;
         writeln!(md, "| Services | ÷ iptables | ÷ nftables | ÷ straight to pod | lb-agent start → programmed (ms) | lb-agent VmRSS / VmHWM (MiB) |")?;
         writeln!(md, "|---:|---:|---:|---:|---:|---:|")?;
-        for r in rows {
+        for r in &lab_rows {
             let d = &r["datapaths"];
             let rate = |dp: Datapath, which: &str| num(&d[dp.key()], &[which, "per_second"]);
             let ratios = |other: Datapath| {
@@ -385,7 +391,7 @@ mod tests {
         let _turn = lab_turn();
         let out = std::env::temp_dir().join(format!("lb-bench-smoke-{}", std::process::id()));
         run(&Options {
-            services: vec![1, 20],
+            services: vec![1, 20, 50],
             changes: 4,
             packets: 2000,
             duration: Duration::from_secs(1),
@@ -393,13 +399,14 @@ mod tests {
             restore_timeout: Duration::from_secs(60),
             out_dir: out.clone(),
             in_process_only: false,
+            lab_max: 20,
         })
         .expect("bench");
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).expect("json"))
                 .expect("valid json");
         let rows = v["results"].as_array().expect("results");
-        assert_eq!(rows.len(), 2);
+        assert_eq!(rows.len(), 3);
         for r in rows {
             for k in [
                 "programming_ms",
@@ -416,6 +423,11 @@ mod tests {
                 r["conntrack_hit_ns"].as_f64() > r["empty_program_ns"].as_f64(),
                 "{r}"
             );
+            if r["services"].as_u64() > Some(20) {
+                // Above --lab-max: in process only.
+                assert_eq!(r["datapaths"], serde_json::json!({}), "{r}");
+                continue;
+            }
             for dp in Datapath::ALL {
                 let d = &r["datapaths"][dp.key()];
                 for k in [
@@ -439,6 +451,8 @@ mod tests {
         }
         let md = std::fs::read_to_string(out.join("results.md")).expect("md");
         assert!(md.contains("| 20 | kube-proxy nftables |"), "{md}");
+        assert!(md.contains("\n| 50 | "), "{md}");
+        assert!(!md.contains("| 50 | lb-agent"), "{md}");
         assert!(!md.contains("Not measured"), "{md}");
         let png = std::fs::read(out.join("results.png")).expect("png");
         assert_eq!(&png[1..4], b"PNG");
