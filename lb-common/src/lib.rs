@@ -230,7 +230,7 @@ map_type! {
 map_type! {
     /// A conntrack entry: the tuple the packet is rewritten to, and whose flow it is.
     pub struct CtEntryV4 {
-        /// `bpf_ktime_get_ns()` of the last packet (refreshed at most every `CT_REFRESH_NS`).
+        /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC at tick resolution) of the last packet (refreshed at most every `CT_REFRESH_NS`).
         pub last_seen_ns: u64,
         pub nat_saddr: u32,
         pub nat_daddr: u32,
@@ -350,7 +350,7 @@ pub const FLOW_CLOSED: u8 = 2;
 map_type! {
     /// A load-balancing decision, reported through the `LB_FLOWS` ring buffer.
     pub struct FlowEvent {
-        /// `bpf_ktime_get_ns()` (monotonic).
+        /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC at tick resolution).
         pub ts_ns: u64,
         /// Network byte order, as the packet carried them.
         pub client_addr: u32,

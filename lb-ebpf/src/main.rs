@@ -40,7 +40,7 @@ use aya_ebpf::{
         TC_ACT_SHOT,
     },
     helpers::{
-        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_head,
+        bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_skb_change_head,
         bpf_skb_change_tail, bpf_skb_pull_data,
     },
     macros::{classifier, map, xdp},
@@ -456,8 +456,8 @@ fn process(ctx: &impl Hook) -> Verdict {
             // The client closes (FIN or RST) a reported flow: report that once.
             if entry.flags & CT_F_REPORTED != 0 && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
                 entry.flags &= !CT_F_REPORTED;
-                // SAFETY: bpf_ktime_get_ns has no preconditions.
-                let now = unsafe { bpf_ktime_get_ns() };
+                // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+                let now = unsafe { bpf_ktime_get_coarse_ns() };
                 report_flow(FLOW_CLOSED, proto, &pkt, &to, entry.svc_id, now);
             }
             note_close(entry, tcp_flags);
@@ -516,8 +516,8 @@ fn process(ctx: &impl Hook) -> Verdict {
         return Verdict::Reject;
     }
 
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let affinity_key = AffinityKeyV4 {
         group: svc.affinity_group,
         client: pkt.saddr,
@@ -847,8 +847,8 @@ fn keep_flow(proto: u8, tcp_flags: u8, backend_id: u32) -> bool {
 
 #[inline(always)]
 fn refresh(entry: &mut CtEntryV4) {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if now.wrapping_sub(entry.last_seen_ns) > CT_REFRESH_NS {
         entry.last_seen_ns = now;
     }

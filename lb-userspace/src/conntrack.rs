@@ -82,7 +82,8 @@ fn expired(
     }
 }
 
-/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_coarse_ns`, which trails it by at most a
+/// tick (ages come out that much longer).
 fn monotonic_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64);
