@@ -608,8 +608,111 @@ impl MaglevMap {
     }
 }
 
-/// `BPF_MAP_UPDATE_BATCH` (kernel 5.6): many entries of a hash map written by one syscall.
+// Batch operations on hash maps (kernel 5.6): many entries per syscall.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+/// The kernel's ENOTSUPP: the map type has no batch operations.
+const ENOTSUPP: i32 = 524;
+
+/// One `bpf(cmd, attr)` call; the kernel writes `attr.count` back.
+fn batch_call(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: `attr` is a valid `bpf_attr.batch`; the callers point its key, value and
+    // token pointers at buffers of `count` entries of the map's own sizes, alive for the
+    // call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>() as u32,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn unsupported(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(ENOTSUPP))
+}
+
+/// Every entry of the hash map behind `fd`, read by `BPF_MAP_LOOKUP_BATCH`; `None` when the
+/// kernel has no batch lookups for it (the caller iterates instead). Entries that change
+/// during the read may be seen in either state.
+pub fn dump_batch<K: aya::Pod, V: aya::Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<Option<Vec<(K, V)>>> {
+    const BATCH: usize = 8192;
+    let mut out = Vec::new();
+    // SAFETY: `Pod` types are plain data, valid for any bytes (zeroes here).
+    let (mut keys, mut values): (Vec<K>, Vec<V>) = unsafe {
+        (
+            vec![std::mem::zeroed(); BATCH],
+            vec![std::mem::zeroed(); BATCH],
+        )
+    };
+    // The resume token (a bucket index for hash maps), room for a key to be safe.
+    let mut token_in = [0u64; 8];
+    let mut token_out = [0u64; 8];
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
+            out_batch: token_out.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+            ..Default::default()
+        };
+        let r = batch_call(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = (attr.count as usize).min(BATCH);
+        match r {
+            Ok(()) => {}
+            // The end of the map: the last entries are in this batch.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+                return Ok(Some(out));
+            }
+            Err(e) if first && unsupported(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        token_in = token_out;
+        first = false;
+    }
+}
+
+/// Deletes `keys` from the hash map behind `fd` by `BPF_MAP_DELETE_BATCH`; keys already gone
+/// are skipped. `Ok(false)` when the kernel has no batch deletes (nothing was deleted).
+pub fn delete_batch<K: aya::Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
+) -> std::io::Result<bool> {
+    let mut done = 0;
+    while done < keys.len() {
+        let rest = &keys[done..];
+        let mut attr = BatchAttr {
+            keys: rest.as_ptr() as u64,
+            count: rest.len() as u32,
+            map_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+            ..Default::default()
+        };
+        match batch_call(BPF_MAP_DELETE_BATCH, &mut attr) {
+            Ok(()) => return Ok(true),
+            // `count` were deleted, the next one was already gone: go on after it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                done += attr.count as usize + 1;
+            }
+            Err(e) if done == 0 && attr.count == 0 && unsupported(&e) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
 
 /// The `batch` member of `union bpf_attr`.
 #[repr(C)]
@@ -633,8 +736,6 @@ fn update_batch<K: aya::Pod, V: aya::Pod>(
     entries: &[(K, V)],
 ) -> std::io::Result<bool> {
     const BATCH: usize = 16_384;
-    /// The kernel's ENOTSUPP: the map type has no batch operations.
-    const ENOTSUPP: i32 = 524;
     for (n, chunk) in entries.chunks(BATCH).enumerate() {
         let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
         let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
@@ -645,20 +746,8 @@ fn update_batch<K: aya::Pod, V: aya::Pod>(
             map_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
             ..Default::default()
         };
-        // SAFETY: `attr` is a valid `bpf_attr.batch`: its key and value pointers point at
-        // `count` packed keys and values of the map's own types, alive for the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
-        };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            let unsupported = matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(ENOTSUPP));
-            if n == 0 && attr.count == 0 && unsupported {
+        if let Err(e) = batch_call(BPF_MAP_UPDATE_BATCH, &mut attr) {
+            if n == 0 && attr.count == 0 && unsupported(&e) {
                 return Ok(false);
             }
             return Err(std::io::Error::new(

@@ -4,7 +4,7 @@
 //! a grace period, or has been idle longer than its protocol's timeout. The LRU maps also
 //! evict under pressure; this keeps them from filling with dead flows in the first place.
 
-use std::{path::Path, time::Duration};
+use std::{os::fd::AsFd, path::Path, time::Duration};
 
 use anyhow::Result;
 use aya::maps::{HashMap, Map, MapData};
@@ -13,7 +13,7 @@ use lb_common::{
     IPPROTO_TCP,
 };
 
-use crate::bpf::open_map;
+use crate::bpf::{delete_batch, dump_batch, open_map};
 
 /// When flows are removed.
 #[derive(Debug, Clone, Copy)]
@@ -90,31 +90,58 @@ fn monotonic_ns() -> u64 {
     ts.unwrap_or(0)
 }
 
-/// One sweep over the pinned conntrack and SNAT maps.
+/// Every entry of a conntrack-shaped map: one batch read where the kernel has them (a few
+/// syscalls for the whole map instead of two per entry).
+fn read_all(map: &HashMap<MapData, CtKeyV4, CtEntryV4>) -> Result<Vec<(CtKeyV4, CtEntryV4)>> {
+    let fd = aya::maps::IterableMap::map(map).fd().as_fd();
+    Ok(match dump_batch(fd)? {
+        Some(all) => all,
+        None => map.iter().filter_map(|r| r.ok()).collect(),
+    })
+}
+
+/// Deletes `keys` (those already gone are skipped), in batches where the kernel has them.
+fn remove_all(map: &mut HashMap<MapData, CtKeyV4, CtEntryV4>, keys: &[CtKeyV4]) -> Result<()> {
+    let fd = aya::maps::IterableMap::map(map).fd().as_fd();
+    if !delete_batch(fd, keys)? {
+        for k in keys {
+            let _ = map.remove(k);
+        }
+    }
+    Ok(())
+}
+
+/// One sweep over the pinned conntrack and SNAT maps: both read whole, decided in memory,
+/// the expired entries deleted together.
 pub fn sweep(pin: &Path, t: &Timeouts) -> Result<Swept> {
     let mut ct: HashMap<MapData, CtKeyV4, CtEntryV4> =
         HashMap::try_from(Map::LruHashMap(open_map(pin, map_names::CONNTRACK_V4)?))?;
     let mut snat: HashMap<MapData, CtKeyV4, CtEntryV4> =
         HashMap::try_from(Map::LruHashMap(open_map(pin, map_names::SNAT_V4)?))?;
     let now = monotonic_ns();
-    let entries: Vec<(CtKeyV4, CtEntryV4)> = ct.iter().filter_map(|r| r.ok()).collect();
+    let entries = read_all(&ct)?;
+    let snat_entries = read_all(&snat)?;
+    let ct_by_key: std::collections::HashMap<CtKeyV4, CtEntryV4> =
+        entries.iter().copied().collect();
+    let snat_by_key: std::collections::HashMap<CtKeyV4, CtEntryV4> =
+        snat_entries.iter().copied().collect();
     let mut swept = Swept::default();
     let mut drop_ct = Vec::new();
-    let mut drop_snat = Vec::new();
+    let mut drop_snat = std::collections::HashSet::new();
     for (key, e) in &entries {
         if e.flags & CT_F_FORWARD != 0 {
             let pk = partner_key(key, e);
             let in_snat = e.flags & CT_F_SNAT != 0;
             let reply = if in_snat {
-                snat.get(&pk, 0).ok()
+                snat_by_key.get(&pk)
             } else {
-                ct.get(&pk, 0).ok()
+                ct_by_key.get(&pk)
             };
-            if expired(e, reply.as_ref(), key.proto, now, t) {
+            if expired(e, reply, key.proto, now, t) {
                 drop_ct.push(*key);
                 if reply.is_some() {
                     if in_snat {
-                        drop_snat.push(pk);
+                        drop_snat.insert(pk);
                     } else {
                         drop_ct.push(pk);
                     }
@@ -125,7 +152,7 @@ pub fn sweep(pin: &Path, t: &Timeouts) -> Result<Swept> {
             // A reply entry whose forward entry the LRU evicted: nothing can use it.
             let fk = partner_key(key, e);
             let idle = Duration::from_nanos(now.saturating_sub(e.last_seen_ns));
-            if ct.get(&fk, 0).is_err() && idle >= t.closed {
+            if !ct_by_key.contains_key(&fk) && idle >= t.closed {
                 drop_ct.push(*key);
                 swept.orphans += 1;
             }
@@ -137,21 +164,19 @@ pub fn sweep(pin: &Path, t: &Timeouts) -> Result<Swept> {
         .filter(|(_, e)| e.flags & CT_F_SNAT != 0 && e.flags & CT_F_FORWARD != 0)
         .map(|(k, e)| partner_key(k, e))
         .collect();
-    for r in snat.iter() {
-        let Ok((k, e)) = r else { continue };
+    for (k, e) in &snat_entries {
         let idle = Duration::from_nanos(now.saturating_sub(e.last_seen_ns));
-        if !forward_snat.contains(&k) && idle >= t.closed && !drop_snat.contains(&k) {
-            drop_snat.push(k);
+        if !forward_snat.contains(k) && idle >= t.closed && drop_snat.insert(*k) {
             swept.orphans += 1;
         }
     }
-    for k in &drop_ct {
-        let _ = ct.remove(k);
-    }
+    // A reply entry is also its partner's: delete each key once.
+    drop_ct.sort_unstable_by_key(|k| (k.saddr, k.daddr, k.sport, k.dport, k.proto));
+    drop_ct.dedup();
+    remove_all(&mut ct, &drop_ct)?;
     swept.snat = drop_snat.len();
-    for k in &drop_snat {
-        let _ = snat.remove(k);
-    }
+    let drop_snat: Vec<CtKeyV4> = drop_snat.into_iter().collect();
+    remove_all(&mut snat, &drop_snat)?;
     Ok(swept)
 }
 

@@ -143,3 +143,54 @@ fn the_maps_are_made_with_the_sizes_asked_for_and_the_reconciler_keeps_to_them()
         ]
     );
 }
+
+#[test]
+fn conntrack_is_read_and_pruned_in_batches() {
+    use aya::maps::{HashMap, Map, MapData};
+    use lb_common::{map_names, CtEntryV4, CtKeyV4};
+    use std::os::fd::AsFd;
+
+    let (pin, _dp, _maps) = open_sized(
+        "ctbatch",
+        MapSizes {
+            conntrack: 65_536,
+            ..Default::default()
+        },
+    );
+    let data = MapData::from_pin(pin.path().join(map_names::CONNTRACK_V4)).expect("pinned");
+    let mut ct: HashMap<MapData, CtKeyV4, CtEntryV4> =
+        HashMap::try_from(Map::LruHashMap(data)).expect("conntrack map");
+    let key = |i: u32| CtKeyV4 {
+        saddr: i.to_be(),
+        daddr: 0x0a60_0001u32.to_be(),
+        sport: (i as u16).to_be(),
+        dport: 80u16.to_be(),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    for i in 0..20_000u32 {
+        let e = CtEntryV4 {
+            backend_id: i,
+            ..Default::default()
+        };
+        ct.insert(key(i), e, 0).expect("insert");
+    }
+    let fd = aya::maps::IterableMap::map(&ct).fd().as_fd();
+    let all: Vec<(CtKeyV4, CtEntryV4)> = lb_userspace::bpf::dump_batch(fd)
+        .expect("batch read")
+        .expect("this kernel has batch lookups");
+    assert_eq!(all.len(), 20_000);
+    for (k, e) in &all {
+        assert_eq!(*k, key(e.backend_id));
+    }
+    // Every other key, and some that were never there (skipped, not an error).
+    let mut doomed: Vec<CtKeyV4> = (0..20_000u32).step_by(2).map(key).collect();
+    doomed.insert(10, key(1_000_000));
+    doomed.push(key(2_000_000));
+    assert!(lb_userspace::bpf::delete_batch(fd, &doomed).expect("batch delete"));
+    let left = lb_userspace::bpf::dump_batch::<CtKeyV4, CtEntryV4>(fd)
+        .expect("batch read")
+        .expect("batch lookups");
+    assert_eq!(left.len(), 10_000);
+    assert!(left.iter().all(|(_, e)| e.backend_id % 2 == 1));
+}
