@@ -80,6 +80,9 @@ struct Shared {
 /// and, for an EndpointSlice, its change trigger time.
 trait Tracked {
     fn service_key(&self) -> Option<ServiceKey>;
+    /// Kept in the reflector's index by Service (EndpointSlices: a Service's slices are
+    /// found without a scan; Services are found by name).
+    const INDEXED: bool = false;
     fn trigger_time(&self) -> Option<SystemTime> {
         None
     }
@@ -92,6 +95,7 @@ impl Tracked for Service {
 }
 
 impl Tracked for EndpointSlice {
+    const INDEXED: bool = true;
     fn service_key(&self) -> Option<ServiceKey> {
         // A slice without the label belongs to no Service: nothing to translate again.
         Some(service_key_of_slice(self).unwrap_or_default())
@@ -410,6 +414,9 @@ fn note<K>(index: &Index<K>, obj: &K, present: bool)
 where
     K: Resource<DynamicType = ()> + Tracked,
 {
+    if !K::INDEXED {
+        return;
+    }
     let Some(key) = obj.service_key() else {
         return;
     };

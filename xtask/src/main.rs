@@ -101,6 +101,9 @@ enum Cmd {
         /// in process only (kube-proxy's iptables sync alone takes minutes at 10,000).
         #[arg(long, default_value_t = 10_000)]
         lab_max: usize,
+        /// Rounds of new-connection runs over the four datapaths (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
 }
 
@@ -230,6 +233,7 @@ fn main() -> Result<()> {
             out,
             in_process_only,
             lab_max,
+            rounds,
         } => {
             // What is measured includes this process's own work (translation, map writes):
             // measure an optimised build, not the debug one `cargo xtask` runs.
@@ -244,6 +248,7 @@ fn main() -> Result<()> {
                 let connections = connections.to_string();
                 let restore_timeout = format!("{}ms", restore_timeout.as_millis());
                 let lab_max = lab_max.to_string();
+                let rounds = rounds.to_string();
                 let mut args = vec![
                     "run",
                     "--release",
@@ -268,6 +273,8 @@ fn main() -> Result<()> {
                     &out,
                     "--lab-max",
                     &lab_max,
+                    "--rounds",
+                    &rounds,
                 ];
                 if in_process_only {
                     args.push("--in-process-only");
@@ -284,6 +291,7 @@ fn main() -> Result<()> {
                 out_dir: out,
                 in_process_only,
                 lab_max,
+                rounds,
             })
         }
         Cmd::Test => {

@@ -4,7 +4,7 @@
 //! For each number of Services (4 endpoints each):
 //! * in this process ([`micro`]): lb-agent's programming time, endpoint-change latency and
 //!   per-packet cost by BPF_PROG_TEST_RUN;
-//! * on the lab ([`lab`]), for each of four datapaths in turn, each on a lab of its own:
+//! * on the lab ([`lab`]), four datapaths, each on a lab of its own, all up at once:
 //!   lb-agent (`lb-agent run --manifests`), kube-proxy's iptables ruleset
 //!   (`iptables-restore`), its nftables ruleset (`nft -f`), and straight to the pod: the time
 //!   to program the Services, new connections per second and their latency with `wrk` and
@@ -50,6 +50,8 @@ pub struct Options {
     pub in_process_only: bool,
     /// The lab runs at sizes up to this.
     pub lab_max: usize,
+    /// Rounds of new-connection runs over the datapaths (the median is reported).
+    pub rounds: usize,
 }
 
 /// A duration as `5s`, `500ms` or plain seconds (`5`).
@@ -86,20 +88,12 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         let mut row = micro::measure(n, opts.changes, opts.packets)?;
         let mut datapaths = Map::new();
-        let lab = if opts.in_process_only || n > opts.lab_max {
-            &[][..]
-        } else {
-            &Datapath::ALL[..]
-        };
-        for &dp in lab {
-            eprintln!("{n} services: {}", dp.title());
-            let mut v = measure_datapath(dp, n, opts)
-                .unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
-            if dp == Datapath::LbAgent {
+        if !opts.in_process_only && n <= opts.lab_max {
+            datapaths = measure_labs(n, opts);
+            if let Some(v) = datapaths.get_mut(Datapath::LbAgent.key()) {
                 // lb-agent's programming time is the in-process measurement above.
                 v["programming_ms"] = row["programming_ms"].clone();
             }
-            datapaths.insert(dp.key().into(), v);
         }
         row["datapaths"] = Value::Object(datapaths);
         rows.push(row);
@@ -121,6 +115,7 @@ pub fn run(opts: &Options) -> Result<()> {
         "changes": opts.changes, "packets": opts.packets,
         "duration_s": opts.duration.as_secs_f64(), "connections": opts.connections,
         "restore_timeout_s": opts.restore_timeout.as_secs_f64(),
+        "rounds": opts.rounds, "lab_max": opts.lab_max,
     });
     write(
         &opts.out_dir.join("results.json"),
@@ -140,9 +135,17 @@ fn attempt(v: &mut Value, key: &str, f: impl FnOnce() -> Result<Value>) {
     v[key] = f().unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
 }
 
-/// One datapath on a lab of its own: program the Services, check both clients get an
-/// answer from a pod, then the traffic measurements.
-fn measure_datapath(dp: Datapath, n: usize, opts: &Options) -> Result<Value> {
+/// One datapath on a lab of its own, programmed and answering.
+struct Ready {
+    dp: Datapath,
+    lab: BenchLab,
+    targets: lab::Targets,
+    /// What was measured so far (programming time, memory, ...).
+    v: Value,
+}
+
+/// Builds a lab for `dp`, programs the Services and checks both clients get an answer.
+fn prepare(dp: Datapath, n: usize, opts: &Options) -> Result<Ready> {
     let mut b = BenchLab::up()?;
     let set = lab::service_set(n, &b.endpoints());
     let mut v = json!({});
@@ -173,15 +176,52 @@ fn measure_datapath(dp: Datapath, n: usize, opts: &Options) -> Result<Value> {
                 json!(b.load_nft(&set, opts.restore_timeout)?.as_secs_f64() * 1000.0);
         }
     }
-    let t = b.targets(dp, &set)?;
-    let inside = b.client().ns.clone();
-    let outside = b.lab.ext_ns.clone();
+    let targets = b.targets(dp, &set)?;
     let a = b
-        .ask(&inside, t.http_inside)
+        .ask(&b.client().ns, targets.http_inside)
         .context("from the client pod")?;
-    let o = b.ask(&outside, t.http_outside).context("from outside")?;
+    let o = b
+        .ask(&b.lab.ext_ns, targets.http_outside)
+        .context("from outside")?;
     v["answered_by"] = json!([a, o]);
-    let wrk = |ns: &str, to, close| {
+    Ok(Ready {
+        dp,
+        lab: b,
+        targets,
+        v,
+    })
+}
+
+/// The run with the median rate out of `runs` (wrk JSON), with every run's rate beside it.
+fn median_run(mut runs: Vec<Value>) -> Result<Value> {
+    let rate = |v: &Value| num(v, &["per_second"]).unwrap_or(0.0);
+    runs.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+    let rates: Vec<f64> = runs.iter().map(rate).collect();
+    let mut mid = runs
+        .get(runs.len() / 2)
+        .cloned()
+        .context("no run measured")?;
+    mid["rounds"] = json!(rates);
+    Ok(mid)
+}
+
+/// The four datapaths side by side, each on a lab of its own, all labs up at once: the
+/// new-connection runs go round the datapaths `opts.rounds` times (so that every datapath
+/// samples the same stretches of a noisy machine) and each reports its median round; then
+/// keep-alive and iperf3 once each.
+fn measure_labs(n: usize, opts: &Options) -> Map<String, Value> {
+    let mut out = Map::new();
+    let mut ready = Vec::new();
+    for dp in Datapath::ALL {
+        eprintln!("{n} services: {}", dp.title());
+        match prepare(dp, n, opts) {
+            Ok(r) => ready.push(r),
+            Err(e) => {
+                out.insert(dp.key().into(), json!({"error": format!("{e:#}")}));
+            }
+        }
+    }
+    let wrk = |ns: &str, to, close| -> Result<Value> {
         let w = traffic::wrk(&WrkRun {
             ns,
             to,
@@ -192,22 +232,45 @@ fn measure_datapath(dp: Datapath, n: usize, opts: &Options) -> Result<Value> {
         })?;
         Ok(w.to_json())
     };
-    attempt(&mut v, "new_connections_inside", || {
-        wrk(&inside, t.http_inside, true)
-    });
-    attempt(&mut v, "new_connections_outside", || {
-        wrk(&outside, t.http_outside, true)
-    });
-    attempt(&mut v, "keepalive_inside", || {
-        wrk(&inside, t.http_inside, false)
-    });
-    attempt(&mut v, "iperf_inside", || {
-        Ok(traffic::iperf3(&inside, t.iperf_inside, opts.duration)?.to_json())
-    });
-    attempt(&mut v, "iperf_outside", || {
-        Ok(traffic::iperf3(&outside, t.iperf_outside, opts.duration)?.to_json())
-    });
-    Ok(v)
+    let mut runs: Vec<[Vec<Value>; 2]> = ready.iter().map(|_| [vec![], vec![]]).collect();
+    let mut failed: Vec<[Option<String>; 2]> = ready.iter().map(|_| [None, None]).collect();
+    for round in 0..opts.rounds.max(1) {
+        eprintln!("{n} services: new connections, round {}", round + 1);
+        for (i, r) in ready.iter().enumerate() {
+            let from = [r.lab.client().ns.clone(), r.lab.lab.ext_ns.clone()];
+            let to = [r.targets.http_inside, r.targets.http_outside];
+            for k in 0..2 {
+                match wrk(&from[k], to[k], true) {
+                    Ok(v) => runs[i][k].push(v),
+                    Err(e) => failed[i][k] = Some(format!("{e:#}")),
+                }
+            }
+        }
+    }
+    for (i, mut r) in ready.into_iter().enumerate() {
+        let keys = ["new_connections_inside", "new_connections_outside"];
+        for k in 0..2 {
+            let got = std::mem::take(&mut runs[i][k]);
+            let why = failed[i][k].take();
+            attempt(&mut r.v, keys[k], || match why {
+                Some(e) => bail!(e),
+                None => median_run(got),
+            });
+        }
+        let (inside, outside) = (r.lab.client().ns.clone(), r.lab.lab.ext_ns.clone());
+        let t = r.targets;
+        attempt(&mut r.v, "keepalive_inside", || {
+            wrk(&inside, t.http_inside, false)
+        });
+        attempt(&mut r.v, "iperf_inside", || {
+            Ok(traffic::iperf3(&inside, t.iperf_inside, opts.duration)?.to_json())
+        });
+        attempt(&mut r.v, "iperf_outside", || {
+            Ok(traffic::iperf3(&outside, t.iperf_outside, opts.duration)?.to_json())
+        });
+        out.insert(r.dp.key().into(), r.v);
+    }
+    out
 }
 
 /// A number at `path` in `v`, if it was measured.
@@ -345,7 +408,8 @@ fn markdown(rows: &[Value], machine: &str, opts: &Options) -> Result<String> {
     writeln!(
         md,
         "\nMeasured on {machine}; {} endpoint changes and {} packets per size in process; on the \
-         lab, wrk with 2 threads and {} connections and iperf3, {:.0} s each. Programming: \
+         lab (four labs up at once), wrk with 2 threads and {} connections and iperf3, {:.0} s \
+         each, the new-connection runs {} rounds over the datapaths, the median round shown. Programming: \
          lb-agent's translation and map writes in process, `iptables-restore --noflush` and \
          `nft -f` of kube-proxy's full ruleset, each timed as a whole. Per-packet times are the \
          kernel's BPF_PROG_TEST_RUN timing: the empty program and a conntrack hit 1,000 runs of \
@@ -355,7 +419,8 @@ fn markdown(rows: &[Value], machine: &str, opts: &Options) -> Result<String> {
         opts.changes,
         opts.packets,
         opts.connections,
-        opts.duration.as_secs_f64()
+        opts.duration.as_secs_f64(),
+        opts.rounds.max(1)
     )?;
     Ok(md)
 }
@@ -377,6 +442,20 @@ fn lab_turn() -> std::sync::MutexGuard<'static, ()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_median_round_is_reported_with_all_rounds() {
+        let run = |r: f64| json!({"per_second": r, "latency_ms": {"p50": r / 1000.0}});
+        let m = median_run(vec![run(300.0), run(100.0), run(200.0)]).expect("median");
+        assert_eq!(m["per_second"], json!(200.0));
+        assert_eq!(
+            m["latency_ms"]["p50"],
+            json!(0.2),
+            "the median run's own latencies"
+        );
+        assert_eq!(m["rounds"], json!([100.0, 200.0, 300.0]));
+        assert!(median_run(vec![]).is_err());
+    }
 
     #[test]
     fn durations() {
@@ -409,6 +488,7 @@ mod tests {
             out_dir: out.clone(),
             in_process_only: false,
             lab_max: 20,
+            rounds: 2,
         })
         .expect("bench");
         let v: serde_json::Value =
@@ -446,6 +526,10 @@ mod tests {
                 ] {
                     let rate = num(d, &[k, "per_second"]).unwrap_or(-1.0);
                     assert!(rate > 0.0, "{} {k}: {d}", dp.key());
+                    if k != "keepalive_inside" {
+                        let rounds = d[k]["rounds"].as_array().map(Vec::len);
+                        assert_eq!(rounds, Some(2), "{} {k}: {d}", dp.key());
+                    }
                 }
                 for k in ["iperf_inside", "iperf_outside"] {
                     let g = num(d, &[k, "gbit_per_second"]).unwrap_or(-1.0);
