@@ -101,7 +101,7 @@ enum Cmd {
         /// in process only (kube-proxy's iptables sync alone takes minutes at 10,000).
         #[arg(long, default_value_t = 10_000)]
         lab_max: usize,
-        /// Rounds of new-connection runs over the four datapaths (the median is reported).
+        /// Rounds of new-connection runs over the four datapaths (the best is reported).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
