@@ -44,12 +44,14 @@ fn batch_writes_land_and_overwrite() {
         })
         .collect();
     maps.set_slots(&entries).expect("batch write");
-    let read: BTreeMap<(u32, u32), u32> = maps
-        .slots()
-        .expect("iterate")
-        .into_iter()
-        .map(|(k, v)| ((k.svc_id, k.slot), v))
-        .collect();
+    let read_slots = |maps: &PinnedMaps| -> BTreeMap<(u32, u32), u32> {
+        maps.slots()
+            .expect("iterate")
+            .into_iter()
+            .map(|(k, v)| ((k.svc_id, k.slot), v))
+            .collect()
+    };
+    let read = read_slots(&maps);
     assert_eq!(read.len(), entries.len());
     for (k, v) in &entries {
         assert_eq!(read.get(&(k.svc_id, k.slot)), Some(v), "{k:?}");
@@ -62,12 +64,7 @@ fn batch_writes_land_and_overwrite() {
         .map(|(k, v)| (*k, v + 7))
         .collect();
     maps.set_slots(&changed).expect("batch overwrite");
-    let read: BTreeMap<(u32, u32), u32> = maps
-        .slots()
-        .expect("iterate")
-        .into_iter()
-        .map(|(k, v)| ((k.svc_id, k.slot), v))
-        .collect();
+    let read = read_slots(&maps);
     assert_eq!(read.len(), entries.len());
     for (i, (k, v)) in entries.iter().enumerate() {
         let want = if i % 2 == 0 { v + 7 } else { *v };
