@@ -48,7 +48,7 @@ struct Feed {
 }
 
 /// The objects of each Service a reflector has seen: candidates, checked against the store
-/// when used (an object deleted while the watch was down stays here until then).
+/// when used, and made again from the store after every (re)list.
 type Index<K> = Arc<Mutex<HashMap<ServiceKey, HashSet<reflector::ObjectRef<K>>>>>;
 
 pub struct KubeSource {
@@ -339,6 +339,7 @@ where
     let (store, writer) = reflector::store();
     let index: Index<K> = Arc::default();
     let idx = index.clone();
+    let listed = store.clone();
     let feed = Arc::new(Feed {
         synced: AtomicBool::new(false),
         connected: AtomicBool::new(false),
@@ -366,6 +367,10 @@ where
                         tracing::info!(%kind, "initial list done");
                     }
                     feed.connected.store(true, Ordering::SeqCst);
+                    // The store now holds the new list whole (objects listed earlier were
+                    // buffered until now, and a use of the index may have forgotten them):
+                    // the index is made again from it.
+                    reindex(&idx, &listed);
                     // A relist may have replaced anything.
                     if let Ok(mut d) = dirty.lock() {
                         d.all = true;
@@ -407,6 +412,28 @@ where
         }
     });
     (store, index)
+}
+
+/// Makes `index` hold exactly the objects of `store`.
+fn reindex<K>(index: &Index<K>, store: &reflector::Store<K>)
+where
+    K: Resource<DynamicType = ()> + Tracked + Clone,
+{
+    if !K::INDEXED {
+        return;
+    }
+    let Ok(mut index) = index.lock() else {
+        return;
+    };
+    index.clear();
+    for obj in store.state() {
+        if let Some(key) = obj.service_key() {
+            index
+                .entry(key)
+                .or_default()
+                .insert(reflector::ObjectRef::from_obj(&*obj));
+        }
+    }
 }
 
 /// Records (or forgets) an object under its Service in `index`.
