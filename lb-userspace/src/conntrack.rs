@@ -126,7 +126,8 @@ pub fn sweep(pin: &Path, t: &Timeouts) -> Result<Swept> {
     let snat_by_key: std::collections::HashMap<CtKeyV4, CtEntryV4> =
         snat_entries.iter().copied().collect();
     let mut swept = Swept::default();
-    let mut drop_ct = Vec::new();
+    // Sets: a reply entry is also its partner's, and is deleted once.
+    let mut drop_ct = std::collections::HashSet::new();
     let mut drop_snat = std::collections::HashSet::new();
     for (key, e) in &entries {
         if e.flags & CT_F_FORWARD != 0 {
@@ -138,12 +139,12 @@ pub fn sweep(pin: &Path, t: &Timeouts) -> Result<Swept> {
                 ct_by_key.get(&pk)
             };
             if expired(e, reply, key.proto, now, t) {
-                drop_ct.push(*key);
+                drop_ct.insert(*key);
                 if reply.is_some() {
                     if in_snat {
                         drop_snat.insert(pk);
                     } else {
-                        drop_ct.push(pk);
+                        drop_ct.insert(pk);
                     }
                 }
                 swept.flows += 1;
@@ -153,7 +154,7 @@ pub fn sweep(pin: &Path, t: &Timeouts) -> Result<Swept> {
             let fk = partner_key(key, e);
             let idle = Duration::from_nanos(now.saturating_sub(e.last_seen_ns));
             if !ct_by_key.contains_key(&fk) && idle >= t.closed {
-                drop_ct.push(*key);
+                drop_ct.insert(*key);
                 swept.orphans += 1;
             }
         }
@@ -170,13 +171,9 @@ pub fn sweep(pin: &Path, t: &Timeouts) -> Result<Swept> {
             swept.orphans += 1;
         }
     }
-    // A reply entry is also its partner's: delete each key once.
-    drop_ct.sort_unstable_by_key(|k| (k.saddr, k.daddr, k.sport, k.dport, k.proto));
-    drop_ct.dedup();
-    remove_all(&mut ct, &drop_ct)?;
+    remove_all(&mut ct, &drop_ct.into_iter().collect::<Vec<_>>())?;
     swept.snat = drop_snat.len();
-    let drop_snat: Vec<CtKeyV4> = drop_snat.into_iter().collect();
-    remove_all(&mut snat, &drop_snat)?;
+    remove_all(&mut snat, &drop_snat.into_iter().collect::<Vec<_>>())?;
     Ok(swept)
 }
 

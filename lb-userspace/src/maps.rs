@@ -43,11 +43,12 @@ impl Default for Capacity {
 }
 
 impl Capacity {
-    /// (map, capacity) of what `Reconciler` fills: frontends, slots, backends. Ids start at
-    /// 1 and index an array of the map's size, so one entry fewer fits.
+    /// Frontends that fit: their service ids start at 1 and index `LB_SVC_STATS`, so one
+    /// fewer than the map's size.
     pub fn frontends(&self) -> usize {
         self.services.saturating_sub(1) as usize
     }
+    /// Backends that fit: ids from 1, indexing `LB_BE_STATS`.
     pub fn backend_entries(&self) -> usize {
         self.backends.saturating_sub(1) as usize
     }
@@ -56,9 +57,7 @@ impl Capacity {
 /// The maps the reconciler programs.
 pub trait ServiceMaps {
     /// The maps' sizes.
-    fn capacity(&self) -> Capacity {
-        Capacity::default()
-    }
+    fn capacity(&self) -> Capacity;
     fn services(&self) -> Result<Vec<(ServiceKeyV4, ServiceV4)>, MapError>;
     fn slots(&self) -> Result<Vec<(BackendSlotKey, u32)>, MapError>;
     fn backends(&self) -> Result<Vec<(u32, BackendV4)>, MapError>;
