@@ -87,13 +87,14 @@ pub fn run(opts: &Options) -> Result<()> {
             continue;
         }
         let mut row = micro::measure(n, opts.changes, opts.packets)?;
-        let mut datapaths = Map::new();
-        if !opts.in_process_only && n <= opts.lab_max {
-            datapaths = measure_labs(n, opts);
-            if let Some(v) = datapaths.get_mut(Datapath::LbAgent.key()) {
-                // lb-agent's programming time is the in-process measurement above.
-                v["programming_ms"] = row["programming_ms"].clone();
-            }
+        let mut datapaths = if !opts.in_process_only && n <= opts.lab_max {
+            measure_labs(n, opts)
+        } else {
+            Map::new()
+        };
+        if let Some(v) = datapaths.get_mut(Datapath::LbAgent.key()) {
+            // lb-agent's programming time is the in-process measurement above.
+            v["programming_ms"] = row["programming_ms"].clone();
         }
         row["datapaths"] = Value::Object(datapaths);
         rows.push(row);
