@@ -36,6 +36,8 @@ pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_PROGRAM: &str = "lb_tc_reject";
 /// The translation for packets from pods (TC ingress on their veths).
 pub const TC_POD_PROGRAM: &str = "lb_tc_pod";
+/// The translation on external interfaces without native XDP (TC ingress).
+pub const TC_EXT_PROGRAM: &str = "lb_tc_ext";
 /// The cgroup v2 socket hooks (host-network clients), in attach order.
 pub const SOCK_PROGRAMS: [&str; 4] = [
     "lb_connect4",

@@ -1,8 +1,9 @@
 //! The service datapath: ClusterIP / NodePort / externalIP / LoadBalancer-IP translation for
-//! IPv4 TCP and UDP, in XDP on the external interfaces (`lb_xdp`) and in TC on the pods'
-//! interfaces (`lb_tc_pod`, whose rewrites go through the kernel's checksum helpers because
-//! pods send partial checksums), both running `process`; cgroup socket hooks for the node's
-//! own processes are in `sock.rs`.
+//! IPv4 TCP and UDP, on the external interfaces in XDP (`lb_xdp`, where the driver runs XDP
+//! natively) or in TC (`lb_tc_ext`, elsewhere), and in TC on the pods' interfaces
+//! (`lb_tc_pod`); the TC programs rewrite through the kernel's checksum helpers because local
+//! senders leave partial checksums. All run `process`; cgroup socket hooks for the node's own
+//! processes are in `sock.rs`.
 //!
 //! Per packet: parse Ethernet + IPv4 (no options, no fragments) + TCP/UDP, then
 //! 1. conntrack hit in the reply direction → restore the frontend as source (reverse NAT);
@@ -14,13 +15,14 @@
 //!    external frontends, else uniformly among the slots), record both directions, rewrite; a
 //!    client from outside going to a backend on another node is also source-NATed to the node
 //!    address and a free port, so that the reply comes back here; a frontend without a usable
-//!    backend is dropped (Local policy) or passed on untouched to `lb_tc_reject`;
+//!    backend is dropped (Local policy) or answered with a reject (by the TC programs
+//!    themselves; after `lb_xdp`, by `lb_tc_reject`, which gets the packet untouched);
 //! 5. anything else passes untouched.
 //!
-//! Translated packets go to the stack (XDP_PASS), which routes them: to a local pod's veth,
+//! Translated packets go to the stack (XDP_PASS / TC_ACT_OK), which routes them: to a local pod's veth,
 //! or out to the node that runs the backend.
 //!
-//! `lb_tc_reject` (TC ingress, on the external interfaces) answers what XDP passed on for a
+//! `lb_tc_reject` (TC ingress, beside `lb_xdp`) answers what XDP passed on for a
 //! frontend without backends: TCP with RST, UDP with ICMP port-unreachable, sent back out of
 //! the interface it came in on. It runs in TC because an XDP_TX on a veth only reaches a peer
 //! that runs XDP itself, which a pod does not (DESIGN.md, "veth caveats").
@@ -172,6 +174,23 @@ pub fn lb_tc_pod(ctx: TcContext) -> i32 {
     }
 }
 
+/// The datapath for external interfaces without native XDP (veths, bridges, bonds, tunnels),
+/// in TC ingress: there the kernel hands over its skb as it is, where XDP would first have it
+/// turned into an XDP frame (on a veth, a copy of every cloned TCP segment). The same
+/// translation as `lb_xdp`, rewriting through the checksum helpers as `lb_tc_pod` does (a
+/// frame from a sender on this host may carry a partial checksum); it answers rejects itself.
+#[classifier]
+pub fn lb_tc_ext(ctx: TcContext) -> i32 {
+    count(stat::RX);
+    // Linear headers for direct reads, as in lb_tc_pod.
+    let _ = ctx.pull_data((L4_OFF + TCP_LEN) as u32);
+    match process(&External(&ctx)) {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Drop => TC_ACT_SHOT,
+        Verdict::Reject => reject(&ctx),
+    }
+}
+
 /// What the translation decided; each program turns it into its own return code.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Verdict {
@@ -182,7 +201,7 @@ enum Verdict {
     Reject,
 }
 
-/// Where the translation runs: XDP on external interfaces, TC on pod interfaces.
+/// Where the translation runs: XDP or TC on external interfaces, TC on pod interfaces.
 trait Hook: Packet {
     /// The packet came in from one of this node's pods.
     fn from_pod(&self) -> bool;
@@ -215,34 +234,72 @@ impl Hook for TcContext {
 
     #[inline(always)]
     fn rewrite(&self, hdr: &Headers, from: &Tuple, to: &Tuple) {
-        let csum = if hdr.udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };
-        // A UDP checksum of zero means "none": the helpers leave it so.
-        let mangled = if hdr.udp {
-            BPF_F_MARK_MANGLED_0 as u64
-        } else {
-            0
-        };
-        let addrs = [
-            (from.saddr, to.saddr, IP_SRC_OFF),
-            (from.daddr, to.daddr, IP_DST_OFF),
-        ];
-        for (old, new, off) in addrs {
-            if old != new {
-                let _ = self.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4);
-                let flags = BPF_F_PSEUDO_HDR as u64 | mangled | 4;
-                let _ = self.l4_csum_replace(csum, old as u64, new as u64, flags);
-                let _ = self.store(off, &new, 0);
-            }
+        skb_rewrite(self, hdr, from, to);
+    }
+}
+
+/// The context of `lb_tc_ext`: an skb on an external interface.
+struct External<'a>(&'a TcContext);
+
+impl Packet for External<'_> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> u64 {
+        self.0.len() as u64
+    }
+}
+
+impl Hook for External<'_> {
+    /// `lb_tc_ext` is attached to external interfaces only.
+    #[inline(always)]
+    fn from_pod(&self) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn rewrite(&self, hdr: &Headers, from: &Tuple, to: &Tuple) {
+        skb_rewrite(self.0, hdr, from, to);
+    }
+}
+
+/// Rewrites an skb through the kernel's checksum helpers, which keep a partial checksum
+/// partial and a complete one (`CHECKSUM_COMPLETE`) right.
+#[inline(always)]
+fn skb_rewrite(ctx: &TcContext, hdr: &Headers, from: &Tuple, to: &Tuple) {
+    let csum = if hdr.udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };
+    // A UDP checksum of zero means "none": the helpers leave it so.
+    let mangled = if hdr.udp {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
+    let addrs = [
+        (from.saddr, to.saddr, IP_SRC_OFF),
+        (from.daddr, to.daddr, IP_DST_OFF),
+    ];
+    for (old, new, off) in addrs {
+        if old != new {
+            let _ = ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4);
+            let flags = BPF_F_PSEUDO_HDR as u64 | mangled | 4;
+            let _ = ctx.l4_csum_replace(csum, old as u64, new as u64, flags);
+            let _ = ctx.store(off, &new, 0);
         }
-        let ports = [
-            (from.sport, to.sport, L4_OFF),
-            (from.dport, to.dport, L4_OFF + 2),
-        ];
-        for (old, new, off) in ports {
-            if old != new {
-                let _ = self.l4_csum_replace(csum, old as u64, new as u64, mangled | 2);
-                let _ = self.store(off, &new, 0);
-            }
+    }
+    let ports = [
+        (from.sport, to.sport, L4_OFF),
+        (from.dport, to.dport, L4_OFF + 2),
+    ];
+    for (old, new, off) in ports {
+        if old != new {
+            let _ = ctx.l4_csum_replace(csum, old as u64, new as u64, mangled | 2);
+            let _ = ctx.store(off, &new, 0);
         }
     }
 }

@@ -32,6 +32,8 @@ pub struct RunConfig {
     pub kubeconfig: Option<PathBuf>,
     pub node_name: String,
     pub ext_ifaces: Vec<String>,
+    /// How external interfaces are attached (XDP or TC).
+    pub ext_attach: bpf::ExtAttach,
     pub pod_iface_prefix: String,
     pub cgroup: Option<PathBuf>,
     pub pin_path: PathBuf,
@@ -188,6 +190,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         tracing::warn!("{w}");
     }
     let mut datapath = Datapath::load(&cfg.pin_path, cfg.map_sizes)?;
+    datapath.set_ext_attach(cfg.ext_attach);
     let cap = bpf::read_capacity(&cfg.pin_path)?;
     let asked = (
         cfg.map_sizes.services,
@@ -536,8 +539,8 @@ fn attach_interfaces(datapath: &mut Datapath, cfg: &RunConfig) -> Result<()> {
             tracing::warn!(iface = %name, error = format!("{e:#}"), "sysctl failed");
         }
         match datapath.attach(*idx, name, is_pod) {
-            Ok(true) => tracing::info!(iface = %name, ifindex = idx, "attached"),
-            Ok(false) => {}
+            Ok(Some(hook)) => tracing::info!(iface = %name, ifindex = idx, %hook, "attached"),
+            Ok(None) => {}
             Err(e) => tracing::warn!(iface = %name, error = format!("{e:#}"), "attach failed"),
         }
     }

@@ -2,8 +2,11 @@
 //! under the pin path, attaching to interfaces with pinned links (so the datapath outlives
 //! the agent), and the pinned maps as `ServiceMaps`.
 //!
-//! Layout under the pin path: `<MAP NAME>` for each map, `prog_lb_xdp` and `prog_lb_tc` for
-//! the programs, `links/xdp-<ifindex>` and `links/tc-<ifindex>` per attached interface.
+//! Layout under the pin path: `<MAP NAME>` for each map, `prog_lb_xdp`, `prog_lb_tc`,
+//! `prog_lb_tc_pod` and `prog_lb_tc_ext` for the programs, and per attached interface
+//! `links/xdp-<ifindex>` + `links/tc-<ifindex>` (external, XDP), `links/tcext-<ifindex>`
+//! (external, TC) or `links/tcpod-<ifindex>` (pod). The pins alone hold the links: removing
+//! one detaches its program.
 
 use std::{
     fs,
@@ -30,7 +33,8 @@ use aya::{
 use aya_obj::programs::XdpAttachType;
 use lb_common::{
     map_names, stat, BackendSlotKey, BackendStats, BackendV4, MemberKey, ServiceKeyV4,
-    ServiceStats, ServiceV4, SourceRangeV4, SOCK_PROGRAMS, TC_POD_PROGRAM, TC_PROGRAM, XDP_PROGRAM,
+    ServiceStats, ServiceV4, SourceRangeV4, SOCK_PROGRAMS, TC_EXT_PROGRAM, TC_POD_PROGRAM,
+    TC_PROGRAM, XDP_PROGRAM,
 };
 
 use crate::maps::{Capacity, MapError, ServiceMaps};
@@ -45,6 +49,7 @@ const SOCK_LINK_PREFIX: &str = "sock-";
 const XDP_PIN: &str = "prog_lb_xdp";
 const TC_PIN: &str = "prog_lb_tc";
 const TC_POD_PIN: &str = "prog_lb_tc_pod";
+const TC_EXT_PIN: &str = "prog_lb_tc_ext";
 const LINKS_DIR: &str = "links";
 
 /// Checks that `dir` (or the nearest existing parent) is on a bpffs.
@@ -93,12 +98,65 @@ impl Default for MapSizes {
 }
 
 /// The loaded (or taken over) programs.
+/// How the datapath attaches to external interfaces (`--ext-attach`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ExtAttach {
+    /// XDP where the driver runs it natively (a NIC, by its ethtool driver info, whose driver
+    /// accepts a native attach), TC elsewhere: on a veth, bridge, bond or tunnel, XDP would
+    /// cost more than it saves (the kernel makes an XDP frame of each skb, and on a veth
+    /// copies every cloned TCP segment for it).
+    #[default]
+    Auto,
+    /// XDP everywhere (native where the driver has it, else the kernel's generic XDP).
+    Xdp,
+    /// TC ingress everywhere.
+    Tc,
+}
+
+impl std::str::FromStr for ExtAttach {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "xdp" => Ok(Self::Xdp),
+            "tc" => Ok(Self::Tc),
+            _ => Err(format!("{s:?}: expected auto, xdp or tc")),
+        }
+    }
+}
+
+/// What `Datapath::attach` attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// `lb_tc_pod`, TC ingress of a pod interface.
+    Pod,
+    /// `lb_xdp` and `lb_tc_reject` on an external interface.
+    Xdp,
+    /// `lb_tc_ext`, TC ingress of an external interface.
+    Tc,
+}
+
+impl std::fmt::Display for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Pod => "TC ingress (pod)",
+            Self::Xdp => "XDP",
+            Self::Tc => "TC ingress",
+        })
+    }
+}
+
 pub struct Datapath {
     pin: PathBuf,
     xdp: Xdp,
     tc: SchedClassifier,
     /// The translation for pod interfaces (TC, where the skb's checksum state is known).
     tc_pod: SchedClassifier,
+    /// The translation for external interfaces in TC.
+    tc_ext: SchedClassifier,
+    /// How external interfaces are attached.
+    ext_attach: ExtAttach,
     /// The object, which holds the cgroup socket hooks (attached only by `attach_cgroup`).
     ebpf: aya::Ebpf,
     /// `LB_IFACES`: which interfaces lead to this node's pods.
@@ -140,14 +198,19 @@ impl Datapath {
             prog.load()
                 .with_context(|| format!("loading {name} (verifier)"))?;
         }
-        let (xdp_path, tc_path, pod_path) =
-            (pin.join(XDP_PIN), pin.join(TC_PIN), pin.join(TC_POD_PIN));
+        let (xdp_path, tc_path, pod_path, ext_path) = (
+            pin.join(XDP_PIN),
+            pin.join(TC_PIN),
+            pin.join(TC_POD_PIN),
+            pin.join(TC_EXT_PIN),
+        );
         let taken_over = xdp_path.exists() || tc_path.exists();
         // This agent's programs, pinned beside any older ones, then opened from there.
-        let (xdp_new, tc_new, pod_new) = (
+        let (xdp_new, tc_new, pod_new, ext_new) = (
             pin.join("prog_lb_xdp_new"),
             pin.join("prog_lb_tc_new"),
             pin.join("prog_lb_tc_pod_new"),
+            pin.join("prog_lb_tc_ext_new"),
         );
         {
             let xdp: &mut Xdp = ebpf
@@ -168,6 +231,12 @@ impl Datapath {
                 .try_into()?;
             pod.load().context("loading lb_tc_pod (verifier)")?;
             replace_pin(&pod_new, |p| pod.pin(p))?;
+            let ext: &mut SchedClassifier = ebpf
+                .program_mut(TC_EXT_PROGRAM)
+                .context("program lb_tc_ext missing from the object")?
+                .try_into()?;
+            ext.load().context("loading lb_tc_ext (verifier)")?;
+            replace_pin(&ext_new, |p| ext.pin(p))?;
         }
         let xdp = Xdp::from_pin(&xdp_new, XdpAttachType::Interface)
             .with_context(|| format!("opening {}", xdp_new.display()))?;
@@ -175,12 +244,16 @@ impl Datapath {
             .with_context(|| format!("opening {}", tc_new.display()))?;
         let tc_pod = SchedClassifier::from_pin(&pod_new)
             .with_context(|| format!("opening {}", pod_new.display()))?;
+        let tc_ext = SchedClassifier::from_pin(&ext_new)
+            .with_context(|| format!("opening {}", ext_new.display()))?;
         let ifaces = HashMap::try_from(Map::HashMap(open_map(pin, map_names::IFACES)?))?;
         let mut dp = Datapath {
             pin: pin.to_owned(),
             xdp,
             tc,
             tc_pod,
+            tc_ext,
+            ext_attach: ExtAttach::default(),
             ebpf,
             ifaces,
             marked: Default::default(),
@@ -192,6 +265,7 @@ impl Datapath {
             (&xdp_new, &xdp_path),
             (&tc_new, &tc_path),
             (&pod_new, &pod_path),
+            (&ext_new, &ext_path),
         ] {
             fs::rename(from, to)
                 .with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
@@ -199,7 +273,13 @@ impl Datapath {
         Ok(dp)
     }
 
-    /// Moves every pinned link to this agent's programs; forgets links that are gone.
+    /// Sets how external interfaces are attached from now on.
+    pub fn set_ext_attach(&mut self, mode: ExtAttach) {
+        self.ext_attach = mode;
+    }
+
+    /// Moves every pinned link to this agent's programs (the pins go on holding them);
+    /// forgets links that are gone.
     fn adopt_links(&mut self) -> Result<()> {
         for entry in fs::read_dir(self.pin.join(LINKS_DIR))? {
             let path = entry?.path();
@@ -219,19 +299,31 @@ impl Datapath {
                 // Replaced in attach_cgroup (or removed, when no --cgroup is given).
                 continue;
             }
-            // The programs own the moved links; the pins keep them attached after the agent.
+            // Each moved link is taken back from its program and closed: only the pin holds
+            // it then, so that unpinning it detaches it (see `attach`).
             let moved: Result<()> = if name.starts_with("xdp-") {
                 XdpLink::try_from(fd)
                     .map_err(anyhow::Error::from)
-                    .and_then(|l| Ok(self.xdp.attach_to_link(l).map(|_| ())?))
-            } else if name.starts_with("tcpod-") {
-                SchedClassifierLink::try_from(fd)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|l| Ok(self.tc_pod.attach_to_link(l).map(|_| ())?))
+                    .and_then(|l| {
+                        let id = self.xdp.attach_to_link(l)?;
+                        drop(self.xdp.take_link(id)?);
+                        Ok(())
+                    })
             } else {
+                let prog = if name.starts_with("tcpod-") {
+                    &mut self.tc_pod
+                } else if name.starts_with("tcext-") {
+                    &mut self.tc_ext
+                } else {
+                    &mut self.tc
+                };
                 SchedClassifierLink::try_from(fd)
                     .map_err(anyhow::Error::from)
-                    .and_then(|l| Ok(self.tc.attach_to_link(l).map(|_| ())?))
+                    .and_then(|l| {
+                        let id = prog.attach_to_link(l)?;
+                        drop(prog.take_link(id)?);
+                        Ok(())
+                    })
             };
             if let Err(e) = moved {
                 // A link whose interface went away while no agent ran.
@@ -250,6 +342,7 @@ impl Datapath {
     pub fn is_attached(&self, ifindex: u32) -> bool {
         self.marked.contains(&ifindex)
             && (self.link_path("tcpod", ifindex).exists()
+                || self.link_path("tcext", ifindex).exists()
                 || (self.link_path("xdp", ifindex).exists()
                     && self.link_path("tc", ifindex).exists()))
     }
@@ -275,11 +368,13 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches the datapath to an interface with pinned links, skipping a program whose
-    /// link is pinned already: on a pod interface `lb_tc_pod` (TC ingress), elsewhere `lb_xdp`
-    /// and `lb_tc_reject` (TC ingress first, so that what XDP hands on is answered).
-    /// Returns whether it attached anything now.
-    pub fn attach(&mut self, ifindex: u32, ifname: &str, pod: bool) -> Result<bool> {
+    /// Attaches the datapath to an interface with pinned links, skipping a program whose link
+    /// is pinned already: on a pod interface `lb_tc_pod` (TC ingress); on an external one,
+    /// as `ExtAttach` says, `lb_xdp` with `lb_tc_reject` (TC ingress first, so that what XDP
+    /// hands on is answered) or `lb_tc_ext` alone. Links of the other kind on the interface
+    /// (left by an agent with another `--ext-attach`) are unpinned, which detaches them,
+    /// once the new ones are in. Returns what it attached now, if anything.
+    pub fn attach(&mut self, ifindex: u32, ifname: &str, pod: bool) -> Result<Option<Attached>> {
         // The kind first: a packet from a pod must never be taken for an outside one.
         if !self.marked.contains(&ifindex) {
             self.mark(ifindex, pod)?;
@@ -287,7 +382,7 @@ impl Datapath {
         if pod {
             let path = self.link_path("tcpod", ifindex);
             if path.exists() {
-                return Ok(false);
+                return Ok(None);
             }
             let id = self
                 .tc_pod
@@ -300,8 +395,53 @@ impl Datapath {
             let fd: FdLink = self.tc_pod.take_link(id)?.try_into()?;
             fd.pin(&path)
                 .with_context(|| format!("pinning {}", path.display()))?;
-            return Ok(true);
+            return Ok(Some(Attached::Pod));
         }
+        let (xdp_path, tc_path, ext_path) = (
+            self.link_path("xdp", ifindex),
+            self.link_path("tc", ifindex),
+            self.link_path("tcext", ifindex),
+        );
+        let (kind, now) = match self.ext_attach {
+            ExtAttach::Tc => (Attached::Tc, self.attach_tc_ext(ifname, &ext_path)?),
+            ExtAttach::Xdp => (
+                Attached::Xdp,
+                self.attach_xdp(ifindex, ifname, XdpMode::Default)?,
+            ),
+            ExtAttach::Auto => match crate::node::driver(ifname) {
+                Ok(d) if d.is_hardware() => {
+                    match self.attach_xdp(ifindex, ifname, XdpMode::Driver) {
+                        Ok(now) => (Attached::Xdp, now),
+                        Err(e) => {
+                            tracing::info!(
+                                iface = %ifname,
+                                driver = %d.name,
+                                error = format!("{e:#}"),
+                                "no native XDP; attaching in TC instead"
+                            );
+                            (Attached::Tc, self.attach_tc_ext(ifname, &ext_path)?)
+                        }
+                    }
+                }
+                // A software device (or one that does not say): TC.
+                _ => (Attached::Tc, self.attach_tc_ext(ifname, &ext_path)?),
+            },
+        };
+        // The hooks of the other kind go, now that this kind is in place.
+        let stale = match kind {
+            Attached::Tc => vec![xdp_path, tc_path],
+            _ => vec![ext_path],
+        };
+        for path in stale.iter().filter(|p| p.exists()) {
+            fs::remove_file(path).with_context(|| format!("unpinning {}", path.display()))?;
+            tracing::info!(iface = %ifname, link = %path.display(), "detached (another kind of hook replaces it)");
+        }
+        Ok(now.then_some(kind))
+    }
+
+    /// Attaches `lb_tc_reject` (TC ingress) and then `lb_xdp` where their links are not pinned
+    /// yet; whether it attached anything.
+    fn attach_xdp(&mut self, ifindex: u32, ifname: &str, mode: XdpMode) -> Result<bool> {
         let mut attached = false;
         let tc_path = self.link_path("tc", ifindex);
         if !tc_path.exists() {
@@ -322,8 +462,8 @@ impl Datapath {
         if !xdp_path.exists() {
             let id = self
                 .xdp
-                .attach_to_if_index(ifindex, XdpMode::Default)
-                .with_context(|| format!("attaching XDP to {ifname}"))?;
+                .attach_to_if_index(ifindex, mode)
+                .with_context(|| format!("attaching XDP ({mode:?} mode) to {ifname}"))?;
             let fd: FdLink =
                 self.xdp.take_link(id)?.try_into().context(
                     "the kernel attached XDP without a BPF link, which cannot be pinned",
@@ -333,6 +473,26 @@ impl Datapath {
             attached = true;
         }
         Ok(attached)
+    }
+
+    /// Attaches `lb_tc_ext` (TC ingress) unless its link is pinned at `path` already;
+    /// whether it attached it.
+    fn attach_tc_ext(&mut self, ifname: &str, path: &Path) -> Result<bool> {
+        if path.exists() {
+            return Ok(false);
+        }
+        let id = self
+            .tc_ext
+            .attach_with_options(
+                ifname,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .with_context(|| format!("attaching TC ingress (tcx) to {ifname}"))?;
+        let fd: FdLink = self.tc_ext.take_link(id)?.try_into()?;
+        fd.pin(path)
+            .with_context(|| format!("pinning {}", path.display()))?;
+        Ok(true)
     }
 
     /// Attaches the socket hooks to a cgroup v2 directory with pinned links. A previous
@@ -423,6 +583,11 @@ impl Datapath {
     pub fn tc_pod(&self) -> &SchedClassifier {
         &self.tc_pod
     }
+
+    /// The external interfaces' TC program (for BPF_PROG_TEST_RUN).
+    pub fn tc_ext(&self) -> &SchedClassifier {
+        &self.tc_ext
+    }
 }
 
 /// The layout of the pinned maps: bumped with any change to the types in `lb-common`. A
@@ -493,21 +658,33 @@ where
     Ok((r.return_value, out))
 }
 
-/// The pinned programs of a running (or stopped) agent.
-pub fn pinned_programs(pin: &Path) -> Result<(Xdp, SchedClassifier, SchedClassifier)> {
-    let (xdp_path, tc_path) = (pin.join(XDP_PIN), pin.join(TC_PIN));
+/// The programs as pinned by a running (or stopped) agent.
+pub struct PinnedPrograms {
+    pub xdp: Xdp,
+    pub tc_reject: SchedClassifier,
+    pub tc_pod: SchedClassifier,
+    pub tc_ext: SchedClassifier,
+}
+
+/// Opens the pinned programs.
+pub fn pinned_programs(pin: &Path) -> Result<PinnedPrograms> {
+    let xdp_path = pin.join(XDP_PIN);
     let xdp = Xdp::from_pin(&xdp_path, XdpAttachType::Interface).with_context(|| {
         format!(
             "opening {} (is an agent running with this --pin-path?)",
             xdp_path.display()
         )
     })?;
-    let tc = SchedClassifier::from_pin(&tc_path)
-        .with_context(|| format!("opening {}", tc_path.display()))?;
-    let pod_path = pin.join(TC_POD_PIN);
-    let pod = SchedClassifier::from_pin(&pod_path)
-        .with_context(|| format!("opening {}", pod_path.display()))?;
-    Ok((xdp, tc, pod))
+    let tc = |name: &str| {
+        let path = pin.join(name);
+        SchedClassifier::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+    };
+    Ok(PinnedPrograms {
+        xdp,
+        tc_reject: tc(TC_PIN)?,
+        tc_pod: tc(TC_POD_PIN)?,
+        tc_ext: tc(TC_EXT_PIN)?,
+    })
 }
 
 pub(crate) fn open_map(pin: &Path, name: &str) -> Result<MapData> {

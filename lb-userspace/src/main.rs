@@ -102,9 +102,14 @@ struct RunArgs {
     /// This node's name (endpoint locality). Default: the hostname.
     #[arg(long)]
     node_name: Option<String>,
-    /// External interfaces (XDP). Repeat or separate with commas.
+    /// External interfaces. Repeat or separate with commas.
     #[arg(long = "ext-iface", value_name = "IFACE", value_delimiter = ',')]
     ext_ifaces: Vec<String>,
+    /// How to attach to the external interfaces: `auto` (XDP where the driver runs it
+    /// natively, TC ingress on veths, bridges, bonds, tunnels and drivers without native
+    /// XDP), `xdp` (everywhere, generic XDP where there is no native one) or `tc`.
+    #[arg(long, value_name = "auto|xdp|tc", default_value = "auto")]
+    ext_attach: bpf::ExtAttach,
     /// Pod interfaces to attach to: every interface whose name starts with this.
     #[arg(long, default_value = "veth")]
     pod_iface_prefix: String,
@@ -217,6 +222,7 @@ fn main() -> Result<()> {
                 kubeconfig: a.kubeconfig,
                 node_name: a.node_name.unwrap_or_else(hostname),
                 ext_ifaces: a.ext_ifaces,
+                ext_attach: a.ext_attach,
                 pod_iface_prefix: a.pod_iface_prefix,
                 cgroup: a.cgroup,
                 pin_path: a.pin_path,

@@ -137,3 +137,105 @@ mod tests {
         assert!(!wanted("vethx", &[], ""));
     }
 }
+
+/// What the kernel says drives an interface (`ETHTOOL_GDRVINFO`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Driver {
+    pub name: String,
+    /// Where the device sits (a PCI address, say); empty or "N/A" for software devices.
+    pub bus_info: String,
+}
+
+/// Drivers of software interfaces: XDP on them runs on skbs the kernel already built.
+const SOFTWARE_DRIVERS: &[&str] = &[
+    "veth",
+    "bridge",
+    "bonding",
+    "team",
+    "vxlan",
+    "geneve",
+    "tun",
+    "dummy",
+    "macvlan",
+    "ipvlan",
+    "wireguard",
+    "vrf",
+    "openvswitch",
+];
+
+impl Driver {
+    /// Whether this is hardware (or a paravirtual NIC) whose driver may run XDP natively.
+    pub fn is_hardware(&self) -> bool {
+        !SOFTWARE_DRIVERS.contains(&self.name.as_str())
+            && !["", "N/A", "tun", "tap"].contains(&self.bus_info.as_str())
+    }
+}
+
+/// The driver of interface `ifname` in the agent's namespace.
+pub fn driver(ifname: &str) -> Result<Driver> {
+    use std::os::fd::AsRawFd;
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    /// `struct ethtool_drvinfo`.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    /// `struct ifreq` with `ifr_data`.
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut DrvInfo,
+        _pad: [u8; 16],
+    }
+    let bytes = ifname.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ {
+        anyhow::bail!("{ifname:?} is not an interface name");
+    }
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        version: [0; 32],
+        fw_version: [0; 32],
+        bus_info: [0; 32],
+        erom_version: [0; 32],
+        reserved2: [0; 12],
+        n_priv_flags: 0,
+        n_stats: 0,
+        testinfo_len: 0,
+        eedump_len: 0,
+        regdump_len: 0,
+    };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: &mut info,
+        _pad: [0; 16],
+    };
+    req.name[..bytes.len()].copy_from_slice(bytes);
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").context("a socket for ethtool")?;
+    // SAFETY: a valid socket, and an ifreq whose data points at a drvinfo that outlives the
+    // call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("ETHTOOL_GDRVINFO on {ifname}"));
+    }
+    let text = |b: &[u8]| {
+        let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+        String::from_utf8_lossy(&b[..end]).into_owned()
+    };
+    Ok(Driver {
+        name: text(&info.driver),
+        bus_info: text(&info.bus_info),
+    })
+}

@@ -40,15 +40,17 @@ pub fn status(pin: &Path, healthz: SocketAddr, metrics: SocketAddr) -> Result<(S
     let mut out = String::new();
     let mut warnings = Vec::new();
 
-    let (xdp, tc, pod) = bpf::pinned_programs(pin)?;
-    let (xi, ti, pi) = (xdp.info()?, tc.info()?, pod.info()?);
+    let progs = bpf::pinned_programs(pin)?;
     writeln!(out, "Datapath:     pinned at {}", pin.display())?;
     writeln!(
         out,
-        "Programs:     lb_xdp (XDP, id {}), lb_tc_reject (TC ingress, id {}), lb_tc_pod (TC ingress of pod interfaces, id {})",
-        xi.id(),
-        ti.id(),
-        pi.id()
+        "Programs:     lb_xdp (XDP, id {}), lb_tc_reject (TC ingress beside XDP, id {}), \
+         lb_tc_ext (TC ingress of external interfaces, id {}), lb_tc_pod (TC ingress of pod \
+         interfaces, id {})",
+        progs.xdp.info()?.id(),
+        progs.tc_reject.info()?.id(),
+        progs.tc_ext.info()?.id(),
+        progs.tc_pod.info()?.id()
     )?;
 
     // Attachments, from the pinned links.
@@ -63,7 +65,8 @@ pub fn status(pin: &Path, healthz: SocketAddr, metrics: SocketAddr) -> Result<(S
                 let hook = match kind {
                     "xdp" => "XDP",
                     "tcpod" => "TC ingress (pod)",
-                    _ => "TC ingress",
+                    "tcext" => "TC ingress",
+                    _ => "TC ingress (rejects)",
                 };
                 attached.entry(idx).or_default().push(hook);
             }

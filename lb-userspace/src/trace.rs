@@ -74,9 +74,11 @@ pub fn trace(
     dst: SocketAddrV4,
     iface: Option<&str>,
 ) -> Result<String> {
-    // Pod interfaces run lb_tc_pod, which makes the same decisions (one translation
-    // function); lb_xdp stands in for it here, told the interface is a pod's.
-    let (xdp, tc, _) = bpf::pinned_programs(pin)?;
+    // Pod interfaces run lb_tc_pod, and external ones lb_xdp or lb_tc_ext, all making the
+    // same decisions (one translation function); lb_xdp stands in for them here, told
+    // whether the interface is a pod's.
+    let progs = bpf::pinned_programs(pin)?;
+    let (xdp, tc) = (progs.xdp, progs.tc_reject);
     let frame = match proto {
         Proto::Tcp => Frame::tcp((*src.ip(), src.port()), (*dst.ip(), dst.port()), SYN),
         Proto::Udp => Frame::udp(

@@ -225,6 +225,8 @@ pub struct ClusterConfig {
     /// Keep the state here, rewritten as parts are made, so that an interrupted build is
     /// still removable ([`ClusterState::load`] and [`ClusterState::teardown`]).
     pub state_file: Option<PathBuf>,
+    /// The agents' `--ext-attach` (default: the agent's).
+    pub ext_attach: Option<&'static str>,
 }
 
 impl ClusterConfig {
@@ -235,6 +237,7 @@ impl ClusterConfig {
             tag: None,
             detached: false,
             state_file: None,
+            ext_attach: None,
         }
     }
 }
@@ -455,6 +458,7 @@ pub struct Cluster {
     agents_cgroup: PathBuf,
     state: ClusterState,
     detached: bool,
+    ext_attach: Option<&'static str>,
     /// Long-lived processes (servers, agents), by what they are.
     children: Vec<(String, Child)>,
     /// Left running by `detach`.
@@ -488,6 +492,7 @@ impl Cluster {
                 ..ClusterState::default()
             },
             detached: cfg.detached,
+            ext_attach: cfg.ext_attach,
             children: Vec::new(),
             kept: false,
             tag,
@@ -780,6 +785,7 @@ impl Cluster {
                 ext_iface: "eth0",
                 pin: &node.pin,
                 cgroup: Some(&node.cgroup),
+                ext_attach: self.ext_attach,
             };
             let child = spawn_agent(
                 cmd,

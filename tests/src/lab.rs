@@ -59,6 +59,8 @@ pub struct Lab {
     pub dir: PathBuf,
     /// bpffs folder the lab's agent pins under.
     pub pin: PathBuf,
+    /// `--ext-attach` for the next agent start (default: the agent's).
+    pub ext_attach: Option<&'static str>,
     servers: Vec<Child>,
     agent: Option<Child>,
     agent_runs: u32,
@@ -85,6 +87,7 @@ impl Lab {
             pin: PathBuf::from(format!("/sys/fs/bpf/lb-lab-{tag}")),
             dir,
             tag,
+            ext_attach: None,
             servers: Vec::new(),
             agent: None,
             agent_runs: 0,
@@ -277,6 +280,7 @@ impl Lab {
             ext_iface: "ext0",
             pin: &self.pin,
             cgroup: None,
+            ext_attach: self.ext_attach,
         };
         let log = self.dir.join(format!("agent-{}.log", self.agent_runs));
         self.agent = Some(spawn_agent(cmd, source, &flags, &log)?);

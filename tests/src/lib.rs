@@ -127,7 +127,14 @@ impl Harness {
         run_frame(self.datapath.tc_pod(), frame, None)
     }
 
-    /// Runs one frame through the TC ingress program: (TC verdict, output frame).
+    /// Runs one frame through the external interfaces' TC program (`lb_tc_ext`):
+    /// (TC verdict, output frame).
+    pub fn run_ext(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        run_frame(self.datapath.tc_ext(), frame, None)
+    }
+
+    /// Runs one frame through the reject program beside XDP (`lb_tc_reject`):
+    /// (TC verdict, output frame).
     pub fn run_tc(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
         run_frame(self.datapath.tc(), frame, None)
     }

@@ -165,6 +165,8 @@ pub struct AgentFlags<'a> {
     pub ext_iface: &'a str,
     pub pin: &'a Path,
     pub cgroup: Option<&'a Path>,
+    /// `--ext-attach` (default: the agent's).
+    pub ext_attach: Option<&'a str>,
 }
 
 /// Appends `lb-agent run SOURCE <flags>` to `cmd` (a wrapper that ends by exec'ing its
@@ -193,6 +195,9 @@ pub fn spawn_agent(
         .arg(flags.pin);
     if let Some(cg) = flags.cgroup {
         cmd.arg("--cgroup").arg(cg);
+    }
+    if let Some(mode) = flags.ext_attach {
+        cmd.args(["--ext-attach", mode]);
     }
     cmd.args([
         "--healthz-addr",

@@ -389,12 +389,34 @@ fn table(cluster: &Cluster, results: &[Result_]) -> String {
 
 #[test]
 fn reachability_matrix() {
+    // The default on the nodes' veth uplinks: lb_tc_ext.
+    matrix_with(None, "hook=TC ingress");
+}
+
+#[test]
+fn reachability_matrix_with_xdp_on_the_uplinks() {
+    matrix_with(Some("xdp"), "hook=XDP");
+}
+
+/// Runs the whole matrix on a cluster whose agents run with `--ext-attach ext_attach`, and
+/// checks that each attached its uplink as `hook` says.
+fn matrix_with(ext_attach: Option<&'static str>, hook: &str) {
     require_root();
     let _turn = turn();
     let started = Instant::now();
-    let mut cluster = Cluster::up(2, 2).expect("cluster up");
+    let mut cfg = ClusterConfig::new(2, 2);
+    cfg.ext_attach = ext_attach;
+    let mut cluster = Cluster::up_with(cfg).expect("cluster up");
     cluster.start_all().expect("servers, manifests, agents");
     let ready = started.elapsed();
+    for k in 1..=2 {
+        let log = cluster.agent_log(k);
+        assert!(
+            log.lines()
+                .any(|l| l.contains("attached iface=eth0") && l.contains(hook)),
+            "node {k}: eth0 not attached with {hook}:\n{log}"
+        );
+    }
 
     let rows = matrix();
     let mut results = Vec::new();

@@ -41,10 +41,16 @@ impl std::ops::DerefMut for LabGuard {
 }
 
 fn lab_with_agent(pods: usize) -> LabGuard {
+    lab_with_agent_attached(pods, None)
+}
+
+/// A lab whose agent runs with `--ext-attach ext_attach` (None: the default).
+fn lab_with_agent_attached(pods: usize, ext_attach: Option<&'static str>) -> LabGuard {
     require_root();
     // A test that failed while holding the lock poisons it; the next may still run.
     let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let mut lab = Lab::up(pods).expect("lab up");
+    lab.ext_attach = ext_attach;
     lab.start_servers().expect("servers");
     for (name, text) in tutorial_manifests(&lab.pods) {
         lab.write_manifest(&name, &text).expect("manifest");
@@ -281,7 +287,9 @@ fn endpoint_changes_reach_the_datapath_within_a_second_and_bad_files_change_noth
 
 #[test]
 fn traffic_keeps_flowing_while_the_agent_is_killed_and_restarted() {
-    let mut lab = lab_with_agent(4);
+    // The first agent runs XDP on the uplink; the restarted one, with the default (TC on a
+    // veth), puts lb_tc_ext in its place: an upgrade that changes the hook loses nothing either.
+    let mut lab = lab_with_agent_attached(4, Some("xdp"));
     let before = lab.services_json().expect("services");
 
     // Requests in a loop from outside, each a new connection, for the whole test.
@@ -306,7 +314,14 @@ fn traffic_keeps_flowing_while_the_agent_is_killed_and_restarted() {
     let old_programs = programs(&lab);
     let first_log = lab.agent_log();
     assert!(first_log.contains("attached iface=veth1"), "{first_log}");
+    assert!(
+        first_log
+            .lines()
+            .any(|l| l.contains("attached iface=ext0") && l.contains("hook=XDP")),
+        "{first_log}"
+    );
     lab.kill_agent().expect("kill -9");
+    lab.ext_attach = None;
     // While the agent is down, the manifests change: `empty` goes away.
     lab.remove_manifest("empty.yaml").expect("rm");
     std::thread::sleep(Duration::from_millis(1500));
@@ -331,7 +346,8 @@ fn traffic_keeps_flowing_while_the_agent_is_killed_and_restarted() {
     let log = lab.agent_log();
     assert!(log.contains("taken_over=true"), "{log}");
     // The restarted agent's own programs replaced the old ones on the same links (an
-    // upgrade path): new program ids, and every interface runs the new XDP program.
+    // upgrade path): new program ids; the pod interfaces run the new lb_tc_pod, and the
+    // uplink the new lb_tc_ext instead of XDP.
     let new_programs = programs(&lab);
     assert!(
         new_programs.starts_with("Programs:") && new_programs != old_programs,
@@ -345,30 +361,41 @@ fn traffic_keeps_flowing_while_the_agent_is_killed_and_restarted() {
             .unwrap_or_default()
             .to_string()
     };
-    let (xdp_id, pod_id) = (id_of("(XDP, id "), id_of("pod interfaces, id "));
+    let (ext_id, pod_id) = (
+        id_of("external interfaces, id "),
+        id_of("pod interfaces, id "),
+    );
     let links =
         lb_tests::lab::run(&["ip", "-n", &lab.node_ns, "-d", "link", "show"]).expect("ip link");
-    let attached: Vec<&str> = links.lines().filter(|l| l.contains("prog/xdp")).collect();
-    assert_eq!(attached.len(), 1, "XDP on ext0 only: {links}");
-    assert!(attached[0].contains(&format!("id {xdp_id} ")), "{links}");
-    // The four pod veths run the new lb_tc_pod (tcx links; program ids are unique).
+    assert!(!links.contains("prog/xdp"), "XDP left on ext0: {links}");
+    // tcx links; program ids are unique.
     let net = lb_tests::lab::run(&["bpftool", "-j", "link", "show"]).expect("bpftool link");
     let links: serde_json::Value = serde_json::from_str(&net).expect("bpftool json");
-    let pods = links
-        .as_array()
-        .map(|l| {
-            l.iter()
-                .filter(|k| k["prog_id"].as_u64() == pod_id.parse::<u64>().ok())
-                .count()
-        })
-        .unwrap_or(0);
+    let running = |id: &str| {
+        links
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .filter(|k| k["prog_id"].as_u64() == id.parse::<u64>().ok())
+                    .count()
+            })
+            .unwrap_or(0)
+    };
     assert_eq!(
-        pods, 4,
+        running(&pod_id),
+        4,
         "lb_tc_pod id {pod_id} on the four pod veths: {net}"
     );
+    assert_eq!(running(&ext_id), 1, "lb_tc_ext id {ext_id} on ext0: {net}");
+    let attached: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("attached iface"))
+        .collect();
     assert!(
-        !log.contains("attached iface"),
-        "nothing is attached twice:\n{log}"
+        attached.len() == 1
+            && attached[0].contains("iface=ext0")
+            && attached[0].contains("hook=TC ingress"),
+        "only ext0 is attached again, in TC:\n{log}"
     );
     let after = lab.services_json().expect("services");
     let web = |v: &serde_json::Value| {
@@ -478,7 +505,17 @@ fn status_shows_attachments_maps_and_the_agent() {
     ] {
         assert!(s.contains(want), "{want:?} missing:\n{s}");
     }
-    assert!(s.contains("XDP") && s.contains("TC ingress"), "{s}");
+    // The default on a veth uplink: TC.
+    assert!(s.contains("ext0 (external): TC ingress\n"), "{s}");
+    let ids: Vec<String> = s
+        .lines()
+        .find(|l| l.starts_with("Programs:"))
+        .unwrap_or_default()
+        .split("id ")
+        .skip(1)
+        .filter_map(|r| r.split(')').next().map(str::to_owned))
+        .collect();
+    assert_eq!(ids.len(), 4, "{s}");
     assert!(!s.contains("Warning"), "{s}");
     // The agent stopped gracefully (SIGTERM: its program handles are dropped): status says
     // so and exits 1; the datapath is still attached and forwarding.
@@ -498,6 +535,14 @@ fn status_shows_attachments_maps_and_the_agent() {
     let links =
         lb_tests::lab::run(&["ip", "-n", &lab.node_ns, "-d", "link", "show"]).expect("ip link");
     assert!(!links.contains("prog/xdp"), "XDP still attached:\n{links}");
+    // No link holds any of the programs any more: the kernel frees them (a link dropped with
+    // its pin is released by a kernel worker, so not always at once).
+    for id in &ids {
+        wait_for(Duration::from_secs(5), || {
+            Ok(lb_tests::lab::run(&["bpftool", "prog", "show", "id", id]).is_err())
+        })
+        .unwrap_or_else(|_| panic!("program {id} still loaded after uninstall"));
+    }
     assert!(lab
         .curl(&lab.ext_ns, &format!("http://{NODE_IP}:30080/"))
         .is_err());

@@ -605,6 +605,84 @@ fn pins_of_another_map_layout_are_refused_before_anything_is_loaded() {
     );
 }
 
+/// On an external interface without native XDP, `lb_tc_ext` does the translation: from
+/// outside to a NodePort and back, every byte and both checksums as XDP writes them, UDP with
+/// and without a checksum, and a frontend without backends answered in place.
+#[test]
+fn the_external_tc_program_translates_like_xdp() {
+    let mut h = harness();
+    h.program(&services(&[POD1])).expect("program");
+    let check = |input: &Frame, expected: &Frame| {
+        let (verdict, out) = h.run_ext(&input.build()).expect("test run");
+        assert_eq!(verdict, TC_ACT_OK, "verdict");
+        verify_checksums(&out).unwrap_or_else(|e| panic!("{e}: {out:02x?}"));
+        assert_eq!(parse(&out), *expected);
+        assert_eq!(out, expected.build(), "every byte");
+    };
+    let syn = Frame::tcp((CLIENT, 40000), (NODE_IP, 30080), SYN);
+    check(
+        &syn,
+        &Frame {
+            dst: POD1,
+            dport: 8080,
+            ..syn.clone()
+        },
+    );
+    // The reply takes the pod's program; the client's next segment takes this one again.
+    let synack = Frame::tcp((POD1, 8080), (CLIENT, 40000), SYN | ACK);
+    let (v, out) = h.run_pod(&synack.build()).expect("run");
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!((parse(&out).src, parse(&out).sport), (NODE_IP, 30080));
+    let data = Frame::tcp((CLIENT, 40000), (NODE_IP, 30080), ACK | PSH).with_payload(b"GET /");
+    check(
+        &data,
+        &Frame {
+            dst: POD1,
+            dport: 8080,
+            ..data.clone()
+        },
+    );
+    let q = Frame::udp((CLIENT, 33333), (VIP, 53), b"query");
+    check(
+        &q,
+        &Frame {
+            dst: POD1,
+            dport: 5353,
+            ..q.clone()
+        },
+    );
+    let q0 = Frame {
+        udp_no_checksum: true,
+        ..Frame::udp((CLIENT, 33334), (VIP, 53), b"q")
+    };
+    check(
+        &q0,
+        &Frame {
+            dst: POD1,
+            dport: 5353,
+            ..q0.clone()
+        },
+    );
+    // Not a frontend: untouched.
+    let other = Frame::tcp((CLIENT, 40001), (NODE_IP, 22), SYN);
+    assert_eq!(
+        h.run_ext(&other.build()).expect("run"),
+        (TC_ACT_OK, other.build())
+    );
+
+    // Without backends: the RST goes straight back out.
+    h.program(&services(&[])).expect("program");
+    let syn = Frame::tcp((CLIENT, 40002), (NODE_IP, 30080), SYN);
+    let (verdict, out) = h.run_ext(&syn.build()).expect("run");
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out");
+    verify_checksums(&out).unwrap_or_else(|e| panic!("{e}"));
+    let rst = parse(&out);
+    assert_eq!(
+        (rst.src, rst.sport, rst.dst, rst.dport, rst.flags),
+        (NODE_IP, 30080, CLIENT, 40002, RST | ACK)
+    );
+}
+
 /// From a pod, `lb_tc_pod` does the translation (TC, through the kernel's checksum helpers):
 /// every byte and both checksums as XDP would write them, TCP and UDP, both directions,
 /// a zero UDP checksum kept.
