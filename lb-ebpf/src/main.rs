@@ -349,6 +349,41 @@ impl Packet for TcContext {
     }
 }
 
+/// A conntrack key, written as four words: field by field, the compiler zeroes the padding
+/// with a call to `memset`.
+#[inline(always)]
+fn conntrack_key(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> CtKeyV4 {
+    let words = [
+        saddr,
+        daddr,
+        u32::from_ne_bytes(port_pair(sport, dport)),
+        proto as u32,
+    ];
+    // SAFETY: CtKeyV4 is 16 bytes of integers, aligned to 4: saddr, daddr, then the ports
+    // in memory order (port_pair), proto in the fourth word's first byte (this target is
+    // little-endian) and zero padding after it.
+    unsafe { mem::transmute::<[u32; 4], CtKeyV4>(words) }
+}
+
+/// Two ports as they lie in memory, the first at the lower address.
+#[inline(always)]
+fn port_pair(first: u16, second: u16) -> [u8; 4] {
+    let (a, b) = (first.to_ne_bytes(), second.to_ne_bytes());
+    [a[0], a[1], b[0], b[1]]
+}
+
+const _: () = assert!(mem::size_of::<CtKeyV4>() == 16 && cfg!(target_endian = "little"));
+
+/// One 32-bit load from the packet. The verifier allows unaligned packet loads, and an IPv4
+/// address after a 14-byte Ethernet header is not 4-aligned; a load the compiler knows to be
+/// unaligned would be split into four byte loads, so this one reads through a `u32`
+/// pointer. Callers bounds-check the four bytes first.
+#[inline(always)]
+unsafe fn load32(p: *const u8) -> u32 {
+    // SAFETY: the caller checked the bounds; see above for the alignment.
+    unsafe { (p as *const u32).read_volatile() }
+}
+
 #[inline(always)]
 fn ptr_at<T>(ctx: &impl Packet, off: usize) -> Option<*mut T> {
     let start = ctx.data();
@@ -452,11 +487,12 @@ fn parse(ctx: &impl Packet) -> Result<Parsed, u32> {
     };
     // SAFETY: `ip` and `ports` were bounds-checked by ptr_at.
     let pkt = unsafe {
+        let ports = load32(ports as *const u8).to_ne_bytes();
         Tuple {
-            saddr: u32::from_ne_bytes((*ip).src_addr),
-            daddr: u32::from_ne_bytes((*ip).dst_addr),
-            sport: u16::from_ne_bytes((*ports).src),
-            dport: u16::from_ne_bytes((*ports).dst),
+            saddr: load32((ip as *const u8).add(12)),
+            daddr: load32((ip as *const u8).add(16)),
+            sport: u16::from_ne_bytes([ports[0], ports[1]]),
+            dport: u16::from_ne_bytes([ports[2], ports[3]]),
         }
     };
     Ok(Parsed {
@@ -485,14 +521,7 @@ fn process(ctx: &impl Hook) -> Verdict {
     };
     let bytes = ctx.frame_len();
 
-    let ct_key = CtKeyV4 {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto,
-        _pad: [0; 3],
-    };
+    let ct_key = conntrack_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, proto);
     if let Some(entry) = LB4_CONNTRACK.get_ptr_mut(&ct_key) {
         // SAFETY: a map value pointer returned by the kernel, valid for this program run.
         let entry = unsafe { &mut *entry };
@@ -642,14 +671,7 @@ fn process(ctx: &impl Hook) -> Verdict {
         to.sport = port;
         count(stat::SNAT_NEW);
     }
-    let reply_key = CtKeyV4 {
-        saddr: to.daddr,
-        daddr: to.saddr,
-        sport: to.dport,
-        dport: to.sport,
-        proto,
-        _pad: [0; 3],
-    };
+    let reply_key = conntrack_key(to.daddr, to.saddr, to.dport, to.sport, proto);
     let reported = sample_flow() && report_flow(FLOW_NEW, proto, &pkt, &to, svc.svc_id, now);
     let forward = CtEntryV4 {
         last_seen_ns: now,
@@ -740,14 +762,7 @@ fn snat_port(node_addr: u32, backend: &BackendV4, proto: u8, reply: &CtEntryV4) 
         return None;
     }
     let range = max - min + 1;
-    let mut key = CtKeyV4 {
-        saddr: backend.addr,
-        daddr: node_addr,
-        sport: backend.port,
-        dport: 0,
-        proto,
-        _pad: [0; 3],
-    };
+    let mut key = conntrack_key(backend.addr, node_addr, backend.port, 0, proto);
     let mut i = 0;
     while i < SNAT_TRIES {
         // SAFETY: bpf_get_prandom_u32 has no preconditions.
