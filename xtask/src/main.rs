@@ -97,13 +97,17 @@ enum Cmd {
         /// lab, no kube-proxy.
         #[arg(long)]
         in_process_only: bool,
-        /// The lab (four datapaths) runs at the sizes up to this; larger ones are measured
+        /// The lab (five datapaths) runs at the sizes up to this; larger ones are measured
         /// in process only (kube-proxy's iptables sync alone takes minutes at 10,000).
         #[arg(long, default_value_t = 10_000)]
         lab_max: usize,
-        /// Rounds of new-connection runs over the four datapaths (the best is reported).
+        /// Rounds of new-connection runs over the datapaths (the best is reported).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Endpoints of each Service on the lab, 1 to 4 (the lab's four server pods). With 1,
+        /// every datapath sends to the one pod the floor goes to.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=4))]
+        endpoints: u8,
     },
 }
 
@@ -234,6 +238,7 @@ fn main() -> Result<()> {
             in_process_only,
             lab_max,
             rounds,
+            endpoints,
         } => {
             // What is measured includes this process's own work (translation, map writes):
             // measure an optimised build, not the debug one `cargo xtask` runs.
@@ -249,6 +254,7 @@ fn main() -> Result<()> {
                 let restore_timeout = format!("{}ms", restore_timeout.as_millis());
                 let lab_max = lab_max.to_string();
                 let rounds = rounds.to_string();
+                let endpoints = endpoints.to_string();
                 let mut args = vec![
                     "run",
                     "--release",
@@ -275,6 +281,8 @@ fn main() -> Result<()> {
                     &lab_max,
                     "--rounds",
                     &rounds,
+                    "--endpoints",
+                    &endpoints,
                 ];
                 if in_process_only {
                     args.push("--in-process-only");
@@ -292,6 +300,7 @@ fn main() -> Result<()> {
                 in_process_only,
                 lab_max,
                 rounds,
+                endpoints: endpoints as usize,
             })
         }
         Cmd::Test => {

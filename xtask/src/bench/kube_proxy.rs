@@ -604,7 +604,7 @@ mod tests {
         let _turn = crate::bench::lab_turn();
         for iptables in [true, false] {
             let b = crate::bench::lab::BenchLab::up().expect("lab");
-            let set = crate::bench::lab::service_set(30, &b.endpoints());
+            let set = crate::bench::lab::service_set(30, &b.endpoints(4));
             if iptables {
                 let (synced, _) = b
                     .load_iptables(&set, std::time::Duration::from_secs(60))

@@ -25,20 +25,24 @@ pub const IPERF_NODE_PORT: u16 = 32000;
 pub const IPERF_IP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
 const CLUSTER_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 244, 0, 0), 16);
 
-/// The four datapaths compared.
+/// The datapaths compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Datapath {
     /// Straight to a pod's address: no service translation (the floor).
     Pod,
+    /// lb-agent as it runs by default (on the lab's veth uplink: TC).
     LbAgent,
+    /// lb-agent with `--ext-attach xdp`: XDP on the veth uplink.
+    LbAgentXdp,
     Iptables,
     Nftables,
 }
 
 impl Datapath {
-    pub const ALL: [Datapath; 4] = [
+    pub const ALL: [Datapath; 5] = [
         Datapath::Pod,
         Datapath::LbAgent,
+        Datapath::LbAgentXdp,
         Datapath::Iptables,
         Datapath::Nftables,
     ];
@@ -48,6 +52,7 @@ impl Datapath {
         match self {
             Datapath::Pod => "pod",
             Datapath::LbAgent => "lb-agent",
+            Datapath::LbAgentXdp => "lb-agent-xdp",
             Datapath::Iptables => "iptables",
             Datapath::Nftables => "nftables",
         }
@@ -57,6 +62,7 @@ impl Datapath {
         match self {
             Datapath::Pod => "straight to pod",
             Datapath::LbAgent => "lb-agent",
+            Datapath::LbAgentXdp => "lb-agent, XDP on the uplink",
             Datapath::Iptables => "kube-proxy iptables",
             Datapath::Nftables => "kube-proxy nftables",
         }
@@ -168,9 +174,12 @@ impl BenchLab {
         Ok(b)
     }
 
-    /// pods 1-4: the endpoints.
-    pub fn endpoints(&self) -> Vec<Ipv4Addr> {
-        self.lab.pods[..4].iter().map(|p| p.ip).collect()
+    /// The first `n` of pods 1-4: the endpoints.
+    pub fn endpoints(&self, n: usize) -> Vec<Ipv4Addr> {
+        self.lab.pods[..n.clamp(1, 4)]
+            .iter()
+            .map(|p| p.ip)
+            .collect()
     }
 
     /// pod5: the client inside the cluster.
@@ -297,11 +306,16 @@ impl BenchLab {
         .with_context(|| format!("nft -f did not finish within {timeout:?}"))
     }
 
-    /// lb-agent with the Services as manifests; returns the time from start to healthy
-    /// (programmed) and its memory then.
-    pub fn start_agent(&mut self, set: &[Svc]) -> Result<(Duration, Memory)> {
+    /// lb-agent with the Services as manifests and `--ext-attach ext_attach` (None: the
+    /// default); returns the time from start to healthy (programmed) and its memory then.
+    pub fn start_agent(
+        &mut self,
+        set: &[Svc],
+        ext_attach: Option<&'static str>,
+    ) -> Result<(Duration, Memory)> {
         self.lab
             .write_manifest("services.yaml", &services::manifest(set)?)?;
+        self.lab.ext_attach = ext_attach;
         let started = Instant::now();
         self.lab.start_agent()?;
         self.lab.wait_healthy(Duration::from_secs(120))?;

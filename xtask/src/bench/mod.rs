@@ -4,10 +4,10 @@
 //! For each number of Services (4 endpoints each):
 //! * in this process ([`micro`]): lb-agent's programming time, endpoint-change latency and
 //!   per-packet cost by BPF_PROG_TEST_RUN;
-//! * on the lab ([`lab`]), four datapaths, each on a lab of its own, all up at once:
-//!   lb-agent (`lb-agent run --manifests`), kube-proxy's iptables ruleset
-//!   (`iptables-restore`), its nftables ruleset (`nft -f`), and straight to the pod: the time
-//!   to program the Services, new connections per second and their latency with `wrk` and
+//! * on the lab ([`lab`]), five datapaths, each on a lab of its own, all up at once:
+//!   lb-agent (`lb-agent run --manifests`; as by default, and with `--ext-attach xdp`),
+//!   kube-proxy's iptables ruleset (`iptables-restore`), its nftables ruleset (`nft -f`), and
+//!   straight to the pod: the time to program the Services, new connections per second and their latency with `wrk` and
 //!   `Connection: close` (from a pod to the ClusterIP, from outside to the NodePort of the
 //!   last-created Service), keep-alive requests per second, iperf3 TCP throughput, and
 //!   lb-agent's memory.
@@ -52,6 +52,8 @@ pub struct Options {
     pub lab_max: usize,
     /// Rounds of new-connection runs over the datapaths (the best is reported).
     pub rounds: usize,
+    /// Endpoints of each Service on the lab (1-4).
+    pub endpoints: usize,
 }
 
 /// A duration as `5s`, `500ms` or plain seconds (`5`).
@@ -92,9 +94,11 @@ pub fn run(opts: &Options) -> Result<()> {
         } else {
             Map::new()
         };
-        if let Some(v) = datapaths.get_mut(Datapath::LbAgent.key()) {
-            // lb-agent's programming time is the in-process measurement above.
-            v["programming_ms"] = row["programming_ms"].clone();
+        for dp in [Datapath::LbAgent, Datapath::LbAgentXdp] {
+            if let Some(v) = datapaths.get_mut(dp.key()) {
+                // lb-agent's programming time is the in-process measurement above.
+                v["programming_ms"] = row["programming_ms"].clone();
+            }
         }
         row["datapaths"] = Value::Object(datapaths);
         rows.push(row);
@@ -116,7 +120,7 @@ pub fn run(opts: &Options) -> Result<()> {
         "changes": opts.changes, "packets": opts.packets,
         "duration_s": opts.duration.as_secs_f64(), "connections": opts.connections,
         "restore_timeout_s": opts.restore_timeout.as_secs_f64(),
-        "rounds": opts.rounds, "lab_max": opts.lab_max,
+        "rounds": opts.rounds, "lab_max": opts.lab_max, "lab_endpoints": opts.endpoints,
     });
     write(
         &opts.out_dir.join("results.json"),
@@ -148,12 +152,13 @@ struct Ready {
 /// Builds a lab for `dp`, programs the Services and checks both clients get an answer.
 fn prepare(dp: Datapath, n: usize, opts: &Options) -> Result<Ready> {
     let mut b = BenchLab::up()?;
-    let set = lab::service_set(n, &b.endpoints());
+    let set = lab::service_set(n, &b.endpoints(opts.endpoints));
     let mut v = json!({});
     match dp {
         Datapath::Pod => {}
-        Datapath::LbAgent => {
-            let (ready, mem) = b.start_agent(&set)?;
+        Datapath::LbAgent | Datapath::LbAgentXdp => {
+            let xdp = (dp == Datapath::LbAgentXdp).then_some("xdp");
+            let (ready, mem) = b.start_agent(&set, xdp)?;
             v["agent_ready_ms"] = json!(ready.as_secs_f64() * 1000.0);
             v["memory_kib"] = json!({"vm_rss": mem.vm_rss_kib, "vm_hwm": mem.vm_hwm_kib});
         }
@@ -206,7 +211,7 @@ fn best_run(mut runs: Vec<Value>) -> Result<Value> {
     Ok(best)
 }
 
-/// The four datapaths side by side, each on a lab of its own, all labs up at once: the
+/// The datapaths side by side, each on a lab of its own, all labs up at once: the
 /// new-connection runs go round the datapaths `opts.rounds` times (so that every datapath
 /// samples the same stretches of a noisy machine) and each reports its best round; then
 /// keep-alive and iperf3 once each.
@@ -334,7 +339,7 @@ fn markdown(rows: &[Value], machine: &str, opts: &Options) -> Result<String> {
         .filter(|r| r["datapaths"].as_object().is_some_and(|d| !d.is_empty()))
         .collect();
     if !lab_rows.is_empty() {
-        writeln!(md, "\n## Four datapaths on the lab\n")?;
+        writeln!(md, "\n## The datapaths on the lab\n")?;
         writeln!(md, "| Services | datapath | programming (ms) | new conn/s pod → ClusterIP (p50 / p99 ms) | new conn/s outside → NodePort (p50 / p99 ms) | keep-alive req/s pod → ClusterIP | iperf3 pod → ClusterIP (Gbit/s) | iperf3 outside → NodePort (Gbit/s) |")?;
         writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|")?;
         for r in &lab_rows {
@@ -376,24 +381,26 @@ fn markdown(rows: &[Value], machine: &str, opts: &Options) -> Result<String> {
         }
 
         writeln!(md, "\n## lb-agent against the others (new connections per second, pod → ClusterIP; outside → NodePort)\n")?;
-        writeln!(md, "| Services | ÷ iptables | ÷ nftables | ÷ straight to pod | lb-agent start → programmed (ms) | lb-agent VmRSS / VmHWM (MiB) |")?;
-        writeln!(md, "|---:|---:|---:|---:|---:|---:|")?;
+        writeln!(md, "| Services | ÷ iptables | ÷ nftables | ÷ straight to pod | XDP on the uplink ÷ straight to pod | lb-agent start → programmed (ms) | lb-agent VmRSS / VmHWM (MiB) |")?;
+        writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|")?;
         for r in &lab_rows {
             let d = &r["datapaths"];
             let rate = |dp: Datapath, which: &str| num(&d[dp.key()], &[which, "per_second"]);
-            let ratios = |other: Datapath| {
+            let ratios_of = |dp: Datapath, other: Datapath| {
                 ["new_connections_inside", "new_connections_outside"]
-                    .map(|w| cell(stats::ratio(rate(Datapath::LbAgent, w), rate(other, w)), 2))
+                    .map(|w| cell(stats::ratio(rate(dp, w), rate(other, w)), 2))
                     .join("; ")
             };
+            let ratios = |other: Datapath| ratios_of(Datapath::LbAgent, other);
             let mib = |k: &str| num(&d["lb-agent"], &["memory_kib", k]).map(|x| x / 1024.0);
             writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} / {} |",
+                "| {} | {} | {} | {} | {} | {} | {} / {} |",
                 r["services"],
                 ratios(Datapath::Iptables),
                 ratios(Datapath::Nftables),
                 ratios(Datapath::Pod),
+                ratios_of(Datapath::LbAgentXdp, Datapath::Pod),
                 cell(num(&d["lb-agent"], &["agent_ready_ms"]), 0),
                 cell(mib("vm_rss"), 1),
                 cell(mib("vm_hwm"), 1),
@@ -409,7 +416,8 @@ fn markdown(rows: &[Value], machine: &str, opts: &Options) -> Result<String> {
     writeln!(
         md,
         "\nMeasured on {machine}; {} endpoint changes and {} packets per size in process; on the \
-         lab (four labs up at once), wrk with 2 threads and {} connections and iperf3, {:.0} s \
+         lab (five labs up at once; lb-agent attaches the lab's veth uplink in TC by default, \
+         and with XDP in its own row; {} endpoint(s) per Service), wrk with 2 threads and {} connections and iperf3, {:.0} s \
          each, the new-connection runs {} rounds over the datapaths, the best round shown. Programming: \
          lb-agent's translation and map writes in process, `iptables-restore --noflush` and \
          `nft -f` of kube-proxy's full ruleset, each timed as a whole. Per-packet times are the \
@@ -419,6 +427,7 @@ fn markdown(rows: &[Value], machine: &str, opts: &Options) -> Result<String> {
          call; new flows (SYNs of distinct flows to the last Service) one frame per call.",
         opts.changes,
         opts.packets,
+        opts.endpoints,
         opts.connections,
         opts.duration.as_secs_f64(),
         opts.rounds.max(1)
@@ -490,6 +499,7 @@ mod tests {
             in_process_only: false,
             lab_max: 20,
             rounds: 2,
+            endpoints: 4,
         })
         .expect("bench");
         let v: serde_json::Value =

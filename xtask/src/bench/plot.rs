@@ -31,6 +31,7 @@ fn color(dp: Datapath) -> RGBColor {
     match dp {
         Datapath::Pod => RGBColor(120, 120, 120),
         Datapath::LbAgent => RGBColor(31, 119, 180),
+        Datapath::LbAgentXdp => RGBColor(44, 160, 44),
         Datapath::Iptables => RGBColor(214, 39, 40),
         Datapath::Nftables => RGBColor(255, 127, 14),
     }
@@ -144,7 +145,13 @@ pub fn draw(rows: &[Value], path: &Path) -> Result<()> {
         "New connections per second (pod → ClusterIP)",
         "connections / s",
         &["new_connections_inside", "per_second"],
-        &Datapath::ALL,
+        // The XDP variant differs from lb-agent on the uplink only, not on this path.
+        &[
+            Datapath::Pod,
+            Datapath::LbAgent,
+            Datapath::Iptables,
+            Datapath::Nftables,
+        ],
         false,
     )?;
     panel(
