@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: what the datapath and the agent cost, measured on this machine, next
 //! to kube-proxy's iptables and nftables modes and to no service translation at all.
 //!
-//! For each number of Services (4 endpoints each):
+//! For each number of Services (4 endpoints each; on the lab `--endpoints`):
 //! * in this process ([`micro`]): lb-agent's programming time, endpoint-change latency and
 //!   per-packet cost by BPF_PROG_TEST_RUN;
 //! * on the lab ([`lab`]), five datapaths, each on a lab of its own, all up at once:
@@ -128,7 +128,7 @@ pub fn run(opts: &Options) -> Result<()> {
             &json!({"machine": machine, "settings": settings, "results": rows}),
         )?,
     )?;
-    if let Err(e) = plot::draw(&rows, &opts.out_dir.join("results.png")) {
+    if let Err(e) = plot::draw(&rows, &opts.out_dir.join("results.png"), opts.endpoints) {
         eprintln!("bench: no plot: {e:#}");
     }
     print!("{md}");

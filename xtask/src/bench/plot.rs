@@ -52,7 +52,8 @@ fn panel(
     area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
     rows: &[Value],
     title: &str,
-    y_desc: &str,
+    // The axes' descriptions: x, y.
+    [x_desc, y_desc]: [&str; 2],
     path: &[&str],
     datapaths: &[Datapath],
     log_y: bool,
@@ -84,12 +85,12 @@ fn panel(
         let mut chart = b
             .build_cartesian_2d(x_range, (lo..y_max * 3.0).log_scale())
             .map_err(|e| anyhow!("{e}"))?;
-        draw_lines(&mut chart, &all, y_desc)
+        draw_lines(&mut chart, &all, x_desc, y_desc)
     } else {
         let mut chart = b
             .build_cartesian_2d(x_range, 0f64..y_max * 1.15)
             .map_err(|e| anyhow!("{e}"))?;
-        draw_lines(&mut chart, &all, y_desc)
+        draw_lines(&mut chart, &all, x_desc, y_desc)
     }
 }
 
@@ -98,6 +99,7 @@ type Series = (Datapath, Vec<(f64, f64)>);
 fn draw_lines<'a, Y>(
     chart: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<LogCoord<f64>, Y>>,
     all: &[Series],
+    x_desc: &str,
     y_desc: &str,
 ) -> Result<()>
 where
@@ -105,7 +107,7 @@ where
 {
     chart
         .configure_mesh()
-        .x_desc("Services (4 endpoints each)")
+        .x_desc(x_desc)
         .y_desc(y_desc)
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{y}"))
@@ -133,8 +135,15 @@ where
         .map_err(|e| anyhow!("{e}"))
 }
 
-/// Draws the two panels into `path` (PNG).
-pub fn draw(rows: &[Value], path: &Path) -> Result<()> {
+/// Draws the two panels into `path` (PNG); the lab's Services had `endpoints` endpoints each
+/// (the in-process ones always 4).
+pub fn draw(rows: &[Value], path: &Path, endpoints: usize) -> Result<()> {
+    let lab_x = format!("Services ({endpoints} endpoint(s) each)");
+    let programming_x = if endpoints == 4 {
+        lab_x.clone()
+    } else {
+        format!("Services (lb-agent: 4 endpoints each; kube-proxy: {endpoints})")
+    };
     register_font()?;
     let root = BitMapBackend::new(path, (1500, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
@@ -143,7 +152,7 @@ pub fn draw(rows: &[Value], path: &Path) -> Result<()> {
         &left,
         rows,
         "New connections per second (pod → ClusterIP)",
-        "connections / s",
+        [&lab_x, "connections / s"],
         &["new_connections_inside", "per_second"],
         // The XDP variant differs from lb-agent on the uplink only, not on this path.
         &[
@@ -158,7 +167,7 @@ pub fn draw(rows: &[Value], path: &Path) -> Result<()> {
         &right,
         rows,
         "Time to program all Services",
-        "ms (log)",
+        [&programming_x, "ms (log)"],
         &["programming_ms"],
         &[Datapath::LbAgent, Datapath::Iptables, Datapath::Nftables],
         true,
