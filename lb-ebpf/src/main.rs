@@ -19,8 +19,8 @@
 //!    themselves; after `lb_xdp`, by `lb_tc_reject`, which gets the packet untouched);
 //! 5. anything else passes untouched.
 //!
-//! Translated packets go to the stack (XDP_PASS / TC_ACT_OK), which routes them: to a local pod's veth,
-//! or out to the node that runs the backend.
+//! Translated packets go to the stack (XDP_PASS / TC_NEXT), which routes them: to a local
+//! pod's veth, or out to the node that runs the backend.
 //!
 //! `lb_tc_reject` (TC ingress, beside `lb_xdp`) answers what XDP passed on for a
 //! frontend without backends: TCP with RST, UDP with ICMP port-unreachable, sent back out of
@@ -38,8 +38,8 @@ mod sock;
 
 use aya_ebpf::{
     bindings::{
-        xdp_action, BPF_F_MARK_MANGLED_0, BPF_F_MMAPABLE, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK,
-        TC_ACT_SHOT,
+        xdp_action, BPF_F_MARK_MANGLED_0, BPF_F_MMAPABLE, BPF_F_PSEUDO_HDR, BPF_NOEXIST,
+        TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
     helpers::{
         bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_skb_change_head,
@@ -124,6 +124,14 @@ const IP_DST_OFF: usize = ETH_LEN + 16;
 const TCP_CSUM_OFF: usize = L4_OFF + 16;
 const UDP_CSUM_OFF: usize = L4_OFF + 6;
 
+/// A TC program's "pass on": the next program on the hook runs (tcx's `TCX_NEXT`), then the
+/// stack. `TC_ACT_OK` would end the chain there: when the agent swaps `lb_xdp` and
+/// `lb_tc_reject` for `lb_tc_ext`, all three are attached for a moment, and `lb_tc_reject`
+/// passing a packet that XDP no longer translated with `TC_ACT_OK` kept it from `lb_tc_ext`
+/// (seen: connections refused by the node's stack during the swap). Other programs on the
+/// same hook (a CNI's) also see what this one passes on.
+const TC_NEXT: i32 = TC_ACT_UNSPEC;
+
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -168,24 +176,25 @@ pub fn lb_tc_pod(ctx: TcContext) -> i32 {
     // frame, which parse() then leaves alone).
     let _ = ctx.pull_data((L4_OFF + TCP_LEN) as u32);
     match process(&ctx) {
-        Verdict::Pass => TC_ACT_OK,
+        Verdict::Pass => TC_NEXT,
         Verdict::Drop => TC_ACT_SHOT,
         Verdict::Reject => reject(&ctx),
     }
 }
 
 /// The datapath for external interfaces without native XDP (veths, bridges, bonds, tunnels),
-/// in TC ingress: there the kernel hands over its skb as it is, where XDP would first have it
-/// turned into an XDP frame (on a veth, a copy of every cloned TCP segment). The same
-/// translation as `lb_xdp`, rewriting through the checksum helpers as `lb_tc_pod` does (a
-/// frame from a sender on this host may carry a partial checksum); it answers rejects itself.
+/// in TC ingress: there XDP would run on an skb the kernel has built already (generic XDP,
+/// or on a veth an XDP frame made from each skb), and it leaves the checksum state unknown.
+/// The same translation as `lb_xdp`, rewriting through the checksum helpers as `lb_tc_pod`
+/// does (a frame from a sender on this host may carry a partial checksum); it answers rejects
+/// itself.
 #[classifier]
 pub fn lb_tc_ext(ctx: TcContext) -> i32 {
     count(stat::RX);
     // Linear headers for direct reads, as in lb_tc_pod.
     let _ = ctx.pull_data((L4_OFF + TCP_LEN) as u32);
     match process(&External(&ctx)) {
-        Verdict::Pass => TC_ACT_OK,
+        Verdict::Pass => TC_NEXT,
         Verdict::Drop => TC_ACT_SHOT,
         Verdict::Reject => reject(&ctx),
     }
@@ -1036,7 +1045,7 @@ fn reject(ctx: &TcContext) -> i32 {
         ..
     }) = parse(ctx)
     else {
-        return TC_ACT_OK;
+        return TC_NEXT;
     };
     let svc_key = ServiceKeyV4 {
         addr: pkt.daddr,
@@ -1046,12 +1055,12 @@ fn reject(ctx: &TcContext) -> i32 {
     };
     // SAFETY: the value is copied out at once.
     let Some(svc) = (unsafe { LB4_SERVICES.get(&svc_key) }).copied() else {
-        return TC_ACT_OK;
+        return TC_NEXT;
     };
     if svc.count != 0 {
         // Backends appeared since XDP looked: let the stack have it; the retransmission
         // will be translated.
-        return TC_ACT_OK;
+        return TC_NEXT;
     }
     count_service(svc.svc_id, ctx.len() as u64, false, true);
     if svc.flags & SVC_F_DROP_NO_ENDPOINTS != 0 {

@@ -144,7 +144,8 @@ impl Harness {
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
-/// TC verdicts.
-pub const TC_ACT_OK: u32 = 0;
+/// TC verdicts. The datapath passes packets on with `TC_ACT_UNSPEC` (-1, tcx's "next"), so
+/// that later programs on the hook still run.
+pub const TC_NEXT: u32 = u32::MAX;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;

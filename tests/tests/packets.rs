@@ -8,7 +8,7 @@ use lb_tests::{
     packet::{
         parse, verify_checksums, Frame, ACK, CLIENT_MAC, FIN, ICMP, NODE_MAC, PSH, RST, SYN, TCP,
     },
-    Harness, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
+    Harness, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_NEXT, XDP_DROP, XDP_PASS,
 };
 use lb_userspace::translate::NodeInfo;
 
@@ -198,7 +198,7 @@ fn no_endpoints_tcp_gets_rst() {
     // TC passes everything that is not for a frontend without backends.
     h.program(&services(&[POD1])).expect("program");
     let frame = syn.build();
-    assert_eq!(h.run_tc(&frame).expect("tc run"), (TC_ACT_OK, frame));
+    assert_eq!(h.run_tc(&frame).expect("tc run"), (TC_NEXT, frame));
 }
 
 #[test]
@@ -605,6 +605,14 @@ fn pins_of_another_map_layout_are_refused_before_anything_is_loaded() {
     );
 }
 
+/// A TC program's result: passed on, checksums right, every byte as `expected`.
+fn assert_tc_rewritten((verdict, out): (u32, Vec<u8>), expected: &Frame) {
+    assert_eq!(verdict, TC_NEXT, "verdict");
+    verify_checksums(&out).unwrap_or_else(|e| panic!("{e}: {out:02x?}"));
+    assert_eq!(parse(&out), *expected);
+    assert_eq!(out, expected.build(), "every byte");
+}
+
 /// On an external interface without native XDP, `lb_tc_ext` does the translation: from
 /// outside to a NodePort and back, every byte and both checksums as XDP writes them, UDP with
 /// and without a checksum, and a frontend without backends answered in place.
@@ -613,11 +621,7 @@ fn the_external_tc_program_translates_like_xdp() {
     let mut h = harness();
     h.program(&services(&[POD1])).expect("program");
     let check = |input: &Frame, expected: &Frame| {
-        let (verdict, out) = h.run_ext(&input.build()).expect("test run");
-        assert_eq!(verdict, TC_ACT_OK, "verdict");
-        verify_checksums(&out).unwrap_or_else(|e| panic!("{e}: {out:02x?}"));
-        assert_eq!(parse(&out), *expected);
-        assert_eq!(out, expected.build(), "every byte");
+        assert_tc_rewritten(h.run_ext(&input.build()).expect("test run"), expected)
     };
     let syn = Frame::tcp((CLIENT, 40000), (NODE_IP, 30080), SYN);
     check(
@@ -631,7 +635,7 @@ fn the_external_tc_program_translates_like_xdp() {
     // The reply takes the pod's program; the client's next segment takes this one again.
     let synack = Frame::tcp((POD1, 8080), (CLIENT, 40000), SYN | ACK);
     let (v, out) = h.run_pod(&synack.build()).expect("run");
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_NEXT);
     assert_eq!((parse(&out).src, parse(&out).sport), (NODE_IP, 30080));
     let data = Frame::tcp((CLIENT, 40000), (NODE_IP, 30080), ACK | PSH).with_payload(b"GET /");
     check(
@@ -667,7 +671,7 @@ fn the_external_tc_program_translates_like_xdp() {
     let other = Frame::tcp((CLIENT, 40001), (NODE_IP, 22), SYN);
     assert_eq!(
         h.run_ext(&other.build()).expect("run"),
-        (TC_ACT_OK, other.build())
+        (TC_NEXT, other.build())
     );
 
     // Without backends: the RST goes straight back out.
@@ -691,11 +695,7 @@ fn the_pod_program_translates_like_xdp() {
     let mut h = harness();
     h.program(&services(&[POD1])).expect("program");
     let check = |input: &Frame, expected: &Frame| {
-        let (verdict, out) = h.run_pod(&input.build()).expect("test run");
-        assert_eq!(verdict, TC_ACT_OK, "verdict");
-        verify_checksums(&out).unwrap_or_else(|e| panic!("{e}: {out:02x?}"));
-        assert_eq!(parse(&out), *expected);
-        assert_eq!(out, expected.build(), "every byte");
+        assert_tc_rewritten(h.run_pod(&input.build()).expect("test run"), expected)
     };
     let syn = Frame::tcp((POD2, 40000), (VIP, 80), SYN);
     check(
