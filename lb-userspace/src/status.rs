@@ -186,7 +186,7 @@ pub fn status(pin: &Path, healthz: SocketAddr, metrics: SocketAddr) -> Result<(S
     }
     writeln!(
         out,
-        "Features:     IPv4 ClusterIP, NodePort, externalIPs, LoadBalancer IPs (XDP DNAT, conntrack); \
+        "Features:     IPv4 ClusterIP, NodePort, externalIPs, LoadBalancer IPs (XDP or TC DNAT, conntrack); \
          backends on other nodes (SNAT); Maglev for external traffic; loadBalancerSourceRanges; \
          host-network clients (cgroup hooks); rejects (TC); sessionAffinity ClientIP; \
          topology hints; traffic policies; healthCheckNodePort"

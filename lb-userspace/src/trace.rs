@@ -238,7 +238,11 @@ pub fn trace(
                         Ipv4Addr::new(tbuf[30], tbuf[31], tbuf[32], tbuf[33])
                     )?,
                     TC_ACT_SHOT => writeln!(out, "verdict:   dropped by lb_tc_reject")?,
-                    v => writeln!(out, "verdict:   passed on by lb_tc_reject (TC verdict {v})")?,
+                    v => writeln!(
+                        out,
+                        "verdict:   passed on by lb_tc_reject (TC verdict {})",
+                        v as i32
+                    )?,
                 }
             }
             _ => writeln!(
