@@ -171,15 +171,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// addresses with `BPF_F_PSEUDO_HDR`; the ports not at all), and a full one as RFC 1624 does.
 #[classifier]
 pub fn lb_tc_pod(ctx: TcContext) -> i32 {
-    count(stat::RX);
-    // Linear headers for direct reads (a no-op when they are; fails harmlessly on a short
-    // frame, which parse() then leaves alone).
-    let _ = ctx.pull_data((L4_OFF + TCP_LEN) as u32);
-    match process(&ctx) {
-        Verdict::Pass => TC_NEXT,
-        Verdict::Drop => TC_ACT_SHOT,
-        Verdict::Reject => reject(&ctx),
-    }
+    tc_translate(&Skb::<true>(&ctx))
 }
 
 /// The datapath for external interfaces without native XDP (veths, bridges, bonds, tunnels),
@@ -190,13 +182,21 @@ pub fn lb_tc_pod(ctx: TcContext) -> i32 {
 /// itself.
 #[classifier]
 pub fn lb_tc_ext(ctx: TcContext) -> i32 {
+    tc_translate(&Skb::<false>(&ctx))
+}
+
+/// The TC programs' translation: rewrites through the checksum helpers, rejects answered in
+/// place.
+#[inline(always)]
+fn tc_translate<const POD: bool>(skb: &Skb<POD>) -> i32 {
     count(stat::RX);
-    // Linear headers for direct reads, as in lb_tc_pod.
-    let _ = ctx.pull_data((L4_OFF + TCP_LEN) as u32);
-    match process(&External(&ctx)) {
+    // Linear headers for direct reads (a no-op when they are; fails harmlessly on a short
+    // frame, which parse() then leaves alone).
+    let _ = skb.0.pull_data((L4_OFF + TCP_LEN) as u32);
+    match process(skb) {
         Verdict::Pass => TC_NEXT,
         Verdict::Drop => TC_ACT_SHOT,
-        Verdict::Reject => reject(&ctx),
+        Verdict::Reject => reject(skb.0),
     }
 }
 
@@ -234,23 +234,11 @@ impl Hook for XdpContext {
     }
 }
 
-impl Hook for TcContext {
-    /// `lb_tc_pod` is attached to pod interfaces only.
-    #[inline(always)]
-    fn from_pod(&self) -> bool {
-        true
-    }
+/// An skb in TC ingress: of a pod interface (`lb_tc_pod`, `POD`) or of an external one
+/// (`lb_tc_ext`); each program is attached to its kind of interface only.
+struct Skb<'a, const POD: bool>(&'a TcContext);
 
-    #[inline(always)]
-    fn rewrite(&self, hdr: &Headers, from: &Tuple, to: &Tuple) {
-        skb_rewrite(self, hdr, from, to);
-    }
-}
-
-/// The context of `lb_tc_ext`: an skb on an external interface.
-struct External<'a>(&'a TcContext);
-
-impl Packet for External<'_> {
+impl<const POD: bool> Packet for Skb<'_, POD> {
     #[inline(always)]
     fn data(&self) -> usize {
         self.0.data()
@@ -261,15 +249,14 @@ impl Packet for External<'_> {
     }
     #[inline(always)]
     fn frame_len(&self) -> u64 {
-        self.0.len() as u64
+        self.0.frame_len()
     }
 }
 
-impl Hook for External<'_> {
-    /// `lb_tc_ext` is attached to external interfaces only.
+impl<const POD: bool> Hook for Skb<'_, POD> {
     #[inline(always)]
     fn from_pod(&self) -> bool {
-        false
+        POD
     }
 
     #[inline(always)]
