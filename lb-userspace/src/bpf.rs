@@ -219,33 +219,12 @@ impl Datapath {
                 .try_into()?;
             xdp.load().context("loading lb_xdp (verifier)")?;
             replace_pin(&xdp_new, |p| xdp.pin(p))?;
-            let tc: &mut SchedClassifier = ebpf
-                .program_mut(TC_PROGRAM)
-                .context("program lb_tc_reject missing from the object")?
-                .try_into()?;
-            tc.load().context("loading lb_tc_reject (verifier)")?;
-            replace_pin(&tc_new, |p| tc.pin(p))?;
-            let pod: &mut SchedClassifier = ebpf
-                .program_mut(TC_POD_PROGRAM)
-                .context("program lb_tc_pod missing from the object")?
-                .try_into()?;
-            pod.load().context("loading lb_tc_pod (verifier)")?;
-            replace_pin(&pod_new, |p| pod.pin(p))?;
-            let ext: &mut SchedClassifier = ebpf
-                .program_mut(TC_EXT_PROGRAM)
-                .context("program lb_tc_ext missing from the object")?
-                .try_into()?;
-            ext.load().context("loading lb_tc_ext (verifier)")?;
-            replace_pin(&ext_new, |p| ext.pin(p))?;
         }
         let xdp = Xdp::from_pin(&xdp_new, XdpAttachType::Interface)
             .with_context(|| format!("opening {}", xdp_new.display()))?;
-        let tc = SchedClassifier::from_pin(&tc_new)
-            .with_context(|| format!("opening {}", tc_new.display()))?;
-        let tc_pod = SchedClassifier::from_pin(&pod_new)
-            .with_context(|| format!("opening {}", pod_new.display()))?;
-        let tc_ext = SchedClassifier::from_pin(&ext_new)
-            .with_context(|| format!("opening {}", ext_new.display()))?;
+        let tc = load_classifier(&mut ebpf, TC_PROGRAM, &tc_new)?;
+        let tc_pod = load_classifier(&mut ebpf, TC_POD_PROGRAM, &pod_new)?;
+        let tc_ext = load_classifier(&mut ebpf, TC_EXT_PROGRAM, &ext_new)?;
         let ifaces = HashMap::try_from(Map::HashMap(open_map(pin, map_names::IFACES)?))?;
         let mut dp = Datapath {
             pin: pin.to_owned(),
@@ -550,6 +529,18 @@ impl Datapath {
     pub fn tc_ext(&self) -> &SchedClassifier {
         &self.tc_ext
     }
+}
+
+/// Loads the object's TC program `name` (verifier), pins it at `path` and opens it from there.
+fn load_classifier(ebpf: &mut aya::Ebpf, name: &str, path: &Path) -> Result<SchedClassifier> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the object"))?
+        .try_into()?;
+    prog.load()
+        .with_context(|| format!("loading {name} (verifier)"))?;
+    replace_pin(path, |p| prog.pin(p))?;
+    SchedClassifier::from_pin(path).with_context(|| format!("opening {}", path.display()))
 }
 
 /// Attaches `prog` to TC ingress (tcx) of `ifname` with a link pinned at `path`, unless one is
