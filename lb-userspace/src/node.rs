@@ -123,21 +123,6 @@ pub fn check_host() -> Vec<String> {
     warnings
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn interface_rule() {
-        let ext = vec!["eth0".to_string()];
-        assert!(wanted("eth0", &ext, "veth"));
-        assert!(wanted("veth1234", &ext, "veth"));
-        assert!(!wanted("eth1", &ext, "veth"));
-        assert!(!wanted("lo", &ext, ""));
-        assert!(!wanted("vethx", &[], ""));
-    }
-}
-
 /// What the kernel says drives an interface (`ETHTOOL_GDRVINFO`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Driver {
@@ -238,4 +223,34 @@ pub fn driver(ifname: &str) -> Result<Driver> {
         name: text(&info.driver),
         bus_info: text(&info.bus_info),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_rule() {
+        let ext = vec!["eth0".to_string()];
+        assert!(wanted("eth0", &ext, "veth"));
+        assert!(wanted("veth1234", &ext, "veth"));
+        assert!(!wanted("eth1", &ext, "veth"));
+        assert!(!wanted("lo", &ext, ""));
+        assert!(!wanted("vethx", &[], ""));
+    }
+
+    #[test]
+    fn only_nics_are_candidates_for_native_xdp() {
+        let d = |name: &str, bus: &str| Driver {
+            name: name.into(),
+            bus_info: bus.into(),
+        };
+        assert!(d("virtio_net", "0000:00:03.0").is_hardware());
+        assert!(d("mlx5_core", "0000:3b:00.0").is_hardware());
+        assert!(!d("veth", "").is_hardware());
+        assert!(!d("bridge", "N/A").is_hardware());
+        assert!(!d("tun", "tap").is_hardware());
+        // An unknown driver without a bus address is taken for software.
+        assert!(!d("something", "").is_hardware());
+    }
 }
