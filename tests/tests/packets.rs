@@ -605,6 +605,24 @@ fn pins_of_another_map_layout_are_refused_before_anything_is_loaded() {
     );
 }
 
+/// UDP from `client` to the ClusterIP's DNS port, with and without a checksum, through
+/// `check`: both go to pod 1 (a zero checksum stays zero).
+fn udp_to_pod1(check: &impl Fn(&Frame, &Frame), client: Ipv4Addr) {
+    let q = Frame::udp((client, 33333), (VIP, 53), b"query");
+    let q0 = Frame {
+        udp_no_checksum: true,
+        ..Frame::udp((client, 33334), (VIP, 53), b"q")
+    };
+    for input in [q, q0] {
+        let expected = Frame {
+            dst: POD1,
+            dport: 5353,
+            ..input.clone()
+        };
+        check(&input, &expected);
+    }
+}
+
 /// A TC program's result: passed on, checksums right, every byte as `expected`.
 fn assert_tc_rewritten((verdict, out): (u32, Vec<u8>), expected: &Frame) {
     assert_eq!(verdict, TC_NEXT, "verdict");
@@ -646,27 +664,7 @@ fn the_external_tc_program_translates_like_xdp() {
             ..data.clone()
         },
     );
-    let q = Frame::udp((CLIENT, 33333), (VIP, 53), b"query");
-    check(
-        &q,
-        &Frame {
-            dst: POD1,
-            dport: 5353,
-            ..q.clone()
-        },
-    );
-    let q0 = Frame {
-        udp_no_checksum: true,
-        ..Frame::udp((CLIENT, 33334), (VIP, 53), b"q")
-    };
-    check(
-        &q0,
-        &Frame {
-            dst: POD1,
-            dport: 5353,
-            ..q0.clone()
-        },
-    );
+    udp_to_pod1(&check, CLIENT);
     // Not a frontend: untouched.
     let other = Frame::tcp((CLIENT, 40001), (NODE_IP, 22), SYN);
     assert_eq!(
@@ -728,25 +726,5 @@ fn the_pod_program_translates_like_xdp() {
             ..reply.clone()
         },
     );
-    let q = Frame::udp((POD2, 33333), (VIP, 53), b"query");
-    check(
-        &q,
-        &Frame {
-            dst: POD1,
-            dport: 5353,
-            ..q.clone()
-        },
-    );
-    let q0 = Frame {
-        udp_no_checksum: true,
-        ..Frame::udp((POD2, 33334), (VIP, 53), b"q")
-    };
-    check(
-        &q0,
-        &Frame {
-            dst: POD1,
-            dport: 5353,
-            ..q0.clone()
-        },
-    );
+    udp_to_pod1(&check, POD2);
 }
