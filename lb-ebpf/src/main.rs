@@ -534,7 +534,7 @@ fn process(ctx: &impl Hook) -> Verdict {
             ctx.rewrite(&hdr, &pkt, &to);
             return pass(stat::REVERSE_NAT);
         }
-        if keep_flow(proto, tcp_flags, entry.backend_id) {
+        if keep_flow(proto, tcp_flags, entry, &to) {
             // The client closes (FIN or RST) a reported flow: report that once.
             if entry.flags & CT_F_REPORTED != 0 && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
                 entry.flags &= !CT_F_REPORTED;
@@ -894,23 +894,62 @@ fn sticky_backend(svc: &ServiceV4, key: &AffinityKeyV4, now: u64) -> Option<(u32
 /// Whether a packet that hits a flow's forward entry stays on the flow's backend, with
 /// kube-proxy's conntrack semantics:
 /// * TCP stays, also when the endpoint was deleted (kube-proxy never flushes TCP entries), so
-///   established connections to a terminating or removed endpoint carry on; only a SYN
-///   without ACK (a new connection on a reused tuple) is chosen again when its backend is
-///   gone or terminating. A retransmitted SYN keeps a live backend.
+///   established connections to a terminating or removed endpoint carry on. A SYN without
+///   ACK is a new connection when the flow has closed (a FIN or RST seen either way: the
+///   client reuses the tuple of a finished connection, as clients that open many short
+///   connections do within seconds), and is then chosen, counted and reported as a new flow,
+///   as netfilter's conntrack does with a SYN on a closed entry; the closed flow's reply entry
+///   is removed (its SNAT port freed). On an open flow it is a retransmission: it keeps a
+///   live backend and is chosen again when its backend is gone or terminating.
 /// * UDP stays while the backend is in the maps, which hold every serving endpoint;
 ///   otherwise it is chosen again (kube-proxy deletes UDP entries of endpoints that stopped
 ///   serving).
 #[inline(always)]
-fn keep_flow(proto: u8, tcp_flags: u8, backend_id: u32) -> bool {
+fn keep_flow(proto: u8, tcp_flags: u8, entry: &CtEntryV4, to: &Tuple) -> bool {
     let new_syn = proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if proto == IPPROTO_TCP && !new_syn {
         return true;
     }
+    if new_syn && close_reply_if_closed(entry, to, proto) {
+        return false;
+    }
     // SAFETY: the value is read at once.
-    match unsafe { LB4_BACKENDS.get(backend_id) } {
+    match unsafe { LB4_BACKENDS.get(entry.backend_id) } {
         Some(b) => !new_syn || b.flags & BACKEND_F_TERMINATING == 0,
         None => false,
     }
+}
+
+/// Whether a flow has closed (a FIN or RST recorded in its forward entry or in its reply
+/// entry); if so, its reply entry is removed, so that the new flow on the same tuple starts
+/// clean (and an allocated SNAT port goes back to the range). Only SYNs that hit a forward
+/// entry come here, so the reply lookup costs nothing on the established path.
+#[inline(always)]
+fn close_reply_if_closed(entry: &CtEntryV4, to: &Tuple, proto: u8) -> bool {
+    let reply_key = conntrack_key(to.daddr, to.saddr, to.dport, to.sport, proto);
+    if entry.flags & CT_F_SNAT != 0 {
+        remove_if_closed(&LB4_SNAT, &reply_key, entry.flags)
+    } else {
+        remove_if_closed(&LB4_CONNTRACK, &reply_key, entry.flags)
+    }
+}
+
+/// `close_reply_if_closed` for the map that holds the reply entry (each call site names its
+/// map, as the verifier wants).
+#[inline(always)]
+fn remove_if_closed(
+    map: &LruHashMap<CtKeyV4, CtEntryV4>,
+    reply_key: &CtKeyV4,
+    forward_flags: u16,
+) -> bool {
+    const CLOSED: u16 = CT_F_FIN | CT_F_RST;
+    // SAFETY: the value is read at once.
+    let reply_closed = unsafe { map.get(reply_key) }.is_some_and(|r| r.flags & CLOSED != 0);
+    if forward_flags & CLOSED == 0 && !reply_closed {
+        return false;
+    }
+    let _ = map.remove(reply_key);
+    true
 }
 
 #[inline(always)]

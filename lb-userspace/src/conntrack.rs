@@ -4,7 +4,12 @@
 //! a grace period, or has been idle longer than its protocol's timeout. The LRU maps also
 //! evict under pressure; this keeps them from filling with dead flows in the first place.
 
-use std::{os::fd::AsFd, path::Path, time::Duration};
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    os::fd::AsFd,
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::Result;
 use aya::maps::{HashMap, Map, MapData};
@@ -121,60 +126,81 @@ pub fn sweep(pin: &Path, t: &Timeouts) -> Result<Swept> {
     let now = monotonic_ns();
     let entries = read_all(&ct)?;
     let snat_entries = read_all(&snat)?;
-    let ct_by_key: std::collections::HashMap<CtKeyV4, CtEntryV4> =
-        entries.iter().copied().collect();
-    let snat_by_key: std::collections::HashMap<CtKeyV4, CtEntryV4> =
-        snat_entries.iter().copied().collect();
+    let doomed = decide(&entries, &snat_entries, now, t);
+    remove_all(&mut ct, &doomed.conntrack)?;
+    remove_all(&mut snat, &doomed.snat)?;
+    Ok(doomed.swept)
+}
+
+/// What a sweep deletes, and why.
+struct Doomed {
+    conntrack: Vec<CtKeyV4>,
+    snat: Vec<CtKeyV4>,
+    swept: Swept,
+}
+
+/// Decides a sweep from both maps' entries: expired flows (both their entries), and reply
+/// entries no forward entry leads to any more (the forward entry evicted by the LRU, or the
+/// flow chosen again: a UDP flow whose backend went, a reopened TCP tuple) once they have
+/// been quiet for the close grace.
+fn decide(
+    entries: &[(CtKeyV4, CtEntryV4)],
+    snat_entries: &[(CtKeyV4, CtEntryV4)],
+    now: u64,
+    t: &Timeouts,
+) -> Doomed {
+    let ct_by_key: StdHashMap<CtKeyV4, CtEntryV4> = entries.iter().copied().collect();
+    let snat_by_key: StdHashMap<CtKeyV4, CtEntryV4> = snat_entries.iter().copied().collect();
     let mut swept = Swept::default();
     // Sets: a reply entry is also its partner's, and is deleted once.
-    let mut drop_ct = std::collections::HashSet::new();
-    let mut drop_snat = std::collections::HashSet::new();
-    for (key, e) in &entries {
-        if e.flags & CT_F_FORWARD != 0 {
-            let pk = partner_key(key, e);
-            let in_snat = e.flags & CT_F_SNAT != 0;
-            let reply = if in_snat {
-                snat_by_key.get(&pk)
-            } else {
-                ct_by_key.get(&pk)
-            };
-            if expired(e, reply, key.proto, now, t) {
-                drop_ct.insert(*key);
-                if reply.is_some() {
-                    if in_snat {
-                        drop_snat.insert(pk);
-                    } else {
-                        drop_ct.insert(pk);
-                    }
+    let mut drop_ct = HashSet::new();
+    let mut drop_snat = HashSet::new();
+    // The reply entries the forward entries lead to, per map.
+    let mut live_ct = HashSet::new();
+    let mut live_snat = HashSet::new();
+    for (key, e) in entries {
+        if e.flags & CT_F_FORWARD == 0 {
+            continue;
+        }
+        let pk = partner_key(key, e);
+        let in_snat = e.flags & CT_F_SNAT != 0;
+        let reply = if in_snat {
+            live_snat.insert(pk);
+            snat_by_key.get(&pk)
+        } else {
+            live_ct.insert(pk);
+            ct_by_key.get(&pk)
+        };
+        if expired(e, reply, key.proto, now, t) {
+            drop_ct.insert(*key);
+            if reply.is_some() {
+                if in_snat {
+                    drop_snat.insert(pk);
+                } else {
+                    drop_ct.insert(pk);
                 }
-                swept.flows += 1;
             }
-        } else if e.flags & CT_F_REPLY != 0 {
-            // A reply entry whose forward entry the LRU evicted: nothing can use it.
-            let fk = partner_key(key, e);
-            let idle = Duration::from_nanos(now.saturating_sub(e.last_seen_ns));
-            if !ct_by_key.contains_key(&fk) && idle >= t.closed {
-                drop_ct.insert(*key);
-                swept.orphans += 1;
-            }
+            swept.flows += 1;
         }
     }
-    // SNAT reply entries whose forward entry is gone (evicted, or a flow re-chosen).
-    let forward_snat: std::collections::HashSet<CtKeyV4> = entries
-        .iter()
-        .filter(|(_, e)| e.flags & CT_F_SNAT != 0 && e.flags & CT_F_FORWARD != 0)
-        .map(|(k, e)| partner_key(k, e))
-        .collect();
-    for (k, e) in &snat_entries {
-        let idle = Duration::from_nanos(now.saturating_sub(e.last_seen_ns));
-        if !forward_snat.contains(k) && idle >= t.closed && drop_snat.insert(*k) {
+    let quiet =
+        |e: &CtEntryV4| Duration::from_nanos(now.saturating_sub(e.last_seen_ns)) >= t.closed;
+    for (key, e) in entries {
+        if e.flags & CT_F_REPLY != 0 && !live_ct.contains(key) && quiet(e) && drop_ct.insert(*key) {
             swept.orphans += 1;
         }
     }
-    remove_all(&mut ct, &drop_ct.into_iter().collect::<Vec<_>>())?;
+    for (key, e) in snat_entries {
+        if !live_snat.contains(key) && quiet(e) && drop_snat.insert(*key) {
+            swept.orphans += 1;
+        }
+    }
     swept.snat = drop_snat.len();
-    remove_all(&mut snat, &drop_snat.into_iter().collect::<Vec<_>>())?;
-    Ok(swept)
+    Doomed {
+        conntrack: drop_ct.into_iter().collect(),
+        snat: drop_snat.into_iter().collect(),
+        swept,
+    }
 }
 
 #[cfg(test)]
@@ -227,6 +253,87 @@ mod tests {
         assert!(expired(&fwd, None, 6, 3600 * S, &t));
         assert!(!expired(&fwd, None, 17, 119 * S, &t));
         assert!(expired(&fwd, None, 17, 120 * S, &t));
+    }
+
+    fn key(saddr: u32, daddr: u32, sport: u16, dport: u16) -> CtKeyV4 {
+        CtKeyV4 {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        }
+    }
+
+    /// A flow from client 1:3 to frontend 2:4, translated to `backend`:6 (from `src`:`sport`),
+    /// seen at `last`: its forward key and entry, its reply key and entry.
+    fn flow(
+        backend: u32,
+        src: u32,
+        sport: u16,
+        flags: u16,
+        last: u64,
+    ) -> [(CtKeyV4, CtEntryV4); 2] {
+        let fwd = CtEntryV4 {
+            nat_saddr: src,
+            nat_daddr: backend,
+            nat_sport: sport,
+            nat_dport: 6,
+            flags: CT_F_FORWARD | flags,
+            last_seen_ns: last,
+            ..Default::default()
+        };
+        let rep = CtEntryV4 {
+            nat_saddr: 2,
+            nat_daddr: 1,
+            nat_sport: 4,
+            nat_dport: 3,
+            flags: CT_F_REPLY | flags,
+            last_seen_ns: last,
+            ..Default::default()
+        };
+        [(key(1, 2, 3, 4), fwd), (key(backend, src, 6, sport), rep)]
+    }
+
+    #[test]
+    fn reply_entries_of_a_rechosen_flow_go_when_quiet() {
+        let t = Timeouts::default();
+        // The flow went to backend 5, then was chosen again for backend 7: the forward
+        // entry leads to 7's reply entry; 5's is left behind.
+        let [_, old_reply] = flow(5, 1, 3, 0, 100 * S);
+        let [fwd, new_reply] = flow(7, 1, 3, 0, 105 * S);
+        let entries = [fwd, new_reply, old_reply];
+        let d = decide(&entries, &[], 108 * S, &t);
+        assert!(
+            d.conntrack.is_empty(),
+            "within the grace: {:?}",
+            d.conntrack
+        );
+        let d = decide(&entries, &[], 111 * S, &t);
+        assert_eq!(d.conntrack, vec![old_reply.0]);
+        assert_eq!(
+            d.swept,
+            Swept {
+                orphans: 1,
+                ..Default::default()
+            }
+        );
+
+        // The same with source NAT: the old port's entry in LB4_SNAT goes, the new one stays.
+        let [_, old_snat] = flow(5, 9, 61000, CT_F_SNAT, 100 * S);
+        let [fwd, new_snat] = flow(5, 9, 62000, CT_F_SNAT, 105 * S);
+        let d = decide(&[fwd], &[old_snat, new_snat], 111 * S, &t);
+        assert!(d.conntrack.is_empty());
+        assert_eq!(d.snat, vec![old_snat.0]);
+        assert_eq!((d.swept.orphans, d.swept.snat), (1, 1));
+
+        // A closed flow goes whole: its forward entry and the reply entry it leads to.
+        let [fwd, reply] = flow(5, 1, 3, CT_F_FIN, 100 * S);
+        let mut d = decide(&[fwd, reply], &[], 111 * S, &t);
+        d.conntrack.sort_by_key(|k| (k.saddr, k.daddr));
+        assert_eq!(d.conntrack, vec![fwd.0, reply.0]);
+        assert_eq!(d.swept.flows, 1);
     }
 
     #[test]

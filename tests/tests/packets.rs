@@ -2,7 +2,7 @@
 //! BPF_PROG_TEST_RUN on crafted frames. Every rewritten byte is compared with a frame built
 //! independently, and checksums are verified from scratch. Needs root.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use lb_tests::{
     packet::{
@@ -10,7 +10,7 @@ use lb_tests::{
     },
     Harness, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_NEXT, XDP_DROP, XDP_PASS,
 };
-use lb_userspace::translate::NodeInfo;
+use lb_userspace::{bpf::read_stats, conntrack, translate::NodeInfo};
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -485,6 +485,95 @@ fn a_retransmitted_syn_keeps_its_backend() {
             dst_of(&h, &syn),
             first,
             "flow {p}: the retransmission changed backend"
+        );
+    }
+}
+
+/// A global counter of the datapath, by name.
+fn stat(h: &Harness, name: &str) -> u64 {
+    read_stats(h.pin.path())
+        .expect("LB_STATS")
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| panic!("no counter {name}"))
+}
+
+#[test]
+fn a_new_connection_on_a_closed_flows_tuple_is_a_new_flow() {
+    let mut h = harness();
+    let pods: Vec<Ipv4Addr> = (11..15).map(|i| Ipv4Addr::new(10, 244, 0, i)).collect();
+    h.program(&services(&pods)).expect("program");
+    const FLOWS: u16 = 200;
+    let new_before = stat(&h, "dnat_new");
+    let mut moved = 0;
+    let mut reopened = Vec::new();
+    for p in 0..FLOWS {
+        let port = 46000 + p;
+        let syn = Frame::tcp((CLIENT, port), (VIP, 80), SYN);
+        let first = dst_of(&h, &syn);
+        // The connection ends: FIN both ways for even flows, a RST from the server for odd
+        // ones (nothing recorded in the client's direction then).
+        let reply = |flags| Frame::tcp((first, 8080), (CLIENT, port), flags);
+        if p % 2 == 0 {
+            assert_eq!(
+                dst_of(&h, &Frame::tcp((CLIENT, port), (VIP, 80), FIN | ACK)),
+                first
+            );
+            assert_eq!(
+                parse(&h.run(&reply(FIN | ACK).build()).expect("run").1).src,
+                VIP
+            );
+        } else {
+            assert_eq!(parse(&h.run(&reply(RST).build()).expect("run").1).src, VIP);
+        }
+        // The client opens a new connection from the same port: chosen afresh.
+        let again = dst_of(&h, &syn);
+        if again != first {
+            moved += 1;
+            // The closed flow's reply entry is gone: its backend's late packets pass as they
+            // are.
+            let late = reply(ACK).build();
+            assert_eq!(
+                h.run(&late).expect("run").1,
+                late,
+                "flow {p}: old reply translated"
+            );
+        }
+        // The new connection's reply is translated.
+        let synack = Frame::tcp((again, 8080), (CLIENT, port), SYN | ACK);
+        assert_eq!(parse(&h.run(&synack.build()).expect("run").1).src, VIP);
+        // And its packets stay on its backend.
+        assert_eq!(
+            dst_of(&h, &Frame::tcp((CLIENT, port), (VIP, 80), ACK)),
+            again
+        );
+        reopened.push(port);
+    }
+    assert_eq!(
+        stat(&h, "dnat_new") - new_before,
+        2 * FLOWS as u64,
+        "each reopened tuple counts as a new flow"
+    );
+    // Uniform choice among 4: 3/4 of the reopened flows move (mean 150, sd 6).
+    assert!(
+        moved >= 100,
+        "only {moved} of {FLOWS} reopened flows were chosen afresh"
+    );
+    // The reopened flows are open: a sweep that removes every closed flow at once keeps them.
+    let t = conntrack::Timeouts {
+        closed: Duration::ZERO,
+        ..Default::default()
+    };
+    let swept = conntrack::sweep(h.pin.path(), &t).expect("sweep");
+    assert_eq!(swept.flows, 0, "reopened flows swept as closed: {swept:?}");
+    for port in reopened.iter().step_by(17) {
+        let ack = Frame::tcp((CLIENT, *port), (VIP, 80), ACK);
+        let (_, out) = h.run(&ack.build()).expect("run");
+        assert_ne!(
+            parse(&out).dst,
+            VIP,
+            "flow from port {port} lost after the sweep"
         );
     }
 }

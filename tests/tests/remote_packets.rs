@@ -154,6 +154,14 @@ fn a_pod_client_keeps_its_address_to_a_remote_backend() {
     assert_eq!(out.dst, backend(1).0);
 }
 
+/// How many entries `LB4_SNAT` holds (one per source-NATed flow: its port).
+fn snat_entries(h: &Harness) -> usize {
+    let map = MapData::from_pin(h.pin.path().join("LB4_SNAT")).expect("LB4_SNAT");
+    let map: HashMap<MapData, CtKeyV4, CtEntryV4> =
+        HashMap::try_from(Map::LruHashMap(map)).expect("LB4_SNAT is an LRU hash");
+    map.keys().count()
+}
+
 #[test]
 fn snat_ports_never_collide_and_are_freed_when_flows_close() {
     let mut h = node("node-a", NODE_A);
@@ -175,13 +183,7 @@ fn snat_ports_never_collide_and_are_freed_when_flows_close() {
         ports.len()
     );
     assert_eq!(ports.len(), FLOWS as usize);
-    let snat_entries = || {
-        let map = MapData::from_pin(h.pin.path().join("LB4_SNAT")).expect("LB4_SNAT");
-        let map: HashMap<MapData, CtKeyV4, CtEntryV4> =
-            HashMap::try_from(Map::LruHashMap(map)).expect("LB4_SNAT is an LRU hash");
-        map.keys().count()
-    };
-    assert_eq!(snat_entries(), FLOWS as usize);
+    assert_eq!(snat_entries(&h), FLOWS as usize);
 
     // Nothing closed yet: a sweep keeps every flow.
     let t = conntrack::Timeouts {
@@ -202,13 +204,61 @@ fn snat_ports_never_collide_and_are_freed_when_flows_close() {
     println!("after closing: swept {swept:?}");
     assert_eq!(swept.flows, FLOWS as usize);
     assert_eq!(
-        snat_entries(),
+        snat_entries(&h),
         0,
         "SNAT entries left after the flows closed"
     );
     // A new flow gets a port again.
     let (verdict, _) = send(&h, &Frame::tcp((CLIENT, 19999), (NODE_A, 30080), SYN));
     assert_eq!(verdict, XDP_PASS);
+}
+
+#[test]
+fn a_reopened_snat_flow_gives_its_old_port_back() {
+    let mut h = node("node-a", NODE_A);
+    h.program(&lb_service(&[1], &[])).expect("program");
+    let pod = backend(1).0;
+    const FLOWS: u16 = 100;
+    let mut moved = 0;
+    for i in 0..FLOWS {
+        let client_port = 30000 + i;
+        let syn = Frame::tcp((CLIENT, client_port), (NODE_A, 30080), SYN);
+        let port = send(&h, &syn).1.sport;
+        // The connection closes both ways, then the client opens another from the same port.
+        let _ = send(
+            &h,
+            &Frame::tcp((CLIENT, client_port), (NODE_A, 30080), FIN | ACK),
+        );
+        let _ = send(&h, &Frame::tcp((pod, 8080), (NODE_A, port), FIN | ACK));
+        let (verdict, again) = send(&h, &syn);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!((again.src, again.dst), (NODE_A, pod), "flow {i}");
+        let (_, back) = send(
+            &h,
+            &Frame::tcp((pod, 8080), (NODE_A, again.sport), SYN | ACK),
+        );
+        assert_eq!(
+            (back.src, back.dst, back.dport),
+            (NODE_A, CLIENT, client_port)
+        );
+        if again.sport != port {
+            moved += 1;
+            // The old port is no longer translated.
+            let late = Frame::tcp((pod, 8080), (NODE_A, port), ACK).build();
+            let out = h.run(&late).expect("run").1;
+            assert_eq!(out, late, "flow {i}: old port {port} still mapped");
+        }
+    }
+    // Ports are drawn at random from 4,536: nearly every reopened flow gets another one.
+    assert!(
+        moved > FLOWS / 2,
+        "{moved} of {FLOWS} reopened flows changed port"
+    );
+    assert_eq!(
+        snat_entries(&h),
+        FLOWS as usize,
+        "one SNAT entry per open flow: the closed flows' ports went back"
+    );
 }
 
 #[test]
