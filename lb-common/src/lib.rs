@@ -29,6 +29,7 @@ pub mod map_names {
     pub const MAGLEV: &str = "LB_MAGLEV";
     pub const SOURCE_RANGES_V4: &str = "LB4_SRC_RANGES";
     pub const SOCK_REVERSE_V4: &str = "LB4_SOCK_REV";
+    pub const CLOCK: &str = "LB_CLOCK";
 }
 
 /// Names of the programs in the object file.
@@ -38,6 +39,9 @@ pub const TC_PROGRAM: &str = "lb_tc_reject";
 pub const TC_POD_PROGRAM: &str = "lb_tc_pod";
 /// The translation on external interfaces without native XDP (TC ingress).
 pub const TC_EXT_PROGRAM: &str = "lb_tc_ext";
+/// Reads both of the kernel's clocks at once for the agent's calibration of `LB_CLOCK` (run
+/// by BPF_PROG_TEST_RUN, never attached).
+pub const CLOCK_PROGRAM: &str = "lb_clock";
 /// The cgroup v2 socket hooks (host-network clients), in attach order.
 pub const SOCK_PROGRAMS: [&str; 4] = [
     "lb_connect4",
@@ -232,7 +236,7 @@ map_type! {
 map_type! {
     /// A conntrack entry: the tuple the packet is rewritten to, and whose flow it is.
     pub struct CtEntryV4 {
-        /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC at tick resolution) of the last packet (refreshed at most every `CT_REFRESH_NS`).
+        /// The datapath's clock (`Clock`: CLOCK_MONOTONIC at tick resolution) at the last packet (refreshed at most every `CT_REFRESH_NS`).
         pub last_seen_ns: u64,
         pub nat_saddr: u32,
         pub nat_daddr: u32,
@@ -320,6 +324,29 @@ map_type! {
     size 16;
 }
 
+map_type! {
+    /// `LB_CLOCK[0]`: how the datapath tells the time, as `jiffies * ns_per_tick + offset_ns`
+    /// (wrapping), which the agent calibrates to `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC
+    /// at tick resolution). The jiffies are one load the verifier inlines; the coarse clock is
+    /// a helper call, which cost a third of a conntrack hit. While `ns_per_tick` is 0 the
+    /// datapath reads the coarse clock itself.
+    pub struct Clock {
+        /// The kernel's tick (1e9 / CONFIG_HZ, rounded).
+        pub ns_per_tick: u64,
+        pub offset_ns: u64,
+    }
+    size 16;
+}
+
+impl Clock {
+    /// The time in ns at `jiffies`.
+    pub fn at(&self, jiffies: u64) -> u64 {
+        jiffies
+            .wrapping_mul(self.ns_per_tick)
+            .wrapping_add(self.offset_ns)
+    }
+}
+
 /// `LB_CONFIG` indexes (an array of u32 the agent writes).
 pub mod config {
     /// Report one new flow in N to `LB_FLOWS` (0: none). Closed flows are reported for the
@@ -352,7 +379,7 @@ pub const FLOW_CLOSED: u8 = 2;
 map_type! {
     /// A load-balancing decision, reported through the `LB_FLOWS` ring buffer.
     pub struct FlowEvent {
-        /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC at tick resolution).
+        /// The datapath's clock (`Clock`: CLOCK_MONOTONIC at tick resolution).
         pub ts_ns: u64,
         /// Network byte order, as the packet carried them.
         pub client_addr: u32,

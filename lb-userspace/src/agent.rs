@@ -25,6 +25,8 @@ use crate::{
 
 /// How often interfaces, addresses and manifests are looked at.
 const POLL: Duration = Duration::from_millis(200);
+/// How often the datapath's clock is checked against the kernel's (`Datapath::check_clock`).
+const CLOCK_CHECK: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -245,6 +247,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     tracing::info!(
         pin_path = %cfg.pin_path.display(),
         taken_over = datapath.taken_over,
+        clock_tick_ns = datapath.clock().ns_per_tick,
         "datapath ready"
     );
     let status: SharedStatus = Arc::new(Mutex::new(Status::default()));
@@ -283,6 +286,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     };
     let mut zone = None;
     let mut addresses: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    let mut clock_checked = Instant::now();
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -295,6 +299,17 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
 
         if let Err(e) = attach_interfaces(&mut datapath, &cfg) {
             tracing::warn!(error = format!("{e:#}"), "interface scan failed");
+        }
+        if clock_checked.elapsed() >= CLOCK_CHECK {
+            clock_checked = Instant::now();
+            match datapath.check_clock() {
+                Ok(Some(c)) => tracing::warn!(
+                    tick_ns = c.ns_per_tick,
+                    "the datapath clock had drifted from the kernel's: calibrated again"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "checking the datapath clock"),
+            }
         }
 
         match node::addresses() {

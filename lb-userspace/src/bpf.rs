@@ -32,12 +32,15 @@ use aya::{
 };
 use aya_obj::programs::XdpAttachType;
 use lb_common::{
-    map_names, stat, BackendSlotKey, BackendStats, BackendV4, MemberKey, ServiceKeyV4,
-    ServiceStats, ServiceV4, SourceRangeV4, SOCK_PROGRAMS, TC_EXT_PROGRAM, TC_POD_PROGRAM,
-    TC_PROGRAM, XDP_PROGRAM,
+    map_names, stat, BackendSlotKey, BackendStats, BackendV4, Clock, MemberKey, ServiceKeyV4,
+    ServiceStats, ServiceV4, SourceRangeV4, CLOCK_PROGRAM, SOCK_PROGRAMS, TC_EXT_PROGRAM,
+    TC_POD_PROGRAM, TC_PROGRAM, XDP_PROGRAM,
 };
 
-use crate::maps::{Capacity, MapError, ServiceMaps};
+use crate::{
+    clock,
+    maps::{Capacity, MapError, ServiceMaps},
+};
 
 /// The BPF object, built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
@@ -165,13 +168,16 @@ pub struct Datapath {
     marked: std::collections::HashSet<u32>,
     /// The programs were already pinned: a previous agent's datapath was taken over.
     pub taken_over: bool,
+    /// The clock written to `LB_CLOCK`, and the reading it was last checked against.
+    clock: (Clock, clock::Sample),
 }
 
 impl Datapath {
     /// Loads the object with the maps a previous agent pinned (if any) and this agent's own
     /// programs. A previous agent's links are moved to the new programs in place
     /// (`bpf_link_update`, atomic per interface), so an upgrade never detaches anything and
-    /// conntrack, affinity and counters carry over.
+    /// conntrack, affinity and counters carry over. The datapath's clock (`LB_CLOCK`) is
+    /// calibrated here (about 100 ms).
     pub fn load(pin: &Path, sizes: MapSizes) -> Result<Self> {
         ensure_bpffs(pin)?;
         fs::create_dir_all(pin.join(LINKS_DIR))
@@ -226,6 +232,13 @@ impl Datapath {
         let tc_pod = load_classifier(&mut ebpf, TC_POD_PROGRAM, &pod_new)?;
         let tc_ext = load_classifier(&mut ebpf, TC_EXT_PROGRAM, &ext_new)?;
         let ifaces = HashMap::try_from(Map::HashMap(open_map(pin, map_names::IFACES)?))?;
+        let clock_prog: &mut Xdp = ebpf
+            .program_mut(CLOCK_PROGRAM)
+            .context("program lb_clock missing from the object")?
+            .try_into()?;
+        clock_prog.load().context("loading lb_clock (verifier)")?;
+        let clock = clock::calibrate(clock_prog)?;
+        write_clock(pin, &clock.0)?;
         let mut dp = Datapath {
             pin: pin.to_owned(),
             xdp,
@@ -237,6 +250,7 @@ impl Datapath {
             ifaces,
             marked: Default::default(),
             taken_over,
+            clock,
         };
         dp.adopt_links()?;
         // The new programs take the usual names (the links hold them either way).
@@ -324,6 +338,37 @@ impl Datapath {
                 || self.link_path("tcext", ifindex).exists()
                 || (self.link_path("xdp", ifindex).exists()
                     && self.link_path("tc", ifindex).exists()))
+    }
+
+    /// The datapath's clock (`LB_CLOCK`).
+    pub fn clock(&self) -> Clock {
+        self.clock.0
+    }
+
+    /// Checks the datapath's clock against the kernel's coarse clock, calibrating again over
+    /// the time since the last check (which makes the tick exact, however noisy the first
+    /// calibration was); rewrites `LB_CLOCK` when the two differ by more than a millisecond
+    /// at the reading, or in tick. The new clock, if it was rewritten.
+    pub fn check_clock(&mut self) -> Result<Option<Clock>> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(CLOCK_PROGRAM)
+            .context("program lb_clock missing from the object")?
+            .try_into()?;
+        let now = clock::sample(prog)?;
+        let (current, last) = self.clock;
+        let Some(fresh) = clock::from_samples(last, now) else {
+            return Ok(None);
+        };
+        self.clock.1 = now;
+        if fresh.ns_per_tick == current.ns_per_tick
+            && clock::drift(&current, now).unsigned_abs() <= 1_000_000
+        {
+            return Ok(None);
+        }
+        write_clock(&self.pin, &fresh)?;
+        self.clock.0 = fresh;
+        Ok(Some(fresh))
     }
 
     /// Writes one `LB_CONFIG` value.
@@ -529,6 +574,23 @@ impl Datapath {
     pub fn tc_ext(&self) -> &SchedClassifier {
         &self.tc_ext
     }
+}
+
+fn clock_map(pin: &Path) -> Result<aya::maps::Array<MapData, Clock>> {
+    Ok(aya::maps::Array::try_from(Map::Array(open_map(
+        pin,
+        map_names::CLOCK,
+    )?))?)
+}
+
+/// Writes the datapath's clock (`LB_CLOCK[0]`).
+fn write_clock(pin: &Path, clock: &Clock) -> Result<()> {
+    clock_map(pin)?.set(0, clock, 0).context("writing LB_CLOCK")
+}
+
+/// The datapath's clock as pinned (`LB_CLOCK[0]`; a zero tick: not calibrated).
+pub fn read_clock(pin: &Path) -> Result<Clock> {
+    clock_map(pin)?.get(&0, 0).context("reading LB_CLOCK")
 }
 
 /// Loads the object's TC program `name` (verifier), pins it at `path` and opens it from there.

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod clock;
 pub mod conntrack;
 pub mod flows;
 pub mod http;

@@ -53,6 +53,19 @@ pub fn status(pin: &Path, healthz: SocketAddr, metrics: SocketAddr) -> Result<(S
         progs.tc_pod.info()?.id()
     )?;
 
+    match bpf::read_clock(pin) {
+        Ok(c) if c.ns_per_tick != 0 => writeln!(
+            out,
+            "Clock:        jiffies at {} Hz, calibrated to the kernel's coarse monotonic clock",
+            (1_000_000_000 + c.ns_per_tick / 2) / c.ns_per_tick
+        )?,
+        Ok(_) => writeln!(
+            out,
+            "Clock:        the kernel's coarse clock (not calibrated)"
+        )?,
+        Err(e) => writeln!(out, "Clock:        unknown ({e:#})")?,
+    }
+
     // Attachments, from the pinned links.
     let ifaces: HashMap<MapData, u32, u32> = HashMap::try_from(Map::HashMap(MapData::from_pin(
         pin.join(map_names::IFACES),

@@ -4,6 +4,8 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
+use aya::maps::{Array, HashMap as AyaHashMap, Map, MapData};
+use lb_common::{map_names, Clock, CtEntryV4, CtKeyV4};
 use lb_tests::{
     packet::{
         parse, verify_checksums, Frame, ACK, CLIENT_MAC, FIN, ICMP, NODE_MAC, PSH, RST, SYN, TCP,
@@ -576,6 +578,83 @@ fn a_new_connection_on_a_closed_flows_tuple_is_a_new_flow() {
             "flow from port {port} lost after the sweep"
         );
     }
+}
+
+/// CLOCK_MONOTONIC in ns.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to write.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[test]
+fn flows_are_stamped_with_the_monotonic_clock_through_jiffies() {
+    let mut h = harness();
+    h.program(&services(&[POD1])).expect("program");
+    let clock = h.datapath.clock();
+    // x86's CONFIG_HZ choices: 100, 250, 300, 1000.
+    assert!(
+        [10_000_000, 4_000_000, 3_333_333, 1_000_000].contains(&clock.ns_per_tick),
+        "tick {} ns",
+        clock.ns_per_tick
+    );
+    let conntrack: AyaHashMap<MapData, CtKeyV4, CtEntryV4> = AyaHashMap::try_from(Map::LruHashMap(
+        MapData::from_pin(h.pin.path().join(map_names::CONNTRACK_V4)).expect("pinned"),
+    ))
+    .expect("LB4_CONNTRACK");
+    // A new flow's forward entry: when the datapath says it was seen, against CLOCK_MONOTONIC.
+    let stamp_off = |port: u16| -> i64 {
+        let before = monotonic_ns();
+        assert_eq!(
+            dst_of(&h, &Frame::tcp((CLIENT, port), (VIP, 80), SYN)),
+            POD1
+        );
+        let key = CtKeyV4 {
+            saddr: u32::from_ne_bytes(CLIENT.octets()),
+            daddr: u32::from_ne_bytes(VIP.octets()),
+            sport: port.to_be(),
+            dport: 80u16.to_be(),
+            proto: TCP,
+            _pad: [0; 3],
+        };
+        let e = conntrack.get(&key, 0).expect("forward entry");
+        e.last_seen_ns as i64 - before as i64
+    };
+    // The coarse clock trails CLOCK_MONOTONIC by up to a tick; allow two and some
+    // calibration error.
+    let near = |off: i64| off.abs() < 2 * clock.ns_per_tick as i64 + 1_000_000;
+    let off = stamp_off(50000);
+    assert!(near(off), "stamped {off} ns from CLOCK_MONOTONIC");
+    // The stamp is jiffies through LB_CLOCK: an hour more offset, an hour later stamps.
+    let mut map: Array<MapData, Clock> = Array::try_from(Map::Array(
+        MapData::from_pin(h.pin.path().join(map_names::CLOCK)).expect("pinned"),
+    ))
+    .expect("LB_CLOCK");
+    const HOUR: u64 = 3_600_000_000_000;
+    let shifted = Clock {
+        offset_ns: clock.offset_ns.wrapping_add(HOUR),
+        ..clock
+    };
+    map.set(0, shifted, 0).expect("write LB_CLOCK");
+    let off = stamp_off(50001) - HOUR as i64;
+    assert!(
+        near(off),
+        "shifted clock: stamped {off} ns from an hour ahead"
+    );
+    // Without a calibration the datapath reads the coarse clock itself.
+    map.set(0, Clock::default(), 0).expect("write LB_CLOCK");
+    let off = stamp_off(50002);
+    assert!(
+        near(off),
+        "coarse clock: stamped {off} ns from CLOCK_MONOTONIC"
+    );
 }
 
 #[test]
