@@ -118,6 +118,12 @@ fn remove_all(map: &mut HashMap<MapData, CtKeyV4, CtEntryV4>, keys: &[CtKeyV4]) 
 
 /// One sweep over the pinned conntrack and SNAT maps: both read whole, decided in memory,
 /// the expired entries deleted together.
+///
+/// Entries can change between the read and the delete: a SYN on a closed flow's tuple opens
+/// a new flow with fresh entries under the same keys (clients reuse ports within seconds).
+/// The kernel has no compare-and-delete, so each doomed flow's forward entry and each orphan
+/// is looked up again just before the delete, and only what is still as it was read goes
+/// (one lookup per doomed flow, against the two per entry of a sweep without batches).
 pub fn sweep(pin: &Path, t: &Timeouts) -> Result<Swept> {
     let mut ct: HashMap<MapData, CtKeyV4, CtEntryV4> =
         HashMap::try_from(Map::LruHashMap(open_map(pin, map_names::CONNTRACK_V4)?))?;
@@ -127,16 +133,68 @@ pub fn sweep(pin: &Path, t: &Timeouts) -> Result<Swept> {
     let entries = read_all(&ct)?;
     let snat_entries = read_all(&snat)?;
     let doomed = decide(&entries, &snat_entries, now, t);
-    remove_all(&mut ct, &doomed.conntrack)?;
-    remove_all(&mut snat, &doomed.snat)?;
-    Ok(doomed.swept)
+    let (ct_keys, snat_keys, swept) = doomed.still_as_read(
+        |k: &CtKeyV4| ct.get(k, 0).ok(),
+        |k: &CtKeyV4| snat.get(k, 0).ok(),
+    );
+    remove_all(&mut ct, &ct_keys)?;
+    remove_all(&mut snat, &snat_keys)?;
+    Ok(swept)
 }
 
-/// What a sweep deletes, and why.
+/// What a sweep would delete, as read.
+#[derive(Debug, Default)]
 struct Doomed {
-    conntrack: Vec<CtKeyV4>,
-    snat: Vec<CtKeyV4>,
-    swept: Swept,
+    /// Expired flows: the forward entry, and the key of the reply entry if there is one (in
+    /// `LB4_SNAT` for a source-NATed flow).
+    flows: Vec<(CtKeyV4, CtEntryV4, Option<CtKeyV4>)>,
+    /// Reply entries no forward entry leads to, in `LB4_CONNTRACK` and in `LB4_SNAT`.
+    orphans: Vec<(CtKeyV4, CtEntryV4)>,
+    snat_orphans: Vec<(CtKeyV4, CtEntryV4)>,
+}
+
+impl Doomed {
+    /// The keys to delete from `LB4_CONNTRACK` and `LB4_SNAT`, and what they amount to: what
+    /// the maps (`ct`, `snat`: a lookup now) still hold as it was read. A flow whose forward
+    /// entry changed (reopened, or refreshed by a late packet) stays for a later sweep.
+    fn still_as_read(
+        &self,
+        ct: impl Fn(&CtKeyV4) -> Option<CtEntryV4>,
+        snat: impl Fn(&CtKeyV4) -> Option<CtEntryV4>,
+    ) -> (Vec<CtKeyV4>, Vec<CtKeyV4>, Swept) {
+        let mut swept = Swept::default();
+        // Sets: a key is deleted once.
+        let mut drop_ct = HashSet::new();
+        let mut drop_snat = HashSet::new();
+        for (key, fwd, reply) in &self.flows {
+            if ct(key).as_ref() != Some(fwd) {
+                continue;
+            }
+            swept.flows += 1;
+            drop_ct.insert(*key);
+            match reply {
+                Some(r) if fwd.flags & CT_F_SNAT != 0 => drop_snat.insert(*r),
+                Some(r) => drop_ct.insert(*r),
+                None => false,
+            };
+        }
+        for (key, e) in &self.orphans {
+            if ct(key).as_ref() == Some(e) && drop_ct.insert(*key) {
+                swept.orphans += 1;
+            }
+        }
+        for (key, e) in &self.snat_orphans {
+            if snat(key).as_ref() == Some(e) && drop_snat.insert(*key) {
+                swept.orphans += 1;
+            }
+        }
+        swept.snat = drop_snat.len();
+        (
+            drop_ct.into_iter().collect(),
+            drop_snat.into_iter().collect(),
+            swept,
+        )
+    }
 }
 
 /// Decides a sweep from both maps' entries: expired flows (both their entries), and reply
@@ -151,10 +209,7 @@ fn decide(
 ) -> Doomed {
     let ct_by_key: StdHashMap<CtKeyV4, CtEntryV4> = entries.iter().copied().collect();
     let snat_by_key: StdHashMap<CtKeyV4, CtEntryV4> = snat_entries.iter().copied().collect();
-    let mut swept = Swept::default();
-    // Sets: a reply entry is also its partner's, and is deleted once.
-    let mut drop_ct = HashSet::new();
-    let mut drop_snat = HashSet::new();
+    let mut doomed = Doomed::default();
     // The reply entries the forward entries lead to, per map.
     let mut live_ct = HashSet::new();
     let mut live_snat = HashSet::new();
@@ -163,8 +218,7 @@ fn decide(
             continue;
         }
         let pk = partner_key(key, e);
-        let in_snat = e.flags & CT_F_SNAT != 0;
-        let reply = if in_snat {
+        let reply = if e.flags & CT_F_SNAT != 0 {
             live_snat.insert(pk);
             snat_by_key.get(&pk)
         } else {
@@ -172,35 +226,22 @@ fn decide(
             ct_by_key.get(&pk)
         };
         if expired(e, reply, key.proto, now, t) {
-            drop_ct.insert(*key);
-            if reply.is_some() {
-                if in_snat {
-                    drop_snat.insert(pk);
-                } else {
-                    drop_ct.insert(pk);
-                }
-            }
-            swept.flows += 1;
+            doomed.flows.push((*key, *e, reply.map(|_| pk)));
         }
     }
     let quiet =
         |e: &CtEntryV4| Duration::from_nanos(now.saturating_sub(e.last_seen_ns)) >= t.closed;
-    for (key, e) in entries {
-        if e.flags & CT_F_REPLY != 0 && !live_ct.contains(key) && quiet(e) && drop_ct.insert(*key) {
-            swept.orphans += 1;
-        }
-    }
-    for (key, e) in snat_entries {
-        if !live_snat.contains(key) && quiet(e) && drop_snat.insert(*key) {
-            swept.orphans += 1;
-        }
-    }
-    swept.snat = drop_snat.len();
-    Doomed {
-        conntrack: drop_ct.into_iter().collect(),
-        snat: drop_snat.into_iter().collect(),
-        swept,
-    }
+    doomed.orphans = entries
+        .iter()
+        .filter(|(k, e)| e.flags & CT_F_REPLY != 0 && !live_ct.contains(k) && quiet(e))
+        .copied()
+        .collect();
+    doomed.snat_orphans = snat_entries
+        .iter()
+        .filter(|(k, e)| !live_snat.contains(k) && quiet(e))
+        .copied()
+        .collect();
+    doomed
 }
 
 #[cfg(test)]
@@ -296,6 +337,22 @@ mod tests {
         [(key(1, 2, 3, 4), fwd), (key(backend, src, 6, sport), rep)]
     }
 
+    /// The keys a sweep deletes from each map (sorted) and its counts, when the maps still
+    /// hold `ct` and `snat` at the delete.
+    fn swept(
+        d: &Doomed,
+        ct: &[(CtKeyV4, CtEntryV4)],
+        snat: &[(CtKeyV4, CtEntryV4)],
+    ) -> (Vec<CtKeyV4>, Vec<CtKeyV4>, Swept) {
+        let find = |m: &[(CtKeyV4, CtEntryV4)], k: &CtKeyV4| {
+            m.iter().find(|(key, _)| key == k).map(|(_, e)| *e)
+        };
+        let (mut c, mut s, n) = d.still_as_read(|k| find(ct, k), |k| find(snat, k));
+        c.sort_by_key(|k| (k.saddr, k.daddr, k.sport, k.dport));
+        s.sort_by_key(|k| (k.saddr, k.daddr, k.sport, k.dport));
+        (c, s, n)
+    }
+
     #[test]
     fn reply_entries_of_a_rechosen_flow_go_when_quiet() {
         let t = Timeouts::default();
@@ -305,35 +362,47 @@ mod tests {
         let [fwd, new_reply] = flow(7, 1, 3, 0, 105 * S);
         let entries = [fwd, new_reply, old_reply];
         let d = decide(&entries, &[], 108 * S, &t);
-        assert!(
-            d.conntrack.is_empty(),
-            "within the grace: {:?}",
-            d.conntrack
-        );
+        assert_eq!(swept(&d, &entries, &[]).0, vec![], "within the grace");
         let d = decide(&entries, &[], 111 * S, &t);
-        assert_eq!(d.conntrack, vec![old_reply.0]);
+        let orphan = Swept {
+            orphans: 1,
+            ..Default::default()
+        };
         assert_eq!(
-            d.swept,
-            Swept {
-                orphans: 1,
-                ..Default::default()
-            }
+            swept(&d, &entries, &[]),
+            (vec![old_reply.0], vec![], orphan)
         );
 
         // The same with source NAT: the old port's entry in LB4_SNAT goes, the new one stays.
         let [_, old_snat] = flow(5, 9, 61000, CT_F_SNAT, 100 * S);
         let [fwd, new_snat] = flow(5, 9, 62000, CT_F_SNAT, 105 * S);
-        let d = decide(&[fwd], &[old_snat, new_snat], 111 * S, &t);
-        assert!(d.conntrack.is_empty());
-        assert_eq!(d.snat, vec![old_snat.0]);
-        assert_eq!((d.swept.orphans, d.swept.snat), (1, 1));
+        let snat = [old_snat, new_snat];
+        let d = decide(&[fwd], &snat, 111 * S, &t);
+        let (c, s, n) = swept(&d, &[fwd], &snat);
+        assert_eq!((c, s), (vec![], vec![old_snat.0]));
+        assert_eq!((n.orphans, n.snat), (1, 1));
+    }
 
-        // A closed flow goes whole: its forward entry and the reply entry it leads to.
+    #[test]
+    fn a_closed_flow_goes_whole_unless_reopened_before_the_delete() {
+        let t = Timeouts::default();
         let [fwd, reply] = flow(5, 1, 3, CT_F_FIN, 100 * S);
-        let mut d = decide(&[fwd, reply], &[], 111 * S, &t);
-        d.conntrack.sort_by_key(|k| (k.saddr, k.daddr));
-        assert_eq!(d.conntrack, vec![fwd.0, reply.0]);
-        assert_eq!(d.swept.flows, 1);
+        let entries = [fwd, reply];
+        let d = decide(&entries, &[], 111 * S, &t);
+        let (c, s, n) = swept(&d, &entries, &[]);
+        assert_eq!((c, s), (vec![fwd.0, reply.0], vec![]));
+        assert_eq!(n.flows, 1);
+        // Between the read and the delete the client reopens the tuple: fresh entries under
+        // the same keys (here to backend 7), which the sweep leaves alone.
+        let [fresh_fwd, fresh_reply] = flow(7, 1, 3, 0, 111 * S);
+        let now = [fresh_fwd, fresh_reply, reply];
+        assert_eq!(swept(&d, &now, &[]), (vec![], vec![], Swept::default()));
+        // A source-NATed flow likewise: neither its entry nor its port's goes.
+        let [fwd, reply] = flow(5, 9, 61000, CT_F_SNAT | CT_F_FIN, 100 * S);
+        let d = decide(&[fwd], &[reply], 111 * S, &t);
+        assert_eq!(swept(&d, &[fwd], &[reply]).1, vec![reply.0]);
+        let [fresh_fwd, _] = flow(5, 9, 62000, CT_F_SNAT, 111 * S);
+        assert_eq!(swept(&d, &[fresh_fwd], &[reply]).1, vec![]);
     }
 
     #[test]
