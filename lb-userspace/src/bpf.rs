@@ -168,8 +168,8 @@ pub struct Datapath {
     marked: std::collections::HashSet<u32>,
     /// The programs were already pinned: a previous agent's datapath was taken over.
     pub taken_over: bool,
-    /// The clock written to `LB_CLOCK`, and the reading it was last checked against.
-    clock: (Clock, clock::Sample),
+    /// The clock this agent wrote to `LB_CLOCK`.
+    clock: Clock,
 }
 
 impl Datapath {
@@ -238,7 +238,7 @@ impl Datapath {
             .try_into()?;
         clock_prog.load().context("loading lb_clock (verifier)")?;
         let clock = clock::calibrate(clock_prog)?;
-        write_clock(pin, &clock.0)?;
+        write_clock(pin, &clock)?;
         let mut dp = Datapath {
             pin: pin.to_owned(),
             xdp,
@@ -340,34 +340,30 @@ impl Datapath {
                     && self.link_path("tc", ifindex).exists()))
     }
 
-    /// The datapath's clock (`LB_CLOCK`).
+    /// The clock this agent wrote to `LB_CLOCK`.
     pub fn clock(&self) -> Clock {
-        self.clock.0
+        self.clock
     }
 
-    /// Checks the datapath's clock against the kernel's coarse clock, calibrating again over
-    /// the time since the last check (which makes the tick exact, however noisy the first
-    /// calibration was); rewrites `LB_CLOCK` when the two differ by more than a millisecond
-    /// at the reading, or in tick. The new clock, if it was rewritten.
+    /// Checks the datapath's clock (`LB_CLOCK` as it is) against the kernel's coarse clock
+    /// and calibrates it again when the two are more than two ticks apart (they may be one
+    /// apart at any reading). The new clock, if it was rewritten.
     pub fn check_clock(&mut self) -> Result<Option<Clock>> {
         let prog: &Xdp = self
             .ebpf
             .program(CLOCK_PROGRAM)
             .context("program lb_clock missing from the object")?
             .try_into()?;
+        let current = read_clock(&self.pin)?;
         let now = clock::sample(prog)?;
-        let (current, last) = self.clock;
-        let Some(fresh) = clock::from_samples(last, now) else {
-            return Ok(None);
-        };
-        self.clock.1 = now;
-        if fresh.ns_per_tick == current.ns_per_tick
-            && clock::drift(&current, now).unsigned_abs() <= 1_000_000
+        if current.ns_per_tick != 0
+            && clock::drift(&current, now).unsigned_abs() <= 2 * current.ns_per_tick
         {
             return Ok(None);
         }
+        let fresh = clock::calibrate(prog)?;
         write_clock(&self.pin, &fresh)?;
-        self.clock.0 = fresh;
+        self.clock = fresh;
         Ok(Some(fresh))
     }
 

@@ -35,44 +35,61 @@ pub fn sample(prog: &Xdp) -> Result<Sample> {
     })
 }
 
-/// The clock from two samples at least two ticks apart: the tick is the kernel's
-/// (`TICK_NSEC`, from HZ rounded to a whole number), the offset makes the later sample's
-/// jiffies read as its coarse time. None when the samples cannot tell.
-pub fn from_samples(a: Sample, b: Sample) -> Option<Clock> {
+/// The tick lengths Linux offers (`CONFIG_HZ`: 100, 250, 300 or 1000), as `TICK_NSEC`.
+const HZ_CHOICES: [u64; 4] = [100, 250, 300, 1000];
+
+/// The kernel's tick (`TICK_NSEC`) from two samples: the HZ they show, taken to the nearest
+/// of Linux's choices. The two clocks are updated a tick at a time but not always at the
+/// same tick (seen here: 12 or 13 jiffies over the same 50 ms), so a span of N ticks can
+/// read 1/N off; the nearest choices, 250 and 300, are 20 % apart. None when the samples
+/// show none of them within 15 %.
+pub fn tick_of(a: Sample, b: Sample) -> Option<u64> {
     let ticks = b.jiffies.checked_sub(a.jiffies)?;
     let ns = b.coarse_ns.checked_sub(a.coarse_ns)?;
     if ticks < 2 || ns == 0 {
         return None;
     }
-    let hz = (ticks as f64 * 1e9 / ns as f64).round() as u64;
-    if hz == 0 {
-        return None;
-    }
-    let ns_per_tick = (1_000_000_000 + hz / 2) / hz;
+    let seen = ticks as f64 * 1e9 / ns as f64;
+    let off = |hz: u64| (seen - hz as f64).abs() / hz as f64;
+    let hz = HZ_CHOICES
+        .into_iter()
+        .min_by(|a, b| off(*a).total_cmp(&off(*b)))
+        .filter(|hz| off(*hz) <= 0.15)?;
+    Some((1_000_000_000 + hz / 2) / hz)
+}
+
+/// The clock for `tick` that reads each sample's jiffies as its coarse time, up to the tick
+/// the two clocks may be apart: the median of the samples' offsets.
+pub fn fit(tick: u64, samples: &[Sample]) -> Option<Clock> {
+    let mut offsets: Vec<u64> = samples
+        .iter()
+        .map(|s| s.coarse_ns.wrapping_sub(s.jiffies.wrapping_mul(tick)))
+        .collect();
+    // Offsets lie within a few ticks of each other: sort them as distances from the first.
+    let first = *offsets.first()?;
+    offsets.sort_by_key(|o| o.wrapping_sub(first) as i64);
     Some(Clock {
-        ns_per_tick,
-        offset_ns: b
-            .coarse_ns
-            .wrapping_sub(b.jiffies.wrapping_mul(ns_per_tick)),
+        ns_per_tick: tick,
+        offset_ns: offsets[offsets.len() / 2],
     })
 }
 
-/// How far apart the samples of a first calibration are: HZ comes out exact as long as the
-/// tick handler's lateness varies by less than `SPAN / (2 * HZ)` (50 µs at 1000 Hz). The
-/// agent's later checks (`Datapath::check_clock`) span minutes.
-const SPAN: Duration = Duration::from_millis(100);
+/// How long a calibration samples: 20 ticks at 100 Hz, 50 at 250 Hz.
+const SPAN: Duration = Duration::from_millis(200);
 
-/// Calibrates from two samples `SPAN` and at least two ticks apart.
-pub fn calibrate(prog: &Xdp) -> Result<(Clock, Sample)> {
-    let a = sample(prog)?;
+/// Calibrates from samples every 10 ms over `SPAN` (and at least two ticks).
+pub fn calibrate(prog: &Xdp) -> Result<Clock> {
+    let mut samples = vec![sample(prog)?];
     let started = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(10));
-        let b = sample(prog)?;
+        samples.push(sample(prog)?);
+        let (a, b) = (samples[0], samples[samples.len() - 1]);
         if started.elapsed() >= SPAN && b.jiffies >= a.jiffies + 2 {
-            let clock = from_samples(a, b)
-                .with_context(|| format!("calibrating the datapath clock from {a:?} and {b:?}"))?;
-            return Ok((clock, b));
+            let tick = tick_of(a, b).with_context(|| {
+                format!("the kernel's tick from {a:?} and {b:?} is none of HZ {HZ_CHOICES:?}")
+            })?;
+            return fit(tick, &samples).context("no samples");
         }
         if started.elapsed() > Duration::from_secs(2) {
             bail!("jiffies did not advance in 2 s ({a:?}, then {b:?}): no datapath clock");
@@ -95,59 +112,52 @@ mod tests {
     }
 
     #[test]
-    fn tick_and_offset_from_two_samples() {
+    fn tick_and_offset_from_samples_a_tick_apart_at_most() {
         for (hz, tick) in [
             (100, 10_000_000),
             (250, 4_000_000),
             (300, 3_333_333),
             (1000, 1_000_000),
         ] {
-            // Booted 1,000 s ago; the coarse clock is a few µs past each tick.
+            // Booted 1,000 s ago; the coarse clock a few µs past each tick, or a tick behind
+            // the jiffies (the two are not always updated at the same tick).
             let j0 = initial(hz) + 1000 * hz;
-            let a = Sample {
-                jiffies: j0,
-                coarse_ns: 1000 * 1_000_000_000 + 3_000,
-            };
-            // 100 ms later, the tick handler 20 µs later than at `a`.
-            let ticks = hz / 10;
-            let b = Sample {
+            let at = |ticks: u64, behind: u64| Sample {
                 jiffies: j0 + ticks,
-                coarse_ns: a.coarse_ns + ticks * tick + 20_000,
+                coarse_ns: 1000 * 1_000_000_000 + (ticks - behind) * tick + 3_000,
             };
-            let c = from_samples(a, b).expect("calibrated");
-            assert_eq!(c.ns_per_tick, tick, "HZ {hz}");
-            assert_eq!(c.at(b.jiffies), b.coarse_ns, "HZ {hz}");
+            let samples: Vec<Sample> = (0..=hz / 10).map(|t| at(t, t % 7 / 6)).collect();
+            let (a, b) = (samples[0], *samples.last().expect("samples"));
+            assert_eq!(tick_of(a, b), Some(tick), "HZ {hz}");
+            // 100 ms with the last reading a tick behind (11 % at 100 Hz): still this HZ.
+            assert_eq!(
+                tick_of(a, at(hz / 10, 1)),
+                Some(tick),
+                "HZ {hz}, a tick behind"
+            );
+            let c = fit(tick, &samples).expect("clock");
+            assert_eq!(c.ns_per_tick, tick);
+            // Most samples were in step: the clock reads them to the µs.
+            assert_eq!(drift(&c, a), 0, "HZ {hz}");
             // A minute of ticks later (the kernel counts a jiffy per `TICK_NSEC` of
-            // CLOCK_MONOTONIC), the tick handler 5 µs late: the clocks agree but for the
-            // handler's lateness; a tick off by one HZ would be off by 60 ms.
-            let later = Sample {
-                jiffies: b.jiffies + 60 * hz,
-                coarse_ns: b.coarse_ns + 60 * hz * tick - 15_000,
-            };
-            assert_eq!(drift(&c, later), 15_000, "HZ {hz}");
+            // CLOCK_MONOTONIC) the clocks still agree; a tick off by one HZ would be 60 ms
+            // off.
+            assert_eq!(drift(&c, at(60 * hz, 0)), 0, "HZ {hz}");
         }
     }
 
     #[test]
-    fn samples_that_cannot_tell_give_no_clock() {
+    fn samples_that_cannot_tell_give_no_tick() {
         let a = Sample {
             jiffies: 1000,
             coarse_ns: 5_000_000_000,
         };
-        let one_tick = Sample {
-            jiffies: 1001,
-            coarse_ns: 5_004_000_000,
-        };
-        assert_eq!(from_samples(a, one_tick), None);
-        let backwards = Sample {
-            jiffies: 990,
-            coarse_ns: 4_000_000_000,
-        };
-        assert_eq!(from_samples(a, backwards), None);
-        let no_time = Sample {
-            jiffies: 1010,
-            coarse_ns: 5_000_000_000,
-        };
-        assert_eq!(from_samples(a, no_time), None);
+        let at = |jiffies, coarse_ns| Sample { jiffies, coarse_ns };
+        assert_eq!(tick_of(a, at(1001, 5_004_000_000)), None, "one tick");
+        assert_eq!(tick_of(a, at(990, 4_000_000_000)), None, "backwards");
+        assert_eq!(tick_of(a, at(1010, 5_000_000_000)), None, "no time");
+        // 500 Hz is none of Linux's choices.
+        assert_eq!(tick_of(a, at(1050, 5_100_000_000)), None, "500 Hz");
+        assert_eq!(fit(4_000_000, &[]), None);
     }
 }

@@ -610,12 +610,9 @@ fn flows_are_stamped_with_the_monotonic_clock_through_jiffies() {
     ))
     .expect("LB4_CONNTRACK");
     // A new flow's forward entry: when the datapath says it was seen, against CLOCK_MONOTONIC.
-    let stamp_off = |port: u16| -> i64 {
+    let stamp_off = |h: &Harness, port: u16| -> i64 {
         let before = monotonic_ns();
-        assert_eq!(
-            dst_of(&h, &Frame::tcp((CLIENT, port), (VIP, 80), SYN)),
-            POD1
-        );
+        assert_eq!(dst_of(h, &Frame::tcp((CLIENT, port), (VIP, 80), SYN)), POD1);
         let key = CtKeyV4 {
             saddr: u32::from_ne_bytes(CLIENT.octets()),
             daddr: u32::from_ne_bytes(VIP.octets()),
@@ -630,7 +627,7 @@ fn flows_are_stamped_with_the_monotonic_clock_through_jiffies() {
     // The coarse clock trails CLOCK_MONOTONIC by up to a tick; allow two and some
     // calibration error.
     let near = |off: i64| off.abs() < 2 * clock.ns_per_tick as i64 + 1_000_000;
-    let off = stamp_off(50000);
+    let off = stamp_off(&h, 50000);
     assert!(near(off), "stamped {off} ns from CLOCK_MONOTONIC");
     // The stamp is jiffies through LB_CLOCK: an hour more offset, an hour later stamps.
     let mut map: Array<MapData, Clock> = Array::try_from(Map::Array(
@@ -643,18 +640,36 @@ fn flows_are_stamped_with_the_monotonic_clock_through_jiffies() {
         ..clock
     };
     map.set(0, shifted, 0).expect("write LB_CLOCK");
-    let off = stamp_off(50001) - HOUR as i64;
+    let off = stamp_off(&h, 50001) - HOUR as i64;
     assert!(
         near(off),
         "shifted clock: stamped {off} ns from an hour ahead"
     );
     // Without a calibration the datapath reads the coarse clock itself.
     map.set(0, Clock::default(), 0).expect("write LB_CLOCK");
-    let off = stamp_off(50002);
+    let off = stamp_off(&h, 50002);
     assert!(
         near(off),
         "coarse clock: stamped {off} ns from CLOCK_MONOTONIC"
     );
+    // The agent's check finds a clock that is off, and calibrates it again.
+    map.set(0, shifted, 0).expect("write LB_CLOCK");
+    std::thread::sleep(Duration::from_millis(50));
+    let fixed = h
+        .datapath
+        .check_clock()
+        .expect("check")
+        .expect("an hour off is corrected");
+    assert_eq!(fixed.ns_per_tick, clock.ns_per_tick);
+    assert_eq!(map.get(&0, 0).expect("LB_CLOCK"), fixed);
+    let off = stamp_off(&h, 50003);
+    assert!(
+        near(off),
+        "recalibrated: stamped {off} ns from CLOCK_MONOTONIC"
+    );
+    // A clock that is right is left alone.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(h.datapath.check_clock().expect("check"), None);
 }
 
 #[test]
