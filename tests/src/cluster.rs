@@ -786,6 +786,7 @@ impl Cluster {
                 pin: &node.pin,
                 cgroup: Some(&node.cgroup),
                 ext_attach: self.ext_attach,
+                fast_sweep: true,
             };
             let child = spawn_agent(
                 cmd,

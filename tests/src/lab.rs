@@ -61,6 +61,9 @@ pub struct Lab {
     pub pin: PathBuf,
     /// `--ext-attach` for the next agent start (default: the agent's).
     pub ext_attach: Option<&'static str>,
+    /// The next agent sweeps conntrack every second with a 2 s grace (tests), or at its
+    /// defaults (benchmarks).
+    pub fast_sweep: bool,
     servers: Vec<Child>,
     agent: Option<Child>,
     agent_runs: u32,
@@ -88,6 +91,7 @@ impl Lab {
             dir,
             tag,
             ext_attach: None,
+            fast_sweep: true,
             servers: Vec::new(),
             agent: None,
             agent_runs: 0,
@@ -281,6 +285,7 @@ impl Lab {
             pin: &self.pin,
             cgroup: None,
             ext_attach: self.ext_attach,
+            fast_sweep: self.fast_sweep,
         };
         let log = self.dir.join(format!("agent-{}.log", self.agent_runs));
         self.agent = Some(spawn_agent(cmd, source, &flags, &log)?);

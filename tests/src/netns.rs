@@ -167,6 +167,9 @@ pub struct AgentFlags<'a> {
     pub cgroup: Option<&'a Path>,
     /// `--ext-attach` (default: the agent's).
     pub ext_attach: Option<&'a str>,
+    /// Sweep closed flows (and free their SNAT ports) within seconds, so that tests see it;
+    /// otherwise the agent's defaults.
+    pub fast_sweep: bool,
 }
 
 /// Appends `lb-agent run SOURCE <flags>` to `cmd` (a wrapper that ends by exec'ing its
@@ -199,16 +202,14 @@ pub fn spawn_agent(
     if let Some(mode) = flags.ext_attach {
         cmd.args(["--ext-attach", mode]);
     }
+    if flags.fast_sweep {
+        cmd.args(["--ct-gc-interval", "1", "--ct-close-grace", "2"]);
+    }
     cmd.args([
         "--healthz-addr",
         "127.0.0.1:10256",
         "--metrics-addr",
         "127.0.0.1:10249",
-        // Sweep closed flows (and free their SNAT ports) within seconds, so tests see it.
-        "--ct-gc-interval",
-        "1",
-        "--ct-close-grace",
-        "2",
     ])
     .env("RUST_LOG", "info")
     .env("NO_COLOR", "1")

@@ -316,6 +316,8 @@ impl BenchLab {
         self.lab
             .write_manifest("services.yaml", &services::manifest(set)?)?;
         self.lab.ext_attach = ext_attach;
+        // The agent's own conntrack sweep (every 5 s, 10 s grace), as on a node.
+        self.lab.fast_sweep = false;
         let started = Instant::now();
         self.lab.start_agent()?;
         self.lab.wait_healthy(Duration::from_secs(120))?;
