@@ -305,7 +305,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             match datapath.check_clock() {
                 Ok(Some(c)) => tracing::warn!(
                     tick_ns = c.ns_per_tick,
-                    "the datapath clock had drifted from the kernel's: calibrated again"
+                    "the datapath clock was off from the kernel's, or not calibrated: calibrated again"
                 ),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = format!("{e:#}"), "checking the datapath clock"),

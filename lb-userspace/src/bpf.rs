@@ -237,7 +237,15 @@ impl Datapath {
             .context("program lb_clock missing from the object")?
             .try_into()?;
         clock_prog.load().context("loading lb_clock (verifier)")?;
-        let clock = clock::calibrate(clock_prog)?;
+        // Without a calibration (zero) the programs read the coarse clock themselves.
+        let clock = clock::calibrate(clock_prog).unwrap_or_else(|e| {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "the datapath clock could not be calibrated; the programs read the kernel's \
+                 coarse clock"
+            );
+            Clock::default()
+        });
         write_clock(pin, &clock)?;
         let mut dp = Datapath {
             pin: pin.to_owned(),
@@ -347,7 +355,7 @@ impl Datapath {
 
     /// Checks the datapath's clock (`LB_CLOCK` as it is) against the kernel's coarse clock
     /// and calibrates it again when the two are more than two ticks apart (they may be one
-    /// apart at any reading). The new clock, if it was rewritten.
+    /// apart at any reading), or when there is none yet. The new clock, if it was rewritten.
     pub fn check_clock(&mut self) -> Result<Option<Clock>> {
         let prog: &Xdp = self
             .ebpf

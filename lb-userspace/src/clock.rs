@@ -2,8 +2,8 @@
 //! with `jiffies * ns_per_tick + offset`, which reads like `bpf_ktime_get_coarse_ns()`
 //! (CLOCK_MONOTONIC at tick resolution) but costs one inlined load instead of a helper call.
 //! The kernel advances jiffies from CLOCK_MONOTONIC (a tick of `1e9 / HZ` ns at a time), so
-//! one tick length and one offset hold for the whole boot; the agent finds them from two
-//! readings of both clocks a few ticks apart, and checks now and then that they still hold.
+//! one tick length and one offset hold for the whole boot; the agent finds them from readings
+//! of both clocks over 200 ms, and checks now and then that they still hold.
 
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ pub fn sample(prog: &Xdp) -> Result<Sample> {
     })
 }
 
-/// The tick lengths Linux offers (`CONFIG_HZ`: 100, 250, 300 or 1000), as `TICK_NSEC`.
+/// The tick rates Linux offers (`CONFIG_HZ`).
 const HZ_CHOICES: [u64; 4] = [100, 250, 300, 1000];
 
 /// The kernel's tick (`TICK_NSEC`) from two samples: the HZ they show, taken to the nearest

@@ -117,7 +117,7 @@ fn remove_all(map: &mut HashMap<MapData, CtKeyV4, CtEntryV4>, keys: &[CtKeyV4]) 
 }
 
 /// One sweep over the pinned conntrack and SNAT maps: both read whole, decided in memory,
-/// the expired entries deleted together.
+/// the expired entries deleted in batches.
 ///
 /// Entries can change between the read and the delete: a SYN on a closed flow's tuple opens
 /// a new flow with fresh entries under the same keys (clients reuse ports within seconds).
