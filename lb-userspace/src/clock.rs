@@ -55,7 +55,20 @@ pub fn tick_of(a: Sample, b: Sample) -> Option<u64> {
         .into_iter()
         .min_by(|a, b| off(*a).total_cmp(&off(*b)))
         .filter(|hz| off(*hz) <= 0.15)?;
-    Some((1_000_000_000 + hz / 2) / hz)
+    Some(tick_ns(hz))
+}
+
+/// The kernel's tick at `hz` (`TICK_NSEC`), and back: the HZ of a calibrated clock.
+fn tick_ns(hz: u64) -> u64 {
+    (1_000_000_000 + hz / 2) / hz
+}
+
+/// The HZ a calibrated clock ticks at (0: not calibrated).
+pub fn hz(clock: &Clock) -> u64 {
+    match clock.ns_per_tick {
+        0 => 0,
+        tick => tick_ns(tick),
+    }
 }
 
 /// The clock for `tick` that reads each sample's jiffies as its coarse time, up to the tick
@@ -95,6 +108,14 @@ pub fn calibrate(prog: &Xdp) -> Result<Clock> {
             bail!("jiffies did not advance in 2 s ({a:?}, then {b:?}): no datapath clock");
         }
     }
+}
+
+/// CLOCK_MONOTONIC in ns, what the datapath's stamps are compared with: they trail it by up
+/// to a tick or two (ages come out that much longer).
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
 }
 
 /// How far (ns, signed) `clock` reads from the coarse clock at `s`.
@@ -137,6 +158,7 @@ mod tests {
             );
             let c = fit(tick, &samples).expect("clock");
             assert_eq!(c.ns_per_tick, tick);
+            assert_eq!(super::hz(&c), hz);
             // Most samples were in step: the clock reads them to the µs.
             assert_eq!(drift(&c, a), 0, "HZ {hz}");
             // A minute of ticks later (the kernel counts a jiffy per `TICK_NSEC` of

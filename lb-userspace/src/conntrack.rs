@@ -18,7 +18,10 @@ use lb_common::{
     IPPROTO_TCP,
 };
 
-use crate::bpf::{delete_batch, dump_batch, open_map};
+use crate::{
+    bpf::{delete_batch, dump_batch, open_map},
+    clock::monotonic_ns,
+};
 
 /// When flows are removed.
 #[derive(Debug, Clone, Copy)]
@@ -85,14 +88,6 @@ fn expired(
     } else {
         t.udp_idle
     }
-}
-
-/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_coarse_ns`, which trails it by at most a
-/// tick (ages come out that much longer).
-fn monotonic_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64);
-    ts.unwrap_or(0)
 }
 
 /// Every entry of a conntrack-shaped map: one batch read where the kernel has them (a few

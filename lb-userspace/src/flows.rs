@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use aya::maps::{Map, MapData, RingBuf};
 use lb_common::{map_names, FlowEvent, FLOW_CLOSED, FLOW_NEW};
 
-use crate::model::Proto;
+use crate::{clock::monotonic_ns, model::Proto};
 
 /// Service names by service id, from the agent's `/debug/frontends` (empty if it does not
 /// answer: events then show frontends only).
@@ -37,12 +37,6 @@ pub struct Flow {
     pub frontend: String,
     pub backend: String,
     pub service: String,
-}
-
-fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
 }
 
 fn decode(bytes: &[u8], names: &BTreeMap<u32, String>) -> Option<Flow> {

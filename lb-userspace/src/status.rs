@@ -57,7 +57,7 @@ pub fn status(pin: &Path, healthz: SocketAddr, metrics: SocketAddr) -> Result<(S
         Ok(c) if c.ns_per_tick != 0 => writeln!(
             out,
             "Clock:        jiffies at {} Hz, calibrated to the kernel's coarse monotonic clock",
-            (1_000_000_000 + c.ns_per_tick / 2) / c.ns_per_tick
+            crate::clock::hz(&c)
         )?,
         Ok(_) => writeln!(
             out,

@@ -12,7 +12,7 @@ use lb_tests::{
     },
     Harness, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_NEXT, XDP_DROP, XDP_PASS,
 };
-use lb_userspace::{bpf::read_stats, conntrack, translate::NodeInfo};
+use lb_userspace::{bpf::read_stats, clock::monotonic_ns, conntrack, translate::NodeInfo};
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -578,20 +578,6 @@ fn a_new_connection_on_a_closed_flows_tuple_is_a_new_flow() {
             "flow from port {port} lost after the sweep"
         );
     }
-}
-
-/// CLOCK_MONOTONIC in ns.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec to write.
-    assert_eq!(
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
-        0
-    );
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[test]
