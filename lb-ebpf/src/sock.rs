@@ -18,7 +18,11 @@ use lb_common::{
     SCOPE_PODS, SVC_F_POD_SCOPE,
 };
 
-use crate::{cfg_value, count, random_backend, LB4_SERVICES, LB4_SOCK_REV};
+use crate::{
+    maps::{cfg_value, LB4_SERVICES, LB4_SOCK_REV},
+    select::random_backend,
+    telemetry::count,
+};
 
 /// The hook lets the call go on.
 const ALLOW: i32 = 1;

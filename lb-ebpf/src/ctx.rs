@@ -1,0 +1,148 @@
+//! What the translation runs on: the `Packet` (bounds of the packet data) and `Hook` (where
+//! the translation runs) traits, their impls for XDP and for TC (`Skb`), bounds-checked
+//! packet pointers, and the `Verdict` each program turns into its return code.
+
+use core::mem;
+
+use aya_ebpf::{
+    bindings::TC_ACT_UNSPEC,
+    programs::{TcContext, XdpContext},
+};
+use lb_common::IFACE_F_POD;
+
+use crate::{
+    csum::skb_rewrite,
+    maps::LB_IFACES,
+    parse::{Headers, Tuple},
+};
+
+/// A TC program's "pass on": the next program on the hook runs (tcx's `TCX_NEXT`), then the
+/// stack. `TC_ACT_OK` would end the chain there: when the agent swaps `lb_xdp` and
+/// `lb_tc_reject` for `lb_tc_ext`, all three are attached for a moment, and `lb_tc_reject`
+/// passing a packet that XDP no longer translated with `TC_ACT_OK` kept it from `lb_tc_ext`
+/// (seen: connections refused by the node's stack during the swap). Other programs on the
+/// same hook (a CNI's) also see what this one passes on.
+pub(crate) const TC_NEXT: i32 = TC_ACT_UNSPEC;
+
+/// What the translation decided; each program turns it into its own return code.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// To the stack (translated or untouched).
+    Pass,
+    Drop,
+    /// A frontend without usable backends: answer with RST / ICMP port-unreachable.
+    Reject,
+}
+
+/// The bounds of a packet's linear data, and its whole length (an skb's payload may lie
+/// beyond the linear part).
+pub(crate) trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    fn frame_len(&self) -> u64;
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> u64 {
+        (XdpContext::data_end(self) - XdpContext::data(self)) as u64
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> u64 {
+        self.len() as u64
+    }
+}
+
+/// Where the translation runs: XDP or TC on external interfaces, TC on pod interfaces.
+pub(crate) trait Hook: Packet {
+    /// The packet came in from one of this node's pods.
+    fn from_pod(&self) -> bool;
+    /// Rewrites addresses and ports from `from` to `to`, checksums included.
+    fn rewrite(&self, hdr: &Headers, from: &Tuple, to: &Tuple);
+}
+
+impl Hook for XdpContext {
+    /// An interface the agent marked as a pod's (`LB_IFACES`).
+    #[inline(always)]
+    fn from_pod(&self) -> bool {
+        // SAFETY: ctx.ctx is the program's own context.
+        let ifindex = unsafe { (*self.ctx).ingress_ifindex };
+        // SAFETY: the value is read at once.
+        unsafe { LB_IFACES.get(ifindex) }.is_some_and(|f| f & IFACE_F_POD != 0)
+    }
+
+    #[inline(always)]
+    fn rewrite(&self, hdr: &Headers, from: &Tuple, to: &Tuple) {
+        hdr.rewrite(from, to);
+    }
+}
+
+/// An skb in TC ingress: of a pod interface (`lb_tc_pod`, `POD`) or of an external one
+/// (`lb_tc_ext`); each program is attached to its kind of interface only.
+pub(crate) struct Skb<'a, const POD: bool>(pub(crate) &'a TcContext);
+
+impl<const POD: bool> Packet for Skb<'_, POD> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> u64 {
+        self.0.frame_len()
+    }
+}
+
+impl<const POD: bool> Hook for Skb<'_, POD> {
+    #[inline(always)]
+    fn from_pod(&self) -> bool {
+        POD
+    }
+
+    #[inline(always)]
+    fn rewrite(&self, hdr: &Headers, from: &Tuple, to: &Tuple) {
+        skb_rewrite(self.0, hdr, from, to);
+    }
+}
+
+/// One 32-bit load from the packet. The verifier allows unaligned packet loads, and an IPv4
+/// address after a 14-byte Ethernet header is not 4-aligned; a load the compiler knows to be
+/// unaligned would be split into four byte loads, so this one reads through a `u32`
+/// pointer. Callers bounds-check the four bytes first.
+#[inline(always)]
+pub(crate) unsafe fn load32(p: *const u8) -> u32 {
+    // SAFETY: the caller checked the bounds; see above for the alignment.
+    unsafe { (p as *const u32).read_volatile() }
+}
+
+#[inline(always)]
+pub(crate) fn ptr_at<T>(ctx: &impl Packet, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}

@@ -1,0 +1,83 @@
+//! Counters (`LB_STATS`, `LB_SVC_STATS`, `LB_BE_STATS`) and flow events (`LB_FLOWS`, sampled).
+
+use lb_common::{config, stat, FlowEvent};
+
+use crate::{
+    ctx::Verdict,
+    maps::{cfg_value, LB_BE_STATS, LB_FLOWS, LB_FLOW_SEQ, LB_STATS, LB_SVC_STATS},
+    parse::Tuple,
+};
+
+#[inline(always)]
+pub(crate) fn count(idx: u32) {
+    if let Some(c) = LB_STATS.get_ptr_mut(idx) {
+        // SAFETY: a per-CPU slot, only this CPU writes it.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+pub(crate) fn count_service(svc_id: u32, bytes: u64, new_flow: bool, rejected: bool) {
+    if let Some(s) = LB_SVC_STATS.get_ptr_mut(svc_id) {
+        // SAFETY: a per-CPU slot, only this CPU writes it.
+        let s = unsafe { &mut *s };
+        s.packets += 1;
+        s.bytes += bytes;
+        s.new_flows += new_flow as u64;
+        s.rejected += rejected as u64;
+    }
+}
+
+#[inline(always)]
+pub(crate) fn count_backend(backend_id: u32, bytes: u64) {
+    if let Some(s) = LB_BE_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: a per-CPU slot, only this CPU writes it.
+        let s = unsafe { &mut *s };
+        s.packets += 1;
+        s.bytes += bytes;
+    }
+}
+
+#[inline(always)]
+pub(crate) fn pass(idx: u32) -> Verdict {
+    count(idx);
+    Verdict::Pass
+}
+
+/// 1-in-N sampling of new flows for `LB_FLOWS` (`LB_CONFIG[FLOW_SAMPLE]`, 0 = off).
+#[inline(always)]
+pub(crate) fn sample_flow() -> bool {
+    let n = cfg_value(config::FLOW_SAMPLE);
+    if n == 0 {
+        return false;
+    }
+    let Some(seq) = LB_FLOW_SEQ.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a per-CPU slot, only this CPU writes it.
+    let seq = unsafe { &mut *seq };
+    *seq = seq.wrapping_add(1);
+    *seq % n == 0
+}
+
+/// Reports a decision to `LB_FLOWS`; false when the ring buffer is full.
+#[inline(always)]
+pub(crate) fn report_flow(kind: u8, proto: u8, pkt: &Tuple, to: &Tuple, svc_id: u32, now: u64) -> bool {
+    let ev = FlowEvent {
+        ts_ns: now,
+        client_addr: pkt.saddr,
+        frontend_addr: pkt.daddr,
+        backend_addr: to.daddr,
+        svc_id,
+        client_port: pkt.sport,
+        frontend_port: pkt.dport,
+        backend_port: to.dport,
+        proto,
+        kind,
+    };
+    if LB_FLOWS.output::<FlowEvent>(&ev, 0).is_err() {
+        count(stat::FLOW_EVENTS_LOST);
+        return false;
+    }
+    true
+}
