@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     config, stat, AffinityKeyV4, AffinityV4, BackendSlotKey, BackendStats, BackendV4, Clock,
-    CtEntryV4, CtKeyV4, MemberKey, ServiceKeyV4, ServiceStats, ServiceV4, SockRevKeyV4,
-    SockRevV4, SourceRangeV4, AFFINITY_ENTRIES, DEFAULT_BACKENDS, DEFAULT_BACKEND_SLOTS,
+    CtEntryV4, CtKeyV4, MemberKey, ServiceKeyV4, ServiceStats, ServiceV4, SockRevKeyV4, SockRevV4,
+    SourceRangeV4, AFFINITY_ENTRIES, DEFAULT_BACKENDS, DEFAULT_BACKEND_SLOTS,
     DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAGLEV_TABLES, DEFAULT_SERVICES,
     DEFAULT_SNAT_ENTRIES, FLOW_EVENTS_BYTES, SOCK_REVERSE_ENTRIES, SOURCE_RANGE_ENTRIES,
 };
@@ -42,8 +42,7 @@ pub(crate) static LB4_AFFINITY: LruHashMap<AffinityKeyV4, AffinityV4> =
 pub(crate) static LB_IFACES: HashMap<u32, u32> = HashMap::pinned(4096, 0);
 /// Per-CPU counters: backend id → packets, bytes; written by the datapath, zeroed by the agent.
 #[map]
-pub(crate) static LB_BE_STATS: PerCpuArray<BackendStats> =
-    PerCpuArray::pinned(DEFAULT_BACKENDS, 0);
+pub(crate) static LB_BE_STATS: PerCpuArray<BackendStats> = PerCpuArray::pinned(DEFAULT_BACKENDS, 0);
 /// Per-CPU counters: `stat::*` index → count; written by every program.
 #[map]
 pub(crate) static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);

@@ -13,7 +13,10 @@ use crate::{
     csum::{addr_words, csum_fold, sum_words},
     ctx::{ptr_at, TC_NEXT},
     maps::LB4_SERVICES,
-    parse::{parse, Parsed, ETH_LEN, ETH_P_IP_BE, IP_LEN, L4_OFF, TCP_ACK, TCP_FIN, TCP_LEN, TCP_RST, TCP_SYN, UDP_LEN},
+    parse::{
+        parse, Parsed, ETH_LEN, ETH_P_IP_BE, IP_LEN, L4_OFF, TCP_ACK, TCP_FIN, TCP_LEN, TCP_RST,
+        TCP_SYN, UDP_LEN,
+    },
     telemetry::{count, count_service},
 };
 

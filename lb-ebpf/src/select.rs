@@ -8,7 +8,9 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{cfg_value, LB4_AFFINITY, LB4_BACKENDS, LB4_SRC_RANGES, LB_MAGLEV, LB_MEMBERS, LB_SLOTS},
+    maps::{
+        cfg_value, LB4_AFFINITY, LB4_BACKENDS, LB4_SRC_RANGES, LB_MAGLEV, LB_MEMBERS, LB_SLOTS,
+    },
     parse::Tuple,
 };
 
@@ -16,7 +18,11 @@ use crate::{
 /// used, if that was within the timeout and the backend is still in this frontend's set
 /// (kube-proxy's `recent` match, per endpoint, refreshed by each new connection).
 #[inline(always)]
-pub(crate) fn sticky_backend(svc: &ServiceV4, key: &AffinityKeyV4, now: u64) -> Option<(u32, BackendV4)> {
+pub(crate) fn sticky_backend(
+    svc: &ServiceV4,
+    key: &AffinityKeyV4,
+    now: u64,
+) -> Option<(u32, BackendV4)> {
     // SAFETY: the value is copied out at once.
     let a = unsafe { LB4_AFFINITY.get(key) }.copied()?;
     if now.wrapping_sub(a.last_used_ns) > svc.affinity_timeout_s as u64 * 1_000_000_000 {

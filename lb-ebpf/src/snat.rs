@@ -49,7 +49,12 @@ pub(crate) fn snat_reply(
 /// taken. Tries `SNAT_TRIES` random ports of the range (random rather than consecutive, so
 /// that taken ports do not cluster); the port is in network byte order.
 #[inline(always)]
-pub(crate) fn snat_port(node_addr: u32, backend: &BackendV4, proto: u8, reply: &CtEntryV4) -> Option<u16> {
+pub(crate) fn snat_port(
+    node_addr: u32,
+    backend: &BackendV4,
+    proto: u8,
+    reply: &CtEntryV4,
+) -> Option<u16> {
     let min = cfg_value(config::SNAT_PORT_MIN);
     let max = cfg_value(config::SNAT_PORT_MAX);
     if min == 0 || max < min || max > 65535 || node_addr == 0 {

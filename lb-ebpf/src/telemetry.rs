@@ -62,7 +62,14 @@ pub(crate) fn sample_flow() -> bool {
 
 /// Reports a decision to `LB_FLOWS`; false when the ring buffer is full.
 #[inline(always)]
-pub(crate) fn report_flow(kind: u8, proto: u8, pkt: &Tuple, to: &Tuple, svc_id: u32, now: u64) -> bool {
+pub(crate) fn report_flow(
+    kind: u8,
+    proto: u8,
+    pkt: &Tuple,
+    to: &Tuple,
+    svc_id: u32,
+    now: u64,
+) -> bool {
     let ev = FlowEvent {
         ts_ns: now,
         client_addr: pkt.saddr,
