@@ -75,7 +75,7 @@ impl Packet for TcContext {
 /// Where the translation runs: XDP or TC on external interfaces, TC on pod interfaces.
 pub(crate) trait Hook: Packet {
     /// The packet came in from one of this node's pods.
-    fn from_pod(&self) -> bool;
+    fn is_from_pod(&self) -> bool;
     /// Rewrites addresses and ports from `from` to `to`, checksums included.
     fn rewrite(&self, hdr: &Headers, from: &Tuple, to: &Tuple);
 }
@@ -83,7 +83,7 @@ pub(crate) trait Hook: Packet {
 impl Hook for XdpContext {
     /// An interface the agent marked as a pod's (`LB_IFACES`).
     #[inline(always)]
-    fn from_pod(&self) -> bool {
+    fn is_from_pod(&self) -> bool {
         // SAFETY: ctx.ctx is the program's own context.
         let ifindex = unsafe { (*self.ctx).ingress_ifindex };
         // SAFETY: the value is read at once.
@@ -117,7 +117,7 @@ impl<const POD: bool> Packet for Skb<'_, POD> {
 
 impl<const POD: bool> Hook for Skb<'_, POD> {
     #[inline(always)]
-    fn from_pod(&self) -> bool {
+    fn is_from_pod(&self) -> bool {
         POD
     }
 

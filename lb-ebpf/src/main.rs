@@ -36,6 +36,11 @@
 //! programs that are never attached, `sock` the cgroup socket hooks.
 #![no_std]
 #![no_main]
+// Measured: passing map keys and values by value, as the lint asks, adds 31 insns to lb_xdp.
+#![allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values go by reference: by value, each is copied to a new stack slot"
+)]
 
 mod clock;
 mod conntrack;

@@ -99,7 +99,7 @@ pub(crate) fn process(ctx: &impl Hook) -> Verdict {
     let Some(mut svc) = (unsafe { LB4_SERVICES.get(&svc_key) }).copied() else {
         return pass(stat::PASS_NO_SERVICE);
     };
-    let pod_client = ctx.from_pod();
+    let pod_client = ctx.is_from_pod();
     // Source ranges fence clients from outside; this node's pods are not subject to them
     // (as with kube-proxy and Cilium).
     if svc.flags & SVC_F_SOURCE_RANGES != 0 && !pod_client && !source_allowed(svc.svc_id, pkt.saddr)
