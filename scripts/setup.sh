@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the project needs on a Debian 12 machine, idempotently:
-#   - Debian packages: the BPF toolchain (Debian's Rust 1.96 with its library source, LLVM 22)
+#   - Debian packages: the BPF toolchain (Debian's Rust 1.96 with its library source and
+#     clippy, LLVM 22)
 #     and the lab's and the bench's tools (iproute2, ethtool, curl, ncat, bpftool, wrk, iperf3,
 #     and a font for the bench's plot, ...);
 #   - bpf-linker 0.13 built against LLVM 22;
@@ -11,7 +12,8 @@
 set -euo pipefail
 
 PACKAGES=(
-  rustc-web cargo-web rust-web-src llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
+  rustc-web cargo-web rust-web-src rust-web-clippy llvm-22-dev libpolly-22-dev libzstd-dev
+  zlib1g-dev
   iproute2 ethtool curl ncat bpftool tcpdump util-linux procps iptables nftables iperf3 wrk
   fonts-dejavu-core
 )
