@@ -20,6 +20,12 @@ use crate::{
     telemetry::{count, count_service},
 };
 
+const ICMP_LEN: usize = 8;
+const IPPROTO_ICMP: u8 = 1;
+
+/// The longest reply built here: Ethernet + IPv4 + ICMP + the original IPv4 + UDP headers.
+const REPLY_MAX: usize = ETH_LEN + IP_LEN + ICMP_LEN + IP_LEN + UDP_LEN;
+
 /// Answers a packet to a frontend without backends; passes everything else.
 #[inline(always)]
 pub(crate) fn reject(ctx: &TcContext) -> i32 {
@@ -80,12 +86,6 @@ pub(crate) fn reject(ctx: &TcContext) -> i32 {
     // SAFETY: bpf_redirect has no memory preconditions.
     unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
 }
-
-const ICMP_LEN: usize = 8;
-const IPPROTO_ICMP: u8 = 1;
-
-/// The longest reply built here: Ethernet + IPv4 + ICMP + the original IPv4 + UDP headers.
-const REPLY_MAX: usize = ETH_LEN + IP_LEN + ICMP_LEN + IP_LEN + UDP_LEN;
 
 /// Sets the frame length to `len` and makes it linear.
 #[inline(always)]
