@@ -2,6 +2,10 @@
 //! which embeds it.
 
 #[path = "../xtask/src/ebpf_build.rs"]
+#[allow(
+    dead_code,
+    reason = "the build script only builds the object; xtask also lints it"
+)]
 mod ebpf_build;
 
 fn main() {

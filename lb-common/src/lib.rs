@@ -6,49 +6,59 @@
 //! ids and flags are in host byte order. The `user` feature derives `bytemuck::Pod`, which
 //! rejects any implicit padding at compile time, and `aya::Pod` for the map APIs.
 #![no_std]
+// Padding is a named, public field (`_pad`) so that keys are built with every byte set.
+#![allow(clippy::pub_underscore_fields)]
 
 /// IP protocol numbers the datapath translates.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// Map names (the pinned file names under the agent's `--pin-path`).
+/// Map names, spelled as the maps are (they are also the pinned file names under the agent's
+/// `--pin-path`).
 pub mod map_names {
-    pub const SERVICES_V4: &str = "LB4_SERVICES";
-    pub const BACKEND_SLOTS: &str = "LB_SLOTS";
-    pub const BACKENDS_V4: &str = "LB4_BACKENDS";
-    pub const CONNTRACK_V4: &str = "LB4_CONNTRACK";
-    pub const STATS: &str = "LB_STATS";
-    pub const SERVICE_STATS: &str = "LB_SVC_STATS";
-    pub const MEMBERS: &str = "LB_MEMBERS";
-    pub const AFFINITY_V4: &str = "LB4_AFFINITY";
-    pub const IFACES: &str = "LB_IFACES";
-    pub const BACKEND_STATS: &str = "LB_BE_STATS";
-    pub const FLOW_EVENTS: &str = "LB_FLOWS";
-    pub const CONFIG: &str = "LB_CONFIG";
-    pub const SNAT_V4: &str = "LB4_SNAT";
-    pub const MAGLEV: &str = "LB_MAGLEV";
-    pub const SOURCE_RANGES_V4: &str = "LB4_SRC_RANGES";
-    pub const SOCK_REVERSE_V4: &str = "LB4_SOCK_REV";
-    pub const CLOCK: &str = "LB_CLOCK";
+    pub const LB4_SERVICES: &str = "LB4_SERVICES";
+    pub const LB_SLOTS: &str = "LB_SLOTS";
+    pub const LB4_BACKENDS: &str = "LB4_BACKENDS";
+    pub const LB4_CONNTRACK: &str = "LB4_CONNTRACK";
+    pub const LB_STATS: &str = "LB_STATS";
+    pub const LB_SVC_STATS: &str = "LB_SVC_STATS";
+    pub const LB_MEMBERS: &str = "LB_MEMBERS";
+    pub const LB4_AFFINITY: &str = "LB4_AFFINITY";
+    pub const LB_IFACES: &str = "LB_IFACES";
+    pub const LB_BE_STATS: &str = "LB_BE_STATS";
+    pub const LB_FLOWS: &str = "LB_FLOWS";
+    pub const LB_CONFIG: &str = "LB_CONFIG";
+    pub const LB4_SNAT: &str = "LB4_SNAT";
+    pub const LB_MAGLEV: &str = "LB_MAGLEV";
+    pub const LB4_SRC_RANGES: &str = "LB4_SRC_RANGES";
+    pub const LB4_SOCK_REV: &str = "LB4_SOCK_REV";
+    pub const LB_CLOCK: &str = "LB_CLOCK";
 }
 
-/// Names of the programs in the object file.
-pub const XDP_PROGRAM: &str = "lb_xdp";
-pub const TC_PROGRAM: &str = "lb_tc_reject";
-/// The translation for packets from pods (TC ingress on their veths).
-pub const TC_POD_PROGRAM: &str = "lb_tc_pod";
-/// The translation on external interfaces without native XDP (TC ingress).
-pub const TC_EXT_PROGRAM: &str = "lb_tc_ext";
-/// Reads both of the kernel's clocks at once for the agent's calibration of `LB_CLOCK` (run
-/// by BPF_PROG_TEST_RUN, never attached).
-pub const CLOCK_PROGRAM: &str = "lb_clock";
-/// The cgroup v2 socket hooks (host-network clients), in attach order.
-pub const SOCK_PROGRAMS: [&str; 4] = [
-    "lb_connect4",
-    "lb_sendmsg4",
-    "lb_recvmsg4",
-    "lb_getpeername4",
-];
+/// Program names, spelled as the programs are in the object file.
+pub mod program_names {
+    /// The translation on external interfaces whose driver runs XDP natively.
+    pub const LB_XDP: &str = "lb_xdp";
+    /// Answers (TCP RST, ICMP port-unreachable) what `lb_xdp` passed on for a frontend
+    /// without endpoints; TC ingress beside `lb_xdp`.
+    pub const LB_TC_REJECT: &str = "lb_tc_reject";
+    /// The translation for packets from pods (TC ingress on their veths).
+    pub const LB_TC_POD: &str = "lb_tc_pod";
+    /// The translation on external interfaces without native XDP (TC ingress).
+    pub const LB_TC_EXT: &str = "lb_tc_ext";
+    /// Reads both of the kernel's clocks at once for the agent's calibration of `LB_CLOCK`
+    /// (run by BPF_PROG_TEST_RUN, never attached).
+    pub const LB_CLOCK: &str = "lb_clock";
+    /// Does nothing: the bench's measure of running any XDP program (never attached).
+    pub const LB_XDP_PASS: &str = "lb_xdp_pass";
+    /// The cgroup v2 socket hooks (host-network clients), in attach order.
+    pub const SOCK: [&str; 4] = [
+        "lb_connect4",
+        "lb_sendmsg4",
+        "lb_recvmsg4",
+        "lb_getpeername4",
+    ];
+}
 
 /// Default capacity of the service maps (entries); the agent sets them when it creates the
 /// maps (`--max-services`, `--max-backends`, `--max-backend-slots`).
@@ -85,7 +95,7 @@ macro_rules! map_type {
     ($(#[$meta:meta])* pub struct $name:ident { $($body:tt)* } size $size:expr;) => {
         $(#[$meta])*
         #[repr(C)]
-        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
         #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
         pub struct $name { $($body)* }
 

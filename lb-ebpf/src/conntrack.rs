@@ -23,7 +23,7 @@ pub(crate) fn conntrack_key(saddr: u32, daddr: u32, sport: u16, dport: u16, prot
         saddr,
         daddr,
         u32::from_ne_bytes(port_pair(sport, dport)),
-        proto as u32,
+        u32::from(proto),
     ];
     // SAFETY: CtKeyV4 is 16 bytes of integers, aligned to 4: saddr, daddr, then the ports
     // in memory order (port_pair), proto in the fourth word's first byte (this target is
@@ -38,7 +38,7 @@ fn port_pair(first: u16, second: u16) -> [u8; 4] {
     [a[0], a[1], b[0], b[1]]
 }
 
-const _: () = assert!(mem::size_of::<CtKeyV4>() == 16 && cfg!(target_endian = "little"));
+const _: () = assert!(size_of::<CtKeyV4>() == 16 && cfg!(target_endian = "little"));
 
 /// Records a FIN or RST in a conntrack entry's direction; the agent removes flows that have
 /// closed (FIN both ways, or a RST) once they are quiet.

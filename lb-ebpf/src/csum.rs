@@ -48,7 +48,7 @@ pub(crate) fn skb_rewrite(ctx: &TcContext, hdr: &Headers, from: &Tuple, to: &Tup
     let csum = if hdr.udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };
     // A UDP checksum of zero means "none": the helpers leave it so.
     let mangled = if hdr.udp {
-        BPF_F_MARK_MANGLED_0 as u64
+        u64::from(BPF_F_MARK_MANGLED_0)
     } else {
         0
     };
@@ -58,9 +58,9 @@ pub(crate) fn skb_rewrite(ctx: &TcContext, hdr: &Headers, from: &Tuple, to: &Tup
     ];
     for (old, new, off) in addrs {
         if old != new {
-            let _ = ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4);
-            let flags = BPF_F_PSEUDO_HDR as u64 | mangled | 4;
-            let _ = ctx.l4_csum_replace(csum, old as u64, new as u64, flags);
+            let _ = ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 4);
+            let flags = u64::from(BPF_F_PSEUDO_HDR) | mangled | 4;
+            let _ = ctx.l4_csum_replace(csum, u64::from(old), u64::from(new), flags);
             let _ = ctx.store(off, &new, 0);
         }
     }
@@ -70,7 +70,7 @@ pub(crate) fn skb_rewrite(ctx: &TcContext, hdr: &Headers, from: &Tuple, to: &Tup
     ];
     for (old, new, off) in ports {
         if old != new {
-            let _ = ctx.l4_csum_replace(csum, old as u64, new as u64, mangled | 2);
+            let _ = ctx.l4_csum_replace(csum, u64::from(old), u64::from(new), mangled | 2);
             let _ = ctx.store(off, &new, 0);
         }
     }
@@ -79,15 +79,15 @@ pub(crate) fn skb_rewrite(ctx: &TcContext, hdr: &Headers, from: &Tuple, to: &Tup
 /// One's complement of `old` plus `new`, as 16-bit words (RFC 1624 eqn. 3 terms).
 #[inline(always)]
 fn csum_diff32(old: u32, new: u32) -> u64 {
-    (!(old as u16)) as u64
-        + (!((old >> 16) as u16)) as u64
-        + (new & 0xffff) as u64
-        + (new >> 16) as u64
+    u64::from(!(old as u16))
+        + u64::from(!((old >> 16) as u16))
+        + u64::from(new & 0xffff)
+        + u64::from(new >> 16)
 }
 
 #[inline(always)]
 fn csum_diff16(old: u16, new: u16) -> u64 {
-    (!old) as u64 + new as u64
+    u64::from(!old) + u64::from(new)
 }
 
 #[inline(always)]
@@ -101,7 +101,7 @@ pub(crate) fn csum_fold(mut sum: u64) -> u16 {
 /// HC' = ~(~HC + ~m + m')
 #[inline(always)]
 fn csum_apply(check: u16, diff: u64) -> u16 {
-    !csum_fold((!check) as u64 + diff)
+    !csum_fold(u64::from(!check) + diff)
 }
 
 /// Sum of `N` 16-bit words starting at `p` (read in memory order).
@@ -114,7 +114,7 @@ pub(crate) unsafe fn sum_words<const N: usize>(p: *const u8) -> u64 {
     let mut i = 0;
     while i < N {
         // SAFETY: within the range the caller checked.
-        sum += unsafe { u16::from_ne_bytes([*p.add(2 * i), *p.add(2 * i + 1)]) } as u64;
+        sum += u64::from(unsafe { u16::from_ne_bytes([*p.add(2 * i), *p.add(2 * i + 1)]) });
         i += 1;
     }
     sum
@@ -122,5 +122,5 @@ pub(crate) unsafe fn sum_words<const N: usize>(p: *const u8) -> u64 {
 
 #[inline(always)]
 pub(crate) fn addr_words(a: u32) -> u64 {
-    (a & 0xffff) as u64 + (a >> 16) as u64
+    u64::from(a & 0xffff) + u64::from(a >> 16)
 }

@@ -2,8 +2,6 @@
 //! the translation runs) traits, their impls for XDP and for TC (`Skb`), bounds-checked
 //! packet pointers, and the `Verdict` each program turns into its return code.
 
-use core::mem;
-
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
     programs::{TcContext, XdpContext},
@@ -68,7 +66,7 @@ impl Packet for TcContext {
     }
     #[inline(always)]
     fn frame_len(&self) -> u64 {
-        self.len() as u64
+        u64::from(self.len())
     }
 }
 
@@ -132,16 +130,20 @@ impl<const POD: bool> Hook for Skb<'_, POD> {
 /// unaligned would be split into four byte loads, so this one reads through a `u32`
 /// pointer. Callers bounds-check the four bytes first.
 #[inline(always)]
+#[allow(
+    clippy::cast_ptr_alignment,
+    reason = "an unaligned packet load on purpose (see above)"
+)]
 pub(crate) unsafe fn load32(p: *const u8) -> u32 {
     // SAFETY: the caller checked the bounds; see above for the alignment.
-    unsafe { (p as *const u32).read_volatile() }
+    unsafe { p.cast::<u32>().read_volatile() }
 }
 
 #[inline(always)]
 pub(crate) fn ptr_at<T>(ctx: &impl Packet, off: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
-    if start + off + mem::size_of::<T>() > end {
+    if start + off + size_of::<T>() > end {
         return None;
     }
     Some((start + off) as *mut T)

@@ -41,6 +41,15 @@
     clippy::needless_borrows_for_generic_args,
     reason = "map keys and values go by reference: by value, each is copied to a new stack slot"
 )]
+#![allow(
+    clippy::inline_always,
+    reason = "BPF: every helper is inlined on purpose (no bpf-to-bpf calls on the hot path; \
+              the verifier tracks packet bounds across the whole program)"
+)]
+#![allow(
+    clippy::needless_pass_by_value,
+    reason = "program entry points take their context by value, as aya's macros declare them"
+)]
 
 mod clock;
 mod conntrack;
@@ -112,7 +121,7 @@ pub fn lb_tc_reject(ctx: TcContext) -> i32 {
 
 #[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     loop {}
 }
 

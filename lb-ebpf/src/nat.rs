@@ -25,7 +25,7 @@ use crate::{
 /// The TC programs' translation: rewrites through the checksum helpers, rejects answered in
 /// place.
 #[inline(always)]
-pub(crate) fn tc_translate<const POD: bool>(skb: &Skb<POD>) -> i32 {
+pub(crate) fn tc_translate<const POD: bool>(skb: &Skb<'_, POD>) -> i32 {
     count(stat::RX);
     // Linear headers for direct reads (a no-op when they are; fails harmlessly on a short
     // frame, which parse() then leaves alone).

@@ -1,15 +1,13 @@
 //! Header parsing: Ethernet + IPv4 (no options, no fragments) + TCP/UDP into `Parsed`, with
 //! the header lengths and offsets the rest of the datapath uses.
 
-use core::mem;
-
 use lb_common::{stat, IPPROTO_TCP, IPPROTO_UDP};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::ctx::{load32, ptr_at, Packet};
 
-pub(crate) const ETH_LEN: usize = mem::size_of::<EthHdr>();
-pub(crate) const IP_LEN: usize = mem::size_of::<Ipv4Hdr>();
+pub(crate) const ETH_LEN: usize = size_of::<EthHdr>();
+pub(crate) const IP_LEN: usize = size_of::<Ipv4Hdr>();
 pub(crate) const L4_OFF: usize = ETH_LEN + IP_LEN;
 pub(crate) const TCP_LEN: usize = 20;
 pub(crate) const UDP_LEN: usize = 8;

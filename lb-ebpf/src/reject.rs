@@ -36,7 +36,7 @@ pub(crate) fn reject(ctx: &TcContext) -> i32 {
         REPLY_MAX as u32
     };
     // SAFETY: ctx.skb.skb is the program's own context.
-    unsafe { bpf_skb_pull_data(ctx.skb.skb as *mut _, len) };
+    unsafe { bpf_skb_pull_data(ctx.skb.skb.cast(), len) };
     let Ok(Parsed {
         pkt,
         proto,
@@ -61,7 +61,7 @@ pub(crate) fn reject(ctx: &TcContext) -> i32 {
         // will be translated.
         return TC_NEXT;
     }
-    count_service(svc.svc_id, ctx.len() as u64, false, true);
+    count_service(svc.svc_id, u64::from(ctx.len()), false, true);
     if svc.flags & SVC_F_DROP_NO_ENDPOINTS != 0 {
         count(stat::DROP_NO_LOCAL);
         return TC_ACT_SHOT;
@@ -90,7 +90,7 @@ pub(crate) fn reject(ctx: &TcContext) -> i32 {
 /// Sets the frame length to `len` and makes it linear.
 #[inline(always)]
 fn resize(ctx: &TcContext, len: usize) -> bool {
-    let skb = ctx.skb.skb as *mut _;
+    let skb = ctx.skb.skb.cast();
     // SAFETY: skb is the program's own context.
     unsafe {
         bpf_skb_change_tail(skb, len as u32, 0) == 0 && bpf_skb_pull_data(skb, len as u32) == 0
@@ -114,17 +114,17 @@ fn build_rst(ctx: &TcContext, in_flags: u8) -> bool {
             (*eth).src_addr,
             (*ip).src_addr,
             (*ip).dst_addr,
-            u16::from_be_bytes((*ip).tot_len) as u32,
+            u32::from(u16::from_be_bytes((*ip).tot_len)),
             *tcp,
         )
     };
-    let doff = ((hdr[12] >> 4) as u32) * 4;
+    let doff = u32::from(hdr[12] >> 4) * 4;
     let payload = tot_len.saturating_sub(IP_LEN as u32 + doff);
     let in_seq = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
     let (seq, ack, flags) = if in_flags & TCP_ACK != 0 {
         ([hdr[8], hdr[9], hdr[10], hdr[11]], [0u8; 4], TCP_RST)
     } else {
-        let syn_fin = (in_flags & TCP_SYN != 0) as u32 + (in_flags & TCP_FIN != 0) as u32;
+        let syn_fin = u32::from(in_flags & TCP_SYN != 0) + u32::from(in_flags & TCP_FIN != 0);
         (
             [0u8; 4],
             in_seq.wrapping_add(payload + syn_fin).to_be_bytes(),
@@ -154,8 +154,8 @@ fn build_rst(ctx: &TcContext, in_flags: u8) -> bool {
         ];
         let sum = addr_words(u32::from_ne_bytes(daddr))
             + addr_words(u32::from_ne_bytes(saddr))
-            + u16::from_ne_bytes([0, IPPROTO_TCP]) as u64
-            + u16::from_ne_bytes((TCP_LEN as u16).to_be_bytes()) as u64
+            + u64::from(u16::from_ne_bytes([0, IPPROTO_TCP]))
+            + u64::from(u16::from_ne_bytes((TCP_LEN as u16).to_be_bytes()))
             + sum_words::<{ TCP_LEN / 2 }>(tcp as *const u8);
         let c = (!csum_fold(sum)).to_ne_bytes();
         t[16] = c[0];
@@ -184,7 +184,7 @@ fn build_port_unreachable(ctx: &TcContext) -> bool {
     // sit exactly where the ICMP payload goes.
     const GROW: u32 = (IP_LEN + ICMP_LEN) as u32;
     // SAFETY: ctx.skb.skb is the program's own context.
-    if unsafe { bpf_skb_change_head(ctx.skb.skb as *mut _, GROW, 0) } != 0 {
+    if unsafe { bpf_skb_change_head(ctx.skb.skb.cast(), GROW, 0) } != 0 {
         return false;
     }
     if !resize(ctx, REPLY_MAX) {

@@ -25,7 +25,7 @@ pub(crate) fn sticky_backend(
 ) -> Option<(u32, BackendV4)> {
     // SAFETY: the value is copied out at once.
     let a = unsafe { LB4_AFFINITY.get(key) }.copied()?;
-    if now.wrapping_sub(a.last_used_ns) > svc.affinity_timeout_s as u64 * 1_000_000_000 {
+    if now.wrapping_sub(a.last_used_ns) > u64::from(svc.affinity_timeout_s) * 1_000_000_000 {
         return None;
     }
     let member = MemberKey {
@@ -60,8 +60,8 @@ pub(crate) fn maglev_backend(svc: &ServiceV4, pkt: &Tuple, proto: u8) -> Option<
 /// through MurmurHash3's 64-bit finaliser.
 #[inline(always)]
 fn flow_hash(pkt: &Tuple, proto: u8) -> u32 {
-    let mut h = ((pkt.saddr as u64) << 32) | ((pkt.sport as u64) << 16) | pkt.dport as u64;
-    h ^= (proto as u64) << 59;
+    let mut h = (u64::from(pkt.saddr) << 32) | (u64::from(pkt.sport) << 16) | u64::from(pkt.dport);
+    h ^= u64::from(proto) << 59;
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;

@@ -24,7 +24,7 @@ pub(crate) fn snat_reply(
     tcp_flags: u8,
     bytes: u64,
 ) -> Option<Verdict> {
-    let port = u16::from_be(pkt.dport) as u32;
+    let port = u32::from(u16::from_be(pkt.dport));
     if port < cfg_value(config::SNAT_PORT_MIN) || port > cfg_value(config::SNAT_PORT_MAX) {
         return None;
     }
@@ -68,7 +68,7 @@ pub(crate) fn snat_port(
         let r = unsafe { bpf_get_prandom_u32() };
         let port = ((min + r.checked_rem(range).unwrap_or(0)) as u16).to_be();
         key.dport = port;
-        if LB4_SNAT.insert(&key, reply, BPF_NOEXIST as u64).is_ok() {
+        if LB4_SNAT.insert(&key, reply, u64::from(BPF_NOEXIST)).is_ok() {
             return Some(port);
         }
         i += 1;

@@ -55,10 +55,10 @@ pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
 /// Whether the socket lives in the agent's (the node's) network namespace.
 #[inline(always)]
 fn host_socket(ctx: &SockAddrContext) -> bool {
-    let want = ((cfg_value(config::NETNS_COOKIE_HI) as u64) << 32)
-        | cfg_value(config::NETNS_COOKIE_LO) as u64;
+    let want = (u64::from(cfg_value(config::NETNS_COOKIE_HI)) << 32)
+        | u64::from(cfg_value(config::NETNS_COOKIE_LO));
     // SAFETY: the context is the program's own.
-    want != 0 && unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut _) } == want
+    want != 0 && unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } == want
 }
 
 /// A socket addressed to a frontend goes to one of its backends instead.
@@ -108,7 +108,7 @@ fn to_backend(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     };
     // SAFETY: the context is the program's own.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let rev_key = SockRevKeyV4 {
         cookie,
         addr: backend.addr,
@@ -125,7 +125,7 @@ fn to_backend(ctx: &SockAddrContext) -> i32 {
     unsafe {
         let sa = &mut *ctx.sock_addr;
         sa.user_ip4 = backend.addr;
-        sa.user_port = backend.port as u32;
+        sa.user_port = u32::from(backend.port);
     }
     count(stat::SOCK_TRANSLATED);
     ALLOW
@@ -143,7 +143,7 @@ fn to_frontend(ctx: &SockAddrContext) {
         (
             sa.user_ip4,
             sa.user_port as u16,
-            bpf_get_socket_cookie(ctx.sock_addr as *mut _),
+            bpf_get_socket_cookie(ctx.sock_addr.cast()),
         )
     };
     let key = SockRevKeyV4 {
@@ -158,7 +158,7 @@ fn to_frontend(ctx: &SockAddrContext) {
         unsafe {
             let sa = &mut *ctx.sock_addr;
             sa.user_ip4 = rev.addr;
-            sa.user_port = rev.port as u32;
+            sa.user_port = u32::from(rev.port);
         }
     }
 }

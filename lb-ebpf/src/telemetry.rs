@@ -23,8 +23,8 @@ pub(crate) fn count_service(svc_id: u32, bytes: u64, new_flow: bool, rejected: b
         let s = unsafe { &mut *s };
         s.packets += 1;
         s.bytes += bytes;
-        s.new_flows += new_flow as u64;
-        s.rejected += rejected as u64;
+        s.new_flows += u64::from(new_flow);
+        s.rejected += u64::from(rejected);
     }
 }
 

@@ -1,24 +1,25 @@
-//! The node agent: Kubernetes objects → desired datapath state → BPF maps.
+//! The node agent, `lb-agent`:
 //!
-//! `manifests`, `validate`, `translate`, `model` and `reconcile` are pure (no I/O beyond
-//! reading manifest files) and tested without root; `bpf`, `node` and `agent` touch the kernel.
+//! ```text
+//! source ─▶ control (translate, incremental) ─▶ reconcile ─▶ datapath (pinned BPF maps)
+//! ```
+//!
+//! The pure steps (sources' objects, translation, reconciliation against a map trait) are in
+//! the `lb-control` crate; this crate adds what touches the kernel and the network:
+//!
+//! * `source`: the API server as a source (the manifests source is `lb_control`'s).
+//! * `datapath`: the BPF object loaded, pinned and attached; the pinned maps the reconciler
+//!   writes; the clock, the conntrack sweep, counters, the node's interfaces. All raw system
+//!   calls are in `datapath::sys`, the only module with `unsafe` code.
+//! * `agent`: `lb-agent run`'s loop, its state and its HTTP endpoints (health, metrics,
+//!   health check node ports).
+//! * `cli`: the command line and the operator's commands (`services`, `status`, `flows`,
+//!   `trace`, `uninstall`).
+//!
+//! `docs/architecture.md` draws the flow and says where new work goes.
+#![deny(unsafe_code)]
 
 pub mod agent;
-pub mod bpf;
-pub mod clock;
-pub mod conntrack;
-pub mod flows;
-pub mod http;
-pub mod kube_source;
-pub mod maglev;
-pub mod manifests;
-pub mod maps;
-pub mod model;
-pub mod node;
-pub mod packet;
-pub mod reconcile;
-pub mod status;
-pub mod sync;
-pub mod trace;
-pub mod translate;
-pub mod validate;
+pub mod cli;
+pub mod datapath;
+pub mod source;

@@ -1,207 +1,15 @@
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+//! `lb-agent`: the node agent (`run`) and the operator's commands (`lb_userspace::cli`).
 
-use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
-use lb_userspace::{agent, bpf, maps};
-
-/// eBPF/XDP Kubernetes service load balancer: a kube-proxy replacement.
-#[derive(Parser)]
-#[command(name = "lb-agent", version)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the node agent.
-    Run(Box<RunArgs>),
-    /// Print what the datapath holds, from the pinned maps.
-    Services {
-        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-        #[arg(long, default_value = "/sys/fs/bpf/lb")]
-        pin_path: PathBuf,
-        /// Add the per-service packet counters.
-        #[arg(long)]
-        stats: bool,
+use anyhow::Result;
+use clap::Parser;
+use lb_control::model::Proto;
+use lb_userspace::{
+    agent,
+    cli::{
+        self,
+        args::{Cli, Command, Output, TraceProto},
     },
-    /// Live load-balancing decisions (client → frontend → backend, new and closed).
-    Flows {
-        /// Only flows whose service (namespace/name:port) or frontend contains this.
-        #[arg(long)]
-        service: Option<String>,
-        /// Per frontend, each backend's share of new flows (at the end of --duration).
-        #[arg(long)]
-        summary: bool,
-        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-        /// Stop after this many seconds (default: run until interrupted; 10 with --summary).
-        #[arg(long)]
-        duration: Option<f64>,
-        #[arg(long, default_value = "/sys/fs/bpf/lb")]
-        pin_path: PathBuf,
-        /// Where the agent serves /metrics (for service names).
-        #[arg(long, default_value = "127.0.0.1:10249")]
-        metrics_addr: SocketAddr,
-    },
-    /// Remove the datapath: unpin links (which detaches the programs), programs and maps.
-    /// Stop the agent first, or it attaches again.
-    Uninstall {
-        #[arg(long, default_value = "/sys/fs/bpf/lb")]
-        pin_path: PathBuf,
-    },
-    /// The datapath and the agent at a glance: attachments, map fill levels, last sync, source.
-    /// Exits 1 when something needs attention.
-    Status {
-        #[arg(long, default_value = "/sys/fs/bpf/lb")]
-        pin_path: PathBuf,
-        /// Where the agent serves /healthz.
-        #[arg(long, default_value = "127.0.0.1:10256")]
-        healthz_addr: SocketAddr,
-        /// Where the agent serves /metrics.
-        #[arg(long, default_value = "127.0.0.1:10249")]
-        metrics_addr: SocketAddr,
-    },
-    /// Send one synthesized packet through the pinned datapath and explain the decision.
-    Trace {
-        #[arg(value_enum)]
-        proto: TraceProto,
-        /// Client address and port.
-        src: std::net::SocketAddrV4,
-        /// Destination address and port.
-        dst: std::net::SocketAddrV4,
-        /// The interface the packet arrives on (default: from outside).
-        #[arg(long)]
-        iface: Option<String>,
-        #[arg(long, default_value = "/sys/fs/bpf/lb")]
-        pin_path: PathBuf,
-    },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum TraceProto {
-    Tcp,
-    Udp,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Output {
-    Table,
-    Json,
-}
-
-#[derive(clap::Args)]
-struct RunArgs {
-    /// Read Services, EndpointSlices and Pods from the manifests in DIR (standalone mode).
-    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
-    manifests: Option<PathBuf>,
-    /// Watch the API server named in this kubeconfig.
-    #[arg(long, value_name = "FILE")]
-    kubeconfig: Option<PathBuf>,
-    /// This node's name (endpoint locality). Default: the hostname.
-    #[arg(long)]
-    node_name: Option<String>,
-    /// External interfaces. Repeat or separate with commas.
-    #[arg(long = "ext-iface", value_name = "IFACE", value_delimiter = ',')]
-    ext_ifaces: Vec<String>,
-    /// How to attach to the external interfaces: `auto` (XDP where the driver runs it
-    /// natively, TC ingress on veths, bridges, bonds, tunnels and drivers without native
-    /// XDP), `xdp` (everywhere, generic XDP where there is no native one) or `tc`.
-    #[arg(long, value_name = "auto|xdp|tc", default_value = "auto")]
-    ext_attach: bpf::ExtAttach,
-    /// Pod interfaces to attach to: every interface whose name starts with this.
-    #[arg(long, default_value = "veth")]
-    pod_iface_prefix: String,
-    /// cgroup v2 directory for the socket-level hooks.
-    #[arg(long, value_name = "PATH")]
-    cgroup: Option<PathBuf>,
-    /// Where maps, program and links are pinned (on a bpffs).
-    #[arg(long, default_value = "/sys/fs/bpf/lb")]
-    pin_path: PathBuf,
-    #[arg(long, default_value = "0.0.0.0:10249")]
-    metrics_addr: SocketAddr,
-    #[arg(long, default_value = "0.0.0.0:10256")]
-    healthz_addr: SocketAddr,
-    /// Frontends (ClusterIP, NodePort, externalIP, LoadBalancer IP, per port and protocol)
-    /// the maps hold, plus one; also the per-CPU counters per frontend (32 bytes × CPUs
-    /// each). Used when the maps are first created.
-    #[arg(long, default_value_t = lb_common::DEFAULT_SERVICES)]
-    max_services: u32,
-    /// Distinct endpoints (address, port, protocol) the maps hold, plus one; also the
-    /// per-CPU counters per endpoint (16 bytes × CPUs each). Used when the maps are first
-    /// created.
-    #[arg(long, default_value_t = lb_common::DEFAULT_BACKENDS)]
-    max_backends: u32,
-    /// Backend slots over all frontends (a frontend with N endpoints takes N). Used when the
-    /// maps are first created.
-    #[arg(long, default_value_t = lb_common::DEFAULT_BACKEND_SLOTS)]
-    max_backend_slots: u32,
-    /// Connection-tracking entries (used when the map is first created).
-    #[arg(long, default_value_t = lb_common::DEFAULT_CONNTRACK_ENTRIES)]
-    conntrack_entries: u32,
-    /// Report one new flow in N to `lb-agent flows` (0: none). Events go to a bounded ring
-    /// buffer; when nobody reads it, they are dropped and counted.
-    #[arg(long, default_value_t = 1)]
-    flow_sample: u32,
-    /// Source address of flows from outside to backends on other nodes (SNAT). Default: the
-    /// first IPv4 address of the first --ext-iface.
-    #[arg(long, value_name = "IP")]
-    node_ip: Option<std::net::Ipv4Addr>,
-    /// Source ports for that SNAT, FIRST-LAST. Keep them out of the node's own ephemeral
-    /// range (net.ipv4.ip_local_port_range, 32768-60999 by default) and the NodePort range.
-    #[arg(long, value_name = "FIRST-LAST", default_value = "61000-65535", value_parser = port_range)]
-    snat_ports: (u16, u16),
-    /// SNAT map entries (used when the map is first created).
-    #[arg(long, default_value_t = lb_common::DEFAULT_SNAT_ENTRIES)]
-    snat_entries: u32,
-    /// Entries of one Maglev table: a prime well above 100 × the largest backend count of
-    /// a Service (the same on every node, or flows change backend between nodes).
-    #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_SIZE)]
-    maglev_table_size: u32,
-    /// Maglev tables: one per Service port with NodePort / externalIPs / LoadBalancer IPs
-    /// (used when the map is first created).
-    #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_TABLES)]
-    maglev_tables: u32,
-    /// Seconds between conntrack sweeps (closed and idle flows, SNAT ports).
-    #[arg(long, default_value_t = 5.0)]
-    ct_gc_interval: f64,
-    /// Seconds a closed flow (FIN both ways, or RST) stays before its entries and SNAT port
-    /// are freed.
-    #[arg(long, default_value_t = 10.0)]
-    ct_close_grace: f64,
-    /// Seconds an idle UDP flow keeps its backend.
-    #[arg(long, default_value_t = 120.0)]
-    ct_udp_timeout: f64,
-    /// Seconds an idle TCP flow keeps its backend (kube-proxy: 86400).
-    #[arg(long, default_value_t = 86400.0)]
-    ct_tcp_timeout: f64,
-}
-
-/// `FIRST-LAST` → (first, last).
-fn port_range(s: &str) -> Result<(u16, u16), String> {
-    let (a, b) = s
-        .split_once('-')
-        .ok_or_else(|| format!("{s:?}: expected FIRST-LAST"))?;
-    let a: u16 = a.trim().parse().map_err(|e| format!("{a:?}: {e}"))?;
-    let b: u16 = b.trim().parse().map_err(|e| format!("{b:?}: {e}"))?;
-    if a == 0 || a > b {
-        return Err(format!("{s:?}: need 0 < FIRST <= LAST"));
-    }
-    Ok((a, b))
-}
-
-/// Seconds from the command line as a Duration (negative or not finite: an error).
-fn seconds(name: &str, v: f64) -> Result<Duration> {
-    Duration::try_from_secs_f64(v).map_err(|e| anyhow::anyhow!("--{name} {v}: {e}"))
-}
-
-fn hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".into())
-}
+};
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -216,37 +24,7 @@ fn main() -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Command::Run(a) => {
-            let a = *a;
-            let cfg = agent::RunConfig {
-                manifests: a.manifests,
-                kubeconfig: a.kubeconfig,
-                node_name: a.node_name.unwrap_or_else(hostname),
-                ext_ifaces: a.ext_ifaces,
-                ext_attach: a.ext_attach,
-                pod_iface_prefix: a.pod_iface_prefix,
-                cgroup: a.cgroup,
-                pin_path: a.pin_path,
-                metrics_addr: a.metrics_addr,
-                healthz_addr: a.healthz_addr,
-                map_sizes: bpf::MapSizes {
-                    services: a.max_services,
-                    backends: a.max_backends,
-                    slots: a.max_backend_slots,
-                    conntrack: a.conntrack_entries,
-                    snat: a.snat_entries,
-                    maglev: a.maglev_table_size.saturating_mul(a.maglev_tables),
-                },
-                flow_sample: a.flow_sample,
-                node_ip: a.node_ip,
-                snat_ports: a.snat_ports,
-                maglev_size: a.maglev_table_size,
-                ct_gc_interval: seconds("ct-gc-interval", a.ct_gc_interval)?,
-                ct_timeouts: lb_userspace::conntrack::Timeouts {
-                    closed: seconds("ct-close-grace", a.ct_close_grace)?,
-                    tcp_idle: seconds("ct-tcp-timeout", a.ct_tcp_timeout)?,
-                    udp_idle: seconds("ct-udp-timeout", a.ct_udp_timeout)?,
-                },
-            };
+            let cfg = a.into_config()?;
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -263,8 +41,8 @@ fn main() -> Result<()> {
         } => {
             let duration = duration
                 .or(summary.then_some(10.0))
-                .map(Duration::from_secs_f64);
-            let opts = lb_userspace::flows::Options {
+                .map(std::time::Duration::from_secs_f64);
+            let opts = cli::flows::Options {
                 pin: &pin_path,
                 metrics: metrics_addr,
                 filter: service.as_deref(),
@@ -272,31 +50,15 @@ fn main() -> Result<()> {
                 json: matches!(output, Output::Json),
                 duration,
             };
-            lb_userspace::flows::run(&opts, &mut std::io::stdout().lock())
+            cli::flows::run(&opts, &mut std::io::stdout().lock())
         }
-        Command::Uninstall { pin_path } => {
-            if !pin_path.exists() {
-                println!("nothing pinned at {}", pin_path.display());
-                return Ok(());
-            }
-            let links = std::fs::read_dir(pin_path.join("links"))
-                .map(|d| d.count())
-                .unwrap_or(0);
-            std::fs::remove_dir_all(&pin_path)
-                .with_context(|| format!("removing {}", pin_path.display()))?;
-            println!(
-                "removed {} ({links} links detached, programs and maps unpinned)",
-                pin_path.display()
-            );
-            Ok(())
-        }
+        Command::Uninstall { pin_path } => cli::uninstall::run(&pin_path),
         Command::Status {
             pin_path,
             healthz_addr,
             metrics_addr,
         } => {
-            let (report, attention) =
-                lb_userspace::status::status(&pin_path, healthz_addr, metrics_addr)?;
+            let (report, attention) = cli::status::status(&pin_path, healthz_addr, metrics_addr)?;
             print!("{report}");
             if attention {
                 std::process::exit(1);
@@ -311,12 +73,12 @@ fn main() -> Result<()> {
             pin_path,
         } => {
             let proto = match proto {
-                TraceProto::Tcp => lb_userspace::model::Proto::Tcp,
-                TraceProto::Udp => lb_userspace::model::Proto::Udp,
+                TraceProto::Tcp => Proto::Tcp,
+                TraceProto::Udp => Proto::Udp,
             };
             print!(
                 "{}",
-                lb_userspace::trace::trace(&pin_path, proto, src, dst, iface.as_deref())?
+                cli::trace::trace(&pin_path, proto, src, dst, iface.as_deref())?
             );
             Ok(())
         }
@@ -324,45 +86,6 @@ fn main() -> Result<()> {
             output,
             pin_path,
             stats,
-        } => {
-            let m = bpf::PinnedMaps::open(&pin_path)?;
-            let rows = maps::dump(&m).context("reading the service maps")?;
-            let counters = if stats {
-                let ids: Vec<u32> = rows.iter().map(|r| r.id).collect();
-                Some(bpf::read_service_stats(&pin_path, &ids)?)
-            } else {
-                None
-            };
-            match output {
-                Output::Json => {
-                    let mut v = serde_json::to_value(&rows)?;
-                    if let (Some(counters), Some(list)) = (&counters, v.as_array_mut()) {
-                        for (row, (_, c)) in list.iter_mut().zip(counters) {
-                            row["stats"] = serde_json::json!({
-                                "packets": c.packets, "bytes": c.bytes,
-                                "newFlows": c.new_flows, "rejected": c.rejected,
-                            });
-                        }
-                    }
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                }
-                Output::Table => {
-                    print!("{}", maps::format_table(&rows));
-                    if let Some(counters) = counters {
-                        println!(
-                            "\n{:<5} {:>10} {:>12} {:>10} {:>9}",
-                            "ID", "packets", "bytes", "new flows", "rejected"
-                        );
-                        for (id, c) in counters {
-                            println!(
-                                "{id:<5} {:>10} {:>12} {:>10} {:>9}",
-                                c.packets, c.bytes, c.new_flows, c.rejected
-                            );
-                        }
-                    }
-                }
-            }
-            Ok(())
-        }
+        } => cli::services::run(&pin_path, matches!(output, Output::Json), stats),
     }
 }

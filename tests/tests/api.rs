@@ -1,6 +1,14 @@
 //! End-to-end through the API server double: `lb-agent run --kubeconfig` in a lab node,
 //! Services and EndpointSlices changed in the double, real clients. Needs root and the
 //! workspace's binaries (`cargo build`).
+// Harness code: a lab that cannot be built panics with a message, arguments are passed as
+// the call sites read best, and floats are compared exactly where they were parsed.
+#![allow(
+    clippy::needless_pass_by_value,
+    clippy::missing_panics_doc,
+    clippy::float_cmp,
+    clippy::unused_self
+)]
 
 use std::{
     collections::BTreeSet,
@@ -9,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{
+use lb_testkit::{
     apiserver::{wait_requests, ApiServer, Kind},
     lab::{endpoint_list, wait_for, Background, Lab, LabPod, HTTP_PORT, NODE_IP, NODE_NAME},
     require_root,
@@ -37,7 +45,9 @@ impl Setup {
 
 fn setup(pods: usize) -> Setup {
     require_root();
-    let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut lab = Lab::up(pods).expect("lab up");
     lab.start_servers().expect("servers");
     let api = ApiServer::start(Some(&lab.node_ns)).expect("api double");
@@ -54,7 +64,7 @@ fn setup(pods: usize) -> Setup {
 
 fn web_service(kind: &str, labels: &str) -> String {
     format!(
-        r#"apiVersion: v1
+        r"apiVersion: v1
 kind: Service
 metadata: {{name: web, namespace: default, labels: {{{labels}}}}}
 spec:
@@ -64,14 +74,14 @@ spec:
   selector: {{app: web}}
   ports:
   - {{name: http, port: 80, targetPort: {HTTP_PORT}, nodePort: 30080}}
-"#
+"
     )
 }
 
 fn web_slice(pods: &[&LabPod]) -> String {
     let ips: Vec<std::net::Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
     format!(
-        r#"apiVersion: discovery.k8s.io/v1
+        r"apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
   name: web-abcde
@@ -79,7 +89,7 @@ metadata:
   labels: {{kubernetes.io/service-name: web}}
 addressType: IPv4
 ports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}]
-endpoints:{}"#,
+endpoints:{}",
         endpoint_list(&ips, NODE_NAME)
     )
 }
@@ -158,7 +168,7 @@ fn served(lab: &Lab, ns: &str, url: &str, n: usize) -> BTreeSet<String> {
 }
 
 fn set(names: &[&str]) -> BTreeSet<String> {
-    names.iter().map(|s| s.to_string()).collect()
+    names.iter().map(ToString::to_string).collect()
 }
 
 fn frontends(lab: &Lab) -> Vec<String> {
@@ -361,7 +371,9 @@ fn the_agent_starts_with_in_cluster_configuration() {
     // KUBERNETES_SERVICE_HOST:PORT over TLS, trusted through the service account's ca.crt,
     // authenticated with its token.
     require_root();
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut lab = Lab::up(2).expect("lab up");
     lab.start_servers().expect("servers");
     let (api, ca) = ApiServer::start_tls(Some(&lab.node_ns)).expect("api double over TLS");
@@ -537,7 +549,7 @@ fn only_terminating_endpoints_left_are_still_served() {
 }
 
 fn metrics(lab: &Lab) -> String {
-    lb_tests::lab::run(&[
+    lb_testkit::lab::run(&[
         "ip",
         "netns",
         "exec",
@@ -561,7 +573,7 @@ fn metric_value(metrics: &str, series: &str) -> Option<f64> {
 fn external_traffic_policy_local_with_health_check_and_load_balancer_ip() {
     let mut s = setup(3);
     let lb_ip = "192.0.2.10";
-    lb_tests::lab::run(&[
+    lb_testkit::lab::run(&[
         "ip",
         "-n",
         &s.lab.ext_ns,
@@ -605,7 +617,7 @@ fn external_traffic_policy_local_with_health_check_and_load_balancer_ip() {
     s.start_agent();
     let ext = s.lab.ext_ns.clone();
     let hc = || {
-        lb_tests::lab::run(&[
+        lb_testkit::lab::run(&[
             "ip",
             "netns",
             "exec",
@@ -744,9 +756,8 @@ fn external_traffic_policy_local_with_health_check_and_load_balancer_ip() {
 fn rfc3339_now() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let out = lb_tests::lab::run(&[
+        .map_or(0, |d| d.as_secs());
+    let out = lb_testkit::lab::run(&[
         "date",
         "-u",
         "-d",

@@ -1,9 +1,17 @@
-//! The reachability matrix in a two-node, kind-like lab (`lb_tests::cluster`): pods, node
+//! The reachability matrix in a two-node, kind-like lab (`lb_testkit::cluster`): pods, node
 //! host namespaces and a client outside the cluster send TCP and UDP to ClusterIPs,
 //! NodePorts, externalIPs and LoadBalancer IPs, and each row checks which backend answered,
 //! which source address it saw and, for host clients, what their socket says it talked to.
 //! The matrix is printed as a markdown table. Needs root and the workspace's binaries
 //! (`cargo build`).
+// Harness code: a lab that cannot be built panics with a message, arguments are passed as
+// the call sites read best, and floats are compared exactly where they were parsed.
+#![allow(
+    clippy::needless_pass_by_value,
+    clippy::missing_panics_doc,
+    clippy::float_cmp,
+    clippy::unused_self
+)]
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -11,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{
+use lb_testkit::{
     cluster::{
         node_ip, pod_gateway, pod_ip, services::*, Cluster, ClusterConfig, ClusterState, Origin,
         Outcome, Proto, CLIENT_IP, DENIED_CLIENT_IP, HAIRPIN_SNAT_IP,
@@ -24,7 +32,9 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn turn() -> MutexGuard<'static, ()> {
     // A test that failed while holding the lock poisons it; the next may still run.
-    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// How long an answer may take, and how long a drop is waited for.
@@ -362,8 +372,7 @@ fn table(cluster: &Cluster, results: &[Result_]) -> String {
             } => {
                 let node = cluster
                     .node_of(backend)
-                    .map(|k| format!("node{k} ({backend})"))
-                    .unwrap_or_else(|| backend.clone());
+                    .map_or_else(|| backend.clone(), |k| format!("node{k} ({backend})"));
                 let mut seen = seen.ip().to_string();
                 if matches!(r.row.origin, Origin::Node(_)) {
                     seen.push_str(&format!(" (peer {peer})"));
@@ -463,7 +472,7 @@ impl Drop for Leftovers {
 
 fn leftovers(tag: &str, state: &ClusterState) -> Vec<String> {
     let mut found = Vec::new();
-    let netns = lb_tests::netns::run(&["ip", "netns", "list"]).expect("ip netns list");
+    let netns = lb_testkit::netns::run(&["ip", "netns", "list"]).expect("ip netns list");
     found.extend(
         netns
             .lines()

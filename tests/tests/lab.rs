@@ -1,6 +1,14 @@
 //! End-to-end in network namespaces: real clients (curl, UDP sockets) against real servers
 //! in pods, through `lb-agent run --manifests` on a lab node. Needs root and the workspace's
 //! binaries (`cargo build`).
+// Harness code: a lab that cannot be built panics with a message, arguments are passed as
+// the call sites read best, and floats are compared exactly where they were parsed.
+#![allow(
+    clippy::needless_pass_by_value,
+    clippy::missing_panics_doc,
+    clippy::float_cmp,
+    clippy::unused_self
+)]
 
 use std::{
     collections::BTreeMap,
@@ -10,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{
+use lb_testkit::{
     lab::{
         echo_manifest, tutorial_manifests, wait_for, Background, Lab, Persistent, CLIENT_IP,
         NODE_IP,
@@ -48,7 +56,9 @@ fn lab_with_agent(pods: usize) -> LabGuard {
 fn lab_with_agent_attached(pods: usize, ext_attach: Option<&'static str>) -> LabGuard {
     require_root();
     // A test that failed while holding the lock poisons it; the next may still run.
-    let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut lab = Lab::up(pods).expect("lab up");
     lab.ext_attach = ext_attach;
     lab.start_servers().expect("servers");
@@ -198,7 +208,7 @@ fn a_service_without_endpoints_is_refused_at_once() {
         );
         // The socket sees ECONNREFUSED (the RST), not a timeout.
         let to = sock(ip, port);
-        let err = lb_tests::lab::in_netns(&ns, move || {
+        let err = lb_testkit::lab::in_netns(&ns, move || {
             std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)).map(|_| ())
         })
         .expect_err("must be refused");
@@ -366,20 +376,17 @@ fn traffic_keeps_flowing_while_the_agent_is_killed_and_restarted() {
         id_of("pod interfaces, id "),
     );
     let links =
-        lb_tests::lab::run(&["ip", "-n", &lab.node_ns, "-d", "link", "show"]).expect("ip link");
+        lb_testkit::lab::run(&["ip", "-n", &lab.node_ns, "-d", "link", "show"]).expect("ip link");
     assert!(!links.contains("prog/xdp"), "XDP left on ext0: {links}");
     // tcx links; program ids are unique.
-    let net = lb_tests::lab::run(&["bpftool", "-j", "link", "show"]).expect("bpftool link");
+    let net = lb_testkit::lab::run(&["bpftool", "-j", "link", "show"]).expect("bpftool link");
     let links: serde_json::Value = serde_json::from_str(&net).expect("bpftool json");
     let running = |id: &str| {
-        links
-            .as_array()
-            .map(|l| {
-                l.iter()
-                    .filter(|k| k["prog_id"].as_u64() == id.parse::<u64>().ok())
-                    .count()
-            })
-            .unwrap_or(0)
+        links.as_array().map_or(0, |l| {
+            l.iter()
+                .filter(|k| k["prog_id"].as_u64() == id.parse::<u64>().ok())
+                .count()
+        })
     };
     assert_eq!(
         running(&pod_id),
@@ -533,13 +540,13 @@ fn status_shows_attachments_maps_and_the_agent() {
     let out = lab.agent_cli(&["uninstall"]).expect("uninstall");
     assert!(out.contains("links detached"), "{out}");
     let links =
-        lb_tests::lab::run(&["ip", "-n", &lab.node_ns, "-d", "link", "show"]).expect("ip link");
+        lb_testkit::lab::run(&["ip", "-n", &lab.node_ns, "-d", "link", "show"]).expect("ip link");
     assert!(!links.contains("prog/xdp"), "XDP still attached:\n{links}");
     // No link holds any of the programs any more: the kernel frees them (a link dropped with
     // its pin is released by a kernel worker, so not always at once).
     for id in &ids {
         wait_for(Duration::from_secs(5), || {
-            Ok(lb_tests::lab::run(&["bpftool", "prog", "show", "id", id]).is_err())
+            Ok(lb_testkit::lab::run(&["bpftool", "prog", "show", "id", id]).is_err())
         })
         .unwrap_or_else(|_| panic!("program {id} still loaded after uninstall"));
     }
@@ -608,12 +615,8 @@ fn flows_show_each_decision_and_the_share_per_backend() {
     std::thread::sleep(Duration::from_millis(500));
     lab.curl_many(&lab.ext_ns, &url, 80).expect("curl");
     // Traffic to another service, filtered out.
-    lab.udp(
-        &lab.ext_ns,
-        std::net::SocketAddr::from((NODE_IP, 30053)),
-        b"q",
-    )
-    .expect("udp");
+    lab.udp(&lab.ext_ns, SocketAddr::from((NODE_IP, 30053)), b"q")
+        .expect("udp");
     let s: serde_json::Value = serde_json::from_str(output_of(summary).trim()).expect("json");
     let list = s.as_array().expect("a list");
     assert_eq!(list.len(), 1, "{s}");

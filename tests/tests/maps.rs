@@ -1,16 +1,24 @@
 //! The pinned maps' batch writes (`BPF_MAP_UPDATE_BATCH`) against the real maps of a loaded
 //! datapath: everything lands, overwrites win, and a batch the map cannot hold fails with the
 //! map named. Needs root.
+// Harness code: a lab that cannot be built panics with a message, arguments are passed as
+// the call sites read best, and floats are compared exactly where they were parsed.
+#![allow(
+    clippy::needless_pass_by_value,
+    clippy::missing_panics_doc,
+    clippy::float_cmp,
+    clippy::unused_self
+)]
 
 use std::collections::BTreeMap;
 
 use lb_common::{BackendSlotKey, BackendV4, DEFAULT_BACKENDS, IPPROTO_TCP};
-use lb_tests::{require_root, PinDir};
-use lb_userspace::{
-    bpf::{Datapath, MapSizes, PinnedMaps},
+use lb_control::{
     maps::{Capacity, ServiceMaps},
     reconcile::Reconciler,
 };
+use lb_testkit::{require_root, PinDir};
+use lb_userspace::datapath::{Datapath, MapSizes, PinnedMaps};
 
 fn open(tag: &str) -> (PinDir, Datapath, PinnedMaps) {
     open_sized(
@@ -125,11 +133,11 @@ fn the_maps_are_made_with_the_sizes_asked_for_and_the_reconciler_keeps_to_them()
     };
     assert_eq!(maps.capacity(), cap);
     assert_eq!(
-        lb_userspace::bpf::read_capacity(pin.path()).expect("read"),
+        lb_userspace::datapath::read_capacity(pin.path()).expect("read"),
         cap
     );
     let r = Reconciler::new(maps).expect("reconciler");
-    let fill: Vec<(&str, usize)> = r.fill().iter().map(|(m, _, c)| (*m, *c)).collect();
+    let fill: Vec<(&str, usize)> = r.fill().iter().map(|f| (f.map, f.capacity)).collect();
     assert_eq!(
         fill,
         [
@@ -154,7 +162,7 @@ fn conntrack_is_read_and_pruned_in_batches() {
             ..Default::default()
         },
     );
-    let data = MapData::from_pin(pin.path().join(map_names::CONNTRACK_V4)).expect("pinned");
+    let data = MapData::from_pin(pin.path().join(map_names::LB4_CONNTRACK)).expect("pinned");
     let mut ct: HashMap<MapData, CtKeyV4, CtEntryV4> =
         HashMap::try_from(Map::LruHashMap(data)).expect("conntrack map");
     let key = |i: u32| CtKeyV4 {
@@ -173,7 +181,7 @@ fn conntrack_is_read_and_pruned_in_batches() {
         ct.insert(key(i), e, 0).expect("insert");
     }
     let fd = aya::maps::IterableMap::map(&ct).fd().as_fd();
-    let all: Vec<(CtKeyV4, CtEntryV4)> = lb_userspace::bpf::dump_batch(fd)
+    let all: Vec<(CtKeyV4, CtEntryV4)> = lb_userspace::datapath::sys::dump_batch(fd)
         .expect("batch read")
         .expect("this kernel has batch lookups");
     assert_eq!(all.len(), 20_000);
@@ -184,8 +192,8 @@ fn conntrack_is_read_and_pruned_in_batches() {
     let mut doomed: Vec<CtKeyV4> = (0..20_000u32).step_by(2).map(key).collect();
     doomed.insert(10, key(1_000_000));
     doomed.push(key(2_000_000));
-    assert!(lb_userspace::bpf::delete_batch(fd, &doomed).expect("batch delete"));
-    let left = lb_userspace::bpf::dump_batch::<CtKeyV4, CtEntryV4>(fd)
+    assert!(lb_userspace::datapath::sys::delete_batch(fd, &doomed).expect("batch delete"));
+    let left = lb_userspace::datapath::sys::dump_batch::<CtKeyV4, CtEntryV4>(fd)
         .expect("batch read")
         .expect("batch lookups");
     assert_eq!(left.len(), 10_000);

@@ -1,18 +1,27 @@
 //! Packet tests: the real BPF object, programmed through the agent's control plane, run with
 //! BPF_PROG_TEST_RUN on crafted frames. Every rewritten byte is compared with a frame built
 //! independently, and checksums are verified from scratch. Needs root.
+// Harness code: a lab that cannot be built panics with a message, arguments are passed as
+// the call sites read best, and floats are compared exactly where they were parsed.
+#![allow(
+    clippy::needless_pass_by_value,
+    clippy::missing_panics_doc,
+    clippy::float_cmp,
+    clippy::unused_self
+)]
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use aya::maps::{Array, HashMap as AyaHashMap, Map, MapData};
 use lb_common::{map_names, Clock, CtEntryV4, CtKeyV4};
-use lb_tests::{
-    packet::{
+use lb_control::translate::NodeInfo;
+use lb_testkit::{
+    frame::{
         parse, verify_checksums, Frame, ACK, CLIENT_MAC, FIN, ICMP, NODE_MAC, PSH, RST, SYN, TCP,
     },
     Harness, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_NEXT, XDP_DROP, XDP_PASS,
 };
-use lb_userspace::{bpf::read_stats, clock::monotonic_ns, conntrack, translate::NodeInfo};
+use lb_userspace::datapath::{clock::monotonic_ns, conntrack, stats::read_stats};
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -42,7 +51,7 @@ fn services(backends: &[Ipv4Addr]) -> String {
         format!("\n{eps}")
     };
     format!(
-        r#"
+        r"
 apiVersion: v1
 kind: Service
 metadata: {{name: web}}
@@ -61,7 +70,7 @@ ports:
 - {{name: http, port: 8080, protocol: TCP}}
 - {{name: dns, port: 5353, protocol: UDP}}
 endpoints: {eps}
-"#
+"
     )
 }
 
@@ -158,7 +167,7 @@ fn reject(h: &Harness, frame: &[u8]) -> (u32, Vec<u8>) {
     let (verdict, out) = h.run(frame).expect("xdp run");
     assert_eq!(verdict, XDP_PASS, "XDP passes it on");
     assert_eq!(out, frame, "XDP leaves it untouched");
-    h.run_tc(frame).expect("tc run")
+    h.run_reject(frame).expect("tc run")
 }
 
 #[test]
@@ -200,7 +209,7 @@ fn no_endpoints_tcp_gets_rst() {
     // TC passes everything that is not for a frontend without backends.
     h.program(&services(&[POD1])).expect("program");
     let frame = syn.build();
-    assert_eq!(h.run_tc(&frame).expect("tc run"), (TC_NEXT, frame));
+    assert_eq!(h.run_reject(&frame).expect("tc run"), (TC_NEXT, frame));
 }
 
 #[test]
@@ -497,8 +506,7 @@ fn stat(h: &Harness, name: &str) -> u64 {
         .expect("LB_STATS")
         .into_iter()
         .find(|(n, _)| *n == name)
-        .map(|(_, v)| v)
-        .unwrap_or_else(|| panic!("no counter {name}"))
+        .map_or_else(|| panic!("no counter {name}"), |(_, v)| v)
 }
 
 #[test]
@@ -554,7 +562,7 @@ fn a_new_connection_on_a_closed_flows_tuple_is_a_new_flow() {
     }
     assert_eq!(
         stat(&h, "dnat_new") - new_before,
-        2 * FLOWS as u64,
+        2 * u64::from(FLOWS),
         "each reopened tuple counts as a new flow"
     );
     // Uniform choice among 4: 3/4 of the reopened flows move (mean 150, sd 6).
@@ -592,7 +600,7 @@ fn flows_are_stamped_with_the_monotonic_clock_through_jiffies() {
         clock.ns_per_tick
     );
     let conntrack: AyaHashMap<MapData, CtKeyV4, CtEntryV4> = AyaHashMap::try_from(Map::LruHashMap(
-        MapData::from_pin(h.pin.path().join(map_names::CONNTRACK_V4)).expect("pinned"),
+        MapData::from_pin(h.pin.path().join(map_names::LB4_CONNTRACK)).expect("pinned"),
     ))
     .expect("LB4_CONNTRACK");
     // A new flow's forward entry: when the datapath says it was seen, against CLOCK_MONOTONIC.
@@ -617,7 +625,7 @@ fn flows_are_stamped_with_the_monotonic_clock_through_jiffies() {
     assert!(near(off), "stamped {off} ns from CLOCK_MONOTONIC");
     // The stamp is jiffies through LB_CLOCK: an hour more offset, an hour later stamps.
     let mut map: Array<MapData, Clock> = Array::try_from(Map::Array(
-        MapData::from_pin(h.pin.path().join(map_names::CLOCK)).expect("pinned"),
+        MapData::from_pin(h.pin.path().join(map_names::LB_CLOCK)).expect("pinned"),
     ))
     .expect("LB_CLOCK");
     const HOUR: u64 = 3_600_000_000_000;
@@ -693,7 +701,7 @@ fn session_affinity_sticks_per_client_until_the_timeout() {
 
     // After the timeout (1 s without a new connection), choices are made afresh: for 20
     // clients over 4 backends, all keeping theirs has a chance of 4^-20.
-    std::thread::sleep(std::time::Duration::from_millis(1300));
+    std::thread::sleep(Duration::from_millis(1300));
     let again: Vec<Ipv4Addr> = clients
         .iter()
         .map(|c| dst_of(&h, &Frame::tcp((*c, 30000), (VIP, 80), SYN)))
@@ -750,10 +758,13 @@ fn udp_rewrites_keep_the_frame_otherwise_identical() {
 
 #[test]
 fn pins_of_another_map_layout_are_refused_before_anything_is_loaded() {
-    lb_tests::require_root();
-    let pin = lb_tests::PinDir::new("layout");
+    lb_testkit::require_root();
+    let pin = lb_testkit::PinDir::new("layout");
     std::fs::create_dir_all(pin.path().join("layout-lb-maps-v0")).expect("mark");
-    let err = match lb_userspace::bpf::Datapath::load(pin.path(), Default::default()) {
+    let err = match lb_userspace::datapath::Datapath::load(
+        pin.path(),
+        lb_userspace::datapath::MapSizes::default(),
+    ) {
         Ok(_) => panic!("an old layout was taken over"),
         Err(e) => format!("{e:#}"),
     };
@@ -808,7 +819,7 @@ fn the_external_tc_program_translates_like_xdp() {
     let mut h = harness();
     h.program(&services(&[POD1])).expect("program");
     let check = |input: &Frame, expected: &Frame| {
-        assert_tc_rewritten(h.run_ext(&input.build()).expect("test run"), expected)
+        assert_tc_rewritten(h.run_ext(&input.build()).expect("test run"), expected);
     };
     let syn = Frame::tcp((CLIENT, 40000), (NODE_IP, 30080), SYN);
     check(
@@ -862,7 +873,7 @@ fn the_pod_program_translates_like_xdp() {
     let mut h = harness();
     h.program(&services(&[POD1])).expect("program");
     let check = |input: &Frame, expected: &Frame| {
-        assert_tc_rewritten(h.run_pod(&input.build()).expect("test run"), expected)
+        assert_tc_rewritten(h.run_pod(&input.build()).expect("test run"), expected);
     };
     let syn = Frame::tcp((POD2, 40000), (VIP, 80), SYN);
     check(

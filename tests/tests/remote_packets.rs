@@ -3,6 +3,14 @@
 //! stable when a backend goes), loadBalancerSourceRanges, and the conntrack sweep that frees
 //! SNAT ports. The real BPF object, programmed through the agent's control plane, run with
 //! BPF_PROG_TEST_RUN. Needs root.
+// Harness code: a lab that cannot be built panics with a message, arguments are passed as
+// the call sites read best, and floats are compared exactly where they were parsed.
+#![allow(
+    clippy::needless_pass_by_value,
+    clippy::missing_panics_doc,
+    clippy::float_cmp,
+    clippy::unused_self
+)]
 
 use std::{
     collections::{BTreeSet, HashMap as StdHashMap},
@@ -12,11 +20,12 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{CtEntryV4, CtKeyV4};
-use lb_tests::{
-    packet::{parse, verify_checksums, Frame, ACK, FIN, SYN},
+use lb_control::translate::NodeInfo;
+use lb_testkit::{
+    frame::{parse, verify_checksums, Frame, ACK, FIN, SYN},
     Harness, SNAT_PORTS, XDP_DROP, XDP_PASS,
 };
-use lb_userspace::{conntrack, translate::NodeInfo};
+use lb_userspace::datapath::conntrack;
 
 const NODE_A: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
 const NODE_B: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 3);
@@ -57,7 +66,7 @@ fn lb_service(backends: &[usize], ranges: &[&str]) -> String {
         format!("  loadBalancerSourceRanges: [{}]\n", ranges.join(", "))
     };
     format!(
-        r#"
+        r"
 apiVersion: v1
 kind: Service
 metadata: {{name: web}}
@@ -77,7 +86,7 @@ addressType: IPv4
 ports:
 - {{name: http, port: 8080, protocol: TCP}}
 endpoints:
-{eps}"#
+{eps}"
     )
 }
 

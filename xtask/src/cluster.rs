@@ -1,13 +1,19 @@
-//! `cargo xtask lab up` and `lab down`: the kind-like cluster of `lb_tests::cluster`, left
+//! `cargo xtask lab up` and `lab down`: the kind-like cluster of `lb_testkit::cluster`, left
 //! running for people (and benchmarks) to use, and removed again.
 
 use std::{net::SocketAddrV4, path::Path, time::Duration};
 
 use anyhow::{bail, Result};
-use lb_tests::{
+use lb_testkit::{
     cluster::{
-        node_ip, pod_cidr, services::*, Cluster, ClusterConfig, ClusterState, Origin, Proto,
-        CLIENT_IP, DENIED_CLIENT_IP, VIP_RANGE,
+        node_ip, pod_cidr,
+        services::{
+            on_node, on_node_tcp, on_node_udp, EXTERNAL, EXTERNAL_IP, LB_IP, LB_NODEPORT_TCP,
+            LB_NODEPORT_UDP, LOCAL_LB_IP, LOCAL_NODEPORT_TCP, LOCAL_NODEPORT_UDP, SELF, WEB,
+            WEB_NODEPORT, WEB_NODEPORT_TCP, WEB_NODEPORT_UDP,
+        },
+        Cluster, ClusterConfig, ClusterState, Origin, Proto, CLIENT_IP, DENIED_CLIENT_IP,
+        VIP_RANGE,
     },
     netns::bin_dir,
 };
@@ -41,12 +47,11 @@ pub fn up(nodes: usize, pods: usize) -> Result<()> {
 }
 
 pub fn down() -> Result<()> {
-    let state = match ClusterState::load(Path::new(STATE_FILE))? {
-        Some(s) => s,
-        None => {
-            println!("No state in {STATE_FILE}; removing whatever is named {TAG}-*.");
-            ClusterState::by_tag(TAG)?
-        }
+    let state = if let Some(s) = ClusterState::load(Path::new(STATE_FILE))? {
+        s
+    } else {
+        println!("No state in {STATE_FILE}; removing whatever is named {TAG}-*.");
+        ClusterState::by_tag(TAG)?
     };
     let problems = state.teardown();
     if !problems.is_empty() {

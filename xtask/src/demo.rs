@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use lb_tests::lab::{tutorial_manifests, Lab, LabPod, NODE_IP};
+use lb_testkit::lab::{tutorial_manifests, Lab, LabPod, NODE_IP};
 
 /// Pod names and addresses as the lab gives them, without creating anything.
 pub fn sample_pods(n: usize) -> Vec<LabPod> {
@@ -77,7 +77,7 @@ pub fn run(pods: usize, requests: usize) -> Result<()> {
         Ok(lab
             .curl_many(ns, url, requests)?
             .into_iter()
-            .map(|r| r.map_err(|_| "failed".to_string()))
+            .map(|r| r.map_err(|()| "failed".to_string()))
             .collect())
     };
     let udp = |lab: &Lab, ns: &str, to: SocketAddr| -> Vec<Result<String, String>> {

@@ -1,4 +1,13 @@
-//! The developer workflow: `cargo xtask build-ebpf | build-and-load | lab | test`.
+//! The developer workflow: `cargo xtask build-ebpf | build-and-load | lab | test | clippy |
+//! bench`.
+// Harness code: a lab that cannot be built panics with a message, arguments are passed as
+// the call sites read best, and floats are compared exactly where they were parsed.
+#![allow(
+    clippy::needless_pass_by_value,
+    clippy::missing_panics_doc,
+    clippy::float_cmp,
+    clippy::unused_self
+)]
 
 mod bench;
 mod cluster;
@@ -66,8 +75,12 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         requests: usize,
     },
-    /// Build everything and run every test (the README's test command; needs root).
+    /// Build everything and run every test, the privileged ones included (the README's test
+    /// command; needs root).
     Test,
+    /// Clippy on every crate, warnings denied: the host crates with all their targets, and
+    /// lb-ebpf for the BPF target with the BPF toolchain.
+    Clippy,
     /// Compare lb-agent with kube-proxy's iptables and nftables modes and with no service
     /// translation, on the lab: programming time, new connections, requests, throughput,
     /// memory; plus lb-agent's endpoint-change latency and per-packet cost (needs root).
@@ -135,8 +148,17 @@ fn cargo(args: &[&str]) -> Result<()> {
 /// `test result:` lines end with doc-test binaries that have no tests.
 fn test() -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // The whole workspace: the privileged tests crate is not a default member, and the
+    // privileged unit tests elsewhere are ignored by a plain `cargo test`.
     let mut child = Command::new(&cargo)
-        .arg("test")
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "lb-ebpf",
+            "--",
+            "--include-ignored",
+        ])
         .current_dir(workspace())
         .stdout(Stdio::piped())
         .spawn()
@@ -183,17 +205,16 @@ fn main() -> Result<()> {
             pin_path,
         } => {
             cargo(&["build", "--release", "--bin", "lb-agent"])?;
-            let dir = match manifests {
-                Some(d) => d,
-                None => {
-                    let d = std::env::temp_dir().join("lb-build-and-load");
-                    std::fs::create_dir_all(&d)?;
-                    let pods = demo::sample_pods(4);
-                    for (name, text) in lb_tests::lab::tutorial_manifests(&pods) {
-                        std::fs::write(d.join(name), text)?;
-                    }
-                    d
+            let dir = if let Some(d) = manifests {
+                d
+            } else {
+                let d = std::env::temp_dir().join("lb-build-and-load");
+                std::fs::create_dir_all(&d)?;
+                let pods = demo::sample_pods(4);
+                for (name, text) in lb_testkit::lab::tutorial_manifests(&pods) {
+                    std::fs::write(d.join(name), text)?;
                 }
+                d
             };
             let agent = workspace().join("target/release/lb-agent");
             let status = Command::new(agent)
@@ -306,6 +327,19 @@ fn main() -> Result<()> {
         Cmd::Test => {
             cargo(&["build", "--bins"])?;
             test()
+        }
+        Cmd::Clippy => {
+            cargo(&[
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "lb-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])?;
+            ebpf_build::clippy_ebpf(&workspace()).map_err(anyhow::Error::msg)
         }
     }
 }

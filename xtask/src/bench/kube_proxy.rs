@@ -475,7 +475,7 @@ mod tests {
             static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
             let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let name = format!("lbkp{}x{n}", std::process::id());
-            lb_tests::lab::run(&["ip", "netns", "add", &name]).expect("ip netns add");
+            lb_testkit::lab::run(&["ip", "netns", "add", &name]).expect("ip netns add");
             Netns(name)
         }
 
@@ -505,15 +505,16 @@ mod tests {
 
     impl Drop for Netns {
         fn drop(&mut self) {
-            let _ = lb_tests::lab::run(&["ip", "netns", "del", &self.0]);
+            let _ = lb_testkit::lab::run(&["ip", "netns", "del", &self.0]);
         }
     }
 
     /// A few Services (NodePorts among them): the iptables ruleset passes
     /// `iptables-restore --test` and then really loads, with every chain and rule there.
     #[test]
+    #[ignore = "privileged (root, network namespaces): `cargo xtask test` runs it"]
     fn iptables_ruleset_loads() {
-        lb_tests::require_root();
+        lb_testkit::require_root();
         let s = generate(12, 8080, |i, e| {
             Ipv4Addr::new(10, 244, i as u8, 10 + e as u8)
         });
@@ -565,8 +566,9 @@ mod tests {
 
     /// The same for nftables: `nft -c -f` accepts the ruleset and `nft -f` loads it.
     #[test]
+    #[ignore = "privileged (root, network namespaces): `cargo xtask test` runs it"]
     fn nft_ruleset_loads() {
-        lb_tests::require_root();
+        lb_testkit::require_root();
         let s = generate(12, 8080, |i, e| {
             Ipv4Addr::new(10, 244, i as u8, 10 + e as u8)
         });
@@ -599,22 +601,23 @@ mod tests {
     /// the ClusterIP and from outside to the NodePort get answers from the Service's pods,
     /// the pod's address kept for the first, masqueraded to the node for the second.
     #[test]
+    #[ignore = "privileged (root, network namespaces): `cargo xtask test` runs it"]
     fn rulesets_translate_on_the_lab() {
-        lb_tests::require_root();
+        lb_testkit::require_root();
         let _turn = crate::bench::lab_turn();
         for iptables in [true, false] {
             let b = crate::bench::lab::BenchLab::up().expect("lab");
             let set = crate::bench::lab::service_set(30, &b.endpoints(4));
             if iptables {
                 let (synced, _) = b
-                    .load_iptables(&set, std::time::Duration::from_secs(60))
+                    .load_iptables(&set, std::time::Duration::from_mins(1))
                     .expect("iptables-restore");
                 assert!(
                     synced.is_some(),
                     "iptables-restore --noflush took over a minute"
                 );
             } else {
-                b.load_nft(&set, std::time::Duration::from_secs(60))
+                b.load_nft(&set, std::time::Duration::from_mins(1))
                     .expect("nft -f");
             }
             let t = b
@@ -625,10 +628,10 @@ mod tests {
             let mut seen = std::collections::BTreeSet::new();
             for (ns, to, peer) in [
                 (&client.ns, t.http_inside, client.ip),
-                (&outside, t.http_outside, lb_tests::lab::POD_GATEWAY),
+                (&outside, t.http_outside, lb_testkit::lab::POD_GATEWAY),
             ] {
                 for _ in 0..12 {
-                    let body = lb_tests::lab::curl(ns, &format!("http://{to}/"))
+                    let body = lb_testkit::lab::curl(ns, &format!("http://{to}/"))
                         .unwrap_or_else(|e| panic!("iptables={iptables}: {to}: {e:#}"));
                     let mut words = body.split_whitespace();
                     let pod = words.next().unwrap_or("").to_string();

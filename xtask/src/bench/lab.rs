@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use lb_tests::lab::{self, Lab, LabPod, NODE_IP};
+use lb_testkit::lab::{self, Lab, LabPod, NODE_IP};
 
 use super::{
     kube_proxy::{self, Node},
@@ -281,7 +281,7 @@ impl BenchLab {
                 "iptables-rules",
                 &rules,
                 &["iptables-restore"],
-                Duration::from_secs(600),
+                Duration::from_mins(10),
             )?;
             plain.context("plain iptables-restore did not finish in 10 minutes")?;
         }
@@ -289,7 +289,7 @@ impl BenchLab {
             "iptables-jumps",
             &kube_proxy::iptables_jumps(),
             &noflush,
-            Duration::from_secs(60),
+            Duration::from_mins(1),
         )?
         .context("loading the jumps did not finish in a minute")?;
         Ok((synced, plain))
@@ -320,7 +320,7 @@ impl BenchLab {
         self.lab.fast_sweep = false;
         let started = Instant::now();
         self.lab.start_agent()?;
-        self.lab.wait_healthy(Duration::from_secs(120))?;
+        self.lab.wait_healthy(Duration::from_mins(2))?;
         let ready = started.elapsed();
         let pid = self.lab.agent_pid().context("lb-agent is not running")?;
         let status = fs::read_to_string(format!("/proc/{pid}/status"))

@@ -20,15 +20,15 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
     EbpfLoader,
 };
-use lb_tests::PinDir;
-use lb_userspace::{
-    bpf::{Datapath, MapSizes, PinnedMaps, EBPF_OBJECT},
-    manifests::{Objects, ServiceIndex},
-    packet::{Frame, ACK, SYN},
+use lb_control::{
+    incremental::Engine,
     reconcile::Reconciler,
-    sync::Engine,
-    translate::{service_key_of_service, NodeInfo, ServiceKey},
+    source::{Objects, ServiceIndex, ServiceKey},
+    translate::NodeInfo,
 };
+use lb_testkit::frame::{Frame, ACK, SYN};
+use lb_testkit::PinDir;
+use lb_userspace::datapath::{loader::EBPF_OBJECT, Datapath, MapSizes, PinnedMaps};
 use serde_json::{json, Value};
 
 use super::{
@@ -43,7 +43,7 @@ fn endpoint_ip(i: usize, e: usize) -> Ipv4Addr {
 
 /// `n` Services with 4 endpoints each, every endpoint its own address; in odd generations
 /// endpoint 0 of the last Service has another address (the endpoint change).
-fn objects_at(n: usize, generation: usize) -> Result<lb_userspace::manifests::Objects> {
+fn objects_at(n: usize, generation: usize) -> Result<Objects> {
     let mut set = generate(n, 8080, endpoint_ip);
     set.insert(0, loop_service());
     if generation % 2 == 1 {
@@ -129,7 +129,7 @@ fn sizes_for(n: usize) -> MapSizes {
 /// The in-process measurements for `n` Services, as a results.json row.
 pub fn measure(n: usize, changes: usize, packets: usize) -> Result<Value> {
     let node = NodeInfo {
-        name: lb_tests::lab::NODE_NAME.into(),
+        name: lb_testkit::lab::NODE_NAME.into(),
         addresses: vec![Ipv4Addr::new(198, 18, 0, 2)],
         zone: None,
     };
@@ -159,7 +159,7 @@ pub fn measure(n: usize, changes: usize, packets: usize) -> Result<Value> {
     let changed: std::collections::BTreeSet<ServiceKey> = variants[0]
         .services
         .last()
-        .map(service_key_of_service)
+        .map(ServiceKey::of_service)
         .into_iter()
         .collect();
     for k in 0..changes {
@@ -195,7 +195,7 @@ pub fn measure(n: usize, changes: usize, packets: usize) -> Result<Value> {
         .default_map_pin_directory(pin.path())
         .load(EBPF_OBJECT)?;
     let pass: &mut Xdp = ebpf
-        .program_mut("lb_xdp_pass")
+        .program_mut(lb_common::program_names::LB_XDP_PASS)
         .context("lb_xdp_pass missing")?
         .try_into()?;
     pass.load()?;

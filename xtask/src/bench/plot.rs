@@ -49,7 +49,7 @@ fn series(rows: &[Value], dp: Datapath, path: &[&str]) -> Vec<(f64, f64)> {
 }
 
 fn panel(
-    area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
     rows: &[Value],
     title: &str,
     // The axes' descriptions: x, y.

@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::Result;
-use lb_userspace::manifests::Objects;
+use lb_control::source::Objects;
 use serde_json::{json, Value};
 
 pub const NAMESPACE: &str = "bench";
@@ -72,7 +72,7 @@ pub fn documents(s: &Svc) -> [Value; 2] {
     let eps: Vec<Value> = s
         .endpoints
         .iter()
-        .map(|ip| json!({"addresses": [ip.to_string()], "conditions": {"ready": true}, "nodeName": lb_tests::lab::NODE_NAME}))
+        .map(|ip| json!({"addresses": [ip.to_string()], "conditions": {"ready": true}, "nodeName": lb_testkit::lab::NODE_NAME}))
         .collect();
     [
         json!({

@@ -134,7 +134,7 @@ pub struct WrkRun<'a> {
 }
 
 /// Runs wrk in namespace `ns` against `http://to/`.
-pub fn wrk(r: &WrkRun) -> Result<Wrk> {
+pub fn wrk(r: &WrkRun<'_>) -> Result<Wrk> {
     let secs = r.duration.as_secs().max(1).to_string();
     let (t, c) = (r.threads.to_string(), r.connections.to_string());
     let url = format!("http://{}/", r.to);
@@ -158,7 +158,7 @@ pub fn wrk(r: &WrkRun) -> Result<Wrk> {
         args.extend(["-H", "Connection: close"]);
     }
     args.push(&url);
-    let out = lb_tests::lab::run(&args)?;
+    let out = lb_testkit::lab::run(&args)?;
     parse_wrk(&out).with_context(|| format!("wrk against {url}"))
 }
 

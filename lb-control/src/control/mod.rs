@@ -1,0 +1,7 @@
+//! Kubernetes objects → the desired datapath state of one node.
+
+pub mod hash;
+pub mod incremental;
+pub mod maglev;
+pub mod model;
+pub mod translate;

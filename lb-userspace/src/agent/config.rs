@@ -1,0 +1,68 @@
+//! What `lb-agent run` is told, and the checks it makes before touching anything.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{bail, Result};
+
+use crate::datapath::{conntrack::Timeouts, ExtAttach, MapSizes};
+
+/// The agent's configuration (`lb-agent run`'s flags).
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub manifests: Option<PathBuf>,
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: String,
+    pub ext_ifaces: Vec<String>,
+    /// How external interfaces are attached (XDP or TC).
+    pub ext_attach: ExtAttach,
+    pub pod_iface_prefix: String,
+    pub cgroup: Option<PathBuf>,
+    pub pin_path: PathBuf,
+    pub metrics_addr: SocketAddr,
+    pub healthz_addr: SocketAddr,
+    /// Sizes of the maps when they are first created.
+    pub map_sizes: MapSizes,
+    /// Report one new flow in N to `lb-agent flows` (0: none).
+    pub flow_sample: u32,
+    /// The source address of SNATed flows; default: the first IPv4 address of the first
+    /// `--ext-iface`.
+    pub node_ip: Option<Ipv4Addr>,
+    /// Source ports for SNAT (first, last).
+    pub snat_ports: (u16, u16),
+    /// Entries of one Maglev table (a prime).
+    pub maglev_size: u32,
+    /// Conntrack garbage collection: how often, and the timeouts.
+    pub ct_gc_interval: Duration,
+    pub ct_timeouts: Timeouts,
+}
+
+impl RunConfig {
+    /// Refuses values the datapath cannot work with, before anything is loaded.
+    pub fn check(&self) -> Result<()> {
+        let cfg = self;
+        if !lb_control::maglev::is_prime(cfg.maglev_size) {
+            bail!("--maglev-table-size {}: must be a prime", cfg.maglev_size);
+        }
+        for (flag, n) in [
+            ("--max-services", cfg.map_sizes.services),
+            ("--max-backends", cfg.map_sizes.backends),
+            ("--max-backend-slots", cfg.map_sizes.slots),
+        ] {
+            if n < 2 {
+                bail!("{flag} {n}: must be at least 2");
+            }
+        }
+        if cfg.snat_ports.0 == 0 || cfg.snat_ports.0 > cfg.snat_ports.1 {
+            bail!(
+                "--snat-ports {}-{}: must be FIRST-LAST with 0 < FIRST <= LAST",
+                cfg.snat_ports.0,
+                cfg.snat_ports.1
+            );
+        }
+        Ok(())
+    }
+}

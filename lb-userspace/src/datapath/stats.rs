@@ -1,0 +1,65 @@
+//! The datapath's counters, read from the pinned per-CPU maps and summed over CPUs.
+
+use std::path::Path;
+
+use super::error::Result;
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use lb_common::{map_names, stat, BackendStats, BackendV4, ServiceStats};
+use lb_control::model::Proto;
+
+use super::pins::open_map;
+
+/// Every backend's counters, summed over CPUs: (backend address, counters).
+pub fn read_backend_stats(pin: &Path) -> Result<Vec<(String, BackendStats)>> {
+    let backends: HashMap<MapData, u32, BackendV4> =
+        HashMap::try_from(Map::HashMap(open_map(pin, map_names::LB4_BACKENDS)?))?;
+    let counters: PerCpuArray<MapData, BackendStats> =
+        PerCpuArray::try_from(Map::PerCpuArray(open_map(pin, map_names::LB_BE_STATS)?))?;
+    let mut out = Vec::new();
+    for entry in &backends {
+        let (id, b) = entry?;
+        let values = counters.get(&id, 0)?;
+        let mut sum = BackendStats::default();
+        for v in values.iter() {
+            sum.packets += v.packets;
+            sum.bytes += v.bytes;
+        }
+        let addr = std::net::Ipv4Addr::from(b.addr.to_ne_bytes());
+        let proto =
+            Proto::from_number(b.proto).map_or_else(|| b.proto.to_string(), |p| p.to_string());
+        out.push((format!("{addr}:{}/{proto}", u16::from_be(b.port)), sum));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// The global datapath counters, summed over CPUs, by name.
+pub fn read_stats(pin: &Path) -> Result<Vec<(&'static str, u64)>> {
+    let map: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(open_map(pin, map_names::LB_STATS)?))?;
+    let mut out = Vec::new();
+    for (i, name) in stat::NAMES.iter().enumerate() {
+        let values = map.get(&(i as u32), 0)?;
+        out.push((*name, values.iter().sum()));
+    }
+    Ok(out)
+}
+
+/// One service id's counters, summed over CPUs.
+pub fn read_service_stats(pin: &Path, ids: &[u32]) -> Result<Vec<(u32, ServiceStats)>> {
+    let map: PerCpuArray<MapData, ServiceStats> =
+        PerCpuArray::try_from(Map::PerCpuArray(open_map(pin, map_names::LB_SVC_STATS)?))?;
+    let mut out = Vec::new();
+    for &id in ids {
+        let values = map.get(&id, 0)?;
+        let mut sum = ServiceStats::default();
+        for v in values.iter() {
+            sum.packets += v.packets;
+            sum.bytes += v.bytes;
+            sum.new_flows += v.new_flows;
+            sum.rejected += v.rejected;
+        }
+        out.push((id, sum));
+    }
+    Ok(out)
+}

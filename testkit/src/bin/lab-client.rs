@@ -1,0 +1,158 @@
+//! A lab client that reports what the socket saw: for TCP the address `getpeername()` gives
+//! for the connected socket and the first line of an HTTP answer, for UDP the source address
+//! `recvfrom()` gives for the reply and the reply. With the servers of `lab-server` the reply
+//! names the backend pod and the client address it saw, so one line tells where a request
+//! went, with which source address, and what the client believes it talked to.
+//!
+//! Usage: lab-client tcp|udp ADDR:PORT [--bind IP] [--timeout-ms N]
+//!
+//! Prints `peer=ADDR:PORT reply=LINE` and exits 0; on failure prints the reason to stderr and
+//! exits 3 (timed out), 4 (refused), 5 (unreachable) or 1 (anything else); 2 on bad usage.
+// Harness code: a lab that cannot be built panics with a message, arguments are passed as
+// the call sites read best, and floats are compared exactly where they were parsed.
+#![allow(
+    clippy::needless_pass_by_value,
+    clippy::missing_panics_doc,
+    clippy::float_cmp,
+    clippy::unused_self
+)]
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    os::fd::FromRawFd,
+    process::exit,
+    time::Duration,
+};
+
+const USAGE: &str = "usage: lab-client tcp|udp ADDR:PORT [--bind IP] [--timeout-ms N]";
+
+fn fail(what: &str, e: std::io::Error) -> ! {
+    eprintln!("lab-client: {what}: {e}");
+    let code = match e.kind() {
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => 3,
+        ErrorKind::ConnectionRefused => 4,
+        ErrorKind::NetworkUnreachable | ErrorKind::HostUnreachable => 5,
+        // A blocking connect(2) that runs out of SO_SNDTIMEO says EINPROGRESS.
+        _ if e.raw_os_error() == Some(libc::EINPROGRESS) => 3,
+        _ => 1,
+    };
+    exit(code)
+}
+
+fn check(r: libc::c_int) -> std::io::Result<()> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// A TCP connection to `to` from `bind` (any address when unspecified), given up after
+/// `timeout`. std cannot bind a socket before connecting it, hence the system calls.
+fn tcp_connect(to: SocketAddrV4, bind: Ipv4Addr, timeout: Duration) -> std::io::Result<TcpStream> {
+    // SAFETY: plain socket calls on a descriptor this function owns; on success the
+    // descriptor is handed to TcpStream, which closes it; on failure it is closed here.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        check(fd)?;
+        let stream = TcpStream::from_raw_fd(fd);
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+        };
+        check(libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        ))?;
+        let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        if !bind.is_unspecified() {
+            let local = sockaddr(SocketAddrV4::new(bind, 0));
+            check(libc::bind(fd, (&raw const local).cast(), len))?;
+        }
+        let remote = sockaddr(to);
+        check(libc::connect(fd, (&raw const remote).cast(), len))?;
+        Ok(stream)
+    }
+}
+
+/// One HTTP request on a new connection: (getpeername, first line of the body).
+fn tcp(to: SocketAddrV4, bind: Ipv4Addr, timeout: Duration) -> (SocketAddr, String) {
+    let mut s = tcp_connect(to, bind, timeout).unwrap_or_else(|e| fail("connect", e));
+    let peer = s.peer_addr().unwrap_or_else(|e| fail("getpeername", e));
+    s.set_read_timeout(Some(timeout))
+        .unwrap_or_else(|e| fail("timeout", e));
+    s.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
+        .unwrap_or_else(|e| fail("send", e));
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)
+        .unwrap_or_else(|e| fail("receive", e));
+    let resp = String::from_utf8_lossy(&resp);
+    let Some((_, body)) = resp.split_once("\r\n\r\n") else {
+        fail(
+            "receive",
+            std::io::Error::other(format!("not HTTP: {resp:?}")),
+        )
+    };
+    (peer, body.lines().next().unwrap_or_default().to_string())
+}
+
+/// One datagram on a connected socket: (recvfrom's source, the reply).
+fn udp(to: SocketAddrV4, bind: Ipv4Addr, timeout: Duration) -> (SocketAddr, String) {
+    let s = UdpSocket::bind((bind, 0)).unwrap_or_else(|e| fail("bind", e));
+    // Connected, as resolvers do: an ICMP port-unreachable then shows as "refused".
+    s.connect(to).unwrap_or_else(|e| fail("connect", e));
+    s.set_read_timeout(Some(timeout))
+        .unwrap_or_else(|e| fail("timeout", e));
+    s.send(b"q").unwrap_or_else(|e| fail("send", e));
+    let mut buf = [0u8; 2048];
+    let (n, from) = s.recv_from(&mut buf).unwrap_or_else(|e| fail("receive", e));
+    let reply = String::from_utf8_lossy(&buf[..n]);
+    (from, reply.lines().next().unwrap_or_default().to_string())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let usage = || -> ! {
+        eprintln!("{USAGE}");
+        exit(2)
+    };
+    let (Some(proto), Some(to)) = (args.first(), args.get(1)) else {
+        usage()
+    };
+    let Ok(to) = to.parse::<SocketAddrV4>() else {
+        usage()
+    };
+    let (mut bind, mut timeout) = (Ipv4Addr::UNSPECIFIED, Duration::from_secs(2));
+    let mut rest = args[2..].iter();
+    while let Some(flag) = rest.next() {
+        let value = rest.next().unwrap_or_else(|| usage());
+        match flag.as_str() {
+            "--bind" => bind = value.parse().unwrap_or_else(|_| usage()),
+            "--timeout-ms" => {
+                timeout = Duration::from_millis(value.parse().unwrap_or_else(|_| usage()));
+            }
+            _ => usage(),
+        }
+    }
+    let (peer, reply) = match proto.as_str() {
+        "tcp" => tcp(to, bind, timeout),
+        "udp" => udp(to, bind, timeout),
+        _ => usage(),
+    };
+    println!("peer={peer} reply={reply}");
+}

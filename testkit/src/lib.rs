@@ -1,0 +1,159 @@
+//! Shared pieces of the privileged tests: packet building, a BPF datapath harness for
+//! BPF_PROG_TEST_RUN, and the network-namespace lab.
+// Harness code: a lab that cannot be built panics with a message, arguments are passed as
+// the call sites read best, and floats are compared exactly where they were parsed.
+#![allow(
+    clippy::needless_pass_by_value,
+    clippy::missing_panics_doc,
+    clippy::float_cmp,
+    clippy::unused_self
+)]
+
+pub mod apiserver;
+pub mod cluster;
+pub mod lab;
+pub mod netns;
+pub use lb_userspace::cli::frame;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{bail, Result};
+use lb_common::{config, DEFAULT_MAGLEV_SIZE};
+use lb_control::{
+    reconcile::Reconciler,
+    source::manifests::parse_file,
+    translate::{translate, NodeInfo},
+};
+use lb_userspace::datapath::{test_run::run_frame, Datapath, MapSizes, PinnedMaps};
+
+/// The agent's default SNAT port range.
+pub const SNAT_PORTS: (u16, u16) = (61000, 65535);
+
+/// Privileged tests need root; say so instead of failing obscurely.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test needs root (BPF, network namespaces): run it as root"
+    );
+}
+
+/// A directory on the bpffs, removed (with every pin in it) when dropped.
+pub struct PinDir(pub PathBuf);
+
+impl PinDir {
+    pub fn new(tag: &str) -> PinDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/lb-test-{tag}-{}-{n}",
+            std::process::id()
+        )))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The real BPF object with its maps programmed through the agent's own control plane.
+pub struct Harness {
+    pub datapath: Datapath,
+    pub reconciler: Reconciler<PinnedMaps>,
+    pub node: NodeInfo,
+    // Last, so the pins go after the handles.
+    pub pin: PinDir,
+}
+
+impl Harness {
+    pub fn new(node: NodeInfo) -> Result<Harness> {
+        require_root();
+        let pin = PinDir::new("pkt");
+        let mut datapath = Datapath::load(
+            pin.path(),
+            MapSizes {
+                conntrack: 65536,
+                ..Default::default()
+            },
+        )?;
+        // As the agent configures it (the reconciler reads the Maglev size).
+        let node_addr = node
+            .addresses
+            .first()
+            .map_or(0, |a| u32::from_ne_bytes(a.octets()));
+        for (index, value) in [
+            (config::SNAT_PORT_MIN, u32::from(SNAT_PORTS.0)),
+            (config::SNAT_PORT_MAX, u32::from(SNAT_PORTS.1)),
+            (config::MAGLEV_SIZE, DEFAULT_MAGLEV_SIZE),
+            (config::NODE_ADDR, node_addr),
+        ] {
+            datapath.set_config(index, value)?;
+        }
+        let reconciler = Reconciler::new(PinnedMaps::open(pin.path())?)?;
+        Ok(Harness {
+            datapath,
+            reconciler,
+            node,
+            pin,
+        })
+    }
+
+    /// Programs the maps from manifests, as `lb-agent run --manifests` would.
+    pub fn program(&mut self, yaml: &str) -> Result<()> {
+        let objects = parse_file(Path::new("fixture.yaml"), yaml)?;
+        let t = translate(&objects, &self.node);
+        if !t.warnings.is_empty() {
+            bail!("translation warnings: {:?}", t.warnings);
+        }
+        self.reconciler.apply(&t.desired)?;
+        Ok(())
+    }
+
+    /// Runs one frame through the XDP program: (XDP verdict, output frame).
+    pub fn run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        run_frame(self.datapath.xdp(), frame, None).map_err(Into::into)
+    }
+
+    /// Runs one frame through the XDP program as if it came in on interface `ifindex`.
+    pub fn run_from(&self, ifindex: u32, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        run_frame(self.datapath.xdp(), frame, Some(ifindex)).map_err(Into::into)
+    }
+
+    /// Runs one frame through the pod interfaces' program (`lb_tc_pod`), as sent by a pod:
+    /// (TC verdict, output frame).
+    pub fn run_pod(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        run_frame(self.datapath.tc_pod(), frame, None).map_err(Into::into)
+    }
+
+    /// Runs one frame through the external interfaces' TC program (`lb_tc_ext`):
+    /// (TC verdict, output frame).
+    pub fn run_ext(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        run_frame(self.datapath.tc_ext(), frame, None).map_err(Into::into)
+    }
+
+    /// Runs one frame through the reject program beside XDP (`lb_tc_reject`):
+    /// (TC verdict, output frame).
+    pub fn run_reject(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        run_frame(self.datapath.reject(), frame, None).map_err(Into::into)
+    }
+}
+
+/// XDP verdicts.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+/// TC verdicts. The datapath passes packets on with `TC_ACT_UNSPEC` (-1, tcx's "next"), so
+/// that later programs on the hook still run.
+pub const TC_NEXT: u32 = u32::MAX;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
