@@ -33,6 +33,7 @@ pub mod map_names {
     pub const LB4_SRC_RANGES: &str = "LB4_SRC_RANGES";
     pub const LB4_SOCK_REV: &str = "LB4_SOCK_REV";
     pub const LB_CLOCK: &str = "LB_CLOCK";
+    pub const LB4_FRAGS: &str = "LB4_FRAGS";
 }
 
 /// Program names, spelled as the programs are in the object file.
@@ -46,6 +47,9 @@ pub mod program_names {
     pub const LB_TC_POD: &str = "lb_tc_pod";
     /// The translation on external interfaces without native XDP (TC ingress).
     pub const LB_TC_EXT: &str = "lb_tc_ext";
+    /// Reverse NAT where packets leave towards a pod or the outside (TC egress of pod and
+    /// external interfaces), whatever link the reply came in by.
+    pub const LB_TC_EGRESS: &str = "lb_tc_egress";
     /// Reads both of the kernel's clocks at once for the agent's calibration of `LB_CLOCK`
     /// (run by BPF_PROG_TEST_RUN, never attached).
     pub const LB_CLOCK: &str = "lb_clock";
@@ -83,6 +87,11 @@ pub const SOURCE_RANGE_ENTRIES: u32 = 16_384;
 pub const SOCK_REVERSE_ENTRIES: u32 = 65_536;
 /// How many ports a new SNAT flow tries before it gives up (dropped, counted).
 pub const SNAT_TRIES: u32 = 32;
+/// Datagrams whose fragments are being translated (`LB4_FRAGS`).
+pub const FRAG_ENTRIES: u32 = 16_384;
+/// How long (ns) a first fragment's ports are used for the later fragments of its datagram
+/// (Linux gives up reassembling after 30 s, `ipfrag_time`).
+pub const FRAG_TIMEOUT_NS: u64 = 30_000_000_000;
 
 /// Source address a hairpin flow (a pod reaching itself through a Service) is translated to,
 /// so that the pod's reply leaves the pod and comes back through the node: 169.254.42.1.
@@ -278,6 +287,31 @@ pub const CT_F_FIN: u16 = 1 << 5;
 pub const CT_F_RST: u16 = 1 << 6;
 
 map_type! {
+    /// `LB4_FRAGS` key: one IPv4 datagram as its fragments arrive (addresses as they carry
+    /// them, network byte order; the IP identification as on the wire).
+    pub struct FragKeyV4 {
+        pub saddr: u32,
+        pub daddr: u32,
+        pub id: u16,
+        pub proto: u8,
+        pub _pad: u8,
+    }
+    size 12;
+}
+
+map_type! {
+    /// `LB4_FRAGS` value: the ports of the datagram (from its first fragment, network byte
+    /// order), which its later fragments do not carry.
+    pub struct FragV4 {
+        pub seen_ns: u64,
+        pub sport: u16,
+        pub dport: u16,
+        pub _pad: u32,
+    }
+    size 16;
+}
+
+map_type! {
     /// `LB4_SRC_RANGES` key data (after the LPM prefix length): a frontend's service id, then
     /// the client address (network byte order). The prefix length is 32 + the CIDR's.
     pub struct SourceRangeV4 {
@@ -439,7 +473,29 @@ pub mod stat {
     pub const SOCK_TRANSLATED: u32 = 20;
     /// Host sockets refused (a frontend without endpoints).
     pub const SOCK_REFUSED: u32 = 21;
-    pub const COUNT: u32 = 22;
+    /// Replies translated where they leave towards a pod or the outside (TC egress).
+    pub const REVERSE_NAT_EGRESS: u32 = 22;
+    /// ICMP errors about a translated flow, translated like the flow (outer and embedded
+    /// headers).
+    pub const ICMP_ERROR_NAT: u32 = 23;
+    /// ICMP errors about no flow of the datapath's: passed untouched.
+    pub const PASS_ICMP_UNRELATED: u32 = 24;
+    /// Later fragments translated with the ports their first fragment carried.
+    pub const FRAGMENT_NAT: u32 = 25;
+    /// Later fragments of a datagram whose first fragment was not seen (or long ago):
+    /// passed untouched.
+    pub const PASS_FRAGMENT_UNKNOWN: u32 = 26;
+    /// A new direct flow (TCP SYN, UDP) that found a Service flow's reply entry on its own
+    /// reply tuple (a client reusing a port): that flow's entries were removed, so the
+    /// direct flow's replies are not rewritten.
+    pub const DIRECT_FLOW_CLAIMED: u32 = 27;
+    /// ICMP fragmentation-needed sent to a client whose packet would not fit the route to
+    /// its (source-NATed) backend.
+    pub const FRAG_NEEDED_SENT: u32 = 28;
+    pub const COUNT: u32 = 29;
+    /// Entries of `LB_STATS`: room for counters added later (a map keeps its size when a
+    /// newer agent takes it over).
+    pub const CAPACITY: u32 = 64;
 
     /// Names in index order, for the agent's output.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -465,5 +521,12 @@ pub mod stat {
         "drop_source_range",
         "sock_translated",
         "sock_refused",
+        "reverse_nat_egress",
+        "icmp_error_nat",
+        "pass_icmp_unrelated",
+        "fragment_nat",
+        "pass_fragment_unknown",
+        "direct_flow_claimed",
+        "frag_needed_sent",
     ];
 }

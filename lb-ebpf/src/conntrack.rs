@@ -5,14 +5,15 @@ use core::mem;
 
 use aya_ebpf::maps::LruHashMap;
 use lb_common::{
-    CtEntryV4, CtKeyV4, BACKEND_F_TERMINATING, CT_F_FIN, CT_F_RST, CT_F_SNAT, CT_REFRESH_NS,
-    IPPROTO_TCP,
+    stat, CtEntryV4, CtKeyV4, BACKEND_F_TERMINATING, CT_F_FIN, CT_F_FORWARD, CT_F_REPLY, CT_F_RST,
+    CT_F_SNAT, CT_REFRESH_NS, IPPROTO_TCP,
 };
 
 use crate::{
     clock::now_ns,
     maps::{LB4_BACKENDS, LB4_CONNTRACK, LB4_SNAT},
     parse::{Tuple, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    telemetry::count,
 };
 
 /// A conntrack key, written as four words: field by field, the compiler zeroes the padding
@@ -123,4 +124,47 @@ pub(crate) fn refresh(entry: &mut CtEntryV4) {
     if now.wrapping_sub(entry.last_seen_ns) > CT_REFRESH_NS {
         entry.last_seen_ns = now;
     }
+}
+
+/// A packet that starts a flow of its own (a TCP SYN, a UDP datagram) to no frontend, whose
+/// reply tuple is the reply entry of a Service flow: the client reuses a port it used for a
+/// Service, now to that Service's backend directly (clients cycle through their ports within
+/// seconds). The replies of the two flows are the same packets; the newer flow owns the tuple,
+/// as in the kernel's conntrack, so the Service flow's entries go and the direct flow's
+/// replies are not rewritten to the frontend. A reply entry only ever translates packets of
+/// the flow that created it.
+#[inline(always)]
+pub(crate) fn claim_direct_flow(pkt: &Tuple, proto: u8, tcp_flags: u8) {
+    if proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return;
+    }
+    let reply_key = conntrack_key(pkt.daddr, pkt.saddr, pkt.dport, pkt.sport, proto);
+    // SAFETY: the value is copied out at once.
+    let Some(reply) = (unsafe { LB4_CONNTRACK.get(&reply_key) }).copied() else {
+        return;
+    };
+    if reply.flags & CT_F_REPLY == 0 {
+        return;
+    }
+    // The Service flow's forward entry, if it still leads to this tuple.
+    let forward_key = conntrack_key(
+        reply.nat_daddr,
+        reply.nat_saddr,
+        reply.nat_dport,
+        reply.nat_sport,
+        proto,
+    );
+    // SAFETY: as above.
+    let ours = unsafe { LB4_CONNTRACK.get(&forward_key) }.is_some_and(|f| {
+        f.flags & CT_F_FORWARD != 0
+            && f.nat_saddr == pkt.saddr
+            && f.nat_daddr == pkt.daddr
+            && f.nat_sport == pkt.sport
+            && f.nat_dport == pkt.dport
+    });
+    if ours {
+        let _ = LB4_CONNTRACK.remove(&forward_key);
+    }
+    let _ = LB4_CONNTRACK.remove(&reply_key);
+    count(stat::DIRECT_FLOW_CLAIMED);
 }

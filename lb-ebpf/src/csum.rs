@@ -13,17 +13,23 @@ use crate::parse::{
 
 impl Headers {
     /// Rewrites addresses and ports from `from` to `to`, updating the IPv4 and L4 checksums
-    /// incrementally (RFC 1624).
+    /// incrementally (RFC 1624). A later fragment carries no L4 header: only its addresses
+    /// change (the first fragment's L4 checksum covers the whole datagram).
     #[inline(always)]
     pub(crate) fn rewrite(&self, from: &Tuple, to: &Tuple) {
         let addr_diff = csum_diff32(from.saddr, to.saddr) + csum_diff32(from.daddr, to.daddr);
         let l4_diff =
             addr_diff + csum_diff16(from.sport, to.sport) + csum_diff16(from.dport, to.dport);
-        // SAFETY: all three pointers were bounds-checked when `Headers` was built, and
-        // nothing has resized the packet since.
+        // SAFETY: all three pointers were bounds-checked when `Headers` was built (the L4
+        // ones only when `l4`), and nothing has resized the packet since.
         unsafe {
             let ip_csum = u16::from_ne_bytes((*self.ip).check);
             (*self.ip).check = csum_apply(ip_csum, addr_diff).to_ne_bytes();
+            (*self.ip).src_addr = to.saddr.to_ne_bytes();
+            (*self.ip).dst_addr = to.daddr.to_ne_bytes();
+            if !self.l4 {
+                return;
+            }
             let l4_csum = u16::from_ne_bytes(*self.csum);
             // A UDP checksum of zero means "none": leave it so.
             if !(self.udp && l4_csum == 0) {
@@ -33,8 +39,6 @@ impl Headers {
                 }
                 *self.csum = c.to_ne_bytes();
             }
-            (*self.ip).src_addr = to.saddr.to_ne_bytes();
-            (*self.ip).dst_addr = to.daddr.to_ne_bytes();
             (*self.ports).src = to.sport.to_ne_bytes();
             (*self.ports).dst = to.dport.to_ne_bytes();
         }
@@ -59,10 +63,15 @@ pub(crate) fn skb_rewrite(ctx: &TcContext, hdr: &Headers, from: &Tuple, to: &Tup
     for (old, new, off) in addrs {
         if old != new {
             let _ = ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 4);
-            let flags = u64::from(BPF_F_PSEUDO_HDR) | mangled | 4;
-            let _ = ctx.l4_csum_replace(csum, u64::from(old), u64::from(new), flags);
+            if hdr.l4 {
+                let flags = u64::from(BPF_F_PSEUDO_HDR) | mangled | 4;
+                let _ = ctx.l4_csum_replace(csum, u64::from(old), u64::from(new), flags);
+            }
             let _ = ctx.store(off, &new, 0);
         }
+    }
+    if !hdr.l4 {
+        return;
     }
     let ports = [
         (from.sport, to.sport, L4_OFF),
@@ -78,7 +87,7 @@ pub(crate) fn skb_rewrite(ctx: &TcContext, hdr: &Headers, from: &Tuple, to: &Tup
 
 /// One's complement of `old` plus `new`, as 16-bit words (RFC 1624 eqn. 3 terms).
 #[inline(always)]
-fn csum_diff32(old: u32, new: u32) -> u64 {
+pub(crate) fn csum_diff32(old: u32, new: u32) -> u64 {
     u64::from(!(old as u16))
         + u64::from(!((old >> 16) as u16))
         + u64::from(new & 0xffff)
@@ -86,7 +95,7 @@ fn csum_diff32(old: u32, new: u32) -> u64 {
 }
 
 #[inline(always)]
-fn csum_diff16(old: u16, new: u16) -> u64 {
+pub(crate) fn csum_diff16(old: u16, new: u16) -> u64 {
     u64::from(!old) + u64::from(new)
 }
 
@@ -100,7 +109,7 @@ pub(crate) fn csum_fold(mut sum: u64) -> u16 {
 
 /// HC' = ~(~HC + ~m + m')
 #[inline(always)]
-fn csum_apply(check: u16, diff: u64) -> u16 {
+pub(crate) fn csum_apply(check: u16, diff: u64) -> u16 {
     !csum_fold(u64::from(!check) + diff)
 }
 

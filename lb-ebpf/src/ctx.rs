@@ -12,6 +12,7 @@ use crate::{
     csum::skb_rewrite,
     maps::LB_IFACES,
     parse::{Headers, Tuple},
+    route::mtu_exceeded,
 };
 
 /// A TC program's "pass on": the next program on the hook runs (tcx's `TCX_NEXT`), then the
@@ -30,6 +31,9 @@ pub(crate) enum Verdict {
     Drop,
     /// A frontend without usable backends: answer with RST / ICMP port-unreachable.
     Reject,
+    /// The packet (DF set) would not fit the route to its source-NATed backend: answer with
+    /// ICMP fragmentation-needed and this MTU.
+    FragNeeded(u16),
 }
 
 /// The bounds of a packet's linear data, and its whole length (an skb's payload may lie
@@ -76,6 +80,8 @@ pub(crate) trait Hook: Packet {
     fn is_from_pod(&self) -> bool;
     /// Rewrites addresses and ports from `from` to `to`, checksums included.
     fn rewrite(&self, hdr: &Headers, from: &Tuple, to: &Tuple);
+    /// The route's MTU if this packet, translated to `to`, would not fit it.
+    fn mtu_exceeded(&self, to: &Tuple, proto: u8, tot_len: u16) -> Option<u16>;
 }
 
 impl Hook for XdpContext {
@@ -92,10 +98,20 @@ impl Hook for XdpContext {
     fn rewrite(&self, hdr: &Headers, from: &Tuple, to: &Tuple) {
         hdr.rewrite(from, to);
     }
+
+    /// XDP frames are never aggregated: the datagram's own length is checked.
+    #[inline(always)]
+    fn mtu_exceeded(&self, to: &Tuple, proto: u8, tot_len: u16) -> Option<u16> {
+        // SAFETY: ctx.ctx is the program's own context.
+        unsafe {
+            let ifindex = (*self.ctx).ingress_ifindex;
+            mtu_exceeded(self.ctx.cast(), ifindex, to, proto, tot_len)
+        }
+    }
 }
 
-/// An skb in TC ingress: of a pod interface (`lb_tc_pod`, `POD`) or of an external one
-/// (`lb_tc_ext`); each program is attached to its kind of interface only.
+/// An skb in TC: in ingress of a pod interface (`lb_tc_pod`, `POD`) or of an external one
+/// (`lb_tc_ext`), or in egress of either (`lb_tc_egress`, which never looks at `POD`).
 pub(crate) struct Skb<'a, const POD: bool>(pub(crate) &'a TcContext);
 
 impl<const POD: bool> Packet for Skb<'_, POD> {
@@ -122,6 +138,17 @@ impl<const POD: bool> Hook for Skb<'_, POD> {
     #[inline(always)]
     fn rewrite(&self, hdr: &Headers, from: &Tuple, to: &Tuple) {
         skb_rewrite(self.0, hdr, from, to);
+    }
+
+    /// The kernel checks the skb as it would forward it (a GRO-aggregated one by its
+    /// segments).
+    #[inline(always)]
+    fn mtu_exceeded(&self, to: &Tuple, proto: u8, _tot_len: u16) -> Option<u16> {
+        // SAFETY: the skb is the program's own context.
+        unsafe {
+            let skb = self.0.skb.skb;
+            mtu_exceeded(skb.cast(), (*skb).ifindex, to, proto, 0)
+        }
     }
 }
 

@@ -55,11 +55,14 @@ mod clock;
 mod conntrack;
 mod csum;
 mod ctx;
+mod frag;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
 mod probe;
 mod reject;
+mod route;
 mod select;
 mod snat;
 mod sock;
@@ -74,8 +77,8 @@ use lb_common::stat;
 
 use crate::{
     ctx::{Skb, Verdict},
-    nat::{process, tc_translate},
-    reject::reject,
+    nat::{process, tc_egress, tc_translate},
+    reject::{reject, xdp_frag_needed},
     telemetry::count,
 };
 
@@ -88,6 +91,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         // A reject goes on untouched to lb_tc_reject, in TC ingress on the same interface.
         Verdict::Pass | Verdict::Reject => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
+        Verdict::FragNeeded(mtu) => xdp_frag_needed(&ctx, mtu),
     }
 }
 
@@ -111,6 +115,13 @@ pub fn lb_tc_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_tc_ext(ctx: TcContext) -> i32 {
     tc_translate(&Skb::<false>(&ctx))
+}
+
+/// In TC egress of pod and external interfaces: replies and ICMP errors of flows translated
+/// on this node get their frontend back where they leave, whichever link they came in by.
+#[classifier]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    tc_egress(&Skb::<false>(&ctx))
 }
 
 /// Beside `lb_xdp`, in TC ingress: answers what XDP passed on for a frontend without backends.

@@ -9,10 +9,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     config, stat, AffinityKeyV4, AffinityV4, BackendSlotKey, BackendStats, BackendV4, Clock,
-    CtEntryV4, CtKeyV4, MemberKey, ServiceKeyV4, ServiceStats, ServiceV4, SockRevKeyV4, SockRevV4,
-    SourceRangeV4, AFFINITY_ENTRIES, DEFAULT_BACKENDS, DEFAULT_BACKEND_SLOTS,
-    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAGLEV_TABLES, DEFAULT_SERVICES,
-    DEFAULT_SNAT_ENTRIES, FLOW_EVENTS_BYTES, SOCK_REVERSE_ENTRIES, SOURCE_RANGE_ENTRIES,
+    CtEntryV4, CtKeyV4, FragKeyV4, FragV4, MemberKey, ServiceKeyV4, ServiceStats, ServiceV4,
+    SockRevKeyV4, SockRevV4, SourceRangeV4, AFFINITY_ENTRIES, DEFAULT_BACKENDS,
+    DEFAULT_BACKEND_SLOTS, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAGLEV_TABLES,
+    DEFAULT_SERVICES, DEFAULT_SNAT_ENTRIES, FLOW_EVENTS_BYTES, FRAG_ENTRIES, SOCK_REVERSE_ENTRIES,
+    SOURCE_RANGE_ENTRIES,
 };
 
 /// Frontends: (address, port, protocol, scope) → `ServiceV4`; written by the agent.
@@ -45,7 +46,7 @@ pub(crate) static LB_IFACES: HashMap<u32, u32> = HashMap::pinned(4096, 0);
 pub(crate) static LB_BE_STATS: PerCpuArray<BackendStats> = PerCpuArray::pinned(DEFAULT_BACKENDS, 0);
 /// Per-CPU counters: `stat::*` index → count; written by every program.
 #[map]
-pub(crate) static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
+pub(crate) static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::CAPACITY, 0);
 /// `FlowEvent`s of sampled flows (new, closed); written by the datapath, read by the agent.
 #[map]
 pub(crate) static LB_FLOWS: RingBuf = RingBuf::pinned(FLOW_EVENTS_BYTES, 0);
@@ -84,6 +85,11 @@ pub(crate) static LB_CLOCK: Array<Clock> = Array::pinned(1, 0);
 #[map]
 pub(crate) static LB4_SOCK_REV: LruHashMap<SockRevKeyV4, SockRevV4> =
     LruHashMap::pinned(SOCK_REVERSE_ENTRIES, 0);
+
+/// Fragmented datagrams: (addresses, identification, protocol) → the ports their first
+/// fragment carried; written and read by the datapath.
+#[map]
+pub(crate) static LB4_FRAGS: LruHashMap<FragKeyV4, FragV4> = LruHashMap::pinned(FRAG_ENTRIES, 0);
 
 /// One `LB_CONFIG` value (0 when unset).
 #[inline(always)]

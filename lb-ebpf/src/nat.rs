@@ -1,6 +1,8 @@
-//! The translation every datapath program runs (`process`): reverse NAT and DNAT of flows in
-//! conntrack, replies to source-NATed flows, and new flows to a frontend (backend choice,
-//! hairpin, source NAT); and the TC programs' wrapper around it (`tc_translate`).
+//! The translation every ingress program runs (`process`): reverse NAT and DNAT of flows in
+//! conntrack, replies to source-NATed flows, new flows to a frontend (backend choice,
+//! hairpin, source NAT), fragments like their first, ICMP errors like their flow; the TC
+//! programs' wrapper around it (`tc_translate`); and the reverse NAT where packets leave
+//! towards a pod or the outside (`tc_egress`), whatever link the reply came in by.
 
 use aya_ebpf::bindings::TC_ACT_SHOT;
 use lb_common::{
@@ -12,42 +14,113 @@ use lb_common::{
 
 use crate::{
     clock::now_ns,
-    conntrack::{conntrack_key, keep_flow, note_close, refresh},
-    ctx::{Hook, Skb, Verdict, TC_NEXT},
+    conntrack::{claim_direct_flow, conntrack_key, keep_flow, note_close, refresh},
+    ctx::{Hook, Packet, Skb, Verdict, TC_NEXT},
+    icmp::translate_error,
     maps::{cfg_value, LB4_AFFINITY, LB4_CONNTRACK, LB4_SERVICES},
-    parse::{parse, Parsed, Tuple, L4_OFF, TCP_FIN, TCP_LEN, TCP_RST},
-    reject::reject,
+    parse::{parse, L4Packet, Parsed, Tuple, IP_DF, TCP_FIN, TCP_RST},
+    reject::{pull_headers, reject, tc_frag_needed},
     select::{maglev_backend, random_backend, source_allowed, sticky_backend},
     snat::{snat_port, snat_reply},
     telemetry::{count, count_backend, count_service, pass, report_flow, sample_flow},
 };
 
-/// The TC programs' translation: rewrites through the checksum helpers, rejects answered in
-/// place.
+/// The TC ingress programs' translation: rewrites through the checksum helpers, rejects and
+/// fragmentation-needed answered in place.
 #[inline(always)]
 pub(crate) fn tc_translate<const POD: bool>(skb: &Skb<'_, POD>) -> i32 {
     count(stat::RX);
-    // Linear headers for direct reads (a no-op when they are; fails harmlessly on a short
-    // frame, which parse() then leaves alone).
-    let _ = skb.0.pull_data((L4_OFF + TCP_LEN) as u32);
+    pull_headers(skb.0);
     match process(skb) {
         Verdict::Pass => TC_NEXT,
         Verdict::Drop => TC_ACT_SHOT,
         Verdict::Reject => reject(skb.0),
+        Verdict::FragNeeded(mtu) => tc_frag_needed(skb.0, mtu),
     }
 }
 
+/// Where packets leave towards a pod or the outside (TC egress of pod and external
+/// interfaces): a reply of a flow translated on this node gets its frontend back as source,
+/// and an ICMP error of such a flow is translated, whichever link they came in by (an
+/// Ethernet uplink, a VXLAN or IPIP device, WireGuard, the node's own stack answering for a
+/// host-network endpoint). Only translations that keep the destination happen here; one that
+/// changes it (hairpin, source NAT) is made where the packet comes in, before routing. A
+/// packet translated there already finds nothing more to do. Passes are not counted here:
+/// every packet was counted where it came in.
+#[inline(always)]
+pub(crate) fn tc_egress(skb: &Skb<'_, false>) -> i32 {
+    pull_headers(skb.0);
+    match parse(skb) {
+        Ok(Parsed::L4(l)) => reverse_nat_egress(skb, &l),
+        Ok(Parsed::IcmpError(e)) => {
+            translate_error(&e, true);
+        }
+        Err(_) => {}
+    }
+    TC_NEXT
+}
+
+/// A reply whose conntrack entry restores its source only.
+#[inline(always)]
+fn reverse_nat_egress(skb: &Skb<'_, false>, l: &L4Packet) {
+    let pkt = &l.pkt;
+    let key = conntrack_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, l.proto);
+    let Some(entry) = LB4_CONNTRACK.get_ptr_mut(&key) else {
+        return;
+    };
+    // SAFETY: a map value pointer returned by the kernel, valid for this program run.
+    let entry = unsafe { &mut *entry };
+    if entry.flags & CT_F_REPLY == 0 || entry.nat_daddr != pkt.daddr || entry.nat_dport != pkt.dport
+    {
+        return;
+    }
+    let to = Tuple {
+        saddr: entry.nat_saddr,
+        daddr: entry.nat_daddr,
+        sport: entry.nat_sport,
+        dport: entry.nat_dport,
+    };
+    note_close(entry, l.tcp_flags);
+    refresh(entry);
+    count_backend(entry.backend_id, skb.frame_len());
+    skb.rewrite(&l.hdr, pkt, &to);
+    count(stat::REVERSE_NAT_EGRESS);
+    if l.later_fragment() {
+        count(stat::FRAGMENT_NAT);
+    }
+}
+
+/// The translation of a packet coming in (XDP or TC ingress).
 #[inline(always)]
 pub(crate) fn process(ctx: &impl Hook) -> Verdict {
-    let Parsed {
-        hdr,
-        pkt,
-        proto,
-        tcp_flags,
-    } = match parse(ctx) {
-        Ok(p) => p,
-        Err(reason) => return pass(reason),
-    };
+    match parse(ctx) {
+        Ok(Parsed::L4(l)) => translate(ctx, &l),
+        Ok(Parsed::IcmpError(e)) => {
+            if translate_error(&e, false) {
+                Verdict::Pass
+            } else {
+                pass(stat::PASS_ICMP_UNRELATED)
+            }
+        }
+        Err(reason) => pass(reason),
+    }
+}
+
+/// A source-NATed packet with DF set that would not fit the route to its backend: the
+/// route's MTU, for the ICMP fragmentation-needed the client must get (the kernel would send
+/// it to the node's own address, the packet's source after the translation). Small packets
+/// are not looked up: no route this side of IPv4's minimum datagram has a lower MTU.
+#[inline(always)]
+fn too_big(ctx: &impl Hook, l: &L4Packet, to: &Tuple) -> Option<u16> {
+    if l.frags & IP_DF == 0 || l.tot_len <= 576 {
+        return None;
+    }
+    ctx.mtu_exceeded(to, l.proto, l.tot_len)
+}
+
+#[inline(always)]
+fn translate(ctx: &impl Hook, l: &L4Packet) -> Verdict {
+    let (hdr, pkt, proto, tcp_flags) = (&l.hdr, l.pkt, l.proto, l.tcp_flags);
     let bytes = ctx.frame_len();
 
     let ct_key = conntrack_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, proto);
@@ -61,13 +134,24 @@ pub(crate) fn process(ctx: &impl Hook) -> Verdict {
             dport: entry.nat_dport,
         };
         if entry.flags & CT_F_REPLY != 0 {
+            if l.later_fragment() {
+                count(stat::FRAGMENT_NAT);
+            }
             note_close(entry, tcp_flags);
             refresh(entry);
             count_backend(entry.backend_id, bytes);
-            ctx.rewrite(&hdr, &pkt, &to);
+            ctx.rewrite(hdr, &pkt, &to);
             return pass(stat::REVERSE_NAT);
         }
         if keep_flow(proto, tcp_flags, entry, &to) {
+            if entry.flags & CT_F_SNAT != 0 {
+                if let Some(mtu) = too_big(ctx, l, &to) {
+                    return Verdict::FragNeeded(mtu);
+                }
+            }
+            if l.later_fragment() {
+                count(stat::FRAGMENT_NAT);
+            }
             // The client closes (FIN or RST) a reported flow: report that once.
             if entry.flags & CT_F_REPORTED != 0 && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
                 entry.flags &= !CT_F_REPORTED;
@@ -77,16 +161,20 @@ pub(crate) fn process(ctx: &impl Hook) -> Verdict {
             refresh(entry);
             count_service(entry.svc_id, bytes, false, false);
             count_backend(entry.backend_id, bytes);
-            ctx.rewrite(&hdr, &pkt, &to);
+            ctx.rewrite(hdr, &pkt, &to);
             return pass(stat::DNAT_ESTABLISHED);
         }
     }
 
     let node_addr = cfg_value(config::NODE_ADDR);
     if pkt.daddr == node_addr {
-        if let Some(verdict) = snat_reply(ctx, &hdr, &pkt, &ct_key, tcp_flags, bytes) {
+        if let Some(verdict) = snat_reply(ctx, hdr, &pkt, &ct_key, tcp_flags, bytes) {
             return verdict;
         }
+    }
+    if l.later_fragment() {
+        // Its first fragment started no flow here: not a datagram of ours.
+        return pass(stat::PASS_NO_SERVICE);
     }
 
     let svc_key = ServiceKeyV4 {
@@ -97,6 +185,7 @@ pub(crate) fn process(ctx: &impl Hook) -> Verdict {
     };
     // SAFETY: the value is copied out at once.
     let Some(mut svc) = (unsafe { LB4_SERVICES.get(&svc_key) }).copied() else {
+        claim_direct_flow(&pkt, proto, tcp_flags);
         return pass(stat::PASS_NO_SERVICE);
     };
     let pod_client = ctx.is_from_pod();
@@ -189,6 +278,13 @@ pub(crate) fn process(ctx: &impl Hook) -> Verdict {
         _pad: 0,
     };
     if snat {
+        let via = Tuple {
+            saddr: node_addr,
+            ..to
+        };
+        if let Some(mtu) = too_big(ctx, l, &via) {
+            return Verdict::FragNeeded(mtu);
+        }
         let Some(port) = snat_port(node_addr, &backend, proto, &reply) else {
             count(stat::DROP_SNAT_PORTS);
             return Verdict::Drop;
@@ -219,6 +315,6 @@ pub(crate) fn process(ctx: &impl Hook) -> Verdict {
     let _ = LB4_CONNTRACK.insert(&ct_key, &forward, 0);
     count_service(svc.svc_id, bytes, true, false);
     count_backend(backend_id, bytes);
-    ctx.rewrite(&hdr, &pkt, &to);
+    ctx.rewrite(hdr, &pkt, &to);
     pass(stat::DNAT_NEW)
 }

@@ -141,6 +141,12 @@ impl Harness {
         run_frame(self.datapath.tc_ext(), frame, None).map_err(Into::into)
     }
 
+    /// Runs one frame through the egress program (`lb_tc_egress`), as leaving towards a pod
+    /// or the outside: (TC verdict, output frame).
+    pub fn run_egress(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        run_frame(self.datapath.tc_egress(), frame, None).map_err(Into::into)
+    }
+
     /// Runs one frame through the reject program beside XDP (`lb_tc_reject`):
     /// (TC verdict, output frame).
     pub fn run_reject(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {

@@ -49,11 +49,12 @@ pub fn status(pin: &Path, healthz: SocketAddr, metrics: SocketAddr) -> Result<(S
         out,
         "Programs:     lb_xdp (XDP, id {}), lb_tc_reject (TC ingress beside XDP, id {}), \
          lb_tc_ext (TC ingress of external interfaces, id {}), lb_tc_pod (TC ingress of pod \
-         interfaces, id {})",
+         interfaces, id {}), lb_tc_egress (TC egress of both, id {})",
         progs.xdp.info()?.id(),
         progs.tc_reject.info()?.id(),
         progs.tc_ext.info()?.id(),
-        progs.tc_pod.info()?.id()
+        progs.tc_pod.info()?.id(),
+        progs.tc_egress.info()?.id()
     )?;
 
     match clock::read(pin) {

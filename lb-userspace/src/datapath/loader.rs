@@ -120,6 +120,8 @@ pub struct Datapath {
     tc_pod: SchedClassifier,
     /// The translation for external interfaces in TC.
     tc_ext: SchedClassifier,
+    /// Reverse NAT where packets leave (TC egress of pod and external interfaces).
+    tc_egress: SchedClassifier,
     /// How external interfaces are attached.
     ext_attach: ExtAttach,
     /// The object, which holds the cgroup socket hooks (attached only by `attach_cgroup`).
@@ -172,10 +174,12 @@ impl Datapath {
             program_names::LB_TC_REJECT,
             program_names::LB_TC_POD,
             program_names::LB_TC_EXT,
+            program_names::LB_TC_EGRESS,
         ];
         let taken_over = attached[..2].iter().any(|p| program_pin(pin, p).exists());
         // This agent's programs, pinned beside any older ones, then opened from there.
-        let [xdp_new, reject_new, pod_new, ext_new] = attached.map(|p| program_pin_new(pin, p));
+        let [xdp_new, reject_new, pod_new, ext_new, egress_new] =
+            attached.map(|p| program_pin_new(pin, p));
         {
             let xdp: &mut Xdp = ebpf
                 .program_mut(program_names::LB_XDP)
@@ -189,6 +193,7 @@ impl Datapath {
         let reject = load_classifier(&mut ebpf, program_names::LB_TC_REJECT, &reject_new)?;
         let tc_pod = load_classifier(&mut ebpf, program_names::LB_TC_POD, &pod_new)?;
         let tc_ext = load_classifier(&mut ebpf, program_names::LB_TC_EXT, &ext_new)?;
+        let tc_egress = load_classifier(&mut ebpf, program_names::LB_TC_EGRESS, &egress_new)?;
         let ifaces = HashMap::try_from(Map::HashMap(open_map(pin, map_names::LB_IFACES)?))?;
         let clock_prog: &mut Xdp = ebpf
             .program_mut(program_names::LB_CLOCK)
@@ -211,6 +216,7 @@ impl Datapath {
             reject,
             tc_pod,
             tc_ext,
+            tc_egress,
             ext_attach: ExtAttach::default(),
             ebpf,
             ifaces,
@@ -220,7 +226,8 @@ impl Datapath {
         };
         dp.adopt_links()?;
         // The new programs take the usual names (the links hold them either way).
-        for (from, program) in [xdp_new, reject_new, pod_new, ext_new].iter().zip(attached) {
+        let new = [xdp_new, reject_new, pod_new, ext_new, egress_new];
+        for (from, program) in new.iter().zip(attached) {
             let to = program_pin(pin, program);
             fs::rename(from, &to)
                 .with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
@@ -261,6 +268,7 @@ impl Datapath {
                 Some((LinkKind::Reject, _)) => Some(&mut self.reject),
                 Some((LinkKind::TcExt, _)) => Some(&mut self.tc_ext),
                 Some((LinkKind::TcPod, _)) => Some(&mut self.tc_pod),
+                Some((LinkKind::Egress, _)) => Some(&mut self.tc_egress),
             };
             // Each moved link is taken back from its program and closed: only the pin holds
             // it then, so that unpinning it detaches it (see `attach`).
@@ -295,6 +303,7 @@ impl Datapath {
     /// Whether the interface's programs are attached and its kind is recorded.
     pub fn is_attached(&self, ifindex: u32) -> bool {
         self.marked.contains(&ifindex)
+            && self.link_path(LinkKind::Egress, ifindex).exists()
             && (self.link_path(LinkKind::TcPod, ifindex).exists()
                 || self.link_path(LinkKind::TcExt, ifindex).exists()
                 || (self.link_path(LinkKind::Xdp, ifindex).exists()
@@ -350,20 +359,29 @@ impl Datapath {
     }
 
     /// Attaches the datapath to an interface with pinned links, skipping a program whose link
-    /// is pinned already: on a pod interface `lb_tc_pod` (TC ingress); on an external one,
-    /// as `ExtAttach` says, `lb_xdp` with `lb_tc_reject` (TC ingress first, so that what XDP
-    /// hands on is answered) or `lb_tc_ext` alone. Links of the other kind on the interface
-    /// (left by an agent with another `--ext-attach`) are unpinned, which detaches them,
-    /// once the new ones are in. Returns what it attached now, if anything.
+    /// is pinned already: `lb_tc_egress` (TC egress: replies leave translated whichever link
+    /// they came in by) first, then on a pod interface `lb_tc_pod` (TC ingress); on an
+    /// external one, as `ExtAttach` says, `lb_xdp` with `lb_tc_reject` (TC ingress first, so
+    /// that what XDP hands on is answered) or `lb_tc_ext` alone. Links of the other kind on
+    /// the interface (left by an agent with another `--ext-attach`) are unpinned, which
+    /// detaches them, once the new ones are in. Returns what it attached now, if anything.
     pub fn attach(&mut self, ifindex: u32, ifname: &str, pod: bool) -> Result<Option<Attached>> {
         // The kind first: a packet from a pod must never be taken for an outside one.
         if !self.marked.contains(&ifindex) {
             self.mark(ifindex, pod)?;
         }
+        // Egress before ingress: no flow can start here before its replies are translated.
+        let egress_path = self.link_path(LinkKind::Egress, ifindex);
+        let egress = attach_tcx(
+            &mut self.tc_egress,
+            ifname,
+            &egress_path,
+            TcAttachType::Egress,
+        )?;
         if pod {
             let path = self.link_path(LinkKind::TcPod, ifindex);
-            let now = attach_tcx(&mut self.tc_pod, ifname, &path)?;
-            return Ok(now.then_some(Attached::Pod));
+            let now = attach_tcx(&mut self.tc_pod, ifname, &path, TcAttachType::Ingress)?;
+            return Ok((now || egress).then_some(Attached::Pod));
         }
         let (xdp_path, reject_path, ext_path) = (
             self.link_path(LinkKind::Xdp, ifindex),
@@ -373,7 +391,7 @@ impl Datapath {
         let (kind, now) = match self.ext_attach {
             ExtAttach::Tc => (
                 Attached::Tc,
-                attach_tcx(&mut self.tc_ext, ifname, &ext_path)?,
+                attach_tcx(&mut self.tc_ext, ifname, &ext_path, TcAttachType::Ingress)?,
             ),
             ExtAttach::Xdp => (
                 Attached::Xdp,
@@ -392,7 +410,12 @@ impl Datapath {
                             );
                             (
                                 Attached::Tc,
-                                attach_tcx(&mut self.tc_ext, ifname, &ext_path)?,
+                                attach_tcx(
+                                    &mut self.tc_ext,
+                                    ifname,
+                                    &ext_path,
+                                    TcAttachType::Ingress,
+                                )?,
                             )
                         }
                     }
@@ -400,7 +423,7 @@ impl Datapath {
                 // A software device (or one that does not say): TC.
                 _ => (
                     Attached::Tc,
-                    attach_tcx(&mut self.tc_ext, ifname, &ext_path)?,
+                    attach_tcx(&mut self.tc_ext, ifname, &ext_path, TcAttachType::Ingress)?,
                 ),
             },
         };
@@ -413,14 +436,19 @@ impl Datapath {
             fs::remove_file(path).with_context(|| format!("unpinning {}", path.display()))?;
             tracing::info!(iface = %ifname, link = %path.display(), "detached (another kind of hook replaces it)");
         }
-        Ok(now.then_some(kind))
+        Ok((now || egress).then_some(kind))
     }
 
     /// Attaches `lb_tc_reject` (TC ingress) and then `lb_xdp` where their links are not pinned
     /// yet; whether it attached anything.
     fn attach_xdp(&mut self, ifindex: u32, ifname: &str, mode: XdpMode) -> Result<bool> {
         let reject_path = self.link_path(LinkKind::Reject, ifindex);
-        let mut attached = attach_tcx(&mut self.reject, ifname, &reject_path)?;
+        let mut attached = attach_tcx(
+            &mut self.reject,
+            ifname,
+            &reject_path,
+            TcAttachType::Ingress,
+        )?;
         let xdp_path = self.link_path(LinkKind::Xdp, ifindex);
         if !xdp_path.exists() {
             let id = self
@@ -529,6 +557,11 @@ impl Datapath {
     pub fn tc_ext(&self) -> &SchedClassifier {
         &self.tc_ext
     }
+
+    /// The egress program (for BPF_PROG_TEST_RUN).
+    pub fn tc_egress(&self) -> &SchedClassifier {
+        &self.tc_egress
+    }
 }
 
 /// Loads the object's TC program `name` (verifier), pins it at `path` and opens it from there.
@@ -543,19 +576,24 @@ fn load_classifier(ebpf: &mut aya::Ebpf, name: &str, path: &Path) -> Result<Sche
     SchedClassifier::from_pin(path).with_context(|| format!("opening {}", path.display()))
 }
 
-/// Attaches `prog` to TC ingress (tcx) of `ifname` with a link pinned at `path`, unless one is
-/// pinned there already; whether it attached it now.
-fn attach_tcx(prog: &mut SchedClassifier, ifname: &str, path: &Path) -> Result<bool> {
+/// Attaches `prog` to TC ingress or egress (tcx) of `ifname` with a link pinned at `path`,
+/// unless one is pinned there already; whether it attached it now.
+fn attach_tcx(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    path: &Path,
+    hook: TcAttachType,
+) -> Result<bool> {
     if path.exists() {
         return Ok(false);
     }
     let id = prog
         .attach_with_options(
             ifname,
-            TcAttachType::Ingress,
+            hook,
             TcAttachOptions::TcxOrder(LinkOrder::default()),
         )
-        .with_context(|| format!("attaching TC ingress (tcx) to {ifname}"))?;
+        .with_context(|| format!("attaching TC {hook:?} (tcx) to {ifname}"))?;
     let fd: FdLink = prog.take_link(id)?.try_into()?;
     fd.pin(path)
         .with_context(|| format!("pinning {}", path.display()))?;

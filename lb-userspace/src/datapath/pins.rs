@@ -3,9 +3,10 @@
 //!
 //! * `<MAP NAME>` for each map (`lb_common::map_names`);
 //! * `prog_<program>` for each attached program (`prog_lb_xdp`, `prog_lb_tc_reject`,
-//!   `prog_lb_tc_pod`, `prog_lb_tc_ext`);
+//!   `prog_lb_tc_pod`, `prog_lb_tc_ext`, `prog_lb_tc_egress`);
 //! * `links/<kind>-<ifindex>` per attached interface: `xdp` + `reject` on an external
-//!   interface in XDP, `tcext` on one in TC, `tcpod` on a pod's; `links/sock-<program>-<pid>`
+//!   interface in XDP, `tcext` on one in TC, `tcpod` on a pod's, and `egress` on both;
+//!   `links/sock-<program>-<pid>`
 //!   for the socket hooks. The pins alone hold the links: removing one detaches its program;
 //! * `layout-<version>`, an empty folder that says how the maps are laid out.
 
@@ -48,16 +49,19 @@ pub enum LinkKind {
     TcExt,
     /// `lb_tc_pod`, TC ingress of a pod interface.
     TcPod,
+    /// `lb_tc_egress`, TC egress of a pod or external interface.
+    Egress,
     /// A cgroup socket hook: `sock-<program>-<agent pid>`.
     Sock,
 }
 
 impl LinkKind {
-    const ALL: [LinkKind; 5] = [
+    const ALL: [LinkKind; 6] = [
         LinkKind::Xdp,
         LinkKind::Reject,
         LinkKind::TcExt,
         LinkKind::TcPod,
+        LinkKind::Egress,
         LinkKind::Sock,
     ];
 
@@ -67,6 +71,7 @@ impl LinkKind {
             LinkKind::Reject => "reject",
             LinkKind::TcExt => "tcext",
             LinkKind::TcPod => "tcpod",
+            LinkKind::Egress => "egress",
             LinkKind::Sock => "sock",
         }
     }
@@ -88,6 +93,7 @@ impl LinkKind {
             LinkKind::Reject => "TC ingress (rejects)",
             LinkKind::TcExt => "TC ingress",
             LinkKind::TcPod => "TC ingress (pod)",
+            LinkKind::Egress => "TC egress (reverse NAT)",
             LinkKind::Sock => "cgroup socket hooks",
         }
     }
@@ -212,6 +218,7 @@ pub struct PinnedPrograms {
     pub tc_reject: SchedClassifier,
     pub tc_pod: SchedClassifier,
     pub tc_ext: SchedClassifier,
+    pub tc_egress: SchedClassifier,
 }
 
 /// Opens the pinned programs.
@@ -232,6 +239,7 @@ pub fn pinned_programs(pin: &Path) -> Result<PinnedPrograms> {
         tc_reject: tc(program_names::LB_TC_REJECT)?,
         tc_pod: tc(program_names::LB_TC_POD)?,
         tc_ext: tc(program_names::LB_TC_EXT)?,
+        tc_egress: tc(program_names::LB_TC_EGRESS)?,
     })
 }
 
@@ -246,6 +254,7 @@ mod tests {
             LinkKind::Reject,
             LinkKind::TcExt,
             LinkKind::TcPod,
+            LinkKind::Egress,
         ] {
             let path = link_path(Path::new("/p"), kind, 42);
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");

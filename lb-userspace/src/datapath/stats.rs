@@ -33,14 +33,16 @@ pub fn read_backend_stats(pin: &Path) -> Result<Vec<(String, BackendStats)>> {
     Ok(out)
 }
 
-/// The global datapath counters, summed over CPUs, by name.
+/// The global datapath counters, summed over CPUs, by name. A map made by an older agent
+/// (pinned maps keep their size) may hold fewer counters: those it lacks are left out.
 pub fn read_stats(pin: &Path) -> Result<Vec<(&'static str, u64)>> {
-    let map: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(Map::PerCpuArray(open_map(pin, map_names::LB_STATS)?))?;
+    let data = open_map(pin, map_names::LB_STATS)?;
+    let size = data.info()?.max_entries();
+    let map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
     let mut out = Vec::new();
-    for (i, name) in stat::NAMES.iter().enumerate() {
-        let values = map.get(&(i as u32), 0)?;
-        out.push((*name, values.iter().sum()));
+    for (i, name) in (0..size).zip(stat::NAMES) {
+        let values = map.get(&i, 0)?;
+        out.push((name, values.iter().sum()));
     }
     Ok(out)
 }

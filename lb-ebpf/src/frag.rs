@@ -1,0 +1,46 @@
+//! IP fragments: only a datagram's first fragment carries the TCP/UDP header, so the ports it
+//! carries are remembered by (addresses, IP identification, protocol) and the later
+//! fragments are translated with them, like the first (`LB4_FRAGS`). A later fragment whose
+//! first fragment was not seen here is left alone.
+
+use core::mem;
+
+use lb_common::{FragKeyV4, FragV4, FRAG_TIMEOUT_NS};
+use network_types::ip::Ipv4Hdr;
+
+use crate::{clock::now_ns, maps::LB4_FRAGS, parse::Tuple};
+
+/// The key of a datagram, written as three words (field by field, the compiler zeroes the
+/// padding with a call to `memset`).
+#[inline(always)]
+fn frag_key(saddr: u32, daddr: u32, ip: *const Ipv4Hdr, proto: u8) -> FragKeyV4 {
+    // SAFETY: the caller bounds-checked the IPv4 header `ip` points to.
+    let id = unsafe { (*ip).id };
+    let words = [saddr, daddr, u32::from_ne_bytes([id[0], id[1], proto, 0])];
+    // SAFETY: FragKeyV4 is 12 bytes of integers aligned to 4: saddr, daddr, then the
+    // identification as on the wire, the protocol and a zero pad byte (little-endian target).
+    unsafe { mem::transmute::<[u32; 3], FragKeyV4>(words) }
+}
+
+const _: () = assert!(size_of::<FragKeyV4>() == 12 && cfg!(target_endian = "little"));
+
+/// Remembers a first fragment's ports for the later fragments of its datagram.
+#[inline(always)]
+pub(crate) fn remember(pkt: &Tuple, ip: *const Ipv4Hdr, proto: u8) {
+    let value = FragV4 {
+        seen_ns: now_ns(),
+        sport: pkt.sport,
+        dport: pkt.dport,
+        _pad: 0,
+    };
+    let _ = LB4_FRAGS.insert(&frag_key(pkt.saddr, pkt.daddr, ip, proto), &value, 0);
+}
+
+/// The ports of the datagram a later fragment belongs to, if its first fragment was seen
+/// within the reassembly timeout.
+#[inline(always)]
+pub(crate) fn recall(saddr: u32, daddr: u32, ip: *const Ipv4Hdr, proto: u8) -> Option<FragV4> {
+    // SAFETY: the value is copied out at once.
+    let f = unsafe { LB4_FRAGS.get(&frag_key(saddr, daddr, ip, proto)) }.copied()?;
+    (now_ns().wrapping_sub(f.seen_ns) <= FRAG_TIMEOUT_NS).then_some(f)
+}
