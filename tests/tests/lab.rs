@@ -20,9 +20,10 @@ use std::{
 
 use lb_testkit::{
     lab::{
-        echo_manifest, tutorial_manifests, wait_for, Background, Lab, Persistent, CLIENT_IP,
-        NODE_IP,
+        echo_manifest, tutorial_manifests, wait_for, Background, Lab, LabPod, Persistent,
+        CLIENT_IP, NODE_IP, POD_GATEWAY,
     },
+    netns::{add_netns, binary, run},
     require_root,
 };
 
@@ -678,5 +679,54 @@ fn a_terminating_endpoint_keeps_its_open_connection_while_new_ones_avoid_it() {
     for _ in 0..5 {
         assert_eq!(open.http().expect("the open connection survives"), "pod1");
         assert_eq!(open.udp().expect("the UDP flow stays"), "pod1");
+    }
+}
+
+/// A pod sends to a ClusterIP as soon as it starts (an init container's DNS query): its
+/// interface must be attached by then. The agent follows links by netlink events; here each
+/// new pod's veth is made, addressed and brought up, and the pod's single UDP datagram (no
+/// retry) leaves within milliseconds of it, five pods in a row.
+#[test]
+fn a_new_pods_first_packet_is_translated() {
+    let mut lab = lab_with_agent(2);
+    let client = binary("lab-client").expect("lab-client");
+    let node = lab.node_ns.clone();
+    for _ in 0..5 {
+        let n = lab.pods.len() + 1;
+        let pod = LabPod {
+            name: format!("pod{n}"),
+            ns: format!("{}-pod{n}", lab.tag),
+            ip: Ipv4Addr::new(10, 244, 0, 10 + n as u8),
+            host_iface: format!("veth{n}"),
+        };
+        // Noted first, so that the lab removes it whatever happens.
+        lab.pods.push(pod.clone());
+        add_netns(&pod.ns).expect("pod namespace");
+        let (ns, iface, ip) = (&pod.ns, &pod.host_iface, pod.ip);
+        let script = format!(
+            "t0=$(date +%s%N); \
+             ip -n {node} link add {iface} type veth peer name eth0 netns {ns} && \
+             printf 'addr add {POD_GATEWAY}/32 dev {iface}\\nlink set {iface} up\\nroute add {ip}/32 dev {iface}\\n' | ip -n {node} -batch - && \
+             printf 'addr add {ip}/32 dev eth0\\nlink set eth0 up\\nroute add {POD_GATEWAY}/32 dev eth0\\nroute add default via {POD_GATEWAY}\\n' | ip -n {ns} -batch - && \
+             t1=$(date +%s%N) && \
+             echo \"sent=$(( (t1 - t0) / 1000000 ))ms\" && \
+             ip netns exec {ns} {} udp 10.96.0.53:53 --timeout-ms 1500",
+            client.display()
+        );
+        let started = Instant::now();
+        let out = run(&["sh", "-c", &script]).unwrap_or_else(|e| {
+            panic!(
+                "{}: the first datagram of a new pod got no answer: {e:#}\n{}",
+                pod.name,
+                lab.agent_log()
+            )
+        });
+        println!(
+            "{}: {} answered in {:?}",
+            pod.name,
+            out.split_whitespace().collect::<Vec<_>>().join(" "),
+            started.elapsed()
+        );
+        assert!(out.contains("reply=pod"), "{}: {out}", pod.name);
     }
 }

@@ -161,12 +161,14 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let mut zone = None;
     let mut addresses: BTreeSet<Ipv4Addr> = BTreeSet::new();
     let mut clock_checked = Instant::now();
+    let links = watch_links();
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = source.wait() => {}
+            () = links.notified() => {}
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -414,6 +416,29 @@ fn frontend_counters(pin: &std::path::Path) -> Result<Vec<FrontendCounters>> {
             rejected: c.rejected,
         })
         .collect())
+}
+
+/// Wakes the loop as soon as a link or an address of the node's namespace changes
+/// (netlink), so that a new pod's interface is attached before the pod sends its first
+/// packet; polling stays as the fallback (and the only way, if the socket cannot be made).
+fn watch_links() -> Arc<tokio::sync::Notify> {
+    let notify = Arc::new(tokio::sync::Notify::new());
+    match datapath::sys::LinkEvents::open() {
+        Ok(events) => {
+            let n = notify.clone();
+            std::thread::spawn(move || loop {
+                match events.wait() {
+                    Ok(()) => n.notify_one(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "link events lost; interfaces are polled");
+                        return;
+                    }
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "no netlink link events; interfaces are polled"),
+    }
+    notify
 }
 
 fn attach_interfaces(datapath: &mut Datapath, cfg: &RunConfig) -> Result<()> {

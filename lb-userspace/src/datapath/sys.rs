@@ -87,6 +87,70 @@ impl Drop for SharedMapping {
     }
 }
 
+/// A netlink socket subscribed to link and address changes of the calling thread's network
+/// namespace (`RTMGRP_LINK`, `RTMGRP_IPV4_IFADDR`): `wait` returns when there is news. The
+/// messages are not read for their content: any of them means "look at the interfaces
+/// again", which the agent does from the kernel's own list.
+pub struct LinkEvents {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl LinkEvents {
+    pub fn open() -> io::Result<Self> {
+        const RTMGRP_LINK: u32 = 1;
+        const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+        // SAFETY: a plain socket(2); the descriptor is owned at once.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new descriptor nothing else owns.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        // SAFETY: an all-zero sockaddr_nl is valid; the fields are set below.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        addr.nl_groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR;
+        // SAFETY: a valid socket and address of the size given.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(LinkEvents { fd })
+    }
+
+    /// Blocks until the kernel reports a change (reads and drops what it sent). A full
+    /// socket buffer (`ENOBUFS`: changes were lost) is news too.
+    pub fn wait(&self) -> io::Result<()> {
+        let mut buf = [0u8; 8192];
+        loop {
+            // SAFETY: a valid socket and a buffer of the size given, alive for the call.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n >= 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                Some(libc::ENOBUFS) => return Ok(()),
+                _ => return Err(e),
+            }
+        }
+    }
+}
+
 /// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, kernel 5.14).
 pub fn netns_cookie() -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
