@@ -28,6 +28,10 @@
 //! MTU, as the CNIs set them); node IPs and the client are reached over the bridge, and the
 //! agents are given `--ext-iface eth0` only.
 //!
+//! Node 1 also runs a server in its host network namespace (not in a pod), `node1-host` on
+//! TCP 6443 and UDP 6053, the endpoint of the Services `kubernetes` (like kube-apiserver on a
+//! one-node kind cluster) and `host-nodeport` (like a host-network ingress controller).
+//!
 //! The client reaches externalIPs and LoadBalancer IPs (203.0.113.0/24) through a node of
 //! its choosing ([`Cluster::route_vips_via`]), as MetalLB in L2 mode would steer them. Each
 //! node has a cgroup v2 directory holding its pods' and its host processes (what the agent's
@@ -99,6 +103,13 @@ pub fn pod_ip(k: usize, i: usize) -> Ipv4Addr {
 
 pub fn pod_name(k: usize, i: usize) -> String {
     format!("node{k}-pod{i}")
+}
+
+/// The name node K's host-network server answers with (`lab-server` in the node's own
+/// namespace, not in a pod; node 1 runs one, on [`services::HOST_SERVER_TCP`] and
+/// [`services::HOST_SERVER_UDP`]).
+pub fn host_server_name(k: usize) -> String {
+    format!("node{k}-host")
 }
 
 /// How pod traffic crosses between nodes (see the module's documentation).
@@ -190,8 +201,9 @@ pub fn node_addresses(network: Network, k: usize) -> Vec<Ipv4Addr> {
     addrs
 }
 
-/// The Services the default manifests define (see [`default_manifests`]). Every Service has
-/// port 80/TCP (`http`, to the pods' 8080) and 53/UDP (`dns`, to the pods' 5353).
+/// The Services the default manifests define (see [`default_manifests`]). Every Service over
+/// pods has port 80/TCP (`http`, to the pods' 8080) and 53/UDP (`dns`, to the pods' 5353);
+/// those over node 1's host-network server say their ports.
 pub mod services {
     use std::net::Ipv4Addr;
 
@@ -219,6 +231,22 @@ pub mod services {
     pub const LOCAL_HEALTH_CHECK_NODEPORT: u16 = 30094;
     /// `self`: ClusterIP whose only endpoint is node1-pod1 (node1-pod1 reaching itself).
     pub const SELF: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 15);
+
+    /// Where node 1's host-network server (`node1-host`, not in a pod) listens, in node 1's
+    /// namespace: the endpoint port of `kubernetes` and `host-nodeport`.
+    pub const HOST_SERVER_TCP: u16 = 6443;
+    pub const HOST_SERVER_UDP: u16 = 6053;
+    /// `kubernetes`: the API server's ClusterIP, as on a one-node kind cluster, port 443/TCP
+    /// (`https`) and 53/UDP (`dns`); its EndpointSlice names node 1's own address
+    /// (HOST_SERVER_TCP / HOST_SERVER_UDP), a host-network endpoint.
+    pub const KUBERNETES: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+    pub const KUBERNETES_TCP: u16 = 443;
+    pub const KUBERNETES_UDP: u16 = 53;
+    /// `host-nodeport`: NodePort (externalTrafficPolicy Cluster) whose endpoint is node 1's
+    /// own address (a host-network pod serving a NodePort, e.g. an ingress controller).
+    pub const HOST_NODEPORT: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 16);
+    pub const HOST_NODEPORT_TCP: u16 = 30443;
+    pub const HOST_NODEPORT_UDP: u16 = 30453;
 
     /// `on-nodeK`: NodePort whose only endpoint is node K's first pod (a backend on a chosen
     /// node, for the same-node and other-node cases).
@@ -929,6 +957,14 @@ impl Cluster {
         self.pods.iter().find(|p| p.name == pod).map(|p| p.node)
     }
 
+    /// The node whose host-network server has this name ([`host_server_name`]).
+    pub fn host_of(&self, server: &str) -> Option<usize> {
+        self.nodes
+            .iter()
+            .find(|n| host_server_name(n.index) == server)
+            .map(|n| n.index)
+    }
+
     /// The addresses node K's host has in this cluster's network ([`node_addresses`]).
     pub fn node_addresses(&self, k: usize) -> Vec<Ipv4Addr> {
         node_addresses(self.network, k)
@@ -991,7 +1027,8 @@ impl Cluster {
         })
     }
 
-    /// Starts `lab-server` in every pod, in its node's cgroup, and waits until each answers.
+    /// Starts `lab-server` in every pod and node 1's host-network server ([`host_server_name`]),
+    /// each in its node's cgroup, and waits until each answers.
     pub fn start_servers(&mut self) -> Result<()> {
         let bin = binary("lab-server")?;
         for pod in self.pods.clone() {
@@ -1007,16 +1044,42 @@ impl Cluster {
                 .context("starting lab-server")?;
             self.children.push((format!("server {}", pod.name), child));
         }
-        for pod in &self.pods {
-            let to = SocketAddr::from((pod.ip, HTTP_PORT));
-            let node_ns = self.node(pod.node)?.ns.clone();
+        // Node 1's host-network server, in the node's namespace and cgroup.
+        let node = self.node(1)?.clone();
+        let name = host_server_name(1);
+        let log = fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let child = self
+            .command(&node.ns, Some(&node.cgroup))
+            .arg(&bin)
+            .args([
+                &name,
+                &services::HOST_SERVER_TCP.to_string(),
+                &services::HOST_SERVER_UDP.to_string(),
+            ])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting lab-server")?;
+        self.children.push((format!("server {name}"), child));
+
+        let servers = self.pods.iter().map(|p| {
+            let ns = self.nodes[p.node - 1].ns.clone();
+            (p.name.clone(), ns, SocketAddr::from((p.ip, HTTP_PORT)))
+        });
+        let host = (
+            name,
+            node.ns.clone(),
+            SocketAddr::from((node.ip, services::HOST_SERVER_TCP)),
+        );
+        for (name, ns, to) in servers.chain([host]).collect::<Vec<_>>() {
             wait_for(Duration::from_secs(5), || {
-                Ok(in_netns(&node_ns, move || {
+                self.check_children()?;
+                Ok(in_netns(&ns, move || {
                     std::net::TcpStream::connect_timeout(&to, Duration::from_millis(200))
                 })
                 .is_ok())
             })
-            .with_context(|| format!("{} does not answer", pod.name))?;
+            .with_context(|| format!("{name} does not answer"))?;
         }
         Ok(())
     }
@@ -1290,7 +1353,8 @@ spec:
 
 /// The lab's Services over `pods` (see [`services`]) and the Pods themselves (labels `app:
 /// web`, `node: nodeK`, `pod: NAME`; the agent derives the endpoints from them, with their
-/// `nodeName`), as two files.
+/// `nodeName`), and the Services over node 1's host-network server with their
+/// EndpointSlices, as three files.
 pub fn default_manifests(pods: &[ClusterPod]) -> Vec<(String, String)> {
     use services::{
         on_node, on_node_tcp, on_node_udp, EXTERNAL, EXTERNAL_IP, LB, LB_IP, LB_NODEPORT_TCP,
@@ -1380,7 +1444,63 @@ status:
     vec![
         ("pods.yaml".to_string(), docs),
         ("services.yaml".to_string(), svcs),
+        ("host-network.yaml".to_string(), host_network_services()),
     ]
+}
+
+/// `kubernetes` and `host-nodeport`, whose endpoint is node 1's host-network server: a
+/// Service without a selector and its EndpointSlice each, the endpoint node 1's own address.
+fn host_network_services() -> String {
+    use services::{
+        HOST_NODEPORT, HOST_NODEPORT_TCP, HOST_NODEPORT_UDP, HOST_SERVER_TCP, HOST_SERVER_UDP,
+        KUBERNETES, KUBERNETES_TCP, KUBERNETES_UDP,
+    };
+    let svc = |name: &str, kind: &str, ip: Ipv4Addr, node_ports: Option<(u16, u16)>| {
+        let (tcp, udp) = match node_ports {
+            Some((t, u)) => (format!(", nodePort: {t}"), format!(", nodePort: {u}")),
+            None => (String::new(), String::new()),
+        };
+        let policy = if node_ports.is_some() {
+            "  externalTrafficPolicy: Cluster\n"
+        } else {
+            ""
+        };
+        format!(
+            r#"---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  type: {kind}
+  clusterIP: {ip}
+  ports:
+  - {{name: https, port: {KUBERNETES_TCP}, protocol: TCP, targetPort: {HOST_SERVER_TCP}{tcp}}}
+  - {{name: dns, port: {KUBERNETES_UDP}, protocol: UDP, targetPort: {HOST_SERVER_UDP}{udp}}}
+{policy}---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports:
+- {{name: https, port: {HOST_SERVER_TCP}, protocol: TCP}}
+- {{name: dns, port: {HOST_SERVER_UDP}, protocol: UDP}}
+endpoints:
+- addresses: ["{addr}"]
+  conditions: {{ready: true}}
+  nodeName: {node}
+"#,
+            addr = node_ip(1),
+            node = node_name(1),
+        )
+    };
+    let mut text = svc("kubernetes", "ClusterIP", KUBERNETES, None);
+    text.push_str(&svc(
+        "host-nodeport",
+        "NodePort",
+        HOST_NODEPORT,
+        Some((HOST_NODEPORT_TCP, HOST_NODEPORT_UDP)),
+    ));
+    text
 }
 
 #[cfg(test)]
@@ -1474,6 +1594,24 @@ mod tests {
         assert_eq!(
             backends(&format!("{LB_IP}:53/UDP")),
             ["10.244.1.11:5353/UDP"]
+        );
+        // Host-network endpoints: node 1's own address.
+        let host = |port: u16, proto: &str| format!("{}:{port}/{proto}", node_ip(1));
+        assert_eq!(
+            backends(&format!("{KUBERNETES}:{KUBERNETES_TCP}/TCP")),
+            [host(HOST_SERVER_TCP, "TCP")]
+        );
+        assert_eq!(
+            backends(&format!("{KUBERNETES}:{KUBERNETES_UDP}/UDP")),
+            [host(HOST_SERVER_UDP, "UDP")]
+        );
+        assert_eq!(
+            backends(&format!("{}:{HOST_NODEPORT_TCP}/TCP", node_ip(2))),
+            [host(HOST_SERVER_TCP, "TCP")]
+        );
+        assert_eq!(
+            backends(&format!("{}:{HOST_NODEPORT_UDP}/UDP", node_ip(2))),
+            [host(HOST_SERVER_UDP, "UDP")]
         );
         // Traffic policy Local: node 2 has no endpoint of `local` for outside clients.
         assert!(backends(&format!("{LOCAL_LB_IP}:80/TCP")).is_empty());
