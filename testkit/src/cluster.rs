@@ -7,16 +7,39 @@
 //!  nodeK (lb-agent, XDP on eth0)              │
 //!  eth0 172.18.0.(1+K)/16 ─────────veth── nK ┘
 //!  vethI 10.244.K.1/32 ──veth── eth0 10.244.K.(10+I)/32   pod I of node K
-//!  10.244.J.0/24 via 172.18.0.(1+J) for every other node J (as kindnet routes)
 //! ```
+//!
+//! How pod traffic crosses between nodes is the cluster's [`Network`], as CNIs differ:
+//!
+//! * [`Network::Bridge`] (kindnet, ptp): `10.244.J.0/24 via 172.18.0.(1+J)` for every other
+//!   node J; pod packets cross the bridge as they are.
+//! * [`Network::Vxlan`] (flannel's default backend): a VXLAN device `flannel.1` (VNI 1, UDP
+//!   8472 over eth0, MTU 1450) with 10.244.K.0/32, and for every other node J what flanneld
+//!   programs: `10.244.J.0/24 via 10.244.J.0 dev flannel.1 onlink`, a permanent neighbour
+//!   entry for 10.244.J.0 with J's `flannel.1` MAC and a bridge fdb entry sending that MAC
+//!   to J's node IP.
+//! * [`Network::Tunnel`] (Calico's IPIP `tunl0`, WireGuard: an L3 device without an Ethernet
+//!   header): a TUN device `tun0` (MTU 1420) with 10.244.K.0/32, `10.244.J.0/24 dev tun0`
+//!   for every other node J, and a relay (`lab-tunnel`, in the lab's `network` cgroup) that
+//!   carries each packet `tun0` gives it in a UDP datagram (port 51820, over eth0) to the
+//!   relay of the node whose pod CIDR holds the destination, which writes it to its `tun0`.
+//!
+//! In the overlays only pod-CIDR traffic takes the overlay device (the pods' links get its
+//! MTU, as the CNIs set them); node IPs and the client are reached over the bridge, and the
+//! agents are given `--ext-iface eth0` only.
+//!
+//! Node 1 also runs a server in its host network namespace (not in a pod), `node1-host` on
+//! TCP 6443 and UDP 6053, the endpoint of the Services `kubernetes` (like kube-apiserver on a
+//! one-node kind cluster) and `host-nodeport` (like a host-network ingress controller).
 //!
 //! The client reaches externalIPs and LoadBalancer IPs (203.0.113.0/24) through a node of
 //! its choosing ([`Cluster::route_vips_via`]), as MetalLB in L2 mode would steer them. Each
 //! node has a cgroup v2 directory holding its pods' and its host processes (what the agent's
-//! socket-level hooks are attached to); the agents run in a cgroup of the lab's own beside
-//! them. Every namespace, process, pin, cgroup and file belongs to one [`Cluster`] and is
-//! removed when it is dropped, also after a failure midway; [`Cluster::detach`] leaves it
-//! running and hands back a [`ClusterState`] that removes it later (`cargo xtask lab down`).
+//! socket-level hooks are attached to); the agents and the tunnel relays run in cgroups of
+//! the lab's own beside them. Every namespace, process, pin, cgroup and file belongs to one
+//! [`Cluster`] and is removed when it is dropped, also after a failure midway;
+//! [`Cluster::detach`] leaves it running and hands back a [`ClusterState`] that removes it
+//! later (`cargo xtask lab down`).
 //!
 //! As in the one-node lab, pods keep TX checksum offload on (partial checksums, as real pods
 //! send them) while the nodes' links to the bridge and the client have it off, so whatever
@@ -82,8 +105,105 @@ pub fn pod_name(k: usize, i: usize) -> String {
     format!("node{k}-pod{i}")
 }
 
-/// The Services the default manifests define (see [`default_manifests`]). Every Service has
-/// port 80/TCP (`http`, to the pods' 8080) and 53/UDP (`dns`, to the pods' 5353).
+/// The name node K's host-network server answers with (`lab-server` in the node's own
+/// namespace, not in a pod; node 1 runs one, on [`services::HOST_SERVER_TCP`] and
+/// [`services::HOST_SERVER_UDP`]).
+pub fn host_server_name(k: usize) -> String {
+    format!("node{k}-host")
+}
+
+/// How pod traffic crosses between nodes (see the module's documentation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// kindnet / ptp: routes to the other nodes' pod CIDRs via their bridge addresses.
+    #[default]
+    Bridge,
+    /// flannel's VXLAN backend: `flannel.1`, routes, neighbours and fdb entries as flanneld
+    /// programs them.
+    Vxlan,
+    /// An L3 tunnel without an Ethernet header (Calico IPIP, WireGuard): `tun0` and a UDP
+    /// relay per node (`lab-tunnel`).
+    Tunnel,
+}
+
+impl Network {
+    pub const ALL: [Network; 3] = [Network::Bridge, Network::Vxlan, Network::Tunnel];
+
+    /// The device pod traffic between nodes crosses, if it is not eth0.
+    pub fn overlay_device(self) -> Option<&'static str> {
+        match self {
+            Network::Bridge => None,
+            Network::Vxlan => Some(VXLAN_DEVICE),
+            Network::Tunnel => Some(TUN_DEVICE),
+        }
+    }
+
+    /// The overlay device's MTU, which the pods' links get too.
+    pub fn overlay_mtu(self) -> Option<u16> {
+        match self {
+            Network::Bridge => None,
+            Network::Vxlan => Some(VXLAN_MTU),
+            Network::Tunnel => Some(TUN_MTU),
+        }
+    }
+}
+
+impl std::fmt::Display for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Network::Bridge => "bridge",
+            Network::Vxlan => "vxlan",
+            Network::Tunnel => "tunnel",
+        })
+    }
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Network, String> {
+        Network::ALL
+            .into_iter()
+            .find(|n| n.to_string() == s)
+            .ok_or_else(|| format!("unknown network {s:?} (bridge, vxlan or tunnel)"))
+    }
+}
+
+/// flannel's VXLAN device, VNI, UDP port and MTU.
+pub const VXLAN_DEVICE: &str = "flannel.1";
+pub const VXLAN_VNI: u32 = 1;
+pub const VXLAN_PORT: u16 = 8472;
+pub const VXLAN_MTU: u16 = 1450;
+/// The L3 tunnel's TUN device, MTU and the UDP port its relays listen on (on the node IP).
+pub const TUN_DEVICE: &str = "tun0";
+pub const TUN_MTU: u16 = 1420;
+pub const TUNNEL_PORT: u16 = 51820;
+
+/// Node K's address on its overlay device: 10.244.K.0 (/32), as flannel and Calico number it.
+pub fn overlay_ip(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, k as u8, 0)
+}
+
+/// The MAC of node K's `flannel.1` (flanneld keeps a random one in a node annotation; the lab
+/// derives it from the node, so that captures read the same every time).
+pub fn vxlan_mac(k: usize) -> String {
+    format!("02:42:0a:f4:{:02x}:00", k as u8)
+}
+
+/// The addresses node K's host has in `network` (the source its own stack may pick): its
+/// bridge address, its address on the pod veths and, in an overlay, on the overlay device.
+pub fn node_addresses(network: Network, k: usize) -> Vec<Ipv4Addr> {
+    let mut addrs = vec![node_ip(k), pod_gateway(k)];
+    if network.overlay_device().is_some() {
+        addrs.push(overlay_ip(k));
+    }
+    addrs
+}
+
+/// The Services the default manifests define (see [`default_manifests`]). Every Service over
+/// pods has port 80/TCP (`http`, to the pods' 8080) and 53/UDP (`dns`, to the pods' 5353);
+/// those over node 1's host-network server say their ports.
 pub mod services {
     use std::net::Ipv4Addr;
 
@@ -111,6 +231,22 @@ pub mod services {
     pub const LOCAL_HEALTH_CHECK_NODEPORT: u16 = 30094;
     /// `self`: ClusterIP whose only endpoint is node1-pod1 (node1-pod1 reaching itself).
     pub const SELF: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 15);
+
+    /// Where node 1's host-network server (`node1-host`, not in a pod) listens, in node 1's
+    /// namespace: the endpoint port of `kubernetes` and `host-nodeport`.
+    pub const HOST_SERVER_TCP: u16 = 6443;
+    pub const HOST_SERVER_UDP: u16 = 6053;
+    /// `kubernetes`: the API server's ClusterIP, as on a one-node kind cluster, port 443/TCP
+    /// (`https`) and 53/UDP (`dns`); its EndpointSlice names node 1's own address
+    /// (HOST_SERVER_TCP / HOST_SERVER_UDP), a host-network endpoint.
+    pub const KUBERNETES: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+    pub const KUBERNETES_TCP: u16 = 443;
+    pub const KUBERNETES_UDP: u16 = 53;
+    /// `host-nodeport`: NodePort (externalTrafficPolicy Cluster) whose endpoint is node 1's
+    /// own address (a host-network pod serving a NodePort, e.g. an ingress controller).
+    pub const HOST_NODEPORT: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 16);
+    pub const HOST_NODEPORT_TCP: u16 = 30443;
+    pub const HOST_NODEPORT_UDP: u16 = 30453;
 
     /// `on-nodeK`: NodePort whose only endpoint is node K's first pod (a backend on a chosen
     /// node, for the same-node and other-node cases).
@@ -227,6 +363,8 @@ pub struct ClusterConfig {
     pub state_file: Option<PathBuf>,
     /// The agents' `--ext-attach` (default: the agent's).
     pub ext_attach: Option<&'static str>,
+    /// How pod traffic crosses between nodes (default: [`Network::Bridge`]).
+    pub network: Network,
 }
 
 impl ClusterConfig {
@@ -238,6 +376,7 @@ impl ClusterConfig {
             detached: false,
             state_file: None,
             ext_attach: None,
+            network: Network::Bridge,
         }
     }
 }
@@ -454,12 +593,16 @@ pub struct Cluster {
     pub client_ns: String,
     /// Work folder: manifests/ and the logs.
     pub dir: PathBuf,
+    /// How pod traffic crosses between nodes.
+    pub network: Network,
     /// Cgroup of the agents (outside the nodes' cgroups, so not under their hooks).
     agents_cgroup: PathBuf,
+    /// Cgroup of the network's own processes (the tunnel relays), beside the agents'.
+    network_cgroup: PathBuf,
     state: ClusterState,
     detached: bool,
     ext_attach: Option<&'static str>,
-    /// Long-lived processes (servers, agents), by what they are.
+    /// Long-lived processes (servers, agents, tunnel relays), by what they are.
     children: Vec<(String, Child)>,
     /// Left running by `detach`.
     kept: bool,
@@ -485,7 +628,9 @@ impl Cluster {
             bridge_ns: format!("{tag}-net"),
             client_ns: format!("{tag}-client"),
             dir: names(&tag).1,
+            network: cfg.network,
             agents_cgroup: PathBuf::new(),
+            network_cgroup: PathBuf::new(),
             state: ClusterState {
                 tag: tag.clone(),
                 state_file: cfg.state_file.clone(),
@@ -537,19 +682,14 @@ impl Cluster {
             self.add_netns(&node.ns)?;
             self.plug(&format!("n{}", node.index), &node.ns, &[node.ip])?;
             router_sysctls(&node.ns)?;
-            // Pod CIDRs of the other nodes through those nodes, as kindnet routes them.
-            for other in self.nodes.iter().filter(|o| o.index != node.index) {
-                run(&[
-                    "ip",
-                    "-n",
-                    &node.ns,
-                    "route",
-                    "add",
-                    &pod_cidr(other.index),
-                    "via",
-                    &other.ip.to_string(),
-                ])?;
+        }
+        for node in self.nodes.clone() {
+            match self.network {
+                Network::Bridge => self.bridge_routes(&node),
+                Network::Vxlan => self.vxlan(&node),
+                Network::Tunnel => self.tunnel(&node),
             }
+            .with_context(|| format!("{} network of {}", self.network, node.name))?;
         }
         for pod in self.pods.clone() {
             let node_ns = self.nodes[pod.node - 1].ns.clone();
@@ -562,14 +702,162 @@ impl Cluster {
                 gateway: pod_gateway(pod.node),
             })
             .with_context(|| format!("pod {}", pod.name))?;
+            if let Some(mtu) = self.network.overlay_mtu() {
+                let mtu = mtu.to_string();
+                run(&[
+                    "ip",
+                    "-n",
+                    &node_ns,
+                    "link",
+                    "set",
+                    &pod.host_iface,
+                    "mtu",
+                    &mtu,
+                ])?;
+                run(&["ip", "-n", &pod.ns, "link", "set", "eth0", "mtu", &mtu])?;
+            }
         }
         let client = self.client_ns.clone();
         self.add_netns(&client)?;
         self.plug("c0", &client, &[CLIENT_IP, DENIED_CLIENT_IP])?;
-        self.route_vips_via(1)
+        self.route_vips_via(1)?;
+        if self.network == Network::Tunnel {
+            self.start_relays()?;
+        }
+        Ok(())
     }
 
-    /// Makes the cluster's cgroups: `<cgroup2>/lb-lab-<tag>/{nodeK,agents}`.
+    /// Pod CIDRs of the other nodes through those nodes, as kindnet routes them.
+    fn bridge_routes(&self, node: &ClusterNode) -> Result<()> {
+        for other in self.nodes.iter().filter(|o| o.index != node.index) {
+            run(&[
+                "ip",
+                "-n",
+                &node.ns,
+                "route",
+                "add",
+                &pod_cidr(other.index),
+                "via",
+                &other.ip.to_string(),
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// `flannel.1` on `node` and, for every other node, what flanneld programs: the route to
+    /// its pod CIDR through its `flannel.1` address (onlink), that address's MAC (a permanent
+    /// neighbour entry) and where that MAC is (an fdb entry: its node IP).
+    fn vxlan(&self, node: &ClusterNode) -> Result<()> {
+        let ns = node.ns.as_str();
+        let ip = |args: &[&str]| -> Result<String> {
+            let mut cmd = vec!["ip", "-n", ns];
+            cmd.extend_from_slice(args);
+            run(&cmd)
+        };
+        let (vni, port, mtu) = (
+            VXLAN_VNI.to_string(),
+            VXLAN_PORT.to_string(),
+            VXLAN_MTU.to_string(),
+        );
+        let (local, mac) = (node.ip.to_string(), vxlan_mac(node.index));
+        #[rustfmt::skip]
+        ip(&["link", "add", VXLAN_DEVICE, "type", "vxlan", "id", &vni, "local", &local, "dev",
+            "eth0", "dstport", &port, "nolearning"])?;
+        ip(&["link", "set", VXLAN_DEVICE, "address", &mac, "mtu", &mtu])?;
+        let addr = format!("{}/32", overlay_ip(node.index));
+        ip(&["addr", "add", &addr, "dev", VXLAN_DEVICE])?;
+        ip(&["link", "set", VXLAN_DEVICE, "up"])?;
+        for other in self.nodes.iter().filter(|o| o.index != node.index) {
+            let (gw, mac) = (overlay_ip(other.index).to_string(), vxlan_mac(other.index));
+            let cidr = pod_cidr(other.index);
+            #[rustfmt::skip]
+            ip(&["route", "add", &cidr, "via", &gw, "dev", VXLAN_DEVICE, "onlink"])?;
+            #[rustfmt::skip]
+            ip(&["neigh", "replace", &gw, "lladdr", &mac, "dev", VXLAN_DEVICE, "nud", "permanent"])?;
+            #[rustfmt::skip]
+            run(&["bridge", "-n", ns, "fdb", "append", &mac, "dev", VXLAN_DEVICE, "dst",
+                &other.ip.to_string(), "self", "permanent"])?;
+        }
+        Ok(())
+    }
+
+    /// `tun0` on `node` (persistent, so that the namespace owns it; its relay attaches to it)
+    /// with the routes to the other nodes' pod CIDRs through it.
+    fn tunnel(&self, node: &ClusterNode) -> Result<()> {
+        let ns = node.ns.as_str();
+        let ip = |args: &[&str]| -> Result<String> {
+            let mut cmd = vec!["ip", "-n", ns];
+            cmd.extend_from_slice(args);
+            run(&cmd)
+        };
+        // iproute2 makes IFF_TUN | IFF_NO_PI devices ("pi off").
+        ip(&["tuntap", "add", "dev", TUN_DEVICE, "mode", "tun"])?;
+        // No IPv6 link-local address (WireGuard's devices have none either), so that the
+        // kernel sends nothing of its own into the tunnel.
+        #[rustfmt::skip]
+        ip(&["link", "set", TUN_DEVICE, "mtu", &TUN_MTU.to_string(), "addrgenmode", "none"])?;
+        let addr = format!("{}/32", overlay_ip(node.index));
+        ip(&["addr", "add", &addr, "dev", TUN_DEVICE])?;
+        ip(&["link", "set", TUN_DEVICE, "up"])?;
+        for other in self.nodes.iter().filter(|o| o.index != node.index) {
+            ip(&["route", "add", &pod_cidr(other.index), "dev", TUN_DEVICE])?;
+        }
+        Ok(())
+    }
+
+    /// Starts one `lab-tunnel` per node, in the node's namespace and the lab's `network`
+    /// cgroup, and waits until each has attached to its `tun0` (the device has a carrier).
+    fn start_relays(&mut self) -> Result<()> {
+        let bin = binary("lab-tunnel")?;
+        for node in self.nodes.clone() {
+            let listen = SocketAddrV4::new(node.ip, TUNNEL_PORT).to_string();
+            let peers = self
+                .nodes
+                .iter()
+                .filter(|o| o.index != node.index)
+                .map(|o| format!("{}={}:{TUNNEL_PORT}", pod_cidr(o.index), o.ip));
+            let log = fs::File::create(self.dir.join(format!("tunnel-{}.log", node.name)))?;
+            let child = self
+                .command(&node.ns, Some(&self.network_cgroup))
+                .arg(&bin)
+                .args([TUN_DEVICE, &listen])
+                .args(peers)
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting lab-tunnel")?;
+            self.children.push((format!("relay {}", node.name), child));
+        }
+        for node in self.nodes.clone() {
+            wait_for(Duration::from_secs(5), || {
+                self.check_children()?;
+                let link = run(&["ip", "-n", &node.ns, "-o", "link", "show", TUN_DEVICE])?;
+                Ok(link.contains("LOWER_UP"))
+            })
+            .with_context(|| format!("the tunnel relay of {} did not attach", node.name))?;
+        }
+        Ok(())
+    }
+
+    /// Fails if a long-lived process has exited.
+    fn check_children(&mut self) -> Result<()> {
+        for (what, child) in &mut self.children {
+            if let Some(status) = child.try_wait()? {
+                bail!("{what} exited ({status})");
+            }
+        }
+        Ok(())
+    }
+
+    /// The packets node K's overlay device has received and sent (`None` on the bridge).
+    pub fn overlay_counters(&self, k: usize) -> Result<Option<LinkCounters>> {
+        let Some(dev) = self.network.overlay_device() else {
+            return Ok(None);
+        };
+        link_counters(&self.node(k)?.ns, dev).map(Some)
+    }
+
+    /// Makes the cluster's cgroups: `<cgroup2>/lb-lab-<tag>/{nodeK,agents,network}`.
     fn build_cgroups(&mut self) -> Result<()> {
         let root = if let Some(root) = cgroup2_mount()? {
             root
@@ -589,6 +877,8 @@ impl Cluster {
         }
         self.agents_cgroup = cg.join("agents");
         fs::create_dir(&self.agents_cgroup)?;
+        self.network_cgroup = cg.join("network");
+        fs::create_dir(&self.network_cgroup)?;
         Ok(())
     }
 
@@ -667,6 +957,28 @@ impl Cluster {
         self.pods.iter().find(|p| p.name == pod).map(|p| p.node)
     }
 
+    /// The node whose host-network server has this name ([`host_server_name`]).
+    pub fn host_of(&self, server: &str) -> Option<usize> {
+        self.nodes
+            .iter()
+            .find(|n| host_server_name(n.index) == server)
+            .map(|n| n.index)
+    }
+
+    /// The addresses node K's host has in this cluster's network ([`node_addresses`]).
+    pub fn node_addresses(&self, k: usize) -> Vec<Ipv4Addr> {
+        node_addresses(self.network, k)
+    }
+
+    /// The process ids of the lab's long-lived processes (servers, agents, tunnel relays),
+    /// by what they are.
+    pub fn processes(&self) -> Vec<(String, u32)> {
+        self.children
+            .iter()
+            .map(|(what, child)| (what.clone(), child.id()))
+            .collect()
+    }
+
     /// A command that runs its arguments in network namespace `ns` and, if given, in cgroup
     /// `cgroup` (the shell moves itself there, then execs; `nsenter --net` keeps /sys/fs/bpf
     /// visible, unlike `ip netns exec`).
@@ -715,7 +1027,8 @@ impl Cluster {
         })
     }
 
-    /// Starts `lab-server` in every pod, in its node's cgroup, and waits until each answers.
+    /// Starts `lab-server` in every pod and node 1's host-network server ([`host_server_name`]),
+    /// each in its node's cgroup, and waits until each answers.
     pub fn start_servers(&mut self) -> Result<()> {
         let bin = binary("lab-server")?;
         for pod in self.pods.clone() {
@@ -731,16 +1044,42 @@ impl Cluster {
                 .context("starting lab-server")?;
             self.children.push((format!("server {}", pod.name), child));
         }
-        for pod in &self.pods {
-            let to = SocketAddr::from((pod.ip, HTTP_PORT));
-            let node_ns = self.node(pod.node)?.ns.clone();
+        // Node 1's host-network server, in the node's namespace and cgroup.
+        let node = self.node(1)?.clone();
+        let name = host_server_name(1);
+        let log = fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let child = self
+            .command(&node.ns, Some(&node.cgroup))
+            .arg(&bin)
+            .args([
+                &name,
+                &services::HOST_SERVER_TCP.to_string(),
+                &services::HOST_SERVER_UDP.to_string(),
+            ])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting lab-server")?;
+        self.children.push((format!("server {name}"), child));
+
+        let servers = self.pods.iter().map(|p| {
+            let ns = self.nodes[p.node - 1].ns.clone();
+            (p.name.clone(), ns, SocketAddr::from((p.ip, HTTP_PORT)))
+        });
+        let host = (
+            name,
+            node.ns.clone(),
+            SocketAddr::from((node.ip, services::HOST_SERVER_TCP)),
+        );
+        for (name, ns, to) in servers.chain([host]).collect::<Vec<_>>() {
             wait_for(Duration::from_secs(5), || {
-                Ok(in_netns(&node_ns, move || {
+                self.check_children()?;
+                Ok(in_netns(&ns, move || {
                     std::net::TcpStream::connect_timeout(&to, Duration::from_millis(200))
                 })
                 .is_ok())
             })
-            .with_context(|| format!("{} does not answer", pod.name))?;
+            .with_context(|| format!("{name} does not answer"))?;
         }
         Ok(())
     }
@@ -811,11 +1150,7 @@ impl Cluster {
             let ns = self.node(k)?.ns.clone();
             let left = deadline.saturating_duration_since(Instant::now());
             wait_for(left, || {
-                for (what, child) in &mut self.children {
-                    if let Some(status) = child.try_wait()? {
-                        bail!("{what} exited ({status})");
-                    }
-                }
+                self.check_children()?;
                 Ok(agent_healthy(&ns))
             })
             .with_context(|| {
@@ -914,6 +1249,47 @@ impl Cluster {
     }
 }
 
+/// What an interface has received and sent, from `ip -s link`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+impl std::fmt::Display for LinkCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "RX {} packets {} bytes, TX {} packets {} bytes",
+            self.rx_packets, self.rx_bytes, self.tx_packets, self.tx_bytes
+        )
+    }
+}
+
+/// The counters of interface `dev` in namespace `ns` (`ip -s -j link show`).
+pub fn link_counters(ns: &str, dev: &str) -> Result<LinkCounters> {
+    let out = run(&["ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev])?;
+    parse_link_counters(&out).with_context(|| format!("counters of {dev} in {ns}: {out}"))
+}
+
+fn parse_link_counters(json: &str) -> Result<LinkCounters> {
+    let v: serde_json::Value = serde_json::from_str(json)?;
+    let stats = &v[0]["stats64"];
+    let n = |dir: &str, what: &str| {
+        stats[dir][what]
+            .as_u64()
+            .with_context(|| format!("no stats64.{dir}.{what}"))
+    };
+    Ok(LinkCounters {
+        rx_packets: n("rx", "packets")?,
+        rx_bytes: n("rx", "bytes")?,
+        tx_packets: n("tx", "packets")?,
+        tx_bytes: n("tx", "bytes")?,
+    })
+}
+
 /// `peer=ADDR reply=POD SEEN` from lab-client.
 fn parse_reply(line: &str) -> Option<Outcome> {
     let rest = line.strip_prefix("peer=")?;
@@ -977,7 +1353,8 @@ spec:
 
 /// The lab's Services over `pods` (see [`services`]) and the Pods themselves (labels `app:
 /// web`, `node: nodeK`, `pod: NAME`; the agent derives the endpoints from them, with their
-/// `nodeName`), as two files.
+/// `nodeName`), and the Services over node 1's host-network server with their
+/// EndpointSlices, as three files.
 pub fn default_manifests(pods: &[ClusterPod]) -> Vec<(String, String)> {
     use services::{
         on_node, on_node_tcp, on_node_udp, EXTERNAL, EXTERNAL_IP, LB, LB_IP, LB_NODEPORT_TCP,
@@ -1067,7 +1444,63 @@ status:
     vec![
         ("pods.yaml".to_string(), docs),
         ("services.yaml".to_string(), svcs),
+        ("host-network.yaml".to_string(), host_network_services()),
     ]
+}
+
+/// `kubernetes` and `host-nodeport`, whose endpoint is node 1's host-network server: a
+/// Service without a selector and its EndpointSlice each, the endpoint node 1's own address.
+fn host_network_services() -> String {
+    use services::{
+        HOST_NODEPORT, HOST_NODEPORT_TCP, HOST_NODEPORT_UDP, HOST_SERVER_TCP, HOST_SERVER_UDP,
+        KUBERNETES, KUBERNETES_TCP, KUBERNETES_UDP,
+    };
+    let svc = |name: &str, kind: &str, ip: Ipv4Addr, node_ports: Option<(u16, u16)>| {
+        let (tcp, udp) = match node_ports {
+            Some((t, u)) => (format!(", nodePort: {t}"), format!(", nodePort: {u}")),
+            None => (String::new(), String::new()),
+        };
+        let policy = if node_ports.is_some() {
+            "  externalTrafficPolicy: Cluster\n"
+        } else {
+            ""
+        };
+        format!(
+            r#"---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  type: {kind}
+  clusterIP: {ip}
+  ports:
+  - {{name: https, port: {KUBERNETES_TCP}, protocol: TCP, targetPort: {HOST_SERVER_TCP}{tcp}}}
+  - {{name: dns, port: {KUBERNETES_UDP}, protocol: UDP, targetPort: {HOST_SERVER_UDP}{udp}}}
+{policy}---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports:
+- {{name: https, port: {HOST_SERVER_TCP}, protocol: TCP}}
+- {{name: dns, port: {HOST_SERVER_UDP}, protocol: UDP}}
+endpoints:
+- addresses: ["{addr}"]
+  conditions: {{ready: true}}
+  nodeName: {node}
+"#,
+            addr = node_ip(1),
+            node = node_name(1),
+        )
+    };
+    let mut text = svc("kubernetes", "ClusterIP", KUBERNETES, None);
+    text.push_str(&svc(
+        "host-nodeport",
+        "NodePort",
+        HOST_NODEPORT,
+        Some((HOST_NODEPORT_TCP, HOST_NODEPORT_UDP)),
+    ));
+    text
 }
 
 #[cfg(test)]
@@ -1085,6 +1518,30 @@ mod tests {
             })
         );
         assert_eq!(parse_reply("peer=10.96.1.10:80 reply=garbage"), None);
+    }
+
+    #[test]
+    fn networks_parse_and_link_counters_read() {
+        for n in Network::ALL {
+            assert_eq!(n.to_string().parse::<Network>(), Ok(n));
+        }
+        assert!("calico".parse::<Network>().is_err());
+        assert_eq!(Network::default(), Network::Bridge);
+        assert_eq!(
+            node_addresses(Network::Vxlan, 2),
+            [node_ip(2), pod_gateway(2), Ipv4Addr::new(10, 244, 2, 0)]
+        );
+        let json = r#"[{"ifname":"tun0","stats64":{"rx":{"bytes":10,"packets":1},"tx":{"bytes":30,"packets":3}}}]"#;
+        assert_eq!(
+            parse_link_counters(json).expect("parses"),
+            LinkCounters {
+                rx_packets: 1,
+                rx_bytes: 10,
+                tx_packets: 3,
+                tx_bytes: 30
+            }
+        );
+        assert!(parse_link_counters("[{}]").is_err());
     }
 
     #[test]
@@ -1137,6 +1594,24 @@ mod tests {
         assert_eq!(
             backends(&format!("{LB_IP}:53/UDP")),
             ["10.244.1.11:5353/UDP"]
+        );
+        // Host-network endpoints: node 1's own address.
+        let host = |port: u16, proto: &str| format!("{}:{port}/{proto}", node_ip(1));
+        assert_eq!(
+            backends(&format!("{KUBERNETES}:{KUBERNETES_TCP}/TCP")),
+            [host(HOST_SERVER_TCP, "TCP")]
+        );
+        assert_eq!(
+            backends(&format!("{KUBERNETES}:{KUBERNETES_UDP}/UDP")),
+            [host(HOST_SERVER_UDP, "UDP")]
+        );
+        assert_eq!(
+            backends(&format!("{}:{HOST_NODEPORT_TCP}/TCP", node_ip(2))),
+            [host(HOST_SERVER_TCP, "TCP")]
+        );
+        assert_eq!(
+            backends(&format!("{}:{HOST_NODEPORT_UDP}/UDP", node_ip(2))),
+            [host(HOST_SERVER_UDP, "UDP")]
         );
         // Traffic policy Local: node 2 has no endpoint of `local` for outside clients.
         assert!(backends(&format!("{LOCAL_LB_IP}:80/TCP")).is_empty());

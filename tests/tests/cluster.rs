@@ -21,8 +21,9 @@ use std::{
 
 use lb_testkit::{
     cluster::{
-        node_ip, pod_gateway, pod_ip, services::*, Cluster, ClusterConfig, ClusterState, Origin,
-        Outcome, Proto, CLIENT_IP, DENIED_CLIENT_IP, HAIRPIN_SNAT_IP,
+        host_server_name, node_addresses, node_ip, pod_ip, services::*, Cluster, ClusterConfig,
+        ClusterState, LinkCounters, Network, Origin, Outcome, Proto, CLIENT_IP, DENIED_CLIENT_IP,
+        HAIRPIN_SNAT_IP, HTTP_PORT, UDP_PORT,
     },
     require_root,
 };
@@ -43,12 +44,30 @@ const DROP: Duration = Duration::from_millis(1500);
 /// Requests in flight at once.
 const PARALLEL: usize = 8;
 
+/// Who should answer a row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Server {
+    /// A pod of node K.
+    PodOf(usize),
+    /// Node K's host-network server (`host_server_name(K)`).
+    HostOf(usize),
+}
+
+impl std::fmt::Display for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Server::PodOf(k) => write!(f, "node{k}"),
+            Server::HostOf(k) => f.write_str(&host_server_name(*k)),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 enum Expect {
-    /// An answer from a pod of `node`, which saw one of `sources`; if `peer`, the client's
-    /// socket names the address it sent to (getpeername / recvfrom).
+    /// An answer from `server`, which saw one of `sources`; if `peer`, the client's socket
+    /// names the address it sent to (getpeername / recvfrom).
     Answer {
-        node: usize,
+        server: Server,
         sources: Vec<Ipv4Addr>,
         peer: bool,
     },
@@ -60,12 +79,12 @@ impl std::fmt::Display for Expect {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Expect::Answer {
-                node,
+                server,
                 sources,
                 peer,
             } => {
                 let s: Vec<String> = sources.iter().map(Ipv4Addr::to_string).collect();
-                write!(f, "node{node} sees {}", s.join(" or "))?;
+                write!(f, "{server} sees {}", s.join(" or "))?;
                 if *peer {
                     f.write_str("; peer = destination")?;
                 }
@@ -86,6 +105,9 @@ struct Row {
     expect: Expect,
     /// The node the client's routes send externalIPs and LoadBalancer IPs through.
     vips_via: usize,
+    /// No Service on the way (nothing for the datapath to translate): a row that checks the
+    /// lab itself.
+    direct: bool,
 }
 
 struct Result_ {
@@ -98,7 +120,7 @@ fn check(row: &Row, outcome: &Outcome, cluster: &Cluster) -> bool {
     match (&row.expect, outcome) {
         (
             Expect::Answer {
-                node,
+                server,
                 sources,
                 peer: want_peer,
             },
@@ -111,7 +133,11 @@ fn check(row: &Row, outcome: &Outcome, cluster: &Cluster) -> bool {
             let SocketAddr::V4(seen) = seen else {
                 return false;
             };
-            cluster.node_of(backend) == Some(*node)
+            let answered_by = match server {
+                Server::PodOf(k) => cluster.node_of(backend) == Some(*k),
+                Server::HostOf(k) => cluster.host_of(backend) == Some(*k),
+            };
+            answered_by
                 && sources.contains(seen.ip())
                 && (!want_peer || *peer == SocketAddr::V4(row.to))
         }
@@ -139,6 +165,7 @@ fn both(
             to: SocketAddrV4::new(ip, port),
             expect: expect.clone(),
             vips_via,
+            direct: false,
         });
     }
 }
@@ -149,20 +176,74 @@ fn at(ip: Ipv4Addr, (tcp, udp): (u16, u16)) -> (Ipv4Addr, u16, u16) {
 
 fn answer(node: usize, sources: &[Ipv4Addr]) -> Expect {
     Expect::Answer {
-        node,
+        server: Server::PodOf(node),
         sources: sources.to_vec(),
         peer: false,
     }
 }
 
-fn matrix() -> Vec<Row> {
+/// An answer from `server`, which saw one of `sources`, to a socket that names the address
+/// it sent to.
+fn answer_peer(server: Server, sources: &[Ipv4Addr]) -> Expect {
+    Expect::Answer {
+        server,
+        sources: sources.to_vec(),
+        peer: true,
+    }
+}
+
+/// Rows without a Service: pods, hosts and the client reach pods and node 1's host-network
+/// server by their own addresses. Nothing is translated, so they check the lab (routes, the
+/// overlay, the servers) and tell a broken lab from a datapath that fails a Service row.
+fn direct_rows(network: Network) -> Vec<Row> {
     let mut rows = Vec::new();
+    let pod = |name: &str| Origin::Pod(name.to_string());
+    let pod_ports = (HTTP_PORT, UDP_PORT);
+    let host = (node_ip(1), HOST_SERVER_TCP, HOST_SERVER_UDP);
+    #[rustfmt::skip]
+    let to_pods = [
+        ("pod node1-pod1", pod("node1-pod1"), "direct: pod node2-pod1 (other node)", 2, vec![pod_ip(1, 1)]),
+        ("pod node2-pod2", pod("node2-pod2"), "direct: pod node1-pod2 (other node)", 1, vec![pod_ip(2, 2)]),
+        ("host node1", Origin::Node(1), "direct: pod node2-pod1 (other node)", 2, node_addresses(network, 1)),
+    ];
+    for (client, origin, dest, k, seen) in to_pods {
+        let expect = answer_peer(Server::PodOf(k), &seen);
+        let ip = if k == 2 { pod_ip(2, 1) } else { pod_ip(1, 2) };
+        both(
+            &mut rows,
+            client,
+            origin,
+            dest,
+            at(ip, pod_ports),
+            expect,
+            1,
+        );
+    }
+    #[rustfmt::skip]
+    let to_host = [
+        ("outside", Origin::Outside(CLIENT_IP), vec![CLIENT_IP]),
+        ("pod node2-pod1", pod("node2-pod1"), vec![pod_ip(2, 1)]),
+        ("host node2", Origin::Node(2), node_addresses(network, 2)),
+    ];
+    for (client, origin, seen) in to_host {
+        let expect = answer_peer(Server::HostOf(1), &seen);
+        let dest = "direct: node1-host (node1's own address)";
+        both(&mut rows, client, origin, dest, host, expect, 1);
+    }
+    for r in &mut rows {
+        r.direct = true;
+    }
+    rows
+}
+
+fn matrix(network: Network) -> Vec<Row> {
+    let mut rows = direct_rows(network);
     let pod = |name: &str| Origin::Pod(name.to_string());
     let outside = Origin::Outside(CLIENT_IP);
     let denied = Origin::Outside(DENIED_CLIENT_IP);
     let svc = (80, 53);
     let on_node_ports = |k: usize| (on_node_tcp(k), on_node_udp(k));
-    let node1_addrs = [node_ip(1), pod_gateway(1)];
+    let node1_addrs = node_addresses(network, 1);
 
     // Pods → ClusterIP.
     let n1p2 = pod_ip(1, 2);
@@ -190,11 +271,7 @@ fn matrix() -> Vec<Row> {
         ("ClusterIP on-node1 (local backend)", 1),
         ("ClusterIP on-node2 (remote backend)", 2),
     ] {
-        let expect = Expect::Answer {
-            node: k,
-            sources: node1_addrs.to_vec(),
-            peer: true,
-        };
+        let expect = answer_peer(Server::PodOf(k), &node1_addrs);
         both(
             &mut rows,
             "host node1",
@@ -239,6 +316,48 @@ fn matrix() -> Vec<Row> {
             &dest,
             at(node_ip(node), ports),
             expect,
+            1,
+        );
+    }
+
+    // Host-network endpoints: node1-host, node 1's own address, behind `kubernetes`
+    // (ClusterIP) and `host-nodeport` (NodePort). Pods keep their address (kube-proxy does
+    // not SNAT pod sources for a ClusterIP); a host client is seen as for a ClusterIP to a
+    // remote pod; the outside client as for a NodePort to a local / remote endpoint.
+    let kubernetes = (KUBERNETES, KUBERNETES_TCP, KUBERNETES_UDP);
+    for (name, what) in [("node1-pod1", "same node"), ("node2-pod1", "other node")] {
+        let seen = if name == "node1-pod1" {
+            pod_ip(1, 1)
+        } else {
+            pod_ip(2, 1)
+        };
+        both(
+            &mut rows,
+            &format!("pod {name}"),
+            pod(name),
+            &format!("ClusterIP kubernetes (host-network endpoint, {what})"),
+            kubernetes,
+            answer_peer(Server::HostOf(1), &[seen]),
+            1,
+        );
+    }
+    both(
+        &mut rows,
+        "host node2",
+        Origin::Node(2),
+        "ClusterIP kubernetes (remote host-network endpoint)",
+        kubernetes,
+        answer_peer(Server::HostOf(1), &node_addresses(network, 2)),
+        1,
+    );
+    for (node, what, seen) in [(1, "local", CLIENT_IP), (2, "remote", node_ip(2))] {
+        both(
+            &mut rows,
+            "outside",
+            outside.clone(),
+            &format!("node{node} NodePort host-nodeport ({what} host-network endpoint)"),
+            (node_ip(node), HOST_NODEPORT_TCP, HOST_NODEPORT_UDP),
+            answer_peer(Server::HostOf(1), &[seen]),
             1,
         );
     }
@@ -358,6 +477,42 @@ fn run_rows(cluster: &Cluster, rows: Vec<Row>) -> Vec<Result_> {
     results
 }
 
+/// What a failed row came to, in a few words: a timeout, a refusal, or which part of the
+/// answer is wrong (the server, the source it saw, the peer the client's socket names).
+fn failure_mode(row: &Row, outcome: &Outcome, cluster: &Cluster) -> String {
+    let Outcome::Reply {
+        peer,
+        backend,
+        seen,
+    } = outcome
+    else {
+        return outcome.to_string();
+    };
+    let Expect::Answer {
+        server,
+        sources,
+        peer: want_peer,
+    } = &row.expect
+    else {
+        return format!("answered by {backend} (expected a drop)");
+    };
+    let mut wrong = Vec::new();
+    let answered_by = match server {
+        Server::PodOf(k) => cluster.node_of(backend) == Some(*k),
+        Server::HostOf(k) => cluster.host_of(backend) == Some(*k),
+    };
+    if !answered_by {
+        wrong.push(format!("wrong server {backend}"));
+    }
+    if !matches!(seen, SocketAddr::V4(a) if sources.contains(a.ip())) {
+        wrong.push(format!("wrong source {}", seen.ip()));
+    }
+    if *want_peer && *peer != SocketAddr::V4(row.to) {
+        wrong.push(format!("wrong peer {peer}"));
+    }
+    wrong.join(", ")
+}
+
 fn table(cluster: &Cluster, results: &[Result_]) -> String {
     let mut t = String::from(
         "| client | destination | proto | backend node | source seen | expected | result |\n\
@@ -372,9 +527,11 @@ fn table(cluster: &Cluster, results: &[Result_]) -> String {
             } => {
                 let node = cluster
                     .node_of(backend)
+                    .or_else(|| cluster.host_of(backend))
                     .map_or_else(|| backend.clone(), |k| format!("node{k} ({backend})"));
                 let mut seen = seen.ip().to_string();
-                if matches!(r.row.origin, Origin::Node(_)) {
+                let peer_checked = matches!(r.row.expect, Expect::Answer { peer: true, .. });
+                if matches!(r.row.origin, Origin::Node(_)) || peer_checked || !r.pass {
                     seen.push_str(&format!(" (peer {peer})"));
                 }
                 (node, seen)
@@ -399,23 +556,41 @@ fn table(cluster: &Cluster, results: &[Result_]) -> String {
 #[test]
 fn reachability_matrix() {
     // The default on the nodes' veth uplinks: lb_tc_ext.
-    matrix_with(None, "hook=TC ingress");
+    matrix_with(Network::Bridge, None, "hook=TC ingress");
 }
 
 #[test]
 fn reachability_matrix_with_xdp_on_the_uplinks() {
-    matrix_with(Some("xdp"), "hook=XDP");
+    matrix_with(Network::Bridge, Some("xdp"), "hook=XDP");
 }
 
-/// Runs the whole matrix on a cluster whose agents run with `--ext-attach ext_attach`, and
-/// checks that each attached its uplink as `hook` says.
-fn matrix_with(ext_attach: Option<&'static str>, hook: &str) {
+/// As flannel's default backend: pod traffic between nodes in VXLAN (`flannel.1`).
+#[test]
+fn reachability_matrix_on_vxlan() {
+    matrix_with(Network::Vxlan, None, "hook=TC ingress");
+}
+
+/// As Calico IPIP or WireGuard: pod traffic between nodes through an L3 tunnel device without
+/// an Ethernet header (`tun0`).
+#[test]
+fn reachability_matrix_on_an_l3_tunnel() {
+    matrix_with(Network::Tunnel, None, "hook=TC ingress");
+}
+
+/// Runs the whole matrix on a cluster of `network` whose agents run with `--ext-attach
+/// ext_attach`, and checks that each attached its uplink as `hook` says. The lab is checked
+/// first (the rows without a Service, and in an overlay that pod traffic crossed the overlay
+/// device of both nodes), then the datapath (every other row).
+fn matrix_with(network: Network, ext_attach: Option<&'static str>, hook: &str) {
     require_root();
     let _turn = turn();
     let started = Instant::now();
-    let mut cfg = ClusterConfig::new(2, 2);
-    cfg.ext_attach = ext_attach;
-    let mut cluster = Cluster::up_with(cfg).expect("cluster up");
+    let mut cluster = Cluster::up_with(ClusterConfig {
+        ext_attach,
+        network,
+        ..ClusterConfig::new(2, 2)
+    })
+    .expect("cluster up");
     cluster.start_all().expect("servers, manifests, agents");
     let ready = started.elapsed();
     for k in 1..=2 {
@@ -426,38 +601,77 @@ fn matrix_with(ext_attach: Option<&'static str>, hook: &str) {
             "node {k}: eth0 not attached with {hook}:\n{log}"
         );
     }
+    let counters = |cluster: &Cluster| -> Vec<Option<LinkCounters>> {
+        (1..=2)
+            .map(|k| cluster.overlay_counters(k).expect("overlay counters"))
+            .collect()
+    };
+    let before = counters(&cluster);
 
-    let rows = matrix();
+    let rows = matrix(network);
     let mut results = Vec::new();
     for via in [1, 2] {
         cluster.route_vips_via(via).expect("route");
         let phase: Vec<Row> = rows.iter().filter(|r| r.vips_via == via).cloned().collect();
         results.extend(run_rows(&cluster, phase));
     }
+    let after = counters(&cluster);
     let passed = results.iter().filter(|r| r.pass).count();
     println!(
-        "\nReachability matrix ({passed} of {} rows pass; cluster ready in {:.1} s, all in {:.1} s):\n\n{}",
+        "\nReachability matrix, {network} network ({passed} of {} rows pass; cluster ready in {:.1} s, all in {:.1} s):\n\n{}",
         results.len(),
         ready.as_secs_f64(),
         started.elapsed().as_secs_f64(),
         table(&cluster, &results)
     );
-    let failed: Vec<String> = results
-        .iter()
-        .filter(|r| !r.pass)
-        .map(|r| {
-            format!(
-                "{} → {} {} {}: {} (expected {})",
-                r.row.client, r.row.destination, r.row.to, r.row.proto, r.outcome, r.row.expect
-            )
-        })
-        .collect();
+    let mut overlay_idle = Vec::new();
+    if let Some(dev) = network.overlay_device() {
+        println!("{dev} counters during the matrix:");
+        for (k, (b, a)) in before.iter().zip(&after).enumerate() {
+            let (Some(b), Some(a)) = (b, a) else {
+                continue;
+            };
+            let (rx, tx) = (
+                a.rx_packets.saturating_sub(b.rx_packets),
+                a.tx_packets.saturating_sub(b.tx_packets),
+            );
+            println!("  node{}: +{rx} packets received, +{tx} sent ({a})", k + 1);
+            if rx == 0 || tx == 0 {
+                overlay_idle.push(format!("node{}'s {dev}", k + 1));
+            }
+        }
+    }
+
+    let failed = |direct: bool| -> Vec<String> {
+        results
+            .iter()
+            .filter(|r| !r.pass && r.row.direct == direct)
+            .map(|r| {
+                format!(
+                    "{} → {} {} {}: {} [{}] (expected {})",
+                    r.row.client,
+                    r.row.destination,
+                    r.row.to,
+                    r.row.proto,
+                    r.outcome,
+                    failure_mode(&r.row, &r.outcome, &cluster),
+                    r.row.expect
+                )
+            })
+            .collect()
+    };
+    let (lab, datapath) = (failed(true), failed(false));
     assert!(
-        failed.is_empty(),
-        "{} of {} rows fail:\n{}",
-        failed.len(),
+        lab.is_empty() && overlay_idle.is_empty(),
+        "the {network} lab itself is broken: rows without a Service fail:\n{}\noverlay devices that carried nothing: {overlay_idle:?}",
+        lab.join("\n")
+    );
+    assert!(
+        datapath.is_empty(),
+        "{network} network: {} of {} rows fail:\n{}",
+        datapath.len(),
         results.len(),
-        failed.join("\n")
+        datapath.join("\n")
     );
 }
 
@@ -491,7 +705,8 @@ fn leftovers(tag: &str, state: &ClusterState) -> Vec<String> {
 }
 
 /// What `cargo xtask lab up` and `lab down` do: a cluster whose processes outlive its
-/// handle, removed later from its state file alone, twice over.
+/// handle, removed later from its state file alone, twice over. An L3-tunnel cluster, whose
+/// relays are processes of the network too.
 #[test]
 fn a_detached_cluster_is_removed_from_its_state_file() {
     require_root();
@@ -502,6 +717,7 @@ fn a_detached_cluster_is_removed_from_its_state_file() {
         tag: Some(tag.clone()),
         detached: true,
         state_file: Some(state_file.clone()),
+        network: Network::Tunnel,
         ..ClusterConfig::new(2, 1)
     })
     .expect("cluster up");
@@ -521,6 +737,9 @@ fn a_detached_cluster_is_removed_from_its_state_file() {
     let agents = state.cgroup.as_ref().expect("cgroup").join("agents");
     let procs = std::fs::read_to_string(agents.join("cgroup.procs")).expect("procs");
     assert_eq!(procs.lines().count(), 2, "two agents: {procs}");
+    let network = state.cgroup.as_ref().expect("cgroup").join("network");
+    let procs = std::fs::read_to_string(network.join("cgroup.procs")).expect("procs");
+    assert_eq!(procs.lines().count(), 2, "two tunnel relays: {procs}");
 
     let problems = state.teardown();
     assert!(problems.is_empty(), "{problems:?}");
@@ -531,27 +750,146 @@ fn a_detached_cluster_is_removed_from_its_state_file() {
     drop(guard);
 }
 
-/// A cluster dropped after its agents ran leaves nothing behind.
+/// A cluster dropped after its agents ran leaves nothing behind, in each network: no
+/// namespace, pin, cgroup or file, and none of its processes (servers, agents, relays).
 #[test]
 fn a_dropped_cluster_leaves_nothing_behind() {
     require_root();
     let _turn = turn();
-    let mut cluster = Cluster::up(2, 1).expect("cluster up");
-    cluster.start_all().expect("servers, manifests, agents");
-    // Traffic across nodes works at all (pods reach each other through the node routes).
-    let body = cluster
-        .curl(
-            &Origin::Pod("node1-pod1".into()),
-            &format!("http://{}:8080/", pod_ip(2, 1)),
-        )
-        .expect("pod to pod across nodes");
-    assert!(
-        body.starts_with(&format!("node2-pod1 {}:", pod_ip(1, 1))),
-        "{body}"
-    );
-    let (tag, state) = (cluster.tag.clone(), cluster.state().clone());
-    drop(cluster);
-    assert_eq!(leftovers(&tag, &state), Vec::<String>::new());
+    for network in Network::ALL {
+        let mut cluster = Cluster::up_with(ClusterConfig {
+            network,
+            ..ClusterConfig::new(2, 1)
+        })
+        .expect("cluster up");
+        cluster.start_all().expect("servers, manifests, agents");
+        // Traffic across nodes works at all (pods reach each other through the network).
+        let body = cluster
+            .curl(
+                &Origin::Pod("node1-pod1".into()),
+                &format!("http://{}:8080/", pod_ip(2, 1)),
+            )
+            .expect("pod to pod across nodes");
+        assert!(
+            body.starts_with(&format!("node2-pod1 {}:", pod_ip(1, 1))),
+            "{network}: {body}"
+        );
+        let processes = cluster.processes();
+        let relays = processes.iter().filter(|(w, _)| w.starts_with("relay"));
+        let want = if network == Network::Tunnel { 2 } else { 0 };
+        assert_eq!(relays.count(), want, "{network}: {processes:?}");
+        let (tag, state) = (cluster.tag.clone(), cluster.state().clone());
+        drop(cluster);
+        assert_eq!(leftovers(&tag, &state), Vec::<String>::new(), "{network}");
+        let alive: Vec<_> = processes
+            .iter()
+            .filter(|(_, pid)| std::path::Path::new(&format!("/proc/{pid}")).exists())
+            .collect();
+        assert!(alive.is_empty(), "{network}: still running: {alive:?}");
+    }
+}
+
+/// One MiB over TCP from node2-pod1 to node1-pod1 (by pod IP, no Service): how long it takes
+/// and what node 2's and node 1's overlay devices counted meanwhile.
+fn megabyte_across_nodes(cluster: &Cluster) -> (Duration, LinkCounters, LinkCounters) {
+    use std::io::{Read, Write};
+    const MIB: usize = 1 << 20;
+    const PORT: u16 = 9000;
+    let counters = |k: usize| {
+        cluster
+            .overlay_counters(k)
+            .expect("counters")
+            .expect("an overlay device")
+    };
+    let (tx0, rx0) = (counters(2), counters(1));
+    let server_ns = cluster.pod("node2-pod1").expect("pod").ns.clone();
+    let client_ns = cluster.pod("node1-pod1").expect("pod").ns.clone();
+    let listener = lb_testkit::netns::in_netns(&server_ns, || {
+        let l = std::net::TcpListener::bind(("0.0.0.0", PORT))?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    })
+    .expect("listen in node2-pod1");
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((c, _)) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        return Err(e);
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        conn.set_nonblocking(false)?;
+        conn.write_all(&vec![0x5a; MIB])
+    });
+    let to = SocketAddr::from((pod_ip(2, 1), PORT));
+    let got = lb_testkit::netns::in_netns(&client_ns, move || {
+        let started = Instant::now();
+        let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut data = Vec::with_capacity(MIB);
+        s.read_to_end(&mut data)?;
+        Ok((data.len(), started.elapsed()))
+    });
+    let served = server.join().expect("server thread");
+    let (len, took) = got.expect("receive the MiB in node1-pod1");
+    served.expect("send the MiB from node2-pod1");
+    assert_eq!(len, MIB);
+    let (tx1, rx1) = (counters(2), counters(1));
+    let delta = |a: LinkCounters, b: LinkCounters| LinkCounters {
+        rx_packets: b.rx_packets - a.rx_packets,
+        rx_bytes: b.rx_bytes - a.rx_bytes,
+        tx_packets: b.tx_packets - a.tx_packets,
+        tx_bytes: b.tx_bytes - a.tx_bytes,
+    };
+    (took, delta(tx0, tx1), delta(rx0, rx1))
+}
+
+/// Pod traffic between nodes crosses the overlay device (its counters grow by what was sent,
+/// node 2's in TX, node 1's in RX), and quickly: one MiB of TCP in well under a second, with
+/// the lab alone and again with the agents on the nodes' eth0.
+fn overlay_carries_pod_traffic(network: Network) {
+    require_root();
+    let _turn = turn();
+    let mut cluster = Cluster::up_with(ClusterConfig {
+        network,
+        ..ClusterConfig::new(2, 1)
+    })
+    .expect("cluster up");
+    let dev = network.overlay_device().expect("an overlay");
+    for phase in ["the lab alone", "with the agents"] {
+        if phase == "with the agents" {
+            cluster.start_all().expect("servers, manifests, agents");
+        }
+        let (took, node2, node1) = megabyte_across_nodes(&cluster);
+        println!(
+            "{network}, {phase}: 1 MiB node2-pod1 → node1-pod1 in {:.1} ms; node2's {dev}: {node2}; node1's {dev}: {node1}",
+            took.as_secs_f64() * 1000.0,
+        );
+        assert!(
+            node2.tx_bytes >= 1 << 20 && node1.rx_bytes >= 1 << 20,
+            "{network}, {phase}: the MiB did not cross {dev} (node2 {node2}, node1 {node1})"
+        );
+        assert!(
+            took < Duration::from_secs(1),
+            "{network}, {phase}: 1 MiB took {took:?}"
+        );
+    }
+}
+
+#[test]
+fn vxlan_carries_pod_traffic_between_nodes() {
+    overlay_carries_pod_traffic(Network::Vxlan);
+}
+
+#[test]
+fn an_l3_tunnel_carries_pod_traffic_between_nodes_quickly() {
+    overlay_carries_pod_traffic(Network::Tunnel);
 }
 
 /// Entries of a node's `LB4_SNAT` (its source-NATed flows).

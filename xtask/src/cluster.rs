@@ -6,13 +6,15 @@ use std::{net::SocketAddrV4, path::Path, time::Duration};
 use anyhow::{bail, Result};
 use lb_testkit::{
     cluster::{
-        node_ip, pod_cidr,
+        host_server_name, node_ip, overlay_ip, pod_cidr,
         services::{
-            on_node, on_node_tcp, on_node_udp, EXTERNAL, EXTERNAL_IP, LB_IP, LB_NODEPORT_TCP,
-            LB_NODEPORT_UDP, LOCAL_LB_IP, LOCAL_NODEPORT_TCP, LOCAL_NODEPORT_UDP, SELF, WEB,
-            WEB_NODEPORT, WEB_NODEPORT_TCP, WEB_NODEPORT_UDP,
+            on_node, on_node_tcp, on_node_udp, EXTERNAL, EXTERNAL_IP, HOST_NODEPORT,
+            HOST_NODEPORT_TCP, HOST_NODEPORT_UDP, HOST_SERVER_TCP, HOST_SERVER_UDP, KUBERNETES,
+            KUBERNETES_TCP, KUBERNETES_UDP, LB_IP, LB_NODEPORT_TCP, LB_NODEPORT_UDP, LOCAL_LB_IP,
+            LOCAL_NODEPORT_TCP, LOCAL_NODEPORT_UDP, SELF, WEB, WEB_NODEPORT, WEB_NODEPORT_TCP,
+            WEB_NODEPORT_UDP,
         },
-        Cluster, ClusterConfig, ClusterState, Origin, Proto, CLIENT_IP, DENIED_CLIENT_IP,
+        Cluster, ClusterConfig, ClusterState, Network, Origin, Proto, CLIENT_IP, DENIED_CLIENT_IP,
         VIP_RANGE,
     },
     netns::bin_dir,
@@ -23,7 +25,7 @@ pub const STATE_FILE: &str = "/run/lb-lab/state.json";
 /// The prefix of every name the lab has (namespaces `lblab-node1`, `lblab-client`, ...).
 pub const TAG: &str = "lblab";
 
-pub fn up(nodes: usize, pods: usize) -> Result<()> {
+pub fn up(nodes: usize, pods: usize, network: Network) -> Result<()> {
     let state_file = Path::new(STATE_FILE);
     if let Some(state) = ClusterState::load(state_file)? {
         bail!(
@@ -31,11 +33,14 @@ pub fn up(nodes: usize, pods: usize) -> Result<()> {
             state.tag
         );
     }
-    println!("Building the cluster: {nodes} nodes with {pods} pods each, a client outside...");
+    println!(
+        "Building the cluster: {nodes} nodes with {pods} pods each ({network} network), a client outside..."
+    );
     let mut cluster = Cluster::up_with(ClusterConfig {
         tag: Some(TAG.to_string()),
         detached: true,
         state_file: Some(state_file.to_path_buf()),
+        network,
         ..ClusterConfig::new(nodes, pods)
     })?;
     cluster.start_all()?;
@@ -75,6 +80,26 @@ fn print_summary(c: &Cluster) {
             n.pin.display()
         );
     }
+    let network = c.network;
+    match network.overlay_device() {
+        None => println!(
+            "\nNetwork: bridge (each node routes the other nodes' pod CIDRs via their node IPs)."
+        ),
+        Some(dev) => {
+            let relay = if network == Network::Tunnel {
+                ", one lab-tunnel relay per node (UDP 51820 on the node IP; logs tunnel-nodeK.log)"
+            } else {
+                ""
+            };
+            println!(
+                "\nNetwork: {network}: pod CIDRs of other nodes through {dev} (node K: {} ... {}){relay}; \
+                 node IPs over eth0.\n  Counters: ip -n {} -s link show {dev}",
+                overlay_ip(1),
+                overlay_ip(c.nodes.len()),
+                c.nodes[0].ns,
+            );
+        }
+    }
     println!(
         "\nPods (lab-server: HTTP on 8080, UDP echo on 5353, answering \"POD CLIENT-ADDRESS\"):"
     );
@@ -95,11 +120,15 @@ fn print_summary(c: &Cluster) {
   lb             LoadBalancer {LB_IP}, NodePort {LB_NODEPORT_TCP}/{LB_NODEPORT_UDP}, source ranges {CLIENT_IP}/32   node1-pod1
   local          LoadBalancer {LOCAL_LB_IP}, NodePort {LOCAL_NODEPORT_TCP}/{LOCAL_NODEPORT_UDP}, externalTrafficPolicy Local   node1's pods
   self           ClusterIP {SELF}                        node1-pod1
-  on-node1..{k}    ClusterIP {}..{}, NodePort {}+K/TCP {}+K/UDP   nodeK-pod1",
+  on-node1..{k}    ClusterIP {}..{}, NodePort {}+K/TCP {}+K/UDP   nodeK-pod1
+  kubernetes     ClusterIP {KUBERNETES}, {KUBERNETES_TCP}/TCP → {HOST_SERVER_TCP}, {KUBERNETES_UDP}/UDP → {HOST_SERVER_UDP}   {host} (node1's host network, {n1})
+  host-nodeport  ClusterIP {HOST_NODEPORT}, NodePort {HOST_NODEPORT_TCP}/TCP {HOST_NODEPORT_UDP}/UDP   {host}",
         on_node(1),
         on_node(k),
         on_node_tcp(0),
         on_node_udp(0),
+        host = host_server_name(1),
+        n1 = node_ip(1),
     );
     let client = &c.client_ns;
     let pod = &c.pods[0];

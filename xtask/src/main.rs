@@ -22,6 +22,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use lb_testkit::cluster::Network;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -41,6 +42,11 @@ enum LabAction {
         /// Pods per node.
         #[arg(long, default_value_t = 2)]
         pods: usize,
+        /// How pod traffic crosses between nodes: `bridge` (kindnet: routes via the nodes),
+        /// `vxlan` (flannel's flannel.1) or `tunnel` (an L3 device without an Ethernet header,
+        /// like Calico IPIP or WireGuard: tun0 and a UDP relay per node).
+        #[arg(long, default_value_t = Network::Bridge)]
+        network: Network,
     },
     /// Remove what `lab up` made (whatever of it is left).
     Down,
@@ -238,11 +244,16 @@ fn main() -> Result<()> {
             demo::run(pods, requests)
         }
         Cmd::Lab {
-            action: Some(LabAction::Up { nodes, pods }),
+            action:
+                Some(LabAction::Up {
+                    nodes,
+                    pods,
+                    network,
+                }),
             ..
         } => {
             cargo(&["build", "--bins"])?;
-            cluster::up(nodes, pods)
+            cluster::up(nodes, pods, network)
         }
         Cmd::Lab {
             action: Some(LabAction::Down),

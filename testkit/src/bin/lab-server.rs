@@ -1,6 +1,9 @@
 //! A lab pod's servers: HTTP on a TCP port and an echo service on a UDP port, both answering
 //! with the pod's name and the client address they saw, so tests and the demo can tell which
-//! backend served a request and whether the client address was kept.
+//! backend served a request and whether the client address was kept. A UDP answer leaves
+//! from the address the request was sent to (IP_PKTINFO, as DNS servers answer), not from
+//! whichever address the route back prefers: on a node whose route to the client is an
+//! overlay device, that would be the device's address, which the client never asked.
 //!
 //! Usage: lab-server NAME TCP_PORT UDP_PORT
 // Harness code: a lab that cannot be built panics with a message, arguments are passed as
@@ -14,7 +17,8 @@
 
 use std::{
     io::{Read, Write},
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -70,12 +74,17 @@ fn main() {
         eprintln!("lab-server: udp bind {udp_port}: {e}");
         std::process::exit(1)
     });
+    if let Err(e) = pktinfo_on(&udp) {
+        eprintln!("lab-server: IP_PKTINFO: {e}");
+        std::process::exit(1)
+    }
     let udp_name = name.clone();
     thread::spawn(move || {
         let mut buf = [0u8; 2048];
         loop {
-            if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                let _ = udp.send_to(format!("{udp_name} {peer}\n").as_bytes(), peer);
+            if let Ok((peer, local)) = recv_with_destination(&udp, &mut buf) {
+                let reply = format!("{udp_name} {peer}\n");
+                let _ = send_from(&udp, reply.as_bytes(), peer, local);
             }
         }
     });
@@ -92,6 +101,134 @@ fn main() {
     loop {
         thread::park();
     }
+}
+
+fn pktinfo_on(sock: &UdpSocket) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with an int option value on a socket `sock` owns.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Room for one IP_PKTINFO control message, aligned for cmsghdr.
+#[repr(C, align(8))]
+struct Control([u8; 64]);
+
+fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// One datagram into `buf`: (its source, the destination address it was sent to, when the
+/// kernel says).
+fn recv_with_destination(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(SocketAddrV4, Option<Ipv4Addr>)> {
+    // SAFETY: all-zero sockaddr_in and msghdr are valid values.
+    let mut from: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut control = Control([0; 64]);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: as above.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&raw mut from).cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = control.0.len() as _;
+    // SAFETY: every pointer in `msg` points at a live buffer of the length given, for the
+    // whole call.
+    if unsafe { libc::recvmsg(sock.as_raw_fd(), &raw mut msg, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let peer = SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(from.sin_addr.s_addr)),
+        u16::from_be(from.sin_port),
+    );
+    let mut local = None;
+    // SAFETY: the CMSG_* walk stays within msg_controllen bytes of `control`, which the
+    // kernel filled; an IP_PKTINFO message holds an in_pktinfo (read unaligned).
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_PKTINFO {
+                let info: libc::in_pktinfo = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                local = Some(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)));
+            }
+            c = libc::CMSG_NXTHDR(&raw const msg, c);
+        }
+    }
+    Ok((peer, local))
+}
+
+/// Sends `data` to `to` from address `from` (when known; else as the route chooses).
+fn send_from(
+    sock: &UdpSocket,
+    data: &[u8],
+    to: SocketAddrV4,
+    from: Option<Ipv4Addr>,
+) -> std::io::Result<()> {
+    let Some(from) = from else {
+        return sock.send_to(data, to).map(|_| ());
+    };
+    let mut name = sockaddr_in(to);
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    let mut control = Control([0; 64]);
+    // SAFETY: an all-zero msghdr is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&raw mut name).cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) } as usize;
+    msg.msg_controllen = space as _;
+    // SAFETY: `control` holds `space` bytes (less than its 64), aligned for cmsghdr; the one
+    // control message is written within them; sendmsg reads only the buffers `msg` names,
+    // which live for the whole call (`data` is not written to).
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*c).cmsg_level = libc::IPPROTO_IP;
+        (*c).cmsg_type = libc::IP_PKTINFO;
+        (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
+        let info = libc::in_pktinfo {
+            ipi_ifindex: 0,
+            ipi_spec_dst: libc::in_addr {
+                s_addr: u32::from(from).to_be(),
+            },
+            ipi_addr: libc::in_addr { s_addr: 0 },
+        };
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), info);
+        if libc::sendmsg(sock.as_raw_fd(), &raw const msg, 0) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Workers started up front.
