@@ -21,7 +21,8 @@ use std::{
 };
 
 use anyhow::{bail, Result};
-use lb_common::{config, DEFAULT_MAGLEV_SIZE};
+use aya::programs::{ProgramError, TestRun, TestRunOptions};
+use lb_common::{config, program_names, DEFAULT_MAGLEV_SIZE};
 use lb_control::{
     reconcile::Reconciler,
     source::manifests::parse_file,
@@ -151,6 +152,78 @@ impl Harness {
     /// (TC verdict, output frame).
     pub fn run_reject(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
         run_frame(self.datapath.reject(), frame, None).map_err(Into::into)
+    }
+
+    /// Runs one frame through `program` with BPF_PROG_TEST_RUN, leaving the output frame in
+    /// `out` (its allocation reused, for loops of many frames): the verdict. The error is
+    /// aya's, so that a caller can tell the kernel's refusal of a frame (`EINVAL`) apart.
+    pub fn run_into(
+        &self,
+        program: Program,
+        frame: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<u32, ProgramError> {
+        out.clear();
+        // Room for what a program may add (a reject's ICMP header grows the frame).
+        out.resize(frame.len() + 256, 0);
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(out.as_mut_slice());
+        let r = match program {
+            Program::Xdp => self.datapath.xdp().test_run(opts),
+            Program::TcPod => self.datapath.tc_pod().test_run(opts),
+            Program::TcExt => self.datapath.tc_ext().test_run(opts),
+            Program::TcEgress => self.datapath.tc_egress().test_run(opts),
+            Program::TcReject => self.datapath.reject().test_run(opts),
+        }?;
+        out.truncate(r.data_size_out as usize);
+        Ok(r.return_value)
+    }
+}
+
+/// The datapath's packet programs, for running frames through any of them in a loop
+/// (`Harness::run_into`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Program {
+    /// `lb_xdp` (`Harness::run`).
+    Xdp,
+    /// `lb_tc_pod` (`Harness::run_pod`).
+    TcPod,
+    /// `lb_tc_ext` (`Harness::run_ext`).
+    TcExt,
+    /// `lb_tc_egress` (`Harness::run_egress`).
+    TcEgress,
+    /// `lb_tc_reject` (`Harness::run_reject`).
+    TcReject,
+}
+
+impl Program {
+    pub const ALL: [Program; 5] = [
+        Program::Xdp,
+        Program::TcPod,
+        Program::TcExt,
+        Program::TcEgress,
+        Program::TcReject,
+    ];
+
+    /// The program's name in the object file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Program::Xdp => program_names::LB_XDP,
+            Program::TcPod => program_names::LB_TC_POD,
+            Program::TcExt => program_names::LB_TC_EXT,
+            Program::TcEgress => program_names::LB_TC_EGRESS,
+            Program::TcReject => program_names::LB_TC_REJECT,
+        }
+    }
+
+    /// The verdict with which the program passes a packet on: `XDP_PASS` or `TC_NEXT`.
+    pub fn pass(self) -> u32 {
+        if self == Program::Xdp {
+            XDP_PASS
+        } else {
+            TC_NEXT
+        }
     }
 }
 
