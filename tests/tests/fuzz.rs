@@ -1988,3 +1988,83 @@ fn caught(r: Result<Outcome, String>, what: &str) {
         Ok(o) => panic!("{what} not caught: judged {o:?}"),
     }
 }
+
+/// Found by the fuzzer (failing until the datapath is fixed). A UDP datagram without a
+/// checksum (checksum field 0, "none", RFC 768) whose ports a TC program translates leaves
+/// the skb's CHECKSUM_COMPLETE sum wrong. `skb_rewrite` (lb-ebpf/src/csum.rs) stores the new
+/// ports with `bpf_skb_store_bytes(.., 0)` and counts on `bpf_l4_csum_replace` to balance
+/// them in the checksum field; with BPF_F_MARK_MANGLED_0 and a zero field that helper leaves
+/// everything as it is, so nothing balances the ports' change and `skb->csum` no longer sums
+/// the packet (csum.rs says the helpers keep a CHECKSUM_COMPLETE sum right). The bytes are
+/// right. A UDP checksum, TCP, a change of addresses only, later fragments and ICMP errors
+/// keep the sum right. BPF_F_TEST_SKB_CHECKSUM_COMPLETE gives the skb a CHECKSUM_COMPLETE
+/// sum, as a NIC that sums every packet does, and fails the run with EBADMSG if the program
+/// left it wrong.
+#[test]
+fn udp_without_checksum_keeps_the_checksum_complete_sum() {
+    lb_testkit::require_root();
+    let mut h = Harness::new(NodeInfo {
+        name: "node-a".into(),
+        addresses: vec![NODE_IP.into()],
+        zone: None,
+    })
+    .expect("datapath loads");
+    // ClusterIP 10.96.0.10 UDP 53 → 10.244.0.11:5353, here.
+    h.program(
+        r"
+apiVersion: v1
+kind: Service
+metadata: {name: dns}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: dns, port: 53, protocol: UDP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dns-1, labels: {kubernetes.io/service-name: dns}}
+addressType: IPv4
+ports:
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- {addresses: [10.244.0.11], nodeName: node-a}
+",
+    )
+    .expect("program");
+    // UDP 10.244.0.12:33334 → 10.96.0.10:53, no payload, checksum 0.
+    const QUERY: [u8; 42] = [
+        0x02, 0x00, 0x00, 0x00, 0x00, 0x02, 0x02, 0x00, 0x00, 0x00, 0x00, 0x01, 0x08, 0x00, 0x45,
+        0x00, 0x00, 0x1c, 0x12, 0x34, 0x40, 0x00, 0x40, 0x11, 0x13, 0x34, 0x0a, 0xf4, 0x00, 0x0c,
+        0x0a, 0x60, 0x00, 0x0a, 0x82, 0x36, 0x00, 0x35, 0x00, 0x08, 0x00, 0x00,
+    ];
+    // What lb_tc_pod makes of it: UDP 10.244.0.12:33334 → 10.244.0.11:5353, checksum 0.
+    const DNAT: [u8; 42] = [
+        0x02, 0x00, 0x00, 0x00, 0x00, 0x02, 0x02, 0x00, 0x00, 0x00, 0x00, 0x01, 0x08, 0x00, 0x45,
+        0x00, 0x00, 0x1c, 0x12, 0x34, 0x40, 0x00, 0x40, 0x11, 0x12, 0x9f, 0x0a, 0xf4, 0x00, 0x0c,
+        0x0a, 0xf4, 0x00, 0x0b, 0x82, 0x36, 0x14, 0xe9, 0x00, 0x08, 0x00, 0x00,
+    ];
+    let mut out = Vec::new();
+    // The same query with a checksum keeps the sum right.
+    let mut with = Vec::new();
+    let t = Tuple::new(UDP, (POD_CLIENT, 33333), (VIP, 53));
+    build_l4(&mut with, &mut Rng::new(1), &t, L4Opts::plain(0));
+    assert_eq!(
+        h.run_tc_complete(Program::TcPod, &with, &mut out)
+            .map_err(|e| e.to_string()),
+        Ok(lb_testkit::TC_NEXT)
+    );
+    // Without the flag the query is translated, every byte right.
+    assert_eq!(
+        h.run_into(Program::TcPod, &QUERY, &mut out)
+            .map_err(|e| e.to_string()),
+        Ok(lb_testkit::TC_NEXT)
+    );
+    assert_eq!(out, DNAT);
+    // With it, the run fails: the skb's sum is off by the ports' change (53 → 5353).
+    assert_eq!(
+        h.run_tc_complete(Program::TcPod, &QUERY, &mut out)
+            .map_err(|e| e.to_string()),
+        Ok(lb_testkit::TC_NEXT),
+        "lb_tc_pod left the CHECKSUM_COMPLETE sum of a UDP datagram without checksum wrong"
+    );
+}
