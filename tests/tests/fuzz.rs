@@ -1376,8 +1376,8 @@ fn read_model(h: &Harness) -> Model {
 
 /// Whether BPF_PROG_TEST_RUN refuses a frame before running the program: any shorter than
 /// an Ethernet header; for the TC programs (skbs), also an IPv4 frame shorter than an IPv4
-/// header and an IPv6 one shorter than an IPv6 header (net/bpf/test_run.c, since the
-/// stable fix "bpf: test_run: reject ... too short", 2026).
+/// header and an IPv6 one shorter than an IPv6 header (net/bpf/test_run.c with a 2026 fix,
+/// backported to stable kernels: this 6.18 kernel has it; older ones run such frames).
 fn kernel_refuses(prog: Program, f: &[u8]) -> bool {
     f.len() < 14
         || (prog != Program::Xdp
