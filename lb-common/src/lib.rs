@@ -285,6 +285,10 @@ pub const CT_F_SNAT: u16 = 1 << 4;
 pub const CT_F_FIN: u16 = 1 << 5;
 /// A RST was seen in this entry's direction.
 pub const CT_F_RST: u16 = 1 << 6;
+/// A direct flow (to no frontend) whose reply tuple a Service flow's entry already held:
+/// its source port is remapped (forward entry) and mapped back (reply entry), as netfilter
+/// remaps a tuple that clashes, so that the two flows' replies are told apart.
+pub const CT_F_DIRECT: u16 = 1 << 7;
 
 map_type! {
     /// `LB4_FRAGS` key: one IPv4 datagram as its fragments arrive (addresses as they carry
@@ -485,14 +489,20 @@ pub mod stat {
     /// Later fragments of a datagram whose first fragment was not seen (or long ago):
     /// passed untouched.
     pub const PASS_FRAGMENT_UNKNOWN: u32 = 26;
-    /// A new direct flow (TCP SYN, UDP) that found a Service flow's reply entry on its own
-    /// reply tuple (a client reusing a port): that flow's entries were removed, so the
-    /// direct flow's replies are not rewritten.
-    pub const DIRECT_FLOW_CLAIMED: u32 = 27;
+    /// A new direct flow (TCP SYN; to no frontend) whose reply tuple an open Service flow
+    /// holds (a client reusing a port): the direct flow got another source port.
+    pub const DIRECT_FLOW_REMAPPED: u32 = 27;
     /// ICMP fragmentation-needed sent to a client whose packet would not fit the route to
     /// its (source-NATed) backend.
     pub const FRAG_NEEDED_SENT: u32 = 28;
-    pub const COUNT: u32 = 29;
+    /// Packets of remapped direct flows, either way.
+    pub const DIRECT_FLOW: u32 = 29;
+    /// A new direct flow (TCP SYN, UDP; to no frontend) whose reply tuple an ended Service
+    /// flow still held: that flow's entries were removed.
+    pub const DIRECT_FLOW_CLAIMED: u32 = 30;
+    /// A new direct flow on an open Service flow's reply tuple with no free port to remap to.
+    pub const DIRECT_FLOW_CLASH: u32 = 31;
+    pub const COUNT: u32 = 32;
     /// Entries of `LB_STATS`: room for counters added later (a map keeps its size when a
     /// newer agent takes it over).
     pub const CAPACITY: u32 = 64;
@@ -526,7 +536,10 @@ pub mod stat {
         "pass_icmp_unrelated",
         "fragment_nat",
         "pass_fragment_unknown",
-        "direct_flow_claimed",
+        "direct_flow_remapped",
         "frag_needed_sent",
+        "direct_flow",
+        "direct_flow_claimed",
+        "direct_flow_clash",
     ];
 }

@@ -1,18 +1,20 @@
 //! Conntrack entries: their keys, whether a packet stays on its flow's backend (kube-proxy's
-//! semantics), closing (FIN / RST) and refreshing.
+//! semantics), closing (FIN / RST) and refreshing, and direct flows that clash with a Service
+//! flow's tuple.
 
 use core::mem;
 
-use aya_ebpf::maps::LruHashMap;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32, maps::LruHashMap};
 use lb_common::{
-    stat, CtEntryV4, CtKeyV4, BACKEND_F_TERMINATING, CT_F_FIN, CT_F_FORWARD, CT_F_REPLY, CT_F_RST,
-    CT_F_SNAT, CT_REFRESH_NS, IPPROTO_TCP,
+    config, stat, CtEntryV4, CtKeyV4, BACKEND_F_TERMINATING, CT_F_DIRECT, CT_F_FIN, CT_F_FORWARD,
+    CT_F_REPLY, CT_F_RST, CT_F_SNAT, CT_REFRESH_NS, IPPROTO_TCP, SNAT_TRIES,
 };
 
 use crate::{
     clock::now_ns,
-    maps::{LB4_BACKENDS, LB4_CONNTRACK, LB4_SNAT},
-    parse::{Tuple, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    ctx::Hook,
+    maps::{cfg_value, LB4_BACKENDS, LB4_CONNTRACK, LB4_SNAT},
+    parse::{Headers, Tuple, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     telemetry::count,
 };
 
@@ -127,44 +129,160 @@ pub(crate) fn refresh(entry: &mut CtEntryV4) {
 }
 
 /// A packet that starts a flow of its own (a TCP SYN, a UDP datagram) to no frontend, whose
-/// reply tuple is the reply entry of a Service flow: the client reuses a port it used for a
-/// Service, now to that Service's backend directly (clients cycle through their ports within
-/// seconds). The replies of the two flows are the same packets; the newer flow owns the tuple,
-/// as in the kernel's conntrack, so the Service flow's entries go and the direct flow's
-/// replies are not rewritten to the frontend. A reply entry only ever translates packets of
-/// the flow that created it.
+/// reply tuple a Service flow's entry holds: the client reuses a port it used for a Service,
+/// now to that Service's backend directly (clients cycle through their ports within
+/// seconds). The two flows' replies would be the same packets, and a reply entry must only
+/// ever translate packets of the flow that created it.
+/// * UDP: the Service flow's entries go (UDP has no end; its client has moved on), and the
+///   direct flow passes as it is.
+/// * TCP: as netfilter does with a tuple that clashes, the newer flow gets another source
+///   port, and keeps it while the Service flow's entries last. The backend still holds the
+///   Service connection in TIME_WAIT (60 s) on the same tuple, with the client's sequence
+///   numbers and timestamps of the frontend's address, which are not those of the backend's:
+///   on that tuple the direct SYN would be refused (PAWS) until TIME_WAIT ends. A forward
+///   entry rewrites the port, a reply entry writes it back where the reply leaves towards the
+///   client (TC egress, the last hop, so that it is translated once); the Service flow keeps
+///   its entries. The port is the client's ephemeral port moved below the ephemeral range
+///   (`direct_port`), so that one client port always maps to the same one and the backend
+///   sees one connection after another on it.
+///
+/// Whether the packet was rewritten.
 #[inline(always)]
-pub(crate) fn claim_direct_flow(pkt: &Tuple, proto: u8, tcp_flags: u8) {
+pub(crate) fn remap_direct_flow(
+    ctx: &impl Hook,
+    hdr: &Headers,
+    pkt: &Tuple,
+    proto: u8,
+    tcp_flags: u8,
+) -> bool {
     if proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        return;
+        return false;
     }
     let reply_key = conntrack_key(pkt.daddr, pkt.saddr, pkt.dport, pkt.sport, proto);
     // SAFETY: the value is copied out at once.
-    let Some(reply) = (unsafe { LB4_CONNTRACK.get(&reply_key) }).copied() else {
-        return;
+    let Some(owner) = (unsafe { LB4_CONNTRACK.get(&reply_key) }).copied() else {
+        return false;
     };
-    if reply.flags & CT_F_REPLY == 0 {
-        return;
+    if owner.flags & CT_F_REPLY == 0 || owner.flags & CT_F_DIRECT != 0 {
+        return false;
     }
-    // The Service flow's forward entry, if it still leads to this tuple.
-    let forward_key = conntrack_key(
-        reply.nat_daddr,
-        reply.nat_saddr,
-        reply.nat_dport,
-        reply.nat_sport,
-        proto,
-    );
-    // SAFETY: as above.
-    let ours = unsafe { LB4_CONNTRACK.get(&forward_key) }.is_some_and(|f| {
-        f.flags & CT_F_FORWARD != 0
-            && f.nat_saddr == pkt.saddr
-            && f.nat_daddr == pkt.daddr
-            && f.nat_sport == pkt.sport
-            && f.nat_dport == pkt.dport
-    });
-    if ours {
+    if proto != IPPROTO_TCP {
+        let forward_key = conntrack_key(
+            owner.nat_daddr,
+            owner.nat_saddr,
+            owner.nat_dport,
+            owner.nat_sport,
+            proto,
+        );
         let _ = LB4_CONNTRACK.remove(&forward_key);
+        let _ = LB4_CONNTRACK.remove(&reply_key);
+        count(stat::DIRECT_FLOW_CLAIMED);
+        return false;
     }
-    let _ = LB4_CONNTRACK.remove(&reply_key);
-    count(stat::DIRECT_FLOW_CLAIMED);
+    let now = now_ns();
+    let reply = CtEntryV4 {
+        last_seen_ns: now,
+        nat_saddr: pkt.daddr,
+        nat_daddr: pkt.saddr,
+        nat_sport: pkt.dport,
+        nat_dport: pkt.sport,
+        backend_id: 0,
+        svc_id: 0,
+        flags: CT_F_REPLY | CT_F_DIRECT,
+        _pad: 0,
+    };
+    let port = if let Some(port) = direct_port(pkt.sport) {
+        let key = conntrack_key(pkt.daddr, pkt.saddr, pkt.dport, port, proto);
+        let _ = LB4_CONNTRACK.insert(&key, &reply, 0);
+        port
+    } else if let Some(port) = reserve_port(pkt.daddr, pkt.saddr, pkt.dport, proto, &reply) {
+        port
+    } else {
+        // No port: the Service flow keeps the tuple (counted).
+        count(stat::DIRECT_FLOW_CLASH);
+        return false;
+    };
+    let to = Tuple {
+        sport: port,
+        ..*pkt
+    };
+    let entry = CtEntryV4 {
+        last_seen_ns: now,
+        nat_saddr: to.saddr,
+        nat_daddr: to.daddr,
+        nat_sport: to.sport,
+        nat_dport: to.dport,
+        backend_id: 0,
+        svc_id: 0,
+        flags: CT_F_FORWARD | CT_F_DIRECT,
+        _pad: 0,
+    };
+    let _ = LB4_CONNTRACK.insert(
+        &conntrack_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, proto),
+        &entry,
+        0,
+    );
+    ctx.rewrite(hdr, pkt, &to);
+    count(stat::DIRECT_FLOW_REMAPPED);
+    true
+}
+
+/// Linux's default ephemeral ports (32768-60999, `ip_local_port_range`) moved down to
+/// 1024-29255, one for one: a port a client does not pick for itself. Network byte order.
+/// None for a port outside that range.
+#[inline(always)]
+fn direct_port(port_be: u16) -> Option<u16> {
+    const FIRST: u16 = 32768;
+    const LAST: u16 = 60999;
+    const BY: u16 = FIRST - 1024;
+    let p = u16::from_be(port_be);
+    (FIRST..=LAST).contains(&p).then(|| (p - BY).to_be())
+}
+
+/// A new SYN on a remapped direct flow whose connection has closed: the client opens another
+/// one from the same port, which keeps the same mapping; both entries are open again.
+#[inline(always)]
+pub(crate) fn reopen_direct(entry: &mut CtEntryV4, to: &Tuple, proto: u8) {
+    const CLOSED: u16 = CT_F_FIN | CT_F_RST;
+    entry.flags &= !CLOSED;
+    let reply_key = conntrack_key(to.daddr, to.saddr, to.dport, to.sport, proto);
+    if let Some(r) = LB4_CONNTRACK.get_ptr_mut(&reply_key) {
+        // SAFETY: a map value pointer returned by the kernel, valid for this program run.
+        unsafe { (*r).flags &= !CLOSED };
+    }
+}
+
+/// Reserves a source port of the SNAT range for a client (`client`) of `peer:peer_port` by
+/// inserting `reply` as the reply entry under it: a port another flow between them holds is
+/// never taken. Network byte order.
+#[inline(always)]
+fn reserve_port(
+    peer: u32,
+    client: u32,
+    peer_port: u16,
+    proto: u8,
+    reply: &CtEntryV4,
+) -> Option<u16> {
+    let min = cfg_value(config::SNAT_PORT_MIN);
+    let max = cfg_value(config::SNAT_PORT_MAX);
+    if min == 0 || max < min || max > 65535 {
+        return None;
+    }
+    let range = max - min + 1;
+    let mut key = conntrack_key(peer, client, peer_port, 0, proto);
+    let mut i = 0;
+    while i < SNAT_TRIES {
+        // SAFETY: bpf_get_prandom_u32 has no preconditions.
+        let r = unsafe { bpf_get_prandom_u32() };
+        let port = ((min + r.checked_rem(range).unwrap_or(0)) as u16).to_be();
+        key.dport = port;
+        if LB4_CONNTRACK
+            .insert(&key, reply, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return Some(port);
+        }
+        i += 1;
+    }
+    None
 }

@@ -3,7 +3,7 @@
 //! complement arithmetic the rejects' fresh headers need.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     programs::TcContext,
 };
 
@@ -49,6 +49,17 @@ impl Headers {
 /// partial and a complete one (`CHECKSUM_COMPLETE`) right.
 #[inline(always)]
 pub(crate) fn skb_rewrite(ctx: &TcContext, hdr: &Headers, from: &Tuple, to: &Tuple) {
+    // A UDP datagram without a checksum (zero) has no field that balances a port change: the
+    // store itself updates a `CHECKSUM_COMPLETE` sum then. Otherwise the field does, and the
+    // store must leave the sum alone. (Read before any helper moves the packet.)
+    // SAFETY: `hdr.csum` was bounds-checked by parse when `hdr.l4`, and nothing has changed
+    // the packet since.
+    let no_checksum = hdr.l4 && hdr.udp && unsafe { *hdr.csum } == [0, 0];
+    let store_flags = if no_checksum {
+        u64::from(BPF_F_RECOMPUTE_CSUM)
+    } else {
+        0
+    };
     let csum = if hdr.udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };
     // A UDP checksum of zero means "none": the helpers leave it so.
     let mangled = if hdr.udp {
@@ -80,7 +91,7 @@ pub(crate) fn skb_rewrite(ctx: &TcContext, hdr: &Headers, from: &Tuple, to: &Tup
     for (old, new, off) in ports {
         if old != new {
             let _ = ctx.l4_csum_replace(csum, u64::from(old), u64::from(new), mangled | 2);
-            let _ = ctx.store(off, &new, 0);
+            let _ = ctx.store(off, &new, store_flags);
         }
     }
 }

@@ -80,8 +80,10 @@ pub(crate) trait Hook: Packet {
     fn is_from_pod(&self) -> bool;
     /// Rewrites addresses and ports from `from` to `to`, checksums included.
     fn rewrite(&self, hdr: &Headers, from: &Tuple, to: &Tuple);
-    /// The route's MTU if this packet, translated to `to`, would not fit it.
-    fn mtu_exceeded(&self, to: &Tuple, proto: u8, tot_len: u16) -> Option<u16>;
+    /// The route's MTU if this packet, translated to `to`, would not fit it. `tot_len`: the
+    /// datagram's length; `hdr_len`: its IP and L4 headers' (for an aggregated skb, whose
+    /// segments are what must fit).
+    fn mtu_exceeded(&self, to: &Tuple, proto: u8, tot_len: u16, hdr_len: u16) -> Option<u16>;
 }
 
 impl Hook for XdpContext {
@@ -101,7 +103,7 @@ impl Hook for XdpContext {
 
     /// XDP frames are never aggregated: the datagram's own length is checked.
     #[inline(always)]
-    fn mtu_exceeded(&self, to: &Tuple, proto: u8, tot_len: u16) -> Option<u16> {
+    fn mtu_exceeded(&self, to: &Tuple, proto: u8, tot_len: u16, _hdr_len: u16) -> Option<u16> {
         // SAFETY: ctx.ctx is the program's own context.
         unsafe {
             let ifindex = (*self.ctx).ingress_ifindex;
@@ -140,14 +142,22 @@ impl<const POD: bool> Hook for Skb<'_, POD> {
         skb_rewrite(self.0, hdr, from, to);
     }
 
-    /// The kernel checks the skb as it would forward it (a GRO-aggregated one by its
-    /// segments).
+    /// The route's MTU against the datagram, or for a GRO-aggregated skb against each of the
+    /// segments it will be cut into. (The kernel's own skb check, `tot_len` 0, counts the
+    /// Ethernet header the skb carries here against a route through a device without one,
+    /// such as a tunnel, and refuses packets that fit.)
     #[inline(always)]
-    fn mtu_exceeded(&self, to: &Tuple, proto: u8, _tot_len: u16) -> Option<u16> {
+    fn mtu_exceeded(&self, to: &Tuple, proto: u8, tot_len: u16, hdr_len: u16) -> Option<u16> {
         // SAFETY: the skb is the program's own context.
         unsafe {
             let skb = self.0.skb.skb;
-            mtu_exceeded(skb.cast(), (*skb).ifindex, to, proto, 0)
+            let gso_size = (*skb).gso_size;
+            let len = if gso_size == 0 {
+                tot_len
+            } else {
+                (gso_size as u16).saturating_add(hdr_len)
+            };
+            mtu_exceeded(skb.cast(), (*skb).ifindex, to, proto, len)
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use aya_ebpf::bindings::TC_ACT_SHOT;
 use lb_common::{
-    config, stat, AffinityKeyV4, AffinityV4, CtEntryV4, ServiceKeyV4, BACKEND_F_LOCAL,
+    config, stat, AffinityKeyV4, AffinityV4, CtEntryV4, ServiceKeyV4, BACKEND_F_LOCAL, CT_F_DIRECT,
     CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, CT_F_REPORTED, CT_F_SNAT, FLOW_CLOSED, FLOW_NEW,
     HAIRPIN_SNAT_V4, SCOPE_ALL, SCOPE_PODS, SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
     SVC_F_SOURCE_RANGES,
@@ -14,11 +14,11 @@ use lb_common::{
 
 use crate::{
     clock::now_ns,
-    conntrack::{claim_direct_flow, conntrack_key, keep_flow, note_close, refresh},
+    conntrack::{conntrack_key, keep_flow, note_close, refresh, remap_direct_flow, reopen_direct},
     ctx::{Hook, Packet, Skb, Verdict, TC_NEXT},
     icmp::translate_error,
     maps::{cfg_value, LB4_AFFINITY, LB4_CONNTRACK, LB4_SERVICES},
-    parse::{parse, L4Packet, Parsed, Tuple, IP_DF, TCP_FIN, TCP_RST},
+    parse::{parse, L4Packet, Parsed, Tuple, IP_DF, IP_LEN, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     reject::{pull_headers, reject, tc_frag_needed},
     select::{maglev_backend, random_backend, source_allowed, sticky_backend},
     snat::{snat_port, snat_reply},
@@ -70,8 +70,9 @@ fn reverse_nat_egress(skb: &Skb<'_, false>, l: &L4Packet) {
     };
     // SAFETY: a map value pointer returned by the kernel, valid for this program run.
     let entry = unsafe { &mut *entry };
-    if entry.flags & CT_F_REPLY == 0 || entry.nat_daddr != pkt.daddr || entry.nat_dport != pkt.dport
-    {
+    // The destination address stays (a remapped direct flow's port may change back: routing
+    // does not look at it).
+    if entry.flags & CT_F_REPLY == 0 || entry.nat_daddr != pkt.daddr {
         return;
     }
     let to = Tuple {
@@ -109,13 +110,14 @@ pub(crate) fn process(ctx: &impl Hook) -> Verdict {
 /// A source-NATed packet with DF set that would not fit the route to its backend: the
 /// route's MTU, for the ICMP fragmentation-needed the client must get (the kernel would send
 /// it to the node's own address, the packet's source after the translation). Small packets
-/// are not looked up: no route this side of IPv4's minimum datagram has a lower MTU.
+/// are not looked up: no route this side of IPv4's minimum datagram has a lower MTU. (An
+/// aggregated skb's `tot_len` is its whole length, so it is always looked up.)
 #[inline(always)]
 fn too_big(ctx: &impl Hook, l: &L4Packet, to: &Tuple) -> Option<u16> {
     if l.frags & IP_DF == 0 || l.tot_len <= 576 {
         return None;
     }
-    ctx.mtu_exceeded(to, l.proto, l.tot_len)
+    ctx.mtu_exceeded(to, l.proto, l.tot_len, IP_LEN as u16 + l.l4_hdr_len)
 }
 
 #[inline(always)]
@@ -134,6 +136,12 @@ fn translate(ctx: &impl Hook, l: &L4Packet) -> Verdict {
             dport: entry.nat_dport,
         };
         if entry.flags & CT_F_REPLY != 0 {
+            if entry.flags & CT_F_DIRECT != 0 {
+                // A remapped direct flow's reply gets its port back where it leaves towards
+                // the client (TC egress), and only there: translated here, it would look
+                // there like a reply of the Service flow whose tuple it shares.
+                return pass(stat::DIRECT_FLOW);
+            }
             if l.later_fragment() {
                 count(stat::FRAGMENT_NAT);
             }
@@ -142,6 +150,17 @@ fn translate(ctx: &impl Hook, l: &L4Packet) -> Verdict {
             count_backend(entry.backend_id, bytes);
             ctx.rewrite(hdr, &pkt, &to);
             return pass(stat::REVERSE_NAT);
+        }
+        if entry.flags & CT_F_DIRECT != 0 {
+            // A remapped direct flow keeps its port, also for the next connection from the
+            // same client port (the backend's TIME_WAIT is on the remapped tuple).
+            if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                reopen_direct(entry, &to, proto);
+            }
+            note_close(entry, tcp_flags);
+            refresh(entry);
+            ctx.rewrite(hdr, &pkt, &to);
+            return pass(stat::DIRECT_FLOW);
         }
         if keep_flow(proto, tcp_flags, entry, &to) {
             if entry.flags & CT_F_SNAT != 0 {
@@ -185,7 +204,9 @@ fn translate(ctx: &impl Hook, l: &L4Packet) -> Verdict {
     };
     // SAFETY: the value is copied out at once.
     let Some(mut svc) = (unsafe { LB4_SERVICES.get(&svc_key) }).copied() else {
-        claim_direct_flow(&pkt, proto, tcp_flags);
+        if remap_direct_flow(ctx, hdr, &pkt, proto, tcp_flags) {
+            return Verdict::Pass;
+        }
         return pass(stat::PASS_NO_SERVICE);
     };
     let pod_client = ctx.is_from_pod();

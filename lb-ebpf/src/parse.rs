@@ -85,6 +85,8 @@ pub(crate) struct L4Packet {
     pub(crate) frags: u16,
     /// Bytes of the IP datagram (or fragment), from the header.
     pub(crate) tot_len: u16,
+    /// Bytes of the L4 header (TCP's data offset; UDP's 8; 0 for a later fragment).
+    pub(crate) l4_hdr_len: u16,
 }
 
 impl L4Packet {
@@ -188,6 +190,7 @@ pub(crate) fn parse(ctx: &impl Packet) -> Result<Parsed, u32> {
             tcp_flags: 0,
             frags,
             tot_len,
+            l4_hdr_len: 0,
         }));
     }
     if usize::from(tot_len) < IP_LEN + l4_len {
@@ -195,12 +198,13 @@ pub(crate) fn parse(ctx: &impl Packet) -> Result<Parsed, u32> {
     }
     let ports = ptr_at::<Ports>(ctx, L4_OFF).ok_or(stat::PASS_TRUNCATED)?;
     let csum = ptr_at::<[u8; 2]>(ctx, L4_OFF + csum_off).ok_or(stat::PASS_TRUNCATED)?;
-    let tcp_flags = if proto == IPPROTO_TCP {
-        let f = ptr_at::<u8>(ctx, L4_OFF + 13).ok_or(stat::PASS_TRUNCATED)?;
+    let (tcp_flags, l4_hdr_len) = if proto == IPPROTO_TCP {
+        let f = ptr_at::<[u8; 2]>(ctx, L4_OFF + 12).ok_or(stat::PASS_TRUNCATED)?;
         // SAFETY: bounds-checked by ptr_at.
-        unsafe { *f }
+        let [doff, flags] = unsafe { *f };
+        (flags, u16::from(doff >> 4) * 4)
     } else {
-        0
+        (0, UDP_LEN as u16)
     };
     // SAFETY: `ports` was bounds-checked by ptr_at.
     let port_bytes = unsafe { load32(ports as *const u8) }.to_ne_bytes();
@@ -227,6 +231,7 @@ pub(crate) fn parse(ctx: &impl Packet) -> Result<Parsed, u32> {
         tcp_flags,
         frags,
         tot_len,
+        l4_hdr_len,
     }))
 }
 

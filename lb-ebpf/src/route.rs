@@ -11,9 +11,8 @@ use crate::parse::Tuple;
 
 const AF_INET: u32 = 2;
 
-/// The route's MTU if a packet of `to`'s tuple would not fit it (the caller checked DF).
-/// `tot_len` 0 asks the kernel to check the skb itself, as it would forward it (GSO-aware:
-/// an aggregated TCP skb from GRO is segmented to the MTU, not refused).
+/// The route's MTU if an IPv4 datagram of `tot_len` bytes and `to`'s tuple would not fit it
+/// (the caller checked DF).
 ///
 /// # Safety
 /// `ctx` must be the program's own context (an `xdp_md` or a `__sk_buff`).

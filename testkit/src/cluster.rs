@@ -365,6 +365,9 @@ pub struct ClusterConfig {
     pub ext_attach: Option<&'static str>,
     /// How pod traffic crosses between nodes (default: [`Network::Bridge`]).
     pub network: Network,
+    /// The agents sweep conntrack every second with a 2 s grace (tests see closed flows go);
+    /// false: at the agent's defaults.
+    pub fast_sweep: bool,
 }
 
 impl ClusterConfig {
@@ -377,6 +380,7 @@ impl ClusterConfig {
             state_file: None,
             ext_attach: None,
             network: Network::Bridge,
+            fast_sweep: true,
         }
     }
 }
@@ -602,6 +606,8 @@ pub struct Cluster {
     state: ClusterState,
     detached: bool,
     ext_attach: Option<&'static str>,
+    /// The agents' conntrack sweep: fast (tests) or at the agent's defaults.
+    fast_sweep: bool,
     /// Long-lived processes (servers, agents, tunnel relays), by what they are.
     children: Vec<(String, Child)>,
     /// Left running by `detach`.
@@ -638,6 +644,7 @@ impl Cluster {
             },
             detached: cfg.detached,
             ext_attach: cfg.ext_attach,
+            fast_sweep: cfg.fast_sweep,
             children: Vec::new(),
             kept: false,
             tag,
@@ -1121,7 +1128,7 @@ impl Cluster {
                 pin: &node.pin,
                 cgroup: Some(&node.cgroup),
                 ext_attach: self.ext_attach,
-                fast_sweep: true,
+                fast_sweep: self.fast_sweep,
             };
             let child = spawn_agent(
                 cmd,
@@ -1209,6 +1216,21 @@ impl Cluster {
                 out.status
             )),
         })
+    }
+
+    /// Runs `program` with `args` where `origin` sends from (namespace, cgroup; an outside
+    /// client's address is the caller's to bind); returns its output, whatever its status.
+    pub fn run_from(
+        &self,
+        origin: &Origin,
+        program: &Path,
+        args: &[&str],
+    ) -> Result<std::process::Output> {
+        let (ns, cgroup, _) = self.placement(origin)?;
+        let mut cmd = self.command(&ns, cgroup.as_deref());
+        cmd.arg(program).args(args);
+        cmd.output()
+            .with_context(|| format!("running {}", program.display()))
     }
 
     /// One HTTP request with curl from `origin`, on a new connection; returns the body.

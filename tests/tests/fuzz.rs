@@ -881,6 +881,24 @@ fn judge(
             View::L4 { t, .. } => {
                 let known = m.known.contains(t);
                 let frontend = m.frontend(t);
+                // A new direct TCP connection on a Service flow's reply tuple gets another
+                // source port (the client's moved below the ephemeral range, or one of the
+                // SNAT range); nothing else of it changes.
+                if !known && frontend.is_none() && t.proto == TCP && m.known.contains(&t.reverse())
+                {
+                    let o = check_l4_rewrite(input, out, t.proto)?;
+                    let moved = (32768..=60999).contains(&t.sport).then(|| t.sport - 31744);
+                    let port_ok = moved
+                        .map_or((SNAT_PORTS.0..=SNAT_PORTS.1).contains(&o.sport), |p| {
+                            o.sport == p
+                        });
+                    if (o.saddr, o.daddr, o.dport) != (t.saddr, t.daddr, t.dport) || !port_ok {
+                        return Err(format!("remapped the direct flow {t} to {o}"));
+                    }
+                    m.learn(*t);
+                    m.learn(o.reverse());
+                    return Ok(Outcome::Rewritten);
+                }
                 if !known && frontend.is_none() {
                     return Err(format!("rewrote {t}: no flow, no frontend"));
                 }
@@ -893,7 +911,13 @@ fn judge(
                     let from_ok = (o.saddr, o.sport) == (t.saddr, t.sport)
                         || (o.saddr == NODE_IP && (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&o.sport))
                         || (o.saddr == HAIRPIN && o.daddr == t.saddr && o.sport == t.sport);
-                    if frontend.unwrap_or(0) == 0 || !to_backend || !from_ok {
+                    // A remapped direct flow (whose mapping was swept and made again, with
+                    // another port of the SNAT range).
+                    let remapped = t.proto == TCP
+                        && frontend.is_none()
+                        && (o.saddr, o.daddr, o.dport) == (t.saddr, t.daddr, t.dport)
+                        && (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&o.sport);
+                    if !remapped && (frontend.unwrap_or(0) == 0 || !to_backend || !from_ok) {
                         return Err(format!("rewrote {t} to {o}: no flow of either"));
                     }
                 }

@@ -376,11 +376,10 @@ fn traffic_keeps_flowing_while_the_agent_is_killed_and_restarted() {
         id_of("external interfaces, id "),
         id_of("pod interfaces, id "),
     );
-    let links =
-        lb_testkit::lab::run(&["ip", "-n", &lab.node_ns, "-d", "link", "show"]).expect("ip link");
+    let links = run(&["ip", "-n", &lab.node_ns, "-d", "link", "show"]).expect("ip link");
     assert!(!links.contains("prog/xdp"), "XDP left on ext0: {links}");
     // tcx links; program ids are unique.
-    let net = lb_testkit::lab::run(&["bpftool", "-j", "link", "show"]).expect("bpftool link");
+    let net = run(&["bpftool", "-j", "link", "show"]).expect("bpftool link");
     let links: serde_json::Value = serde_json::from_str(&net).expect("bpftool json");
     let running = |id: &str| {
         links.as_array().map_or(0, |l| {
@@ -513,8 +512,15 @@ fn status_shows_attachments_maps_and_the_agent() {
     ] {
         assert!(s.contains(want), "{want:?} missing:\n{s}");
     }
-    // The default on a veth uplink: TC.
-    assert!(s.contains("ext0 (external): TC ingress\n"), "{s}");
+    // The default on a veth uplink: TC; every interface's replies leave through TC egress.
+    assert!(
+        s.contains("ext0 (external): TC ingress, TC egress (reverse NAT)\n"),
+        "{s}"
+    );
+    assert!(
+        s.contains("veth1 (pod): TC ingress (pod), TC egress (reverse NAT)\n"),
+        "{s}"
+    );
     let ids: Vec<String> = s
         .lines()
         .find(|l| l.starts_with("Programs:"))
@@ -523,7 +529,7 @@ fn status_shows_attachments_maps_and_the_agent() {
         .skip(1)
         .filter_map(|r| r.split(')').next().map(str::to_owned))
         .collect();
-    assert_eq!(ids.len(), 4, "{s}");
+    assert_eq!(ids.len(), 5, "{s}");
     assert!(!s.contains("Warning"), "{s}");
     // The agent stopped gracefully (SIGTERM: its program handles are dropped): status says
     // so and exits 1; the datapath is still attached and forwarding.
@@ -540,14 +546,13 @@ fn status_shows_attachments_maps_and_the_agent() {
     // Uninstall: nothing attached any more, NodePort traffic is no longer translated.
     let out = lab.agent_cli(&["uninstall"]).expect("uninstall");
     assert!(out.contains("links detached"), "{out}");
-    let links =
-        lb_testkit::lab::run(&["ip", "-n", &lab.node_ns, "-d", "link", "show"]).expect("ip link");
+    let links = run(&["ip", "-n", &lab.node_ns, "-d", "link", "show"]).expect("ip link");
     assert!(!links.contains("prog/xdp"), "XDP still attached:\n{links}");
     // No link holds any of the programs any more: the kernel frees them (a link dropped with
     // its pin is released by a kernel worker, so not always at once).
     for id in &ids {
         wait_for(Duration::from_secs(5), || {
-            Ok(lb_testkit::lab::run(&["bpftool", "prog", "show", "id", id]).is_err())
+            Ok(run(&["bpftool", "prog", "show", "id", id]).is_err())
         })
         .unwrap_or_else(|_| panic!("program {id} still loaded after uninstall"));
     }

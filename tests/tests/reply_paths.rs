@@ -135,13 +135,21 @@ fn replies_are_translated_where_they_leave_whatever_link_they_came_in_by() {
     let h = harness();
     // A pod → ClusterIP flow to a pod on this node.
     let syn = Frame::tcp((POD2, 40000), (VIP, 80), SYN);
-    let out = parse(&pass(h.run_pod(&syn.build()).unwrap(), TC_NEXT, "syn"));
+    let out = parse(&pass(
+        h.run_pod(&syn.build()).expect("test run"),
+        TC_NEXT,
+        "syn",
+    ));
     assert_eq!((out.dst, out.dport), (POD1, 8080));
     // Its reply, as it leaves towards POD2 (it could have come over a tunnel, not through
     // POD1's veth): the frontend is its source again.
     let synack = Frame::tcp((POD1, 8080), (POD2, 40000), SYN | ACK);
-    let out = pass(h.run_egress(&synack.build()).unwrap(), TC_NEXT, "reply");
-    verify_checksums(&out).unwrap();
+    let out = pass(
+        h.run_egress(&synack.build()).expect("test run"),
+        TC_NEXT,
+        "reply",
+    );
+    verify_checksums(&out).expect("checksums");
     assert_eq!(
         out,
         Frame {
@@ -153,9 +161,13 @@ fn replies_are_translated_where_they_leave_whatever_link_they_came_in_by() {
     );
     assert_eq!(counter(&h, "reverse_nat_egress"), 1);
     // Translated once: what the ingress program already translated finds nothing more.
-    let translated = pass(h.run_pod(&synack.build()).unwrap(), TC_NEXT, "ingress");
+    let translated = pass(
+        h.run_pod(&synack.build()).expect("test run"),
+        TC_NEXT,
+        "ingress",
+    );
     let again = pass(
-        h.run_egress(&translated).unwrap(),
+        h.run_egress(&translated).expect("test run"),
         TC_NEXT,
         "egress after ingress",
     );
@@ -167,13 +179,21 @@ fn an_endpoint_at_the_nodes_own_address_answers_pods_and_outside_clients() {
     let h = harness();
     // A pod → the `kubernetes` ClusterIP → kube-apiserver on the node's address.
     let syn = Frame::tcp((POD2, 41000), (API_VIP, 443), SYN);
-    let out = parse(&pass(h.run_pod(&syn.build()).unwrap(), TC_NEXT, "pod syn"));
+    let out = parse(&pass(
+        h.run_pod(&syn.build()).expect("test run"),
+        TC_NEXT,
+        "pod syn",
+    ));
     assert_eq!((out.src, out.dst, out.dport), (POD2, NODE_IP, 6443));
     // The node's own stack answers: the reply never crosses a pod veth's ingress, only the
     // egress of the pod's veth.
     let reply = Frame::tcp((NODE_IP, 6443), (POD2, 41000), SYN | ACK);
-    let out = pass(h.run_egress(&reply.build()).unwrap(), TC_NEXT, "pod reply");
-    verify_checksums(&out).unwrap();
+    let out = pass(
+        h.run_egress(&reply.build()).expect("test run"),
+        TC_NEXT,
+        "pod reply",
+    );
+    verify_checksums(&out).expect("checksums");
     assert_eq!(
         out,
         Frame {
@@ -186,11 +206,19 @@ fn an_endpoint_at_the_nodes_own_address_answers_pods_and_outside_clients() {
 
     // UDP the same way.
     let q = Frame::udp((POD2, 41001), (API_VIP, 53), b"q");
-    let out = parse(&pass(h.run_pod(&q.build()).unwrap(), TC_NEXT, "pod udp"));
+    let out = parse(&pass(
+        h.run_pod(&q.build()).expect("test run"),
+        TC_NEXT,
+        "pod udp",
+    ));
     assert_eq!((out.dst, out.dport), (NODE_IP, 6053));
     let a = Frame::udp((NODE_IP, 6053), (POD2, 41001), b"a");
-    let out = pass(h.run_egress(&a.build()).unwrap(), TC_NEXT, "udp reply");
-    verify_checksums(&out).unwrap();
+    let out = pass(
+        h.run_egress(&a.build()).expect("test run"),
+        TC_NEXT,
+        "udp reply",
+    );
+    verify_checksums(&out).expect("checksums");
     assert_eq!(
         out,
         Frame {
@@ -205,18 +233,18 @@ fn an_endpoint_at_the_nodes_own_address_answers_pods_and_outside_clients() {
     // external interface's egress.
     let syn = Frame::tcp((CLIENT, 42000), (NODE_IP, 30443), SYN);
     let out = parse(&pass(
-        h.run_ext(&syn.build()).unwrap(),
+        h.run_ext(&syn.build()).expect("test run"),
         TC_NEXT,
         "outside syn",
     ));
     assert_eq!((out.src, out.dst, out.dport), (CLIENT, NODE_IP, 6443));
     let reply = Frame::tcp((NODE_IP, 6443), (CLIENT, 42000), SYN | ACK);
     let out = pass(
-        h.run_egress(&reply.build()).unwrap(),
+        h.run_egress(&reply.build()).expect("test run"),
         TC_NEXT,
         "outside reply",
     );
-    verify_checksums(&out).unwrap();
+    verify_checksums(&out).expect("checksums");
     assert_eq!(
         out,
         Frame {
@@ -232,12 +260,16 @@ fn translations_that_change_the_destination_are_left_to_ingress() {
     let h = harness();
     // Hairpin: POD1 → its own Service → POD1, from the reserved address.
     let syn = Frame::tcp((POD1, 43000), (VIP, 80), SYN);
-    let out = parse(&pass(h.run_pod(&syn.build()).unwrap(), TC_NEXT, "hairpin"));
+    let out = parse(&pass(
+        h.run_pod(&syn.build()).expect("test run"),
+        TC_NEXT,
+        "hairpin",
+    ));
     assert_eq!((out.src, out.dst), (HAIRPIN, POD1));
     // Its reply must be translated before routing (its destination changes): egress leaves it.
     let reply = Frame::tcp((POD1, 8080), (HAIRPIN, 43000), SYN | ACK).build();
     assert_eq!(
-        pass(h.run_egress(&reply).unwrap(), TC_NEXT, "egress"),
+        pass(h.run_egress(&reply).expect("test run"), TC_NEXT, "egress"),
         reply
     );
 }
@@ -317,10 +349,10 @@ fn every_fragment_of_a_datagram_is_translated_like_its_first() {
     let (q, frags) = big_udp((POD2, 33333), (VIP, 53), 0x4242);
     let out: Vec<Vec<u8>> = frags
         .iter()
-        .map(|f| pass(h.run_pod(f).unwrap(), TC_NEXT, "query fragment"))
+        .map(|f| pass(h.run_pod(f).expect("test run"), TC_NEXT, "query fragment"))
         .collect();
     let whole = reassemble(&out);
-    verify_checksums(&whole).unwrap();
+    verify_checksums(&whole).expect("checksums");
     assert_eq!(
         parse(&whole),
         Frame {
@@ -334,10 +366,10 @@ fn every_fragment_of_a_datagram_is_translated_like_its_first() {
     let (a, frags) = big_udp((POD1, 5353), (POD2, 33333), 0x5151);
     let out: Vec<Vec<u8>> = frags
         .iter()
-        .map(|f| pass(h.run_pod(f).unwrap(), TC_NEXT, "answer fragment"))
+        .map(|f| pass(h.run_pod(f).expect("test run"), TC_NEXT, "answer fragment"))
         .collect();
     let whole = reassemble(&out);
-    verify_checksums(&whole).unwrap();
+    verify_checksums(&whole).expect("checksums");
     assert_eq!(
         parse(&whole),
         Frame {
@@ -351,10 +383,10 @@ fn every_fragment_of_a_datagram_is_translated_like_its_first() {
     let (q, frags) = big_udp((CLIENT, 34444), (NODE_IP, 30053), 0x6161);
     let out: Vec<Vec<u8>> = frags
         .iter()
-        .map(|f| pass(h.run(f).unwrap(), XDP_PASS, "nodeport fragment"))
+        .map(|f| pass(h.run(f).expect("test run"), XDP_PASS, "nodeport fragment"))
         .collect();
     let whole = reassemble(&out);
-    verify_checksums(&whole).unwrap();
+    verify_checksums(&whole).expect("checksums");
     assert_eq!(
         parse(&whole),
         Frame {
@@ -366,15 +398,25 @@ fn every_fragment_of_a_datagram_is_translated_like_its_first() {
     // The answer from the host-network `kubernetes` endpoint, leaving by egress.
     let (q, frags) = big_udp((POD2, 35555), (API_VIP, 53), 0x7171);
     for f in &frags {
-        pass(h.run_pod(f).unwrap(), TC_NEXT, "query to the node");
+        pass(
+            h.run_pod(f).expect("test run"),
+            TC_NEXT,
+            "query to the node",
+        );
     }
     let (a, frags) = big_udp((NODE_IP, 6053), (POD2, 35555), 0x7272);
     let out: Vec<Vec<u8>> = frags
         .iter()
-        .map(|f| pass(h.run_egress(f).unwrap(), TC_NEXT, "egress fragment"))
+        .map(|f| {
+            pass(
+                h.run_egress(f).expect("test run"),
+                TC_NEXT,
+                "egress fragment",
+            )
+        })
         .collect();
     let whole = reassemble(&out);
-    verify_checksums(&whole).unwrap();
+    verify_checksums(&whole).expect("checksums");
     assert_eq!(
         parse(&whole),
         Frame {
@@ -393,15 +435,24 @@ fn a_fragment_of_an_unknown_datagram_is_never_rewritten() {
     // their ports, so they are left alone (and counted).
     let (_, frags) = big_udp((POD2, 36666), (VIP, 53), 0x0a0a);
     for f in &frags[1..] {
-        assert_eq!(pass(h.run_pod(f).unwrap(), TC_NEXT, "orphan"), *f);
-        assert_eq!(pass(h.run(f).unwrap(), XDP_PASS, "orphan xdp"), *f);
-        assert_eq!(pass(h.run_egress(f).unwrap(), TC_NEXT, "orphan egress"), *f);
+        assert_eq!(pass(h.run_pod(f).expect("test run"), TC_NEXT, "orphan"), *f);
+        assert_eq!(
+            pass(h.run(f).expect("test run"), XDP_PASS, "orphan xdp"),
+            *f
+        );
+        assert_eq!(
+            pass(h.run_egress(f).expect("test run"), TC_NEXT, "orphan egress"),
+            *f
+        );
     }
     assert_eq!(counter(&h, "pass_fragment_unknown"), 4);
     // A datagram that is not a Service's: its fragments pass untouched, the first too.
     let (_, frags) = big_udp((POD2, 36667), (REMOTE_POD, 9999), 0x0b0b);
     for f in &frags {
-        assert_eq!(pass(h.run_pod(f).unwrap(), TC_NEXT, "not ours"), *f);
+        assert_eq!(
+            pass(h.run_pod(f).expect("test run"), TC_NEXT, "not ours"),
+            *f
+        );
     }
 }
 
@@ -460,11 +511,15 @@ fn quoted_tuple(q: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16) {
 fn a_backends_port_unreachable_reaches_the_client_as_the_frontends() {
     let h = harness();
     let q = Frame::udp((POD2, 37777), (VIP, 53), b"who is there");
-    let sent = pass(h.run_pod(&q.build()).unwrap(), TC_NEXT, "query");
+    let sent = pass(h.run_pod(&q.build()).expect("test run"), TC_NEXT, "query");
     // POD1's port is closed: its kernel answers about the packet it got (quoting 8 bytes of
     // UDP, checksum included).
     let err = icmp_error(POD1, POD2, (3, 3, 0), &sent, 8);
-    let out = pass(h.run_pod(&err).unwrap(), TC_NEXT, "port unreachable");
+    let out = pass(
+        h.run_pod(&err).expect("test run"),
+        TC_NEXT,
+        "port unreachable",
+    );
     let (src, dst, quoted) = read_icmp_error(&out);
     assert_eq!(
         (src, dst),
@@ -483,13 +538,13 @@ fn a_routers_fragmentation_needed_reaches_a_source_natted_client() {
     let h = harness();
     // Outside → NodePort → a backend on another node: source-NATed to the node.
     let syn = Frame::tcp((CLIENT, 44000), (NODE_IP, 30090), SYN);
-    let sent = pass(h.run_ext(&syn.build()).unwrap(), TC_NEXT, "syn");
+    let sent = pass(h.run_ext(&syn.build()).expect("test run"), TC_NEXT, "syn");
     let s = parse(&sent);
     assert_eq!((s.src, s.dst), (NODE_IP, REMOTE_POD));
     // A router on the way: fragmentation needed (MTU 1400), to the node's address, quoting
     // the whole TCP header (routers quote up to 576 bytes).
     let err = icmp_error(ROUTER, NODE_IP, (3, 4, 1400), &sent, 20);
-    let out = pass(h.run_ext(&err).unwrap(), TC_NEXT, "frag needed");
+    let out = pass(h.run_ext(&err).expect("test run"), TC_NEXT, "frag needed");
     let (src, dst, quoted) = read_icmp_error(&out);
     assert_eq!(
         (src, dst),
@@ -507,11 +562,15 @@ fn a_time_exceeded_about_a_pods_flow_is_translated_where_it_leaves() {
     let h = harness();
     // A pod → ClusterIP of the remote Service: DNAT to the other node's pod, source kept.
     let syn = Frame::tcp((POD2, 45000), (Ipv4Addr::new(10, 96, 0, 20), 80), SYN);
-    let sent = pass(h.run_pod(&syn.build()).unwrap(), TC_NEXT, "syn");
+    let sent = pass(h.run_pod(&syn.build()).expect("test run"), TC_NEXT, "syn");
     assert_eq!(parse(&sent).dst, REMOTE_POD);
     // A router between the nodes: time exceeded, to the pod (as it leaves towards it).
     let err = icmp_error(ROUTER, POD2, (11, 0, 0), &sent, 8);
-    let out = pass(h.run_egress(&err).unwrap(), TC_NEXT, "time exceeded");
+    let out = pass(
+        h.run_egress(&err).expect("test run"),
+        TC_NEXT,
+        "time exceeded",
+    );
     let (src, dst, quoted) = read_icmp_error(&out);
     assert_eq!((src, dst), (ROUTER, POD2));
     assert_eq!(
@@ -542,17 +601,17 @@ fn icmp_that_is_not_about_a_flow_of_ours_passes_untouched() {
     ];
     for (what, frame) in cases {
         assert_eq!(
-            pass(h.run_pod(&frame).unwrap(), TC_NEXT, what),
+            pass(h.run_pod(&frame).expect("test run"), TC_NEXT, what),
             frame,
             "{what}"
         );
         assert_eq!(
-            pass(h.run(&frame).unwrap(), XDP_PASS, what),
+            pass(h.run(&frame).expect("test run"), XDP_PASS, what),
             frame,
             "{what}"
         );
         assert_eq!(
-            pass(h.run_egress(&frame).unwrap(), TC_NEXT, what),
+            pass(h.run_egress(&frame).expect("test run"), TC_NEXT, what),
             frame,
             "{what}"
         );
@@ -561,63 +620,160 @@ fn icmp_that_is_not_about_a_flow_of_ours_passes_untouched() {
 
 // ---- A client reusing a port ----------------------------------------------------------------
 
+/// A Service flow from POD2:47000 to POD1 behind the ClusterIP (ended with FINs if
+/// `closed`), then POD2 uses port 47000 again straight to POD1.
+fn service_flow_then_direct(h: &Harness, proto: u8, closed: bool) -> (Frame, u16) {
+    let bport = if proto == TCP { 8080 } else { 5353 };
+    let to_vip = |flags| match proto {
+        TCP => Frame::tcp((POD2, 47000), (VIP, 80), flags),
+        _ => Frame::udp((POD2, 47000), (VIP, 53), b"q"),
+    };
+    let out = parse(&pass(
+        h.run_pod(&to_vip(SYN).build()).expect("test run"),
+        TC_NEXT,
+        "svc",
+    ));
+    assert_eq!((out.dst, out.dport), (POD1, bport));
+    if closed {
+        pass(
+            h.run_pod(&to_vip(FIN | ACK).build()).expect("test run"),
+            TC_NEXT,
+            "fin",
+        );
+        let fin = Frame::tcp((POD1, bport), (POD2, 47000), FIN | ACK);
+        pass(
+            h.run_pod(&fin.build()).expect("test run"),
+            TC_NEXT,
+            "fin back",
+        );
+    }
+    let direct = match proto {
+        TCP => Frame::tcp((POD2, 47000), (POD1, bport), SYN),
+        _ => Frame::udp((POD2, 47000), (POD1, bport), b"q"),
+    };
+    (direct, bport)
+}
+
 #[test]
-fn a_direct_flow_on_a_service_flows_reply_tuple_is_not_rewritten() {
-    for proto in [TCP, UDP] {
+fn a_direct_datagram_on_a_udp_service_flows_tuple_is_its_own() {
+    let h = harness();
+    let (direct, bport) = service_flow_then_direct(&h, UDP, false);
+    // UDP has no end: the Service flow's entries go, and the direct flow passes as it is.
+    let b = direct.build();
+    assert_eq!(pass(h.run_pod(&b).expect("test run"), TC_NEXT, "direct"), b);
+    assert_eq!(counter(&h, "direct_flow_claimed"), 1);
+    // POD1's replies to it are its own, wherever they are looked at.
+    let reply = Frame::udp((POD1, bport), (POD2, 47000), b"a").build();
+    assert_eq!(
+        pass(h.run_pod(&reply).expect("test run"), TC_NEXT, "reply"),
+        reply
+    );
+    assert_eq!(
+        pass(h.run_egress(&reply).expect("test run"), TC_NEXT, "egress"),
+        reply
+    );
+    // The Service works on that port again afterwards, as a new flow.
+    let again = Frame::udp((POD2, 47000), (VIP, 53), b"q");
+    let out = parse(&pass(
+        h.run_pod(&again.build()).expect("test run"),
+        TC_NEXT,
+        "again",
+    ));
+    assert_eq!((out.dst, out.dport), (POD1, bport));
+}
+
+/// Client port 47000 below the ephemeral range (32768 → 1024).
+const REMAPPED: u16 = 47000 - 31744;
+
+#[test]
+fn a_direct_connection_on_a_service_flows_tuple_gets_a_port_of_its_own() {
+    for closed in [true, false] {
         let h = harness();
-        let to_vip = |flags| match proto {
-            TCP => Frame::tcp((POD2, 47000), (VIP, 80), flags),
-            _ => Frame::udp((POD2, 47000), (VIP, 53), b"q"),
+        let what = format!("service flow closed: {closed}");
+        let (direct, bport) = service_flow_then_direct(&h, TCP, closed);
+        // As netfilter does with a tuple that clashes, the newer flow gets another source
+        // port: the backend still holds the Service connection (or its TIME_WAIT) there.
+        let out = pass(
+            h.run_pod(&direct.build()).expect("test run"),
+            TC_NEXT,
+            "direct",
+        );
+        verify_checksums(&out).expect("checksums");
+        assert_eq!(
+            out,
+            Frame {
+                sport: REMAPPED,
+                ..direct.clone()
+            }
+            .build(),
+            "{what}"
+        );
+        assert_eq!(counter(&h, "direct_flow_remapped"), 1, "{what}");
+        // Its next packet keeps that port.
+        let next = Frame::tcp((POD2, 47000), (POD1, bport), ACK);
+        let out = parse(&pass(
+            h.run_pod(&next.build()).expect("test run"),
+            TC_NEXT,
+            "next",
+        ));
+        assert_eq!(out.sport, REMAPPED, "{what}");
+        // POD1's replies to it get the client's port back where they leave towards the
+        // client, once (coming in, they are left alone: translated there, they would look
+        // like the Service flow's replies where they leave), never the frontend's address.
+        let reply = Frame::tcp((POD1, bport), (POD2, REMAPPED), SYN | ACK);
+        let ingress = pass(
+            h.run_pod(&reply.build()).expect("test run"),
+            TC_NEXT,
+            "reply in",
+        );
+        assert_eq!(ingress, reply.build(), "{what}: ingress");
+        let out = pass(
+            h.run_egress(&ingress).expect("test run"),
+            TC_NEXT,
+            "reply out",
+        );
+        verify_checksums(&out).expect("checksums");
+        let back = Frame {
+            dport: 47000,
+            ..reply.clone()
         };
-        let (bport, vport) = if proto == TCP { (8080, 80) } else { (5353, 53) };
-        // A Service flow from POD2:47000, to POD1 behind the ClusterIP, which ends.
-        let out = parse(&pass(
-            h.run_pod(&to_vip(SYN).build()).unwrap(),
-            TC_NEXT,
-            "svc",
-        ));
-        assert_eq!((out.dst, out.dport), (POD1, bport));
-        if proto == TCP {
-            pass(
-                h.run_pod(&to_vip(FIN | ACK).build()).unwrap(),
+        assert_eq!(out, back.build(), "{what}: egress");
+        if !closed {
+            // The open Service flow's own replies are still its own.
+            let svc_reply = Frame::tcp((POD1, bport), (POD2, 47000), ACK);
+            let out = parse(&pass(
+                h.run_pod(&svc_reply.build()).expect("test run"),
                 TC_NEXT,
-                "fin",
-            );
-            let fin = Frame::tcp((POD1, bport), (POD2, 47000), FIN | ACK);
-            pass(h.run_pod(&fin.build()).unwrap(), TC_NEXT, "fin back");
+                "svc",
+            ));
+            assert_eq!((out.src, out.sport, out.dport), (VIP, 80, 47000), "{what}");
         }
-        // The client reuses the port, now straight to POD1.
-        let direct = match proto {
-            TCP => Frame::tcp((POD2, 47000), (POD1, bport), SYN),
-            _ => Frame::udp((POD2, 47000), (POD1, bport), b"q"),
-        }
-        .build();
-        assert_eq!(pass(h.run_pod(&direct).unwrap(), TC_NEXT, "direct"), direct);
-        // POD1's replies to it are its own, wherever they are looked at.
-        let reply = match proto {
-            TCP => Frame::tcp((POD1, bport), (POD2, 47000), SYN | ACK),
-            _ => Frame::udp((POD1, bport), (POD2, 47000), b"a"),
-        }
-        .build();
-        assert_eq!(
-            pass(h.run_pod(&reply).unwrap(), TC_NEXT, "reply"),
-            reply,
-            "{proto}"
-        );
-        assert_eq!(
-            pass(h.run_egress(&reply).unwrap(), TC_NEXT, "egress"),
-            reply,
-            "{proto}"
-        );
-        assert_eq!(counter(&h, "direct_flow_claimed"), 1);
-        // The Service works on that port again afterwards, as a new flow.
+        // The direct connection ends; the client opens another from the same port to POD1:
+        // it keeps the same port, so the backend sees one connection after the other.
+        let fin = Frame::tcp((POD2, 47000), (POD1, bport), FIN | ACK);
         let out = parse(&pass(
-            h.run_pod(&to_vip(SYN).build()).unwrap(),
+            h.run_pod(&fin.build()).expect("test run"),
             TC_NEXT,
-            "again",
+            "fin",
         ));
-        assert_eq!((out.dst, out.dport), (POD1, bport));
-        let _ = vport;
+        assert_eq!(out.sport, REMAPPED, "{what}: fin");
+        let fin_back = Frame::tcp((POD1, bport), (POD2, REMAPPED), FIN | ACK).build();
+        pass(
+            h.run_egress(&fin_back).expect("test run"),
+            TC_NEXT,
+            "fin back",
+        );
+        let out = parse(&pass(
+            h.run_pod(&direct.build()).expect("test run"),
+            TC_NEXT,
+            "syn again",
+        ));
+        assert_eq!(out.sport, REMAPPED, "{what}: the next connection");
+        assert_eq!(
+            counter(&h, "direct_flow_remapped"),
+            1,
+            "{what}: one mapping"
+        );
     }
 }
 
@@ -625,7 +781,7 @@ fn a_direct_flow_on_a_service_flows_reply_tuple_is_not_rewritten() {
 fn ordinary_traffic_between_pods_claims_nothing() {
     let h = harness();
     let syn = Frame::tcp((POD2, 48000), (VIP, 80), SYN);
-    pass(h.run_pod(&syn.build()).unwrap(), TC_NEXT, "svc");
+    pass(h.run_pod(&syn.build()).expect("test run"), TC_NEXT, "svc");
     // Another port, another backend: no Service flow's reply tuple.
     for f in [
         Frame::tcp((POD2, 48001), (POD1, 8080), SYN),
@@ -633,12 +789,17 @@ fn ordinary_traffic_between_pods_claims_nothing() {
         Frame::udp((POD2, 48000), (REMOTE_POD, 8080), b"x"),
     ] {
         let b = f.build();
-        assert_eq!(pass(h.run_pod(&b).unwrap(), TC_NEXT, "other"), b);
+        assert_eq!(pass(h.run_pod(&b).expect("test run"), TC_NEXT, "other"), b);
     }
+    assert_eq!(counter(&h, "direct_flow_remapped"), 0);
     assert_eq!(counter(&h, "direct_flow_claimed"), 0);
     // The Service flow's reply is still translated.
     let reply = Frame::tcp((POD1, 8080), (POD2, 48000), SYN | ACK).build();
-    let out = parse(&pass(h.run_pod(&reply).unwrap(), TC_NEXT, "reply"));
+    let out = parse(&pass(
+        h.run_pod(&reply).expect("test run"),
+        TC_NEXT,
+        "reply",
+    ));
     assert_eq!((out.src, out.sport), (VIP, 80));
     let _ = OTHER_NODE;
 }

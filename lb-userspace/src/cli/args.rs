@@ -173,8 +173,9 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 5.0)]
     ct_gc_interval: f64,
     /// Seconds a closed flow (FIN both ways, or RST) stays before its entries and SNAT port
-    /// are freed.
-    #[arg(long, default_value_t = 10.0)]
+    /// are freed: as long as its peers keep TIME_WAIT (60 s), so that a client reusing the
+    /// port for a connection straight to the backend is told apart (netfilter keeps 120 s).
+    #[arg(long, default_value_t = 60.0)]
     ct_close_grace: f64,
     /// Seconds an idle UDP flow keeps its backend.
     #[arg(long, default_value_t = 120.0)]

@@ -39,7 +39,7 @@ pub struct Timeouts {
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
-            closed: Duration::from_secs(10),
+            closed: Duration::from_mins(1),
             tcp_idle: Duration::from_hours(24),
             udp_idle: Duration::from_mins(2),
         }
@@ -309,7 +309,7 @@ mod tests {
     #[test]
     fn idle_flows_time_out() {
         let t = Timeouts {
-            closed: Duration::from_secs(10),
+            closed: Duration::from_mins(1),
             tcp_idle: Duration::from_hours(1),
             udp_idle: Duration::from_mins(2),
         };

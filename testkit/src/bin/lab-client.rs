@@ -25,7 +25,8 @@ use std::{
     time::Duration,
 };
 
-const USAGE: &str = "usage: lab-client tcp|udp ADDR:PORT [--bind IP] [--timeout-ms N]";
+const USAGE: &str = "usage: lab-client tcp|udp|udp-echo|upload ADDR:PORT [--bind IP] \
+                     [--timeout-ms N] [--size BYTES] [--count N]";
 
 fn fail(what: &str, e: std::io::Error) -> ! {
     eprintln!("lab-client: {what}: {e}");
@@ -125,6 +126,56 @@ fn udp(to: SocketAddrV4, bind: Ipv4Addr, timeout: Duration) -> (SocketAddr, Stri
     (from, reply.lines().next().unwrap_or_default().to_string())
 }
 
+/// `count` datagrams of `size` bytes (`echo:` and a pattern) on one connected socket, each
+/// waited for: how many came back whole. The socket is connected, as resolvers' are, so an
+/// untranslated answer is not taken.
+fn udp_echo(
+    to: SocketAddrV4,
+    bind: Ipv4Addr,
+    timeout: Duration,
+    size: usize,
+    count: usize,
+) -> usize {
+    let s = UdpSocket::bind((bind, 0)).unwrap_or_else(|e| fail("bind", e));
+    s.connect(to).unwrap_or_else(|e| fail("connect", e));
+    s.set_read_timeout(Some(timeout))
+        .unwrap_or_else(|e| fail("timeout", e));
+    let mut whole = 0;
+    let mut buf = vec![0u8; 65536];
+    for i in 0..count {
+        let mut msg = b"echo:".to_vec();
+        msg.extend((0..size.saturating_sub(5)).map(|j| (j * 31 + i) as u8));
+        s.send(&msg).unwrap_or_else(|e| fail("send", e));
+        if let Ok(n) = s.recv(&mut buf) {
+            whole += usize::from(buf[..n] == msg[..]);
+        }
+    }
+    whole
+}
+
+/// Sends `size` bytes on a new TCP connection, closes its sending side and reads the count
+/// the sink answers with.
+fn upload(to: SocketAddrV4, bind: Ipv4Addr, timeout: Duration, size: usize) -> usize {
+    let mut s = tcp_connect(to, bind, timeout).unwrap_or_else(|e| fail("connect", e));
+    s.set_write_timeout(Some(timeout))
+        .unwrap_or_else(|e| fail("timeout", e));
+    s.set_read_timeout(Some(timeout))
+        .unwrap_or_else(|e| fail("timeout", e));
+    let chunk = vec![0x5au8; 65536];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        s.write_all(&chunk[..n]).unwrap_or_else(|e| fail("send", e));
+        left -= n;
+    }
+    s.shutdown(std::net::Shutdown::Write)
+        .unwrap_or_else(|e| fail("shutdown", e));
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)
+        .unwrap_or_else(|e| fail("receive", e));
+    answer.trim().parse().unwrap_or(0)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = || -> ! {
@@ -138,6 +189,7 @@ fn main() {
         usage()
     };
     let (mut bind, mut timeout) = (Ipv4Addr::UNSPECIFIED, Duration::from_secs(2));
+    let (mut size, mut count) = (1000usize, 1usize);
     let mut rest = args[2..].iter();
     while let Some(flag) = rest.next() {
         let value = rest.next().unwrap_or_else(|| usage());
@@ -146,8 +198,24 @@ fn main() {
             "--timeout-ms" => {
                 timeout = Duration::from_millis(value.parse().unwrap_or_else(|_| usage()));
             }
+            "--size" => size = value.parse().unwrap_or_else(|_| usage()),
+            "--count" => count = value.parse().unwrap_or_else(|_| usage()),
             _ => usage(),
         }
+    }
+    match proto.as_str() {
+        "udp-echo" => {
+            let whole = udp_echo(to, bind, timeout, size, count);
+            println!("echoed={whole}/{count}");
+            exit(i32::from(whole != count));
+        }
+        "upload" => {
+            let started = std::time::Instant::now();
+            let got = upload(to, bind, timeout, size);
+            println!("uploaded={got}/{size} ms={}", started.elapsed().as_millis());
+            exit(i32::from(got != size));
+        }
+        _ => {}
     }
     let (peer, reply) = match proto.as_str() {
         "tcp" => tcp(to, bind, timeout),

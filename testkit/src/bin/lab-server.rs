@@ -5,6 +5,10 @@
 //! whichever address the route back prefers: on a node whose route to the client is an
 //! overlay device, that would be the device's address, which the client never asked.
 //!
+//! A datagram that starts with `echo:` is sent back whole (large ones test fragments). A
+//! third server, on TCP port `SINK_PORT` (9000), reads a connection to its end and answers
+//! with the number of bytes it got (uploads test path MTU discovery).
+//!
 //! Usage: lab-server NAME TCP_PORT UDP_PORT
 // Harness code: a lab that cannot be built panics with a message, arguments are passed as
 // the call sites read best, and floats are compared exactly where they were parsed.
@@ -55,6 +59,24 @@ fn serve_http(mut sock: TcpStream, name: &str) {
     }
 }
 
+/// The upload sink's port.
+const SINK_PORT: u16 = 9000;
+
+/// Reads a connection until the client shuts its side, then answers with the byte count.
+fn sink_one(mut sock: TcpStream) {
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut buf = vec![0u8; 65536];
+    let mut total = 0usize;
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(_) => return,
+        }
+    }
+    let _ = sock.write_all(format!("{total}\n").as_bytes());
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 4 {
@@ -80,14 +102,31 @@ fn main() {
     }
     let udp_name = name.clone();
     thread::spawn(move || {
-        let mut buf = [0u8; 2048];
+        let mut buf = vec![0u8; 65536];
         loop {
-            if let Ok((peer, local)) = recv_with_destination(&udp, &mut buf) {
-                let reply = format!("{udp_name} {peer}\n");
-                let _ = send_from(&udp, reply.as_bytes(), peer, local);
+            if let Ok((n, peer, local)) = recv_with_destination(&udp, &mut buf) {
+                if buf[..n].starts_with(b"echo:") {
+                    let _ = send_from(&udp, &buf[..n], peer, local);
+                } else {
+                    let reply = format!("{udp_name} {peer}\n");
+                    let _ = send_from(&udp, reply.as_bytes(), peer, local);
+                }
             }
         }
     });
+    match TcpListener::bind(("0.0.0.0", SINK_PORT)) {
+        Ok(sink) => {
+            thread::spawn(move || {
+                for sock in sink.incoming().flatten() {
+                    thread::spawn(move || sink_one(sock));
+                }
+            });
+        }
+        Err(e) => {
+            eprintln!("lab-server: tcp bind {SINK_PORT}: {e}");
+            std::process::exit(1)
+        }
+    }
     // A pool of workers, each accepting and serving one connection at a time: no thread is
     // started per connection, so a connection costs the server little more than the
     // kernel's work and benchmarks see the datapath's cost rather than the server's. When
@@ -136,12 +175,12 @@ fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
     }
 }
 
-/// One datagram into `buf`: (its source, the destination address it was sent to, when the
-/// kernel says).
+/// One datagram into `buf`: (its length, its source, the destination address it was sent to,
+/// when the kernel says).
 fn recv_with_destination(
     sock: &UdpSocket,
     buf: &mut [u8],
-) -> std::io::Result<(SocketAddrV4, Option<Ipv4Addr>)> {
+) -> std::io::Result<(usize, SocketAddrV4, Option<Ipv4Addr>)> {
     // SAFETY: all-zero sockaddr_in and msghdr are valid values.
     let mut from: libc::sockaddr_in = unsafe { std::mem::zeroed() };
     let mut control = Control([0; 64]);
@@ -159,7 +198,8 @@ fn recv_with_destination(
     msg.msg_controllen = control.0.len() as _;
     // SAFETY: every pointer in `msg` points at a live buffer of the length given, for the
     // whole call.
-    if unsafe { libc::recvmsg(sock.as_raw_fd(), &raw mut msg, 0) } < 0 {
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &raw mut msg, 0) };
+    if n < 0 {
         return Err(std::io::Error::last_os_error());
     }
     let peer = SocketAddrV4::new(
@@ -179,7 +219,7 @@ fn recv_with_destination(
             c = libc::CMSG_NXTHDR(&raw const msg, c);
         }
     }
-    Ok((peer, local))
+    Ok((n as usize, peer, local))
 }
 
 /// Sends `data` to `to` from address `from` (when known; else as the route chooses).
