@@ -794,7 +794,7 @@ fn a_dropped_cluster_leaves_nothing_behind() {
 fn megabyte_across_nodes(cluster: &Cluster) -> (Duration, LinkCounters, LinkCounters) {
     use std::io::{Read, Write};
     const MIB: usize = 1 << 20;
-    const PORT: u16 = 9000;
+    const PORT: u16 = 9100;
     let counters = |k: usize| {
         cluster
             .overlay_counters(k)
