@@ -282,9 +282,22 @@ mod tests {
 
     const S: u64 = 1_000_000_000;
 
+    /// The sweep's rules with a 10 s close grace (the numbers below are in its terms).
+    fn ten_second_grace() -> Timeouts {
+        Timeouts {
+            closed: Duration::from_secs(10),
+            ..Timeouts::default()
+        }
+    }
+
+    #[test]
+    fn the_default_grace_outlasts_time_wait() {
+        assert!(Timeouts::default().closed >= Duration::from_secs(60));
+    }
+
     #[test]
     fn closed_flows_go_after_the_grace() {
-        let t = Timeouts::default();
+        let t = ten_second_grace();
         let fwd = entry(CT_F_FORWARD | CT_F_FIN, 100 * S);
         let rep = entry(CT_F_REPLY | CT_F_FIN, 100 * S);
         assert!(
@@ -379,7 +392,7 @@ mod tests {
 
     #[test]
     fn reply_entries_of_a_rechosen_flow_go_when_quiet() {
-        let t = Timeouts::default();
+        let t = ten_second_grace();
         // The flow went to backend 5, then was chosen again for backend 7: the forward
         // entry leads to 7's reply entry; 5's is left behind.
         let [_, old_reply] = flow(5, 1, 3, 0, 100 * S);
@@ -409,7 +422,7 @@ mod tests {
 
     #[test]
     fn a_closed_flow_goes_whole_unless_reopened_before_the_delete() {
-        let t = Timeouts::default();
+        let t = ten_second_grace();
         let [fwd, reply] = flow(5, 1, 3, CT_F_FIN, 100 * S);
         let entries = [fwd, reply];
         let d = decide(&entries, &[], 111 * S, &t);
