@@ -34,6 +34,7 @@ pub mod map_names {
     pub const LB4_SOCK_REV: &str = "LB4_SOCK_REV";
     pub const LB_CLOCK: &str = "LB_CLOCK";
     pub const LB4_FRAGS: &str = "LB4_FRAGS";
+    pub const LB4_SOCK_DROP: &str = "LB4_SOCK_DROP";
 }
 
 /// Program names, spelled as the programs are in the object file.
@@ -55,6 +56,9 @@ pub mod program_names {
     pub const LB_CLOCK: &str = "lb_clock";
     /// Does nothing: the bench's measure of running any XDP program (never attached).
     pub const LB_XDP_PASS: &str = "lb_xdp_pass";
+    /// Drops what a host socket sends to a frontend the socket hooks fenced it off (cgroup
+    /// v2 egress, attached beside them).
+    pub const LB_SOCK_DROP: &str = "lb_sock_drop";
     /// The cgroup v2 socket hooks (host-network clients), in attach order.
     pub const SOCK: [&str; 4] = [
         "lb_connect4",
@@ -85,6 +89,8 @@ pub const DEFAULT_MAGLEV_TABLES: u32 = 1024;
 pub const SOURCE_RANGE_ENTRIES: u32 = 16_384;
 /// Host sockets translated by the cgroup hooks (their reverse entries).
 pub const SOCK_REVERSE_ENTRIES: u32 = 65_536;
+/// Host sockets fenced off a frontend (`LB4_SOCK_DROP`).
+pub const SOCK_DROP_ENTRIES: u32 = 16_384;
 /// How many ports a new SNAT flow tries before it gives up (dropped, counted).
 pub const SNAT_TRIES: u32 = 32;
 /// Datagrams whose fragments are being translated (`LB4_FRAGS`).
@@ -502,7 +508,10 @@ pub mod stat {
     pub const DIRECT_FLOW_CLAIMED: u32 = 30;
     /// A new direct flow on an open Service flow's reply tuple with no free port to remap to.
     pub const DIRECT_FLOW_CLASH: u32 = 31;
-    pub const COUNT: u32 = 32;
+    /// Packets of host sockets to a frontend they are fenced off (loadBalancerSourceRanges;
+    /// `internalTrafficPolicy: Local` with endpoints elsewhere only): dropped.
+    pub const SOCK_DROPPED: u32 = 32;
+    pub const COUNT: u32 = 33;
     /// Entries of `LB_STATS`: room for counters added later (a map keeps its size when a
     /// newer agent takes it over).
     pub const CAPACITY: u32 = 64;
@@ -541,5 +550,6 @@ pub mod stat {
         "direct_flow",
         "direct_flow_claimed",
         "direct_flow_clash",
+        "sock_dropped",
     ];
 }

@@ -12,8 +12,8 @@ use lb_common::{
     CtEntryV4, CtKeyV4, FragKeyV4, FragV4, MemberKey, ServiceKeyV4, ServiceStats, ServiceV4,
     SockRevKeyV4, SockRevV4, SourceRangeV4, AFFINITY_ENTRIES, DEFAULT_BACKENDS,
     DEFAULT_BACKEND_SLOTS, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAGLEV_TABLES,
-    DEFAULT_SERVICES, DEFAULT_SNAT_ENTRIES, FLOW_EVENTS_BYTES, FRAG_ENTRIES, SOCK_REVERSE_ENTRIES,
-    SOURCE_RANGE_ENTRIES,
+    DEFAULT_SERVICES, DEFAULT_SNAT_ENTRIES, FLOW_EVENTS_BYTES, FRAG_ENTRIES, SOCK_DROP_ENTRIES,
+    SOCK_REVERSE_ENTRIES, SOURCE_RANGE_ENTRIES,
 };
 
 /// Frontends: (address, port, protocol, scope) → `ServiceV4`; written by the agent.
@@ -85,6 +85,12 @@ pub(crate) static LB_CLOCK: Array<Clock> = Array::pinned(1, 0);
 #[map]
 pub(crate) static LB4_SOCK_REV: LruHashMap<SockRevKeyV4, SockRevV4> =
     LruHashMap::pinned(SOCK_REVERSE_ENTRIES, 0);
+
+/// Host sockets fenced off a frontend (socket, frontend address and port) → the service id;
+/// written by the socket hooks, read by `lb_sock_drop`.
+#[map]
+pub(crate) static LB4_SOCK_DROP: LruHashMap<SockRevKeyV4, u32> =
+    LruHashMap::pinned(SOCK_DROP_ENTRIES, 0);
 
 /// Fragmented datagrams: (addresses, identification, protocol) → the ports their first
 /// fragment carried; written and read by the datapath.

@@ -210,10 +210,9 @@ fn translate(ctx: &impl Hook, l: &L4Packet) -> Verdict {
         return pass(stat::PASS_NO_SERVICE);
     };
     let pod_client = ctx.is_from_pod();
-    // Source ranges fence clients from outside; this node's pods are not subject to them
-    // (as with kube-proxy and Cilium).
-    if svc.flags & SVC_F_SOURCE_RANGES != 0 && !pod_client && !source_allowed(svc.svc_id, pkt.saddr)
-    {
+    // Source ranges fence every client of the LB IP, this node's pods too (kube-proxy's
+    // firewall chain sees pod traffic as well).
+    if svc.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(svc.svc_id, pkt.saddr) {
         count_service(svc.svc_id, bytes, false, true);
         count(stat::DROP_SOURCE_RANGE);
         return Verdict::Drop;

@@ -70,6 +70,9 @@ use crate::netns::{
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
 /// The client's second address, which the source ranges leave out.
 pub const DENIED_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 200);
+/// The nodes' default gateway: an address of the outside client (kind's nodes route through
+/// the Docker network's gateway alike), so that a node reaches any address, as real nodes do.
+pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 1);
 /// Where externalIPs and LoadBalancer ingress IPs come from.
 pub const VIP_RANGE: &str = "203.0.113.0/24";
 /// The source address the datapath gives a pod's packets to its own Service (hairpin).
@@ -216,8 +219,8 @@ pub mod services {
     /// `external`: ClusterIP with externalIPs [EXTERNAL_IP], endpoint node1-pod1.
     pub const EXTERNAL: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 12);
     pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
-    /// `lb`: LoadBalancer with ingress LB_IP and loadBalancerSourceRanges [CLIENT_IP/32],
-    /// endpoint node1-pod1.
+    /// `lb`: LoadBalancer with ingress LB_IP and loadBalancerSourceRanges [CLIENT_IP/32,
+    /// node2-pod1's address/32, node 2's address/32], endpoint node1-pod1.
     pub const LB: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 13);
     pub const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
     pub const LB_NODEPORT_TCP: u16 = 30090;
@@ -231,6 +234,11 @@ pub mod services {
     pub const LOCAL_HEALTH_CHECK_NODEPORT: u16 = 30094;
     /// `self`: ClusterIP whose only endpoint is node1-pod1 (node1-pod1 reaching itself).
     pub const SELF: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 15);
+    /// `internal-local`: ClusterIP with internalTrafficPolicy Local, endpoints the pods of
+    /// node 1 only (clients on other nodes: dropped).
+    pub const INTERNAL_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 17);
+    /// `sticky`: ClusterIP with sessionAffinity ClientIP (timeout 60 s), every pod.
+    pub const STICKY: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 18);
 
     /// Where node 1's host-network server (`node1-host`, not in a pod) listens, in node 1's
     /// namespace: the endpoint port of `kubernetes` and `host-nodeport`.
@@ -726,7 +734,11 @@ impl Cluster {
         }
         let client = self.client_ns.clone();
         self.add_netns(&client)?;
-        self.plug("c0", &client, &[CLIENT_IP, DENIED_CLIENT_IP])?;
+        self.plug("c0", &client, &[CLIENT_IP, DENIED_CLIENT_IP, GATEWAY_IP])?;
+        for node in &self.nodes {
+            let gw = GATEWAY_IP.to_string();
+            run(&["ip", "-n", &node.ns, "route", "add", "default", "via", &gw])?;
+        }
         self.route_vips_via(1)?;
         if self.network == Network::Tunnel {
             self.start_relays()?;
@@ -1379,9 +1391,10 @@ spec:
 /// EndpointSlices, as three files.
 pub fn default_manifests(pods: &[ClusterPod]) -> Vec<(String, String)> {
     use services::{
-        on_node, on_node_tcp, on_node_udp, EXTERNAL, EXTERNAL_IP, LB, LB_IP, LB_NODEPORT_TCP,
-        LB_NODEPORT_UDP, LOCAL, LOCAL_HEALTH_CHECK_NODEPORT, LOCAL_LB_IP, LOCAL_NODEPORT_TCP,
-        LOCAL_NODEPORT_UDP, SELF, WEB, WEB_NODEPORT, WEB_NODEPORT_TCP, WEB_NODEPORT_UDP,
+        on_node, on_node_tcp, on_node_udp, EXTERNAL, EXTERNAL_IP, INTERNAL_LOCAL, LB, LB_IP,
+        LB_NODEPORT_TCP, LB_NODEPORT_UDP, LOCAL, LOCAL_HEALTH_CHECK_NODEPORT, LOCAL_LB_IP,
+        LOCAL_NODEPORT_TCP, LOCAL_NODEPORT_UDP, SELF, STICKY, WEB, WEB_NODEPORT, WEB_NODEPORT_TCP,
+        WEB_NODEPORT_UDP,
     };
     let mut docs = String::new();
     for p in pods {
@@ -1436,7 +1449,11 @@ status:
         LB,
         &first,
         Some((LB_NODEPORT_TCP, LB_NODEPORT_UDP)),
-        &format!("  loadBalancerSourceRanges: [\"{CLIENT_IP}/32\"]\n"),
+        &format!(
+            "  loadBalancerSourceRanges: [\"{CLIENT_IP}/32\", \"{}/32\", \"{}/32\"]\n",
+            pod_ip(2, 1),
+            node_ip(2)
+        ),
         &format!("status:\n  loadBalancer:\n    ingress: [{{ip: \"{LB_IP}\"}}]\n"),
     ));
     svcs.push_str(&service(
@@ -1451,6 +1468,24 @@ status:
         &format!("status:\n  loadBalancer:\n    ingress: [{{ip: \"{LOCAL_LB_IP}\"}}]\n"),
     ));
     svcs.push_str(&service("self", "ClusterIP", SELF, &first, None, "", ""));
+    svcs.push_str(&service(
+        "internal-local",
+        "ClusterIP",
+        INTERNAL_LOCAL,
+        &format!("node: {}", node_name(1)),
+        None,
+        "  internalTrafficPolicy: Local\n",
+        "",
+    ));
+    svcs.push_str(&service(
+        "sticky",
+        "ClusterIP",
+        STICKY,
+        "app: web",
+        None,
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
+        "",
+    ));
     let nodes = pods.iter().map(|p| p.node).max().unwrap_or(0);
     for k in 1..=nodes {
         svcs.push_str(&service(

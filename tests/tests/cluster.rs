@@ -441,6 +441,42 @@ fn matrix(network: Network) -> Vec<Row> {
         expect,
         1,
     );
+    // Pods and the nodes' own processes are fenced too (kube-proxy's firewall chain sees
+    // their traffic): node2-pod1 and node 2's address are inside the ranges, node1-pod2 and
+    // node 1's addresses outside.
+    #[rustfmt::skip]
+    let fenced = [
+        ("pod node2-pod1 (in the ranges)", pod("node2-pod1"), answer(1, &[pod_ip(2, 1)])),
+        ("pod node1-pod2 (not in the ranges)", pod("node1-pod2"), Expect::Dropped),
+        ("host node2 (in the ranges)", Origin::Node(2), answer(1, &node_addresses(network, 2))),
+        ("host node1 (not in the ranges)", Origin::Node(1), Expect::Dropped),
+    ];
+    for (client, origin, expect) in fenced {
+        let dest = "source ranges: LB IP";
+        both(&mut rows, client, origin, dest, at(LB_IP, svc), expect, 1);
+    }
+
+    // internalTrafficPolicy Local, endpoints on node 1 only: node 2's pods and processes
+    // are dropped (not refused), as kube-proxy drops them.
+    #[rustfmt::skip]
+    let internal_local = [
+        ("pod node1-pod2", pod("node1-pod2"), answer(1, &[pod_ip(1, 2), HAIRPIN_SNAT_IP])),
+        ("host node1", Origin::Node(1), answer(1, &node1_addrs)),
+        ("pod node2-pod2", pod("node2-pod2"), Expect::Dropped),
+        ("host node2", Origin::Node(2), Expect::Dropped),
+    ];
+    for (client, origin, expect) in internal_local {
+        let dest = "ITP Local: ClusterIP internal-local";
+        both(
+            &mut rows,
+            client,
+            origin,
+            dest,
+            at(INTERNAL_LOCAL, svc),
+            expect,
+            1,
+        );
+    }
     rows
 }
 

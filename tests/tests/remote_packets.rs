@@ -23,7 +23,7 @@ use lb_common::{CtEntryV4, CtKeyV4};
 use lb_control::translate::NodeInfo;
 use lb_testkit::{
     frame::{parse, verify_checksums, Frame, ACK, FIN, SYN},
-    Harness, SNAT_PORTS, XDP_DROP, XDP_PASS,
+    Harness, SNAT_PORTS, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
 };
 use lb_userspace::datapath::conntrack;
 
@@ -327,7 +327,7 @@ fn maglev_picks_the_same_backend_on_every_node_and_moves_a_tenth_on_removal() {
 }
 
 #[test]
-fn source_ranges_fence_the_lb_ip_only_and_not_pods() {
+fn source_ranges_fence_every_client_of_the_lb_ip_pods_too_and_not_the_node_port() {
     let mut h = node("node-a", NODE_A);
     h.program(&lb_service(&[0], &["172.18.0.101/30", "192.0.2.0/24"]))
         .expect("program");
@@ -345,12 +345,42 @@ fn source_ranges_fence_the_lb_ip_only_and_not_pods() {
     // The NodePort of the same Service is not fenced (kube-proxy: LB IPs only).
     let np = Frame::tcp((denied_ip, 40001), (NODE_A, 30080), SYN);
     assert_eq!(send(&h, &np).0, XDP_PASS);
-    // Pods are not fenced either.
+    // Pods are fenced too (kube-proxy's firewall chain sees their traffic): one outside the
+    // ranges is dropped, one inside passes, through XDP and the pod interfaces' TC program.
     h.datapath
         .mark(1, true)
         .expect("mark lo as a pod interface");
-    let from_pod = Frame::tcp((Ipv4Addr::new(10, 244, 1, 77), 40002), (LB_IP, 80), SYN);
-    assert_eq!(h.run_from(1, &from_pod.build()).expect("run").0, XDP_PASS);
+    let outside_pod = Frame::tcp((Ipv4Addr::new(10, 244, 1, 77), 40002), (LB_IP, 80), SYN);
+    assert_eq!(
+        h.run_from(1, &outside_pod.build()).expect("run").0,
+        XDP_DROP
+    );
+    assert_eq!(h.run_pod(&outside_pod.build()).expect("run").0, TC_ACT_SHOT);
+    h.program(&lb_service(&[0], &["172.18.0.101/30", "10.244.1.77/32"]))
+        .expect("program");
+    assert_eq!(
+        h.run_from(1, &outside_pod.build()).expect("run").0,
+        XDP_PASS
+    );
+    let (verdict, out) = h.run_pod(&outside_pod.build()).expect("run");
+    assert_ne!(verdict, TC_ACT_SHOT);
+    assert_ne!(out, outside_pod.build(), "the pod's SYN was translated");
+
+    // The LB IP as a source (a load balancer looping a packet back): let in only when one of
+    // the node's addresses is inside the ranges.
+    let looped = Frame::tcp((LB_IP, 40004), (LB_IP, 80), SYN);
+    assert_eq!(
+        send(&h, &looped).0,
+        XDP_DROP,
+        "node-a is outside the ranges"
+    );
+    h.program(&lb_service(&[0], &["172.18.0.101/30", "172.18.0.0/30"]))
+        .expect("program");
+    assert_eq!(
+        send(&h, &looped).0,
+        XDP_PASS,
+        "node-a is inside 172.18.0.0/30"
+    );
 
     // Removing the ranges opens the LB IP; the stale prefixes are gone from the map.
     h.program(&lb_service(&[0], &[])).expect("program");

@@ -9,13 +9,13 @@ use lb_testkit::{
         host_server_name, node_ip, overlay_ip, pod_cidr,
         services::{
             on_node, on_node_tcp, on_node_udp, EXTERNAL, EXTERNAL_IP, HOST_NODEPORT,
-            HOST_NODEPORT_TCP, HOST_NODEPORT_UDP, HOST_SERVER_TCP, HOST_SERVER_UDP, KUBERNETES,
-            KUBERNETES_TCP, KUBERNETES_UDP, LB_IP, LB_NODEPORT_TCP, LB_NODEPORT_UDP, LOCAL_LB_IP,
-            LOCAL_NODEPORT_TCP, LOCAL_NODEPORT_UDP, SELF, WEB, WEB_NODEPORT, WEB_NODEPORT_TCP,
-            WEB_NODEPORT_UDP,
+            HOST_NODEPORT_TCP, HOST_NODEPORT_UDP, HOST_SERVER_TCP, HOST_SERVER_UDP, INTERNAL_LOCAL,
+            KUBERNETES, KUBERNETES_TCP, KUBERNETES_UDP, LB_IP, LB_NODEPORT_TCP, LB_NODEPORT_UDP,
+            LOCAL_LB_IP, LOCAL_NODEPORT_TCP, LOCAL_NODEPORT_UDP, SELF, STICKY, WEB, WEB_NODEPORT,
+            WEB_NODEPORT_TCP, WEB_NODEPORT_UDP,
         },
         Cluster, ClusterConfig, ClusterState, Network, Origin, Proto, CLIENT_IP, DENIED_CLIENT_IP,
-        VIP_RANGE,
+        GATEWAY_IP, VIP_RANGE,
     },
     netns::bin_dir,
 };
@@ -108,7 +108,7 @@ fn print_summary(c: &Cluster) {
     }
     println!(
         "\nOutside client: netns {}, addresses {CLIENT_IP} and {DENIED_CLIENT_IP}, \
-         {VIP_RANGE} routed via node1.",
+         {VIP_RANGE} routed via node1; also the nodes' default gateway {GATEWAY_IP}.",
         c.client_ns
     );
     let k = c.nodes.len();
@@ -117,9 +117,11 @@ fn print_summary(c: &Cluster) {
   web            ClusterIP {WEB}                        every pod
   web-nodeport   ClusterIP {WEB_NODEPORT}, NodePort {WEB_NODEPORT_TCP}/TCP {WEB_NODEPORT_UDP}/UDP   every pod
   external       ClusterIP {EXTERNAL}, externalIP {EXTERNAL_IP}     node1-pod1
-  lb             LoadBalancer {LB_IP}, NodePort {LB_NODEPORT_TCP}/{LB_NODEPORT_UDP}, source ranges {CLIENT_IP}/32   node1-pod1
+  lb             LoadBalancer {LB_IP}, NodePort {LB_NODEPORT_TCP}/{LB_NODEPORT_UDP}, source ranges {CLIENT_IP}/32, node2-pod1, node2   node1-pod1
   local          LoadBalancer {LOCAL_LB_IP}, NodePort {LOCAL_NODEPORT_TCP}/{LOCAL_NODEPORT_UDP}, externalTrafficPolicy Local   node1's pods
   self           ClusterIP {SELF}                        node1-pod1
+  internal-local ClusterIP {INTERNAL_LOCAL}, internalTrafficPolicy Local   node1's pods
+  sticky         ClusterIP {STICKY}, sessionAffinity ClientIP 60 s   every pod
   on-node1..{k}    ClusterIP {}..{}, NodePort {}+K/TCP {}+K/UDP   nodeK-pod1
   kubernetes     ClusterIP {KUBERNETES}, {KUBERNETES_TCP}/TCP → {HOST_SERVER_TCP}, {KUBERNETES_UDP}/UDP → {HOST_SERVER_UDP}   {host} (node1's host network, {n1})
   host-nodeport  ClusterIP {HOST_NODEPORT}, NodePort {HOST_NODEPORT_TCP}/TCP {HOST_NODEPORT_UDP}/UDP   {host}",

@@ -104,6 +104,29 @@ fn load_balancer_source_ranges(svc: &Service, warnings: &mut Vec<String>) -> Vec
     out
 }
 
+/// The sources a load-balancer IP lets in: its ranges and, when one of the node's addresses
+/// is inside them, the LB IP itself (a packet the load balancer loops back to the node
+/// carries it as its source; kube-proxy's firewall chain allows it alike).
+fn fence(ranges: &[(Ipv4Addr, u8)], lb_ip: Ipv4Addr, node: &[Ipv4Addr]) -> Vec<(Ipv4Addr, u8)> {
+    let mut out = ranges.to_vec();
+    if !out.is_empty() && node.iter().any(|a| ranges.iter().any(|r| contains(*r, *a))) {
+        out.push((lb_ip, 32));
+        out.sort();
+        out.dedup();
+    }
+    out
+}
+
+/// Whether the IPv4 network `(net, len)` holds `addr`.
+pub fn contains((net, len): (Ipv4Addr, u8), addr: Ipv4Addr) -> bool {
+    let mask = if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len.min(32)))
+    };
+    u32::from(addr) & mask == u32::from(net) & mask
+}
+
 /// A CIDR as the agent uses it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cidr {
@@ -253,7 +276,7 @@ pub fn translate_service(
                     affinity_timeout_s,
                     // Only load-balancer IPs are fenced (kube-proxy's firewall chain).
                     source_ranges: if kind == FrontendKind::LoadBalancer {
-                        source_ranges.clone()
+                        fence(&source_ranges, addr, &node.addresses)
                     } else {
                         Vec::new()
                     },
@@ -1125,5 +1148,64 @@ status:
                 ("203.0.113.250:443/TCP".into(), FrontendKind::ExternalIP),
             ]
         );
+    }
+
+    #[test]
+    fn source_ranges_fence_the_lb_ip_and_let_it_in_when_the_node_is_inside() {
+        let svc = |ranges: &str| {
+            format!(
+                r"
+apiVersion: v1
+kind: Service
+metadata: {{name: lb}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.7
+  externalIPs: [203.0.113.250]
+  loadBalancerSourceRanges: [{ranges}]
+  ports: [{{port: 443, nodePort: 30443}}]
+status:
+  loadBalancer:
+    ingress: [{{ip: 192.0.2.10}}]
+"
+            )
+        };
+        let ranges = |t: &Translation, f: L4Addr| t.desired.frontends[&f].source_ranges.clone();
+        let lb = fe([192, 0, 2, 10], 443, Proto::Tcp);
+        let net = |a: [u8; 4], len: u8| (Ipv4Addr::from(a), len);
+
+        // The node (198.18.0.2) outside the ranges: only the ranges.
+        let t = run(&svc("172.18.0.101/30, 2001:db8::/64"));
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+        assert_eq!(ranges(&t, lb), vec![net([172, 18, 0, 100], 30)]);
+        // NodePorts, externalIPs and the ClusterIP are not fenced.
+        for f in [
+            fe([198, 18, 0, 2], 30443, Proto::Tcp),
+            fe([203, 0, 113, 250], 443, Proto::Tcp),
+            fe([10, 96, 0, 7], 443, Proto::Tcp),
+        ] {
+            assert!(ranges(&t, f).is_empty(), "{f}");
+        }
+
+        // The node inside a range: the LB IP as a source too.
+        let t = run(&svc("172.18.0.100/30, 198.18.0.0/15"));
+        assert_eq!(
+            ranges(&t, lb),
+            vec![
+                net([172, 18, 0, 100], 30),
+                net([192, 0, 2, 10], 32),
+                net([198, 18, 0, 0], 15)
+            ]
+        );
+    }
+
+    #[test]
+    fn contains_by_prefix() {
+        let a = Ipv4Addr::new(10, 1, 2, 3);
+        assert!(contains((Ipv4Addr::new(10, 1, 0, 0), 16), a));
+        assert!(!contains((Ipv4Addr::new(10, 2, 0, 0), 16), a));
+        assert!(contains((Ipv4Addr::UNSPECIFIED, 0), a));
+        assert!(contains((a, 32), a));
+        assert!(!contains((Ipv4Addr::new(10, 1, 2, 4), 32), a));
     }
 }

@@ -15,7 +15,8 @@ use aya::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     EbpfLoader,
 };
@@ -163,6 +164,15 @@ impl Datapath {
             .context("loading the BPF object")?;
         for name in program_names::SOCK {
             let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("loading {name} (verifier)"))?;
+        }
+        {
+            let name = program_names::LB_SOCK_DROP;
+            let prog: &mut CgroupSkb = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
                 .try_into()?;
@@ -493,6 +503,20 @@ impl Datapath {
                     dir.display()
                 );
             }
+            // The drop first, so that no socket the hooks fence off sends unchecked.
+            {
+                let name = program_names::LB_SOCK_DROP;
+                let prog: &mut CgroupSkb = self
+                    .ebpf
+                    .program_mut(name)
+                    .with_context(|| format!("program {name} missing"))?
+                    .try_into()?;
+                let id = prog
+                    .attach(&fd, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+                    .with_context(|| format!("attaching {name} to {}", dir.display()))?;
+                let link: FdLink = prog.take_link(id)?.try_into()?;
+                new.push(pin_sock_link(&self.pin, name, link)?);
+            }
             for name in program_names::SOCK {
                 let prog: &mut CgroupSockAddr = self
                     .ebpf
@@ -504,11 +528,7 @@ impl Datapath {
                     .attach(&fd, CgroupAttachMode::Single)
                     .with_context(|| format!("attaching {name} to {}", dir.display()))?;
                 let link: FdLink = prog.take_link(id)?.try_into()?;
-                let path = pins::sock_link_path(&self.pin, name);
-                let _ = fs::remove_file(&path);
-                link.pin(&path)
-                    .with_context(|| format!("pinning {}", path.display()))?;
-                new.push(path);
+                new.push(pin_sock_link(&self.pin, name, link)?);
             }
         }
         for p in old.iter().filter(|p| !new.contains(p)) {
@@ -598,4 +618,13 @@ fn attach_tcx(
     fd.pin(path)
         .with_context(|| format!("pinning {}", path.display()))?;
     Ok(true)
+}
+
+/// Pins a cgroup link of this agent's (replacing a pin of the same name).
+fn pin_sock_link(pin: &Path, program: &str, link: FdLink) -> Result<PathBuf> {
+    let path = pins::sock_link_path(pin, program);
+    let _ = fs::remove_file(&path);
+    link.pin(&path)
+        .with_context(|| format!("pinning {}", path.display()))?;
+    Ok(path)
 }
