@@ -1245,6 +1245,24 @@ impl Cluster {
             .with_context(|| format!("running {}", program.display()))
     }
 
+    /// Starts `program` with `args` as `origin` would run it (its namespace and cgroup), its
+    /// output piped; the caller waits for it or kills it.
+    pub fn spawn_from(
+        &self,
+        origin: &Origin,
+        program: &Path,
+        args: &[&str],
+    ) -> Result<Child> {
+        let (ns, cgroup, _) = self.placement(origin)?;
+        let mut cmd = self.command(&ns, cgroup.as_deref());
+        cmd.arg(program)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.spawn()
+            .with_context(|| format!("starting {}", program.display()))
+    }
+
     /// One HTTP request with curl from `origin`, on a new connection; returns the body.
     pub fn curl(&self, origin: &Origin, url: &str) -> Result<String> {
         let (ns, cgroup, bind) = self.placement(origin)?;

@@ -10,7 +10,8 @@ pub mod state;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -20,7 +21,7 @@ use lb_common::{ServiceKeyV4, SCOPE_ALL, SCOPE_PODS};
 use lb_control::{
     incremental::Engine,
     maps::{self as service_maps, frontend_key},
-    model::Desired,
+    model::{Desired, FrontendState, L4Addr, Proto},
     reconcile::{Partial, Reconciler},
     source::{manifests::ManifestSource, Dirty, Source},
     translate::NodeInfo,
@@ -33,7 +34,7 @@ use self::{
     state::{FrontendCounters, FrontendName, SharedState},
 };
 use crate::{
-    datapath::{self, node, stats, Datapath, PinnedMaps},
+    datapath::{self, host_sockets, node, stats, Datapath, PinnedMaps},
     source::kube::KubeSource,
 };
 
@@ -303,6 +304,9 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                     );
                 }
                 health_checks.sync(&desired.health_checks, &status);
+                if stats.writes + stats.deletes > 0 {
+                    leave_removed_backends(&cfg.pin_path, desired);
+                }
                 {
                     let mut s = status.lock();
                     s.map_fill = fill;
@@ -401,7 +405,7 @@ fn frontend_names(desired: &Desired, ids: Vec<(ServiceKeyV4, u32)>) -> BTreeMap<
 }
 
 /// Every frontend's datapath counters, from the pinned maps.
-fn frontend_counters(pin: &std::path::Path) -> Result<Vec<FrontendCounters>> {
+fn frontend_counters(pin: &Path) -> Result<Vec<FrontendCounters>> {
     let rows = service_maps::dump(&PinnedMaps::open(pin)?)?;
     let ids: Vec<u32> = rows.iter().map(|r| r.id).collect();
     let stats = stats::read_service_stats(pin, &ids)?;
@@ -463,4 +467,33 @@ fn attach_interfaces(datapath: &mut Datapath, cfg: &RunConfig) -> Result<()> {
         tracing::info!(ifindex = gone, "interface gone; link forgotten");
     }
     Ok(())
+}
+
+/// Moves the node's connected UDP sockets off backends their frontend no longer has.
+fn leave_removed_backends(pin: &Path, desired: &Desired) {
+    let serves = |fe: SocketAddrV4, be: SocketAddrV4| {
+        let udp = |a: SocketAddrV4| L4Addr {
+            addr: *a.ip(),
+            port: a.port(),
+            proto: Proto::Udp,
+        };
+        let (fe, be) = (udp(fe), udp(be));
+        let has = |set: Option<&FrontendState>| {
+            set.is_some_and(|s| s.backends.iter().any(|b| b.addr == be))
+        };
+        has(desired.frontends.get(&fe))
+            || has(desired.pod_frontends.get(&fe))
+            || desired.serving.get(&be).is_some_and(|b| b.terminating)
+    };
+    match host_sockets::leave_removed_backends(pin, serves) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            sockets = n,
+            "connected UDP sockets of the node destroyed: their backend was removed"
+        ),
+        Err(e) => tracing::warn!(
+            error = format!("{e:#}"),
+            "moving the node's UDP sockets off removed backends failed"
+        ),
+    }
 }

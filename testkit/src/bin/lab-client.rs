@@ -5,6 +5,7 @@
 //! went, with which source address, and what the client believes it talked to.
 //!
 //! Usage: lab-client tcp|udp ADDR:PORT [--bind IP] [--timeout-ms N]
+//! (and `udp-echo`, `udp-stream`, `upload`: see their functions)
 //!
 //! Prints `peer=ADDR:PORT reply=LINE` and exits 0; on failure prints the reason to stderr and
 //! exits 3 (timed out), 4 (refused), 5 (unreachable) or 1 (anything else); 2 on bad usage.
@@ -25,7 +26,7 @@ use std::{
     time::Duration,
 };
 
-const USAGE: &str = "usage: lab-client tcp|udp|udp-echo|upload ADDR:PORT [--bind IP] \
+const USAGE: &str = "usage: lab-client tcp|udp|udp-echo|udp-stream|upload ADDR:PORT [--bind IP] \
                      [--timeout-ms N] [--size BYTES] [--count N]";
 
 fn fail(what: &str, e: std::io::Error) -> ! {
@@ -153,6 +154,45 @@ fn udp_echo(
     whole
 }
 
+/// A long-lived UDP client, as a resolver is: one connected socket, `count` datagrams one
+/// `interval` apart, each answer waited for up to `timeout`. Prints a line per datagram:
+/// `reply=LINE`, `timeout`, or `error=WHAT` after which the socket is opened and connected
+/// again (as a client does when its socket fails).
+fn udp_stream(
+    to: SocketAddrV4,
+    bind: Ipv4Addr,
+    timeout: Duration,
+    count: usize,
+    interval: Duration,
+) {
+    let open = || {
+        let s = UdpSocket::bind((bind, 0)).unwrap_or_else(|e| fail("bind", e));
+        s.connect(to).unwrap_or_else(|e| fail("connect", e));
+        s.set_read_timeout(Some(timeout))
+            .unwrap_or_else(|e| fail("timeout", e));
+        s
+    };
+    let mut s = open();
+    let mut buf = [0u8; 2048];
+    for _ in 0..count {
+        let outcome = s.send(b"q").and_then(|_| s.recv(&mut buf));
+        match outcome {
+            Ok(n) => {
+                let reply = String::from_utf8_lossy(&buf[..n]);
+                println!("reply={}", reply.lines().next().unwrap_or_default());
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
+                println!("timeout");
+            }
+            Err(e) => {
+                println!("error={e}");
+                s = open();
+            }
+        }
+        std::thread::sleep(interval);
+    }
+}
+
 /// Sends `size` bytes on a new TCP connection, closes its sending side and reads the count
 /// the sink answers with.
 fn upload(to: SocketAddrV4, bind: Ipv4Addr, timeout: Duration, size: usize) -> usize {
@@ -208,6 +248,10 @@ fn main() {
             let whole = udp_echo(to, bind, timeout, size, count);
             println!("echoed={whole}/{count}");
             exit(i32::from(whole != count));
+        }
+        "udp-stream" => {
+            udp_stream(to, bind, timeout, count, Duration::from_millis(100));
+            exit(0);
         }
         "upload" => {
             let started = std::time::Instant::now();
