@@ -21,4 +21,4 @@ pub mod maps;
 pub mod reconcile;
 pub mod source;
 
-pub use control::{incremental, maglev, model, translate};
+pub use control::{incremental, maglev, model, node_ports, translate};

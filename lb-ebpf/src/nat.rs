@@ -196,6 +196,11 @@ fn translate(ctx: &impl Hook, l: &L4Packet) -> Verdict {
         return pass(stat::PASS_NO_SERVICE);
     }
 
+    // NodePorts on 127.0.0.1 are the node's own processes' (the socket hooks); a packet
+    // addressed there from anywhere else is not let through to a backend.
+    if pkt.daddr.to_ne_bytes()[0] == 127 {
+        return pass(stat::PASS_NO_SERVICE);
+    }
     let svc_key = ServiceKeyV4 {
         addr: pkt.daddr,
         port: pkt.dport,

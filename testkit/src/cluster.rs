@@ -1247,12 +1247,7 @@ impl Cluster {
 
     /// Starts `program` with `args` as `origin` would run it (its namespace and cgroup), its
     /// output piped; the caller waits for it or kills it.
-    pub fn spawn_from(
-        &self,
-        origin: &Origin,
-        program: &Path,
-        args: &[&str],
-    ) -> Result<Child> {
+    pub fn spawn_from(&self, origin: &Origin, program: &Path, args: &[&str]) -> Result<Child> {
         let (ns, cgroup, _) = self.placement(origin)?;
         let mut cmd = self.command(&ns, cgroup.as_deref());
         cmd.arg(program)

@@ -4,4 +4,5 @@ pub mod hash;
 pub mod incremental;
 pub mod maglev;
 pub mod model;
+pub mod node_ports;
 pub mod translate;

@@ -109,7 +109,8 @@ fn load_balancer_source_ranges(svc: &Service, warnings: &mut Vec<String>) -> Vec
 /// carries it as its source; kube-proxy's firewall chain allows it alike).
 fn fence(ranges: &[(Ipv4Addr, u8)], lb_ip: Ipv4Addr, node: &[Ipv4Addr]) -> Vec<(Ipv4Addr, u8)> {
     let mut out = ranges.to_vec();
-    if !out.is_empty() && node.iter().any(|a| ranges.iter().any(|r| contains(*r, *a))) {
+    let inside = |a: &Ipv4Addr| !a.is_loopback() && ranges.iter().any(|r| contains(*r, *a));
+    if !out.is_empty() && node.iter().any(inside) {
         out.push((lb_ip, 32));
         out.sort();
         out.dedup();

@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::{bail, Result};
+use lb_control::node_ports::NodePortAddresses;
 
 use crate::datapath::{conntrack::Timeouts, ExtAttach, MapSizes};
 
@@ -38,6 +39,11 @@ pub struct RunConfig {
     /// Conntrack garbage collection: how often, and the timeouts.
     pub ct_gc_interval: Duration,
     pub ct_timeouts: Timeouts,
+    /// Which of the node's addresses serve NodePorts.
+    pub nodeport_addresses: NodePortAddresses,
+    /// NodePorts on 127.0.0.1 for the node's own processes (when the addresses include
+    /// loopback).
+    pub localhost_nodeports: bool,
 }
 
 impl RunConfig {

@@ -161,6 +161,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let mut pending = Dirty::everything();
     let mut zone = None;
     let mut addresses: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    let mut primary: Option<Ipv4Addr> = None;
     let mut clock_checked = Instant::now();
     let links = watch_links();
     let mut tick = tokio::time::interval(POLL);
@@ -197,6 +198,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                 let snat_ip = cfg
                     .node_ip
                     .or_else(|| node::primary_address(&cfg.ext_ifaces));
+                primary = snat_ip;
                 match snat_ip {
                     Some(ip) => {
                         let v = u32::from_ne_bytes(ip.octets());
@@ -240,7 +242,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         let started = Instant::now();
         let node = NodeInfo {
             name: cfg.node_name.clone(),
-            addresses: addresses.iter().copied().collect(),
+            addresses: nodeport_addresses(&cfg, &addresses, primary),
             zone: zone.clone(),
         };
         let r = match reconciler.as_mut() {
@@ -496,4 +498,15 @@ fn leave_removed_backends(pin: &Path, desired: &Desired) {
             "moving the node's UDP sockets off removed backends failed"
         ),
     }
+}
+
+/// The addresses NodePorts are served on (`--nodeport-addresses`, localhost NodePorts).
+fn nodeport_addresses(
+    cfg: &RunConfig,
+    addresses: &BTreeSet<Ipv4Addr>,
+    primary: Option<Ipv4Addr>,
+) -> Vec<Ipv4Addr> {
+    let all: Vec<Ipv4Addr> = addresses.iter().copied().collect();
+    cfg.nodeport_addresses
+        .select(&all, primary, cfg.localhost_nodeports)
 }

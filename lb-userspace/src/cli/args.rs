@@ -4,6 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
+use lb_control::node_ports::{InvalidNodePortAddresses, NodePortAddresses};
 
 use crate::{
     agent::RunConfig,
@@ -183,6 +184,19 @@ pub struct RunArgs {
     /// Seconds an idle TCP flow keeps its backend (kube-proxy: 86400).
     #[arg(long, default_value_t = 86400.0)]
     ct_tcp_timeout: f64,
+    /// NodePorts only on the node's addresses in these CIDRs (comma-separated), or
+    /// `primary` (the node's primary address: --node-ip, else the first address of the first
+    /// --ext-iface), as kube-proxy's flag. Default: every address of the node.
+    #[arg(long, value_name = "CIDRS|primary", default_value = "", value_parser = nodeport_addresses)]
+    nodeport_addresses: NodePortAddresses,
+    /// Also serve NodePorts on 127.0.0.1 to the node's own processes (kube-proxy's iptables
+    /// mode does), when --nodeport-addresses is unset or includes 127.0.0.1.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    localhost_nodeports: bool,
+}
+
+fn nodeport_addresses(s: &str) -> Result<NodePortAddresses, String> {
+    s.parse().map_err(|e: InvalidNodePortAddresses| e.reason)
 }
 
 /// `FIRST-LAST` → (first, last).
@@ -243,6 +257,8 @@ impl RunArgs {
                 tcp_idle: seconds("ct-tcp-timeout", a.ct_tcp_timeout)?,
                 udp_idle: seconds("ct-udp-timeout", a.ct_udp_timeout)?,
             },
+            nodeport_addresses: a.nodeport_addresses,
+            localhost_nodeports: a.localhost_nodeports,
         })
     }
 }
