@@ -225,11 +225,26 @@ impl Lab {
         self.start_agent_with(&["--manifests".as_ref(), dir.as_os_str()])
     }
 
+    /// Starts `lb-agent run --manifests` with more flags (e.g. `--healthz-timeout 3`).
+    pub fn start_agent_args(&mut self, flags: &[&str]) -> Result<()> {
+        let dir = self.dir.join("manifests");
+        let mut args = vec!["--manifests".as_ref(), dir.as_os_str()];
+        args.extend(flags.iter().map(std::ffi::OsStr::new));
+        self.start_agent_with(&args)
+    }
+
     /// Starts `lb-agent run --kubeconfig FILE` in the node namespace.
     pub fn start_agent_kube(&mut self, kubeconfig: &str) -> Result<()> {
+        self.start_agent_kube_args(kubeconfig, &[])
+    }
+
+    /// Starts `lb-agent run --kubeconfig FILE` with more flags.
+    pub fn start_agent_kube_args(&mut self, kubeconfig: &str, flags: &[&str]) -> Result<()> {
         let path = self.dir.join("kubeconfig");
         fs::write(&path, kubeconfig)?;
-        self.start_agent_with(&["--kubeconfig".as_ref(), path.as_os_str()])
+        let mut args = vec!["--kubeconfig".as_ref(), path.as_os_str()];
+        args.extend(flags.iter().map(std::ffi::OsStr::new));
+        self.start_agent_with(&args)
     }
 
     /// Starts `lb-agent run` with no source flag, so with in-cluster configuration, as in a

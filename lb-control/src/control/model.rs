@@ -127,8 +127,8 @@ pub struct Desired {
     /// healthCheckNodePort → what its server reports (LoadBalancer Services with
     /// `externalTrafficPolicy: Local`).
     pub health_checks: BTreeMap<u16, HealthCheck>,
-    /// Services with a Local traffic policy and no endpoint on this node, by policy
-    /// (`kubeproxy_sync_proxy_rules_no_local_endpoints_total`).
+    /// Service ports with a Local traffic policy, endpoints elsewhere and none on this node,
+    /// by policy (`kubeproxy_sync_proxy_rules_no_local_endpoints_total`).
     pub no_local_endpoints_internal: usize,
     pub no_local_endpoints_external: usize,
 }

@@ -199,7 +199,9 @@ pub fn translate_service(
         let Some(spec) = &svc.spec else { return };
         // Ready endpoints on this node over all ports, for the health check node port.
         let mut local_ready = BTreeSet::new();
-        let (mut lacks_internal, mut lacks_external) = (false, false);
+        // Ports with a Local policy, endpoints elsewhere and none here (kube-proxy counts per
+        // Service port, and not the ports without endpoints anywhere).
+        let (mut lacks_internal, mut lacks_external) = (0, 0);
         for sp in spec.ports.iter().flatten() {
             let port_name = sp.name.clone().unwrap_or_default();
             let spn = ServicePortName {
@@ -254,8 +256,10 @@ pub fn translate_service(
             let sets = categorize(&endpoints, node, proto);
             let source_ranges = load_balancer_source_ranges(svc, &mut t.warnings);
             let affinity_timeout_s = affinity_timeout(spec);
-            lacks_internal |= internal_local && sets.local.is_empty();
-            lacks_external |= external_local && sets.local.is_empty();
+            if sets.has_any && sets.local.is_empty() {
+                lacks_internal += usize::from(internal_local);
+                lacks_external += usize::from(external_local);
+            }
             let internal = if internal_local {
                 &sets.local
             } else {
@@ -329,13 +333,10 @@ pub fn translate_service(
         let externally_reachable =
             matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"))
                 || spec.external_ips.as_ref().is_some_and(|e| !e.is_empty());
-        t.desired.no_local_endpoints_internal +=
-            usize::from(lacks_internal && spec.internal_traffic_policy.as_deref() == Some("Local"));
-        t.desired.no_local_endpoints_external += usize::from(
-            lacks_external
-                && externally_reachable
-                && spec.external_traffic_policy.as_deref() == Some("Local"),
-        );
+        t.desired.no_local_endpoints_internal += lacks_internal;
+        if externally_reachable {
+            t.desired.no_local_endpoints_external += lacks_external;
+        }
         // kube-proxy serves a health check on healthCheckNodePort for LoadBalancer Services
         // with externalTrafficPolicy Local (serviceport.go).
         let hcnp = spec
@@ -990,6 +991,27 @@ endpoints:
     }
 
     #[test]
+    fn no_local_endpoints_counts_service_ports_with_endpoints_only_elsewhere() {
+        // kube-proxy (proxier.go): per Service port with a Local policy, and only when the
+        // port has endpoints somewhere.
+        let svc = WEB.replace(
+            "type: NodePort",
+            "type: NodePort\n  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local",
+        );
+        let counts = |t: &Translation| {
+            (
+                t.desired.no_local_endpoints_internal,
+                t.desired.no_local_endpoints_external,
+            )
+        };
+        let elsewhere = pod("web-2", "10.244.0.12", "node-b", true, 8080);
+        assert_eq!(counts(&run(&format!("{svc}{elsewhere}"))), (3, 3));
+        assert_eq!(counts(&run(&svc)), (0, 0), "no endpoints anywhere");
+        let here = pod("web-1", "10.244.0.11", "node-a", true, 8080);
+        assert_eq!(counts(&run(&format!("{svc}{here}{elsewhere}"))), (0, 0));
+    }
+
+    #[test]
     fn health_check_node_port_counts_local_ready_endpoints() {
         // kube-proxy service_health.go: only LoadBalancer + externalTrafficPolicy Local, and
         // only ready endpoints on this node count (terminating ones do not).
@@ -1014,7 +1036,8 @@ endpoints:
             pod("web-2", "10.244.0.12", "node-b", true, 8080)
         ));
         assert_eq!(t.desired.health_checks[&32000].local_endpoints, 0);
-        assert_eq!(t.desired.no_local_endpoints_external, 1);
+        // One per Service port (http, dns, dns-tcp).
+        assert_eq!(t.desired.no_local_endpoints_external, 3);
         // A NodePort Service with a healthCheckNodePort field gets no server.
         let t = run(&WEB.replace(
             "type: NodePort",

@@ -10,7 +10,7 @@ use std::{
 use k8s_openapi::api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize;
 
-use super::{Dirty, Objects, ServiceIndex, ServiceKey, Source};
+use super::{Changes, Dirty, Objects, ServiceIndex, ServiceKey, Source};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -132,6 +132,8 @@ pub struct ManifestDir {
     files: BTreeMap<PathBuf, FileState>,
     /// What the scans changed since `take_dirty`.
     dirty: Dirty,
+    /// The objects the scans changed since `take_changes`.
+    changes: Changes,
 }
 
 struct FileState {
@@ -186,6 +188,8 @@ impl ManifestDir {
         for p in gone {
             if let Some(f) = self.files.remove(&p) {
                 self.dirty.note(&f.objects);
+                self.changes
+                    .add(Changes::between(&f.objects, &Objects::default()));
                 changed = true;
             }
         }
@@ -202,6 +206,11 @@ impl ManifestDir {
             match parsed {
                 Ok(objects) => {
                     self.dirty.note(&objects);
+                    let old = self.files.get(&path).map(|f| &f.objects);
+                    self.changes.add(Changes::between(
+                        old.unwrap_or(&Objects::default()),
+                        &objects,
+                    ));
                     let index = ServiceIndex::of(&objects);
                     let state = FileState {
                         stamp,
@@ -238,6 +247,11 @@ impl ManifestDir {
     /// The Services changed by the scans since the last call.
     pub fn take_dirty(&mut self) -> Dirty {
         std::mem::take(&mut self.dirty)
+    }
+
+    /// The objects changed by the scans since the last call.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
     }
 
     /// The named Services, their EndpointSlices and every Pod.
@@ -314,6 +328,10 @@ impl Source for ManifestSource {
 
     fn take_dirty(&mut self) -> Dirty {
         self.files.take_dirty()
+    }
+
+    fn take_changes(&mut self) -> Changes {
+        self.files.take_changes()
     }
 }
 
@@ -458,6 +476,41 @@ items:
         let scan = m.scan(&dir).expect("scan");
         assert!(scan.changed);
         assert_eq!(m.objects().services.len(), 1);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn scans_count_the_objects_that_changed_as_the_api_would() {
+        let dir = std::env::temp_dir().join(format!("lb-changes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\n";
+        let slice = |ip: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: a-1, \
+                 labels: {{kubernetes.io/service-name: a}}}}\naddressType: IPv4\n\
+                 endpoints: [{{addresses: [\"{ip}\"]}}]\n"
+            )
+        };
+        let mut m = ManifestDir::default();
+        std::fs::write(dir.join("a.yaml"), format!("{svc}{}", slice("10.0.0.1"))).expect("write");
+        m.scan(&dir).expect("scan");
+        let both = Changes {
+            services: 1,
+            endpoints: 1,
+        };
+        assert_eq!(m.take_changes(), both, "first read: both added");
+        assert_eq!(m.take_changes(), Changes::default(), "taken");
+        // The file rewritten with the Service unchanged: one endpoint change only.
+        std::fs::write(dir.join("a.yaml"), format!("{svc}{}  ", slice("10.0.0.2"))).expect("write");
+        m.scan(&dir).expect("scan");
+        let one_slice = Changes {
+            services: 0,
+            endpoints: 1,
+        };
+        assert_eq!(m.take_changes(), one_slice);
+        std::fs::remove_file(dir.join("a.yaml")).expect("rm");
+        m.scan(&dir).expect("scan");
+        assert_eq!(m.take_changes(), both, "both deleted");
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

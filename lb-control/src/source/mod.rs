@@ -54,6 +54,17 @@ pub trait Source: Send {
     fn take_triggers(&self) -> Vec<SystemTime> {
         Vec::new()
     }
+    /// The changes to Services and to endpoints received since the last call, counted as
+    /// kube-proxy counts them (`kubeproxy_sync_proxy_rules_{service,endpoint}_changes_*`).
+    fn take_changes(&mut self) -> Changes {
+        Changes::default()
+    }
+    /// Whether this node may take traffic, as kube-proxy's /healthz says it: false when its
+    /// Node object is being deleted or carries the `ToBeDeletedByClusterAutoscaler` taint.
+    /// True where the source knows no Node.
+    fn node_eligible(&self) -> bool {
+        true
+    }
     /// This node's `topology.kubernetes.io/zone`, where the source knows the Node.
     fn zone(&self) -> Option<String> {
         None
@@ -139,6 +150,46 @@ pub fn named_in<S: std::hash::BuildHasher>(
         meta.name.as_deref()
     };
     name.is_some_and(|n| keys.contains(&(ns, n)))
+}
+
+/// Object changes a source received: each add, update or delete of a Service is a service
+/// change, of an EndpointSlice (from manifests: of a Pod too, which stands for its endpoints)
+/// an endpoint change, as kube-proxy counts them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Changes {
+    pub services: u64,
+    pub endpoints: u64,
+}
+
+impl Changes {
+    /// The objects that differ between two versions of the same objects (added, removed or
+    /// changed; matched by namespace and name), as the API server would have reported them.
+    pub fn between(old: &Objects, new: &Objects) -> Changes {
+        fn differing<T: PartialEq>(old: &[T], new: &[T], meta: impl Fn(&T) -> &ObjectMeta) -> u64 {
+            let key = |t: &T| {
+                let m = meta(t);
+                (namespace(m), m.name.clone().unwrap_or_default())
+            };
+            let old: HashMap<_, &T> = old.iter().map(|t| (key(t), t)).collect();
+            let new: HashMap<_, &T> = new.iter().map(|t| (key(t), t)).collect();
+            let changed = new
+                .iter()
+                .filter(|(k, n)| old.get(*k).is_none_or(|o| o != *n))
+                .count();
+            let removed = old.keys().filter(|k| !new.contains_key(*k)).count();
+            (changed + removed) as u64
+        }
+        Changes {
+            services: differing(&old.services, &new.services, |s| &s.metadata),
+            endpoints: differing(&old.slices, &new.slices, |s| &s.metadata)
+                + differing(&old.pods, &new.pods, |p| &p.metadata),
+        }
+    }
+
+    pub fn add(&mut self, other: Changes) {
+        self.services += other.services;
+        self.endpoints += other.endpoints;
+    }
 }
 
 /// What changed in a source since it was last asked: some Services (by key), or anything.

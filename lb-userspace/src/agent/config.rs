@@ -25,6 +25,9 @@ pub struct RunConfig {
     pub pin_path: PathBuf,
     pub metrics_addr: SocketAddr,
     pub healthz_addr: SocketAddr,
+    /// How long a change may wait for the datapath before /healthz and /livez say 503
+    /// (`state::HEALTH_TIMEOUT` by default).
+    pub healthz_timeout: Duration,
     /// Sizes of the maps when they are first created.
     pub map_sizes: MapSizes,
     /// Report one new flow in N to `lb-agent flows` (0: none).
@@ -61,6 +64,9 @@ impl RunConfig {
             if n < 2 {
                 bail!("{flag} {n}: must be at least 2");
             }
+        }
+        if cfg.healthz_timeout.is_zero() {
+            bail!("--healthz-timeout 0: must be more than 0 s");
         }
         if cfg.snat_ports.0 == 0 || cfg.snat_ports.0 > cfg.snat_ports.1 {
             bail!(

@@ -8,13 +8,14 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use hyper::header::HeaderValue;
 use lb_control::model::HealthCheck;
-use tokio::{
-    io::AsyncWriteExt,
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::TcpListener;
 
-use super::{http::read_head, state::SharedState};
+use super::{
+    http::{self, refuse_method, response, Body},
+    state::SharedState,
+};
 
 /// kube-proxy's health check response body (`service_health.go`), tab-indented as it is.
 fn health_check_body(hc: &HealthCheck, healthy: bool) -> String {
@@ -27,31 +28,21 @@ fn health_check_body(hc: &HealthCheck, healthy: bool) -> String {
     )
 }
 
-async fn answer_health_check(
-    mut sock: TcpStream,
-    state: Arc<Mutex<HealthCheck>>,
-    status: SharedState,
-) {
-    if read_head(&mut sock).await.is_none() {
-        return;
-    }
-    // The health check is a plain value written whole: a poisoned lock still holds a
-    // complete one.
-    let hc = state
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
-    let healthy = status.lock().healthy();
+/// kube-proxy's answer on a health check node port, whatever the path: 200 when the Service
+/// has endpoints on this node and the agent is healthy, else 503; the count of local
+/// endpoints in `X-Load-Balancing-Endpoint-Weight`.
+fn answer_health_check(hc: &HealthCheck, healthy: bool) -> hyper::Response<Body> {
     let ok = hc.local_endpoints != 0 && healthy;
-    let body = health_check_body(&hc, healthy);
-    let resp = format!(
-        "HTTP/1.1 {}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nX-Load-Balancing-Endpoint-Weight: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        if ok { "200 OK" } else { "503 Service Unavailable" },
-        hc.local_endpoints,
-        body.len()
+    let mut r = response(
+        if ok { 200 } else { 503 },
+        "application/json",
+        health_check_body(hc, healthy),
     );
-    let _ = sock.write_all(resp.as_bytes()).await;
-    let _ = sock.shutdown().await;
+    r.headers_mut().insert(
+        "X-Load-Balancing-Endpoint-Weight",
+        HeaderValue::from(hc.local_endpoints),
+    );
+    r
 }
 
 /// The servers on healthCheckNodePorts, one per port, kept in step with the desired state.
@@ -91,13 +82,19 @@ impl HealthChecks {
             };
             let state = Arc::new(Mutex::new(hc.clone()));
             let (st, status) = (state.clone(), status.clone());
-            let task = tokio::spawn(async move {
-                loop {
-                    if let Ok((sock, _)) = listener.accept().await {
-                        tokio::spawn(answer_health_check(sock, st.clone(), status.clone()));
-                    }
-                }
-            });
+            let task = tokio::spawn(http::serve(listener, move |req| {
+                let answer = refuse_method(&req).unwrap_or_else(|| {
+                    // The health check is a plain value written whole: a poisoned lock still
+                    // holds a complete one.
+                    let hc = st
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .clone();
+                    let healthy = status.lock().healthy(std::time::Instant::now());
+                    answer_health_check(&hc, healthy)
+                });
+                std::future::ready(answer)
+            }));
             tracing::info!(port, service = %format!("{}/{}", hc.namespace, hc.name), "health check server started");
             self.servers.insert(*port, (task, state));
         }

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod healthcheck;
 pub mod http;
+pub mod metrics;
 pub mod state;
 
 use std::{
@@ -31,7 +32,9 @@ use tokio::signal::unix::{signal, SignalKind};
 pub use self::config::RunConfig;
 use self::{
     healthcheck::HealthChecks,
-    state::{FrontendCounters, FrontendName, SharedState},
+    http::Endpoints,
+    metrics::{DatapathCounters, FrontendCounters, Metrics},
+    state::{FrontendName, SharedState},
 };
 use crate::{
     datapath::{self, host_sockets, node, stats, Datapath, PinnedMaps},
@@ -112,31 +115,28 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         clock_tick_ns = datapath.clock().ns_per_tick,
         "datapath ready"
     );
-    let status = SharedState::default();
+    let status = SharedState::new(
+        Metrics::new(source.name(), source.connected().is_some()),
+        cfg.healthz_timeout,
+    );
     let pin = cfg.pin_path.clone();
-    let metrics_status = status.clone();
     // Before each scrape: the datapath's counters. A failed read keeps the last values (and
     // is logged and counted), rather than serving zeros.
-    let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+    let refresh: http::Refresh = Arc::new(move |m: &Metrics| {
         let read = || -> Result<_> {
-            Ok((
-                stats::read_stats(&pin)?,
-                frontend_counters(&pin)?,
-                stats::read_backend_stats(&pin)?,
-            ))
-        };
-        let mut s = metrics_status.lock();
-        match read() {
-            Ok((counters, frontends, backends)) => {
-                s.datapath_counters = counters;
-                s.frontend_counters = frontends;
-                s.backend_counters = backends
+            Ok(DatapathCounters {
+                outcomes: stats::read_stats(&pin)?,
+                frontends: frontend_counters(&pin)?,
+                backends: stats::read_backend_stats(&pin)?
                     .into_iter()
                     .map(|(b, c)| (b, c.packets, c.bytes))
-                    .collect();
-            }
+                    .collect(),
+            })
+        };
+        match read() {
+            Ok(counters) => m.set_datapath(&counters),
             Err(e) => {
-                s.counter_read_errors += 1;
+                m.counter_read_failed();
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "reading the datapath's counters for /metrics failed; serving the last ones"
@@ -144,12 +144,24 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             }
         }
     });
-    for (addr, what) in [(cfg.healthz_addr, "healthz"), (cfg.metrics_addr, "metrics")] {
+    for (addr, which, what) in [
+        (cfg.healthz_addr, Endpoints::Health, "/healthz, /livez"),
+        (
+            cfg.metrics_addr,
+            Endpoints::Metrics,
+            "/metrics, /proxyMode, /debug/frontends",
+        ),
+    ] {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .with_context(|| format!("binding the {what} address {addr}"))?;
+            .with_context(|| format!("binding {addr} for {what}"))?;
         tracing::info!(%addr, "serving {what}");
-        tokio::spawn(http::serve(listener, status.clone(), refresh.clone()));
+        tokio::spawn(http::serve_agent(
+            listener,
+            which,
+            status.clone(),
+            refresh.clone(),
+        ));
     }
 
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -159,6 +171,8 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let mut engine = Engine::default();
     // What to translate again; everything until a full sync succeeded.
     let mut pending = Dirty::everything();
+    // Trigger times of the EndpointSlice changes in `pending`, measured once programmed.
+    let mut pending_triggers = Vec::new();
     let mut zone = None;
     let mut addresses: BTreeSet<Ipv4Addr> = BTreeSet::new();
     let mut primary: Option<Ipv4Addr> = None;
@@ -195,6 +209,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                 tracing::info!(addresses = ?a, "node addresses");
                 addresses = a;
                 pending.all = true;
+                status.lock().queued();
                 let snat_ip = cfg
                     .node_ip
                     .or_else(|| node::primary_address(&cfg.ext_ifaces));
@@ -219,24 +234,32 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             Err(e) => tracing::warn!(error = format!("{e:#}"), "reading node addresses failed"),
         }
 
+        let changed = source.poll();
+        let changes = source.take_changes();
         {
             let mut s = status.lock();
-            s.source = source.name();
-            s.api_connected = source.connected();
-        }
-        if source.poll() {
-            status.lock().last_queued = Some(SystemTime::now());
+            if let Some(c) = source.connected() {
+                s.metrics().set_api_connected(c);
+            }
+            s.node_eligible = source.node_eligible();
+            if changed {
+                s.queued();
+            }
+            s.record_changes(changes);
         }
         if !source.ready() {
             continue;
         }
         pending.merge(source.take_dirty());
+        pending_triggers.extend(source.take_triggers());
         let z = source.zone();
         if z != zone {
             zone = z;
             pending.all = true;
         }
         if pending.is_empty() {
+            // Nothing the datapath does not have.
+            status.lock().up_to_date();
             continue;
         }
         let started = Instant::now();
@@ -294,7 +317,6 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                     took_us = took.as_micros() as u64,
                     "datapath programmed"
                 );
-                let triggers = source.take_triggers();
                 let now = SystemTime::now();
                 let fill = r.fill();
                 for f in fill.iter().filter(|f| f.nearly_full()) {
@@ -311,14 +333,15 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                 }
                 {
                     let mut s = status.lock();
-                    s.map_fill = fill;
+                    s.metrics().set_map_fill(&fill);
                     s.record_sync(took);
-                    s.no_local_endpoints = (
+                    s.metrics().set_no_local_endpoints(
                         desired.no_local_endpoints_internal,
                         desired.no_local_endpoints_external,
                     );
-                    for at in &triggers {
-                        s.record_programming(now.duration_since(*at).unwrap_or_default());
+                    // Never negative: a trigger time ahead of this clock counts as 0.
+                    for at in pending_triggers.drain(..) {
+                        s.record_programming(now.duration_since(at).unwrap_or_default());
                     }
                     match &touched {
                         None => s.frontends = frontend_names(desired, r.service_ids()),
@@ -331,7 +354,6 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             }
             Err(e) => {
                 tracing::error!(error = %e, "programming the datapath failed; will retry");
-                status.lock().failing = true;
                 // Start over from what the maps really hold, with everything.
                 reconciler = None;
                 pending.all = true;

@@ -126,10 +126,16 @@ pub struct RunArgs {
     /// Where maps, program and links are pinned (on a bpffs).
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     pin_path: PathBuf,
-    #[arg(long, default_value = "0.0.0.0:10249")]
+    /// Where /metrics, /proxyMode and /debug/frontends are served (kube-proxy's default:
+    /// loopback only; 0.0.0.0:10249 to scrape from off the node).
+    #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_addr: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_addr: SocketAddr,
+    /// Seconds a change may wait for the datapath before /healthz and /livez answer 503
+    /// (kube-proxy: 2 × its sync period, 60 s).
+    #[arg(long, default_value_t = crate::agent::state::HEALTH_TIMEOUT.as_secs_f64())]
+    healthz_timeout: f64,
     /// Frontends (ClusterIP, NodePort, externalIP, LoadBalancer IP, per port and protocol)
     /// the maps hold, plus one; also the per-CPU counters per frontend (32 bytes × CPUs
     /// each). Used when the maps are first created.
@@ -239,6 +245,7 @@ impl RunArgs {
             pin_path: a.pin_path,
             metrics_addr: a.metrics_addr,
             healthz_addr: a.healthz_addr,
+            healthz_timeout: seconds("healthz-timeout", a.healthz_timeout)?,
             map_sizes: MapSizes {
                 services: a.max_services,
                 backends: a.max_backends,

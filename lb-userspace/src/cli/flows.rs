@@ -23,7 +23,9 @@ use crate::{agent::state::FrontendName, datapath::clock::monotonic_ns};
 /// answer: events then show frontends only).
 fn names(metrics: SocketAddr) -> BTreeMap<u32, String> {
     let list: Vec<FrontendName> = client::get(metrics, "/debug/frontends")
-        .and_then(|b| serde_json::from_str(&b).ok())
+        .ok()
+        .filter(|a| a.status == 200)
+        .and_then(|a| serde_json::from_str(&a.body).ok())
         .unwrap_or_default();
     list.into_iter().map(|f| (f.id, f.service)).collect()
 }

@@ -143,25 +143,46 @@ pub fn status(pin: &Path, healthz: SocketAddr, metrics: SocketAddr) -> Result<(S
     }
 
     // The agent, as it reports itself.
-    if let (Some(h), Some(m)) = (
+    if let (Ok(h), Ok(m)) = (
         client::get(healthz, "/healthz"),
         client::get(metrics, "/metrics"),
     ) {
-        let v: serde_json::Value = serde_json::from_str(&h).unwrap_or_default();
-        let healthy = v["lastUpdated"].as_str().is_some_and(|s| !s.is_empty());
-        let last = v["lastUpdated"].as_str().unwrap_or("never");
+        let m = m.body;
+        let v: serde_json::Value = serde_json::from_str(&h.body).unwrap_or_default();
+        let last = v["lastUpdated"].as_str().filter(|s| !s.is_empty());
+        let eligible = v["nodeEligible"].as_bool().unwrap_or(true);
+        let state = match (h.status, last, eligible) {
+            (200, _, _) => "healthy",
+            (_, None, _) => {
+                warnings.push("the agent has not programmed the datapath yet".into());
+                "not programmed yet"
+            }
+            (_, Some(_), false) => {
+                warnings.push(
+                    "this node is being deleted (deletionTimestamp or the \
+                     ToBeDeletedByClusterAutoscaler taint): /healthz says 503"
+                        .into(),
+                );
+                "node not eligible"
+            }
+            _ => {
+                warnings.push(
+                    "a change has waited for the datapath longer than the health timeout \
+                     (see the agent's log)"
+                        .into(),
+                );
+                "unhealthy"
+            }
+        };
         let took = metric(&m, "lb_last_sync_duration_seconds")
             .and_then(|s| s.parse::<f64>().ok())
+            .filter(|_| last.is_some())
             .map(|s| format!(" in {:.1} ms", s * 1000.0))
             .unwrap_or_default();
         writeln!(
             out,
-            "Agent:        {} (healthz {healthz}), last sync {last}{took}",
-            if healthy {
-                "healthy"
-            } else {
-                "not programmed yet"
-            }
+            "Agent:        {state} (healthz {healthz}), last sync {}{took}",
+            last.unwrap_or("never")
         )?;
         let source = m
             .lines()
@@ -183,9 +204,6 @@ pub fn status(pin: &Path, healthz: SocketAddr, metrics: SocketAddr) -> Result<(S
             None => "",
         };
         writeln!(out, "Source:       {source}{api}")?;
-        if !healthy {
-            warnings.push("the agent has not programmed the datapath yet".into());
-        }
     } else {
         writeln!(out, "Agent:        not answering on {healthz} / {metrics} (the datapath keeps forwarding from its pins)")?;
         warnings.push("no agent answers".into());

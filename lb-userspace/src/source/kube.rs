@@ -1,5 +1,6 @@
 //! The Kubernetes API as the agent's source: reflectors over Services and EndpointSlices with
-//! kube-proxy's label selectors, and over this node's own Node object (its zone label).
+//! kube-proxy's label selectors, and over this node's own Node object (its zone label, and
+//! whether it is being deleted, for /healthz).
 //!
 //! Each reflector lists, then watches; on a watch error, an expired resourceVersion or a lost
 //! connection the watcher backs off, relists and carries on. A relist only replaces a store's
@@ -32,11 +33,16 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
 use lb_control::source::{
-    named_in, Dirty, Objects, ServiceKey, Source, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME,
+    named_in, Changes, Dirty, Objects, ServiceKey, Source, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME,
 };
 
 /// `topology.kubernetes.io/zone` of this node's Node object.
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+/// The taint the cluster autoscaler puts on a node it is about to delete; kube-proxy's
+/// /healthz then says the node is not eligible (`proxy_health.go`).
+pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+/// The EndpointSlice annotation the network programming latency is measured from.
+pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// State of one reflector.
 struct Feed {
@@ -66,8 +72,14 @@ struct Shared {
     /// The Services events touched since `take_dirty`.
     dirty: Arc<Mutex<Dirty>>,
     /// `endpoints.kubernetes.io/last-change-trigger-time` of EndpointSlice changes watched
-    /// since `take_triggers` (the initial lists are the starting state, not changes).
-    triggers: Arc<Mutex<Vec<SystemTime>>>,
+    /// since `take_triggers`, by Service (see `observed_trigger`).
+    triggers: Arc<Mutex<Vec<(ServiceKey, SystemTime)>>>,
+    /// Service and EndpointSlice events since `take_changes`.
+    changes: Arc<Mutex<Changes>>,
+    /// This node's eligibility, from the last state of its Node object seen (true before).
+    node_eligible: Arc<AtomicBool>,
+    /// When the source started: trigger times before it are not the agent's to measure.
+    started: SystemTime,
     /// Woken by every event.
     notify: Arc<Notify>,
 }
@@ -82,11 +94,20 @@ trait Tracked {
     fn trigger_time(&self) -> Option<SystemTime> {
         None
     }
+    /// Counts one event of this kind (kube-proxy's service and endpoint changes).
+    fn count(_changes: &mut Changes) {}
+    /// Whether this node is eligible, for this node's Node object.
+    fn node_eligible(&self) -> Option<bool> {
+        None
+    }
 }
 
 impl Tracked for Service {
     fn service_key(&self) -> Option<ServiceKey> {
         Some(ServiceKey::of_service(self))
+    }
+    fn count(changes: &mut Changes) {
+        changes.services += 1;
     }
 }
 
@@ -101,9 +122,12 @@ impl Tracked for EndpointSlice {
             .metadata
             .annotations
             .as_ref()?
-            .get("endpoints.kubernetes.io/last-change-trigger-time")?;
+            .get(ANNOTATION_TRIGGER_TIME)?;
         let ts: jiff::Timestamp = t.parse().ok()?;
         Some(SystemTime::from(ts))
+    }
+    fn count(changes: &mut Changes) {
+        changes.endpoints += 1;
     }
 }
 
@@ -112,6 +136,31 @@ impl Tracked for Node {
     fn service_key(&self) -> Option<ServiceKey> {
         None
     }
+    fn node_eligible(&self) -> Option<bool> {
+        Some(node_eligible(self))
+    }
+}
+
+/// kube-proxy's node eligibility (`proxy_health.go` `SyncNode`): not being deleted, and not
+/// tainted `ToBeDeletedByClusterAutoscaler`.
+pub fn node_eligible(node: &Node) -> bool {
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TAINT_TO_BE_DELETED));
+    node.metadata.deletion_timestamp.is_none() && !tainted
+}
+
+/// The trigger time of a watched change to measure, as kube-proxy measures it
+/// (`endpointslicecache.go`): not for a deletion (its annotation tells the last update, not
+/// the deletion), and only from after the source started (older ones were not observed).
+fn observed_trigger(
+    trigger: Option<SystemTime>,
+    deleted: bool,
+    started: SystemTime,
+) -> Option<SystemTime> {
+    trigger.filter(|t| !deleted && *t > started)
 }
 
 /// Why the API server source could not start.
@@ -162,6 +211,9 @@ impl KubeSource {
             changed: Arc::new(AtomicBool::new(true)),
             dirty: Arc::new(Mutex::new(Dirty::everything())),
             triggers: Arc::new(Mutex::new(Vec::new())),
+            changes: Arc::default(),
+            node_eligible: Arc::new(AtomicBool::new(true)),
+            started: SystemTime::now(),
             notify: Arc::new(Notify::new()),
         };
         let proxy_selector = format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}");
@@ -224,8 +276,27 @@ impl KubeSource {
         self.shared
             .triggers
             .lock()
-            .map(|mut t| std::mem::take(&mut *t))
+            .map(|mut t| {
+                std::mem::take(&mut *t)
+                    .into_iter()
+                    .map(|(_, t)| t)
+                    .collect()
+            })
             .unwrap_or_default()
+    }
+
+    /// Service and EndpointSlice events since the last call.
+    pub fn take_changes(&self) -> Changes {
+        self.shared
+            .changes
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default()
+    }
+
+    /// Whether this node is eligible (kube-proxy's `nodeEligible`), from its Node object.
+    pub fn node_eligible(&self) -> bool {
+        self.shared.node_eligible.load(Ordering::SeqCst)
     }
 
     /// The named Services and their EndpointSlices.
@@ -329,6 +400,14 @@ impl Source for KubeSource {
         KubeSource::take_triggers(self)
     }
 
+    fn take_changes(&mut self) -> Changes {
+        KubeSource::take_changes(self)
+    }
+
+    fn node_eligible(&self) -> bool {
+        KubeSource::node_eligible(self)
+    }
+
     fn zone(&self) -> Option<String> {
         KubeSource::zone(self)
     }
@@ -406,8 +485,23 @@ where
         changed,
         dirty,
         triggers,
+        changes,
+        node_eligible,
+        started,
         notify,
     } = shared.clone();
+    // Every event of the kind is a change (kube-proxy counts its informers' adds, updates and
+    // deletes, those of a list included); a Node's tells whether this node is eligible.
+    let observe = move |obj: &K| {
+        if let Ok(mut c) = changes.lock() {
+            K::count(&mut c);
+        }
+        if let Some(e) = obj.node_eligible() {
+            if node_eligible.swap(e, Ordering::SeqCst) != e {
+                tracing::info!(eligible = e, "this node's eligibility (deletion, ToBeDeletedByClusterAutoscaler taint) changed");
+            }
+        }
+    };
     tokio::spawn(async move {
         let stream = reflector(writer, watcher(api, config).backoff(RetryBackoff::new()));
         futures::pin_mut!(stream);
@@ -417,6 +511,7 @@ where
                 Ok(watcher::Event::InitApply(obj)) => {
                     feed.connected.store(true, Ordering::SeqCst);
                     note(&idx, &obj, true);
+                    observe(&obj);
                 }
                 Ok(watcher::Event::InitDone) => {
                     if !feed.synced.swap(true, Ordering::SeqCst) {
@@ -443,16 +538,25 @@ where
                     feed.connected.store(true, Ordering::SeqCst);
                     // Indexed before the Service is marked, so its pass finds the object.
                     note(&idx, &obj, present);
+                    observe(&obj);
+                    let key = obj.service_key();
                     if let Ok(mut d) = dirty.lock() {
-                        match obj.service_key() {
+                        match &key {
                             Some(k) => {
-                                d.services.insert(k);
+                                d.services.insert(k.clone());
                             }
                             None => d.all = true,
                         }
                     }
-                    if let (Some(t), Ok(mut tr)) = (obj.trigger_time(), triggers.lock()) {
-                        tr.push(t);
+                    if let (Some(key), Ok(mut tr)) = (key, triggers.lock()) {
+                        // A deleted slice takes its Service's pending trigger times with it,
+                        // as in kube-proxy.
+                        if !present {
+                            tr.retain(|(k, _)| *k != key);
+                        }
+                        if let Some(t) = observed_trigger(obj.trigger_time(), !present, started) {
+                            tr.push((key, t));
+                        }
                     }
                     changed.store(true, Ordering::SeqCst);
                     notify.notify_one();
@@ -514,5 +618,42 @@ where
         if refs.is_empty() {
             index.remove(&key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn node(json: serde_json::Value) -> Node {
+        serde_json::from_value(json).expect("a Node")
+    }
+
+    #[test]
+    fn a_node_being_deleted_or_tainted_for_deletion_is_not_eligible() {
+        let plain = serde_json::json!({"metadata": {"name": "n"}});
+        assert!(node_eligible(&node(plain)));
+        let other_taint = serde_json::json!({"metadata": {"name": "n"},
+            "spec": {"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]}});
+        assert!(node_eligible(&node(other_taint)));
+        let tainted = serde_json::json!({"metadata": {"name": "n"},
+            "spec": {"taints": [{"key": TAINT_TO_BE_DELETED, "value": "1700000000", "effect": "NoSchedule"}]}});
+        assert!(!node_eligible(&node(tainted)));
+        let deleting = serde_json::json!({"metadata": {"name": "n",
+            "deletionTimestamp": "2024-01-01T00:00:00Z", "finalizers": ["x"]}});
+        assert!(!node_eligible(&node(deleting)));
+    }
+
+    #[test]
+    fn trigger_times_of_deletions_and_from_before_the_start_are_not_measured() {
+        let started = SystemTime::now();
+        let after = started + Duration::from_secs(1);
+        let before = started - Duration::from_secs(1);
+        assert_eq!(observed_trigger(Some(after), false, started), Some(after));
+        assert_eq!(observed_trigger(Some(after), true, started), None);
+        assert_eq!(observed_trigger(Some(before), false, started), None);
+        assert_eq!(observed_trigger(None, false, started), None);
     }
 }
