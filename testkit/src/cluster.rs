@@ -376,6 +376,8 @@ pub struct ClusterConfig {
     /// The agents sweep conntrack every second with a 2 s grace (tests see closed flows go);
     /// false: at the agent's defaults.
     pub fast_sweep: bool,
+    /// More flags for every agent (`lb-agent run`).
+    pub agent_args: Vec<String>,
 }
 
 impl ClusterConfig {
@@ -389,6 +391,7 @@ impl ClusterConfig {
             ext_attach: None,
             network: Network::Bridge,
             fast_sweep: true,
+            agent_args: Vec::new(),
         }
     }
 }
@@ -616,6 +619,8 @@ pub struct Cluster {
     ext_attach: Option<&'static str>,
     /// The agents' conntrack sweep: fast (tests) or at the agent's defaults.
     fast_sweep: bool,
+    /// More flags for every agent.
+    agent_args: Vec<String>,
     /// Long-lived processes (servers, agents, tunnel relays), by what they are.
     children: Vec<(String, Child)>,
     /// Left running by `detach`.
@@ -653,6 +658,7 @@ impl Cluster {
             detached: cfg.detached,
             ext_attach: cfg.ext_attach,
             fast_sweep: cfg.fast_sweep,
+            agent_args: cfg.agent_args.clone(),
             children: Vec::new(),
             kept: false,
             tag,
@@ -1142,12 +1148,9 @@ impl Cluster {
                 ext_attach: self.ext_attach,
                 fast_sweep: self.fast_sweep,
             };
-            let child = spawn_agent(
-                cmd,
-                &["--manifests".as_ref(), manifests.as_os_str()],
-                &flags,
-                &self.agent_log_path(node.index),
-            )?;
+            let mut args = vec!["--manifests".as_ref(), manifests.as_os_str()];
+            args.extend(self.agent_args.iter().map(std::ffi::OsStr::new));
+            let child = spawn_agent(cmd, &args, &flags, &self.agent_log_path(node.index))?;
             self.children.push((format!("agent {}", node.name), child));
         }
         Ok(())

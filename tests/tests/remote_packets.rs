@@ -389,3 +389,23 @@ fn source_ranges_fence_every_client_of_the_lb_ip_pods_too_and_not_the_node_port(
         XDP_PASS
     );
 }
+
+/// NodePorts on 127.0.0.1 are for the node's own processes (the socket hooks): a packet
+/// addressed there that reaches the datapath is not taken to a backend.
+#[test]
+fn a_packet_to_a_localhost_node_port_is_not_translated() {
+    let mut h = Harness::new(NodeInfo {
+        name: "node-a".into(),
+        addresses: vec![NODE_A, Ipv4Addr::LOCALHOST],
+        zone: None,
+    })
+    .expect("datapath loads");
+    h.program(&lb_service(&[0], &[])).expect("program");
+    let to_node = Frame::tcp((CLIENT, 40001), (NODE_A, 30080), SYN);
+    let (_, out) = h.run(&to_node.build()).expect("test run");
+    assert_ne!(out, to_node.build(), "the node address is served");
+    let to_lo = Frame::tcp((CLIENT, 40000), (Ipv4Addr::LOCALHOST, 30080), SYN);
+    let (verdict, out) = h.run(&to_lo.build()).expect("test run");
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, to_lo.build(), "left as it came");
+}
