@@ -128,8 +128,9 @@ impl ApiServer {
         Self::start_with(netns, None)
     }
 
-    /// The same over HTTPS, with a certificate for 127.0.0.1 from a CA made for the occasion;
-    /// returns the CA (PEM) clients must trust, as in a pod's service-account `ca.crt`.
+    /// The same over HTTPS, with a certificate for 127.0.0.1 and `localhost` from a CA made
+    /// for the occasion; returns the CA (PEM) clients must trust, as in a pod's
+    /// service-account `ca.crt`.
     pub fn start_tls(netns: Option<&str>) -> Result<(ApiServer, String)> {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
         let mut ca = CertificateParams::new(Vec::<String>::new())?;
@@ -139,7 +140,7 @@ impl ApiServer {
         let ca_key = KeyPair::generate()?;
         let ca_cert = ca.self_signed(&ca_key)?;
         let issuer = Issuer::new(ca, ca_key);
-        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])?;
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
         let leaf_key = KeyPair::generate()?;
         let leaf_cert = leaf.signed_by(&leaf_key, &issuer)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());

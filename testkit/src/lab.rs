@@ -42,6 +42,18 @@ pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 pub const HTTP_PORT: u16 = 8080;
 pub const UDP_PORT: u16 = 5353;
 
+/// How `Lab::start_agent_incluster_with` points the agent at the API server.
+#[derive(Clone, Copy, Debug)]
+pub struct InCluster<'a> {
+    /// `KUBERNETES_SERVICE_HOST` and `KUBERNETES_SERVICE_PORT` (None: unset).
+    pub service_env: Option<(&'a str, u16)>,
+    /// `--api-server` (None: not given).
+    pub api_server: Option<&'a str>,
+    /// The service account's `ca.crt` (PEM) and `token`.
+    pub ca_pem: &'a str,
+    pub token: &'a str,
+}
+
 #[derive(Clone, Debug)]
 pub struct LabPod {
     pub name: String,
@@ -248,13 +260,26 @@ impl Lab {
     }
 
     /// Starts `lb-agent run` with no source flag, so with in-cluster configuration, as in a
-    /// pod: `KUBERNETES_SERVICE_HOST`/`PORT` and a service-account folder (token, ca.crt,
-    /// namespace) mounted at the standard place in a mount namespace of its own.
+    /// pod: `KUBERNETES_SERVICE_HOST`/`PORT` (127.0.0.1 and `port`) and a service-account
+    /// folder (token, ca.crt, namespace) mounted at the standard place in a mount namespace of
+    /// its own.
     pub fn start_agent_incluster(&mut self, port: u16, ca_pem: &str, token: &str) -> Result<()> {
+        self.start_agent_incluster_with(&InCluster {
+            service_env: Some(("127.0.0.1", port)),
+            api_server: None,
+            ca_pem,
+            token,
+        })
+    }
+
+    /// Starts `lb-agent run` with in-cluster configuration as `how` says: the service account
+    /// mounted as in `start_agent_incluster`, `KUBERNETES_SERVICE_HOST`/`PORT` set or unset,
+    /// `--api-server` given or not.
+    pub fn start_agent_incluster_with(&mut self, how: &InCluster<'_>) -> Result<()> {
         let sa = self.dir.join("serviceaccount");
         fs::create_dir_all(&sa)?;
-        fs::write(sa.join("token"), token)?;
-        fs::write(sa.join("ca.crt"), ca_pem)?;
+        fs::write(sa.join("token"), how.token)?;
+        fs::write(sa.join("ca.crt"), how.ca_pem)?;
         fs::write(sa.join("namespace"), "lb-system")?;
         let script = format!(
             "mount -t tmpfs tmpfs /run && mkdir -p /run/secrets/kubernetes.io/serviceaccount \
@@ -262,20 +287,28 @@ impl Lab {
             sa = sa.display(),
         );
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", self.node_ns))
-            .args([
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                &script,
-                "sh",
-            ])
-            .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
-            .env("KUBERNETES_SERVICE_PORT", port.to_string());
-        self.spawn_agent(cmd, &[])
+        cmd.arg(format!("--net=/run/netns/{}", self.node_ns)).args([
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+        ]);
+        match how.service_env {
+            Some((host, port)) => cmd
+                .env("KUBERNETES_SERVICE_HOST", host)
+                .env("KUBERNETES_SERVICE_PORT", port.to_string()),
+            None => cmd
+                .env_remove("KUBERNETES_SERVICE_HOST")
+                .env_remove("KUBERNETES_SERVICE_PORT"),
+        };
+        match how.api_server {
+            Some(a) => self.spawn_agent(cmd, &["--api-server".as_ref(), a.as_ref()]),
+            None => self.spawn_agent(cmd, &[]),
+        }
     }
 
     /// Starts `lb-agent run` with the lab's node flags and `source` in the node namespace.

@@ -19,7 +19,9 @@ use std::{
 
 use lb_testkit::{
     apiserver::{wait_requests, ApiServer, Kind},
-    lab::{endpoint_list, wait_for, Background, Lab, LabPod, HTTP_PORT, NODE_IP, NODE_NAME},
+    lab::{
+        endpoint_list, wait_for, Background, InCluster, Lab, LabPod, HTTP_PORT, NODE_IP, NODE_NAME,
+    },
     require_root,
 };
 
@@ -396,6 +398,89 @@ fn the_agent_starts_with_in_cluster_configuration() {
         "{auth:?}"
     );
     // Nothing of the agent's mount namespace leaked to the host.
+    assert!(!Path::new("/run/secrets/kubernetes.io/serviceaccount/token").exists());
+}
+
+#[test]
+fn the_agent_starts_in_cluster_at_the_api_servers_own_address() {
+    // On a cluster without kube-proxy: KUBERNETES_SERVICE_HOST:PORT is the `kubernetes`
+    // Service's ClusterIP, which nothing serves before the agent has programmed it, so the
+    // agent is given the API server's own address with --api-server. The double answers
+    // only there (127.0.0.1:PORT in the node), nothing answers 10.96.0.1:443.
+    require_root();
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut lab = Lab::up(2).expect("lab up");
+    lab.start_servers().expect("servers");
+    let (api, ca) = ApiServer::start_tls(Some(&lab.node_ns)).expect("api double over TLS");
+    api.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE_NAME}}}\n"
+    ))
+    .expect("node");
+    let pods = lab.pods.clone();
+    api.apply_yaml(&web_service("NodePort", ""))
+        .expect("service");
+    api.apply_yaml(&web_slice(&pods.iter().collect::<Vec<_>>()))
+        .expect("slice");
+    let port = api.addr.port();
+
+    // HOST:PORT, with the environment naming the unprogrammed ClusterIP.
+    let addr = format!("127.0.0.1:{port}");
+    lab.start_agent_incluster_with(&InCluster {
+        service_env: Some(("10.96.0.1", 443)),
+        api_server: Some(&addr),
+        ca_pem: &ca,
+        token: "sa-token-123",
+    })
+    .expect("agent");
+    lab.wait_healthy(Duration::from_secs(15)).expect("healthy");
+    wait_served(&lab, &["pod1", "pod2"], "--api-server HOST:PORT");
+    let log = lab.agent_log();
+    assert!(
+        log.contains(&format!("https://127.0.0.1:{port}/")) && log.contains("--api-server"),
+        "the address used is logged: {log}"
+    );
+    let auth = api.authorizations();
+    assert!(
+        !auth.is_empty() && auth.iter().all(|a| a == "Bearer sa-token-123"),
+        "{auth:?}"
+    );
+
+    // https://HOST:PORT with a DNS name (the certificate names `localhost`), and no
+    // KUBERNETES_SERVICE_HOST/PORT at all. The new agent takes the datapath over; a change
+    // made after its start shows that it watches.
+    lab.kill_agent().expect("kill");
+    let requests_before = api.authorizations().len();
+    let url = format!("https://localhost:{port}");
+    lab.start_agent_incluster_with(&InCluster {
+        service_env: None,
+        api_server: Some(&url),
+        ca_pem: &ca,
+        token: "sa-token-456",
+    })
+    .expect("agent again");
+    lab.wait_healthy(Duration::from_secs(15))
+        .expect("healthy again");
+    api.apply_yaml(&web_slice(&[&pods[0]])).expect("change");
+    wait_served(
+        &lab,
+        &["pod1"],
+        "--api-server https://HOST:PORT, no environment",
+    );
+    let auth = api.authorizations();
+    assert!(
+        auth.len() > requests_before
+            && auth[requests_before..]
+                .iter()
+                .all(|a| a == "Bearer sa-token-456"),
+        "{auth:?}"
+    );
+    let log = lab.agent_log();
+    assert!(
+        log.contains(&format!("https://localhost:{port}/")),
+        "the address used is logged: {log}"
+    );
     assert!(!Path::new("/run/secrets/kubernetes.io/serviceaccount/token").exists());
 }
 

@@ -82,3 +82,65 @@ fn the_kustomization_lists_every_manifest() {
         );
     }
 }
+
+fn yaml(name: &str) -> serde_yaml::Value {
+    let text = std::fs::read_to_string(deploy_dir().join(name)).expect("read");
+    serde_yaml::from_str(&text).expect("yaml")
+}
+
+/// Every `$(VAR)` in the agent's arguments is an environment variable of the container (an
+/// undefined one would reach the agent as it is written), and every ConfigMap key it reads
+/// is in the ConfigMap.
+#[test]
+fn the_daemonset_passes_every_setting_it_names() {
+    let cm = yaml("configmap.yaml");
+    let ds = yaml("daemonset.yaml");
+    let container = &ds["spec"]["template"]["spec"]["containers"][0];
+    let env = container["env"].as_sequence().expect("env");
+    let names: Vec<&str> = env.iter().filter_map(|e| e["name"].as_str()).collect();
+    for arg in container["args"].as_sequence().expect("args") {
+        let arg = arg.as_str().unwrap_or_default();
+        if let Some((_, var)) = arg.split_once("$(") {
+            let var = var.trim_end_matches(')');
+            assert!(names.contains(&var), "{arg}: no variable {var}");
+        }
+    }
+    for e in env {
+        let r = &e["valueFrom"]["configMapKeyRef"];
+        if let Some(key) = r["key"].as_str() {
+            assert_eq!(r["name"].as_str(), Some("lb-agent"), "{e:?}");
+            assert!(
+                cm["data"][key].as_str().is_some(),
+                "the ConfigMap has no {key}"
+            );
+        }
+    }
+}
+
+/// The agent reaches the API server before any Service works: the DaemonSet passes the
+/// ConfigMap's `api-server` (a value the agent accepts) as `--api-server`, and resolves
+/// names with the node's resolver (cluster DNS is a Service).
+#[test]
+fn the_agent_reaches_the_api_server_without_services() {
+    let cm = yaml("configmap.yaml");
+    let ds = yaml("daemonset.yaml");
+    let value = cm["data"]["api-server"].as_str().expect("api-server");
+    let addr: lb_userspace::source::kube::ApiServerAddr =
+        value.parse().expect("an address the agent accepts");
+    assert_eq!(addr.to_string(), "kind-control-plane:6443");
+    let spec = &ds["spec"]["template"]["spec"];
+    assert_eq!(spec["dnsPolicy"].as_str(), Some("Default"));
+    let container = &spec["containers"][0];
+    let args = container["args"].as_sequence().expect("args");
+    assert!(
+        args.iter()
+            .any(|a| a.as_str() == Some("--api-server=$(API_SERVER)")),
+        "{args:?}"
+    );
+    let env = container["env"].as_sequence().expect("env");
+    assert!(
+        env.iter().any(|e| e["name"].as_str() == Some("API_SERVER")
+            && e["valueFrom"]["configMapKeyRef"]["key"].as_str() == Some("api-server")),
+        "{env:?}"
+    );
+}

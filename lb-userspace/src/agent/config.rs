@@ -9,13 +9,19 @@ use std::{
 use anyhow::{bail, Result};
 use lb_control::node_ports::NodePortAddresses;
 
-use crate::datapath::{conntrack::Timeouts, ExtAttach, MapSizes};
+use crate::{
+    datapath::{conntrack::Timeouts, ExtAttach, MapSizes},
+    source::kube::ApiServerAddr,
+};
 
 /// The agent's configuration (`lb-agent run`'s flags).
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     pub manifests: Option<PathBuf>,
     pub kubeconfig: Option<PathBuf>,
+    /// In-cluster configuration with the API server at this address instead of
+    /// `KUBERNETES_SERVICE_HOST:PORT`.
+    pub api_server: Option<ApiServerAddr>,
     pub node_name: String,
     pub ext_ifaces: Vec<String>,
     /// How external interfaces are attached (XDP or TC).
@@ -53,6 +59,14 @@ impl RunConfig {
     /// Refuses values the datapath cannot work with, before anything is loaded.
     pub fn check(&self) -> Result<()> {
         let cfg = self;
+        if let Some(api) = &cfg.api_server {
+            if cfg.kubeconfig.is_some() || cfg.manifests.is_some() {
+                bail!(
+                    "--api-server {api}: only with in-cluster configuration (a kubeconfig names \
+                     its server, --manifests reads no API server)"
+                );
+            }
+        }
         if !lb_control::maglev::is_prime(cfg.maglev_size) {
             bail!("--maglev-table-size {}: must be a prime", cfg.maglev_size);
         }

@@ -38,7 +38,7 @@ use self::{
 };
 use crate::{
     datapath::{self, host_sockets, node, stats, Datapath, PinnedMaps},
-    source::kube::KubeSource,
+    source::kube::{ApiAccess, KubeSource},
 };
 
 /// How often interfaces, addresses and manifests are looked at.
@@ -48,9 +48,14 @@ const CLOCK_CHECK: Duration = Duration::from_mins(1);
 
 pub async fn run(cfg: RunConfig) -> Result<()> {
     cfg.check()?;
-    let mut source: Box<dyn Source> = match &cfg.manifests {
-        Some(dir) => Box::new(ManifestSource::new(dir)?),
-        None => Box::new(KubeSource::start(cfg.kubeconfig.as_deref(), &cfg.node_name).await?),
+    let mut source: Box<dyn Source> = if let Some(dir) = &cfg.manifests {
+        Box::new(ManifestSource::new(dir)?)
+    } else {
+        let access = match &cfg.kubeconfig {
+            Some(path) => ApiAccess::Kubeconfig(path),
+            None => ApiAccess::InCluster(cfg.api_server.as_ref()),
+        };
+        Box::new(KubeSource::start(access, &cfg.node_name).await?)
     };
 
     for w in node::check_host() {

@@ -9,6 +9,7 @@ use lb_control::node_ports::{InvalidNodePortAddresses, NodePortAddresses};
 use crate::{
     agent::RunConfig,
     datapath::{conntrack::Timeouts, ExtAttach, MapSizes},
+    source::kube::ApiServerAddr,
 };
 
 /// eBPF/XDP Kubernetes service load balancer: a kube-proxy replacement.
@@ -106,6 +107,12 @@ pub struct RunArgs {
     /// Watch the API server named in this kubeconfig.
     #[arg(long, value_name = "FILE")]
     kubeconfig: Option<PathBuf>,
+    /// In-cluster configuration (the service account's token and CA) with the API server at
+    /// this address, HOST:PORT or https://HOST:PORT, instead of KUBERNETES_SERVICE_HOST:PORT:
+    /// that is the `kubernetes` Service, which nothing serves before this agent on a cluster
+    /// without kube-proxy. Empty: KUBERNETES_SERVICE_HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    api_server: Option<String>,
     /// This node's name (endpoint locality). Default: the hostname.
     #[arg(long)]
     node_name: Option<String>,
@@ -223,6 +230,17 @@ fn seconds(name: &str, v: f64) -> Result<Duration> {
     Duration::try_from_secs_f64(v).map_err(|e| anyhow::anyhow!("--{name} {v}: {e}"))
 }
 
+/// `--api-server`'s value (empty: none, so that a deployment can pass an empty setting).
+fn api_server(value: Option<&str>) -> Result<Option<ApiServerAddr>> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("--api-server {v:?}: {e}")),
+    }
+}
+
 fn hostname() -> String {
     nix::unistd::gethostname()
         .ok()
@@ -237,6 +255,7 @@ impl RunArgs {
         Ok(RunConfig {
             manifests: a.manifests,
             kubeconfig: a.kubeconfig,
+            api_server: api_server(a.api_server.as_deref())?,
             node_name: a.node_name.unwrap_or_else(hostname),
             ext_ifaces: a.ext_ifaces,
             ext_attach: a.ext_attach,
@@ -267,5 +286,52 @@ impl RunArgs {
             nodeport_addresses: a.nodeport_addresses,
             localhost_nodeports: a.localhost_nodeports,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    fn run_config(args: &[&str]) -> anyhow::Result<crate::agent::RunConfig> {
+        let cli = Cli::try_parse_from(["lb-agent", "run"].iter().chain(args))?;
+        match cli.command {
+            Command::Run(a) => a.into_config(),
+            _ => anyhow::bail!("not run"),
+        }
+    }
+
+    #[test]
+    fn api_server_flag() {
+        let cfg = run_config(&["--api-server", "kind-control-plane:6443"]).expect("accepted");
+        assert_eq!(
+            cfg.api_server.map(|a| a.to_string()).as_deref(),
+            Some("kind-control-plane:6443")
+        );
+        // An empty setting (the DaemonSet passes the ConfigMap's value as it is): none.
+        for empty in ["--api-server=", "--api-server= "] {
+            let cfg = run_config(&[empty]).expect("accepted");
+            assert!(cfg.api_server.is_none(), "{empty:?}");
+        }
+        assert!(run_config(&[]).expect("accepted").api_server.is_none());
+        // A bad value: the error names the flag, the value and the reason.
+        let e = run_config(&["--api-server=kind-control-plane"])
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            e.as_deref(),
+            Some(
+                r#"--api-server "kind-control-plane": no port: expected HOST:PORT (or https://HOST for port 443)"#
+            )
+        );
+        // Only for in-cluster configuration.
+        let cfg = run_config(&["--api-server=10.0.0.1:6443", "--kubeconfig=/k"]).expect("parsed");
+        let e = cfg.check().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            e.starts_with("--api-server 10.0.0.1:6443: only with in-cluster"),
+            "{e}"
+        );
     }
 }

@@ -22,7 +22,7 @@ pub enum ClientError {
     #[error("starting the client's runtime")]
     Runtime(#[source] std::io::Error),
     #[error("building the request for {0}")]
-    Request(String, #[source] hyper::http::Error),
+    Request(String, #[source] http::Error),
     #[error("http://{addr}{path}")]
     Send {
         addr: SocketAddr,

@@ -163,6 +163,158 @@ fn observed_trigger(
     trigger.filter(|t| !deleted && *t > started)
 }
 
+/// The service account's folder in a pod: `token`, `ca.crt` (what in-cluster clients read).
+const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// Where the agent finds the API server and the credentials it presents.
+#[derive(Debug, Clone, Copy)]
+pub enum ApiAccess<'a> {
+    /// A kubeconfig file: the server, CA and user of its current context.
+    Kubeconfig(&'a Path),
+    /// In a pod: the service account's token and CA, and the API server at
+    /// `KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT` (the `kubernetes` Service) or, when
+    /// given, at its own address (`--api-server`).
+    InCluster(Option<&'a ApiServerAddr>),
+}
+
+/// The API server's own address (`--api-server`), reached over HTTPS: `HOST:PORT`, or
+/// `https://HOST:PORT` (`https://HOST`: port 443). HOST is an IPv4 address, an IPv6 address in
+/// brackets or a DNS name; the API server's certificate must name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiServerAddr {
+    /// IPv6 addresses without their brackets.
+    host: String,
+    port: u16,
+    url: http::Uri,
+}
+
+/// Why an `--api-server` value is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BadApiServer {
+    #[error("empty")]
+    Empty,
+    #[error("{0}:// is not accepted: the API server is reached over https")]
+    Scheme(String),
+    #[error("expected HOST:PORT or https://HOST:PORT, nothing more")]
+    Extra,
+    #[error("no port: expected HOST:PORT (or https://HOST for port 443)")]
+    NoPort,
+    #[error("port {0:?}: expected 1-65535")]
+    Port(String),
+    #[error("host {0:?}: neither an IP address nor a DNS name")]
+    Host(String),
+    #[error("{0:?}: an IPv6 address is written in brackets, [ADDRESS]:PORT")]
+    Ipv6Brackets(String),
+    #[error("not a valid URL")]
+    Url(#[source] http::uri::InvalidUri),
+}
+
+impl ApiServerAddr {
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `https://HOST:PORT`.
+    pub fn url(&self) -> &http::Uri {
+        &self.url
+    }
+}
+
+impl std::fmt::Display for ApiServerAddr {
+    /// `HOST:PORT` (`[ADDRESS]:PORT` for IPv6).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::str::FromStr for ApiServerAddr {
+    type Err = BadApiServer;
+
+    fn from_str(s: &str) -> Result<Self, BadApiServer> {
+        let s = s.trim();
+        let (rest, https) = match s.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") => (rest, true),
+            Some((scheme, _)) => return Err(BadApiServer::Scheme(scheme.to_owned())),
+            None => (s, false),
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.is_empty() {
+            return Err(BadApiServer::Empty);
+        }
+        if authority.contains(['/', '?', '#', '@']) || authority.contains(char::is_whitespace) {
+            return Err(BadApiServer::Extra);
+        }
+        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+            let (ip, tail) = bracketed
+                .split_once(']')
+                .ok_or_else(|| BadApiServer::Host(authority.to_owned()))?;
+            let ip: std::net::Ipv6Addr =
+                ip.parse().map_err(|_| BadApiServer::Host(ip.to_owned()))?;
+            let port = match tail {
+                "" => None,
+                t => Some(t.strip_prefix(':').ok_or(BadApiServer::Extra)?),
+            };
+            (ip.to_string(), port)
+        } else {
+            let (host, port) = match authority.rsplit_once(':') {
+                Some((h, _)) if h.contains(':') => {
+                    return Err(BadApiServer::Ipv6Brackets(authority.to_owned()))
+                }
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            };
+            if host.parse::<std::net::Ipv4Addr>().is_err() && !is_dns_name(host) {
+                return Err(BadApiServer::Host(host.to_owned()));
+            }
+            (host.to_owned(), port)
+        };
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| BadApiServer::Port(p.to_owned()))?,
+            None if https => 443,
+            None => return Err(BadApiServer::NoPort),
+        };
+        let mut addr = ApiServerAddr {
+            host,
+            port,
+            url: http::Uri::default(),
+        };
+        addr.url = format!("https://{addr}")
+            .parse()
+            .map_err(BadApiServer::Url)?;
+        Ok(addr)
+    }
+}
+
+/// A DNS name as a certificate names a host: dot-separated labels of letters, digits and
+/// inner hyphens, 1 to 63 characters each, 253 in all, the last not all digits (that would
+/// be a mistyped IPv4 address).
+fn is_dns_name(s: &str) -> bool {
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    s.len() <= 253
+        && s.split('.').all(label_ok)
+        && !s
+            .rsplit('.')
+            .next()
+            .is_some_and(|last| last.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Why the API server source could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -178,35 +330,107 @@ pub enum StartError {
         #[source]
         source: kube::config::KubeconfigError,
     },
-    #[error("in-cluster configuration (KUBERNETES_SERVICE_HOST, the service-account token)")]
+    #[error(
+        "in-cluster configuration (KUBERNETES_SERVICE_HOST/PORT, the service account's files; \
+         --api-server gives the API server's address instead)"
+    )]
     InCluster(#[source] kube::config::InClusterError),
+    #[error("reading the service account's {}", .path.display())]
+    ServiceAccountFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the service account's CA bundle {}", .path.display())]
+    ServiceAccountCa {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
     #[error("creating the Kubernetes client")]
     Client(#[source] kube::Error),
 }
 
-async fn client(kubeconfig: Option<&Path>) -> Result<Client, StartError> {
-    let config = match kubeconfig {
-        Some(path) => {
+/// In-cluster configuration (the service account's token and CA, as `Config::incluster`
+/// reads them) with the API server at `api` instead of `KUBERNETES_SERVICE_HOST`, which is
+/// neither read nor needed.
+fn incluster_at(api: &ApiServerAddr) -> Result<Config, StartError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let dir = Path::new(SERVICE_ACCOUNT_DIR);
+    let ca_path = dir.join("ca.crt");
+    let token_path = dir.join("token");
+    let pem = std::fs::read(&ca_path).map_err(|source| StartError::ServiceAccountFile {
+        path: ca_path.clone(),
+        source,
+    })?;
+    let ca = CertificateDer::pem_slice_iter(&pem)
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|certs| {
+            if certs.is_empty() {
+                Err(rustls::pki_types::pem::Error::NoItemsFound)
+            } else {
+                Ok(certs)
+            }
+        })
+        .map_err(|source| StartError::ServiceAccountCa {
+            path: ca_path.clone(),
+            source,
+        })?;
+    // The client reads the token before requests (it is rotated); a missing one is reported
+    // now rather than as a failing watch.
+    std::fs::metadata(&token_path).map_err(|source| StartError::ServiceAccountFile {
+        path: token_path.clone(),
+        source,
+    })?;
+    let mut config = Config::new(api.url().clone());
+    config.root_cert = Some(ca);
+    // Read again from time to time, as with `Config::incluster`, to follow a CA rotation.
+    config.root_cert_file = Some(ca_path);
+    config.auth_info.token_file = Some(token_path.to_string_lossy().into_owned());
+    Ok(config)
+}
+
+async fn client(access: ApiAccess<'_>) -> Result<Client, StartError> {
+    let config = match access {
+        ApiAccess::Kubeconfig(path) => {
             let kc = Kubeconfig::read_from(path).map_err(|source| StartError::ReadKubeconfig {
                 path: path.to_owned(),
                 source,
             })?;
-            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
                 .await
                 .map_err(|source| StartError::Kubeconfig {
                     path: path.to_owned(),
                     source,
-                })?
+                })?;
+            tracing::info!(api_server = %config.cluster_url, kubeconfig = %path.display(), "API server");
+            config
         }
-        None => Config::incluster().map_err(StartError::InCluster)?,
+        ApiAccess::InCluster(None) => {
+            let config = Config::incluster().map_err(StartError::InCluster)?;
+            // The `kubernetes` Service's ClusterIP: on a cluster without kube-proxy nothing
+            // serves it before this agent has programmed it.
+            tracing::info!(
+                api_server = %config.cluster_url,
+                "API server from KUBERNETES_SERVICE_HOST/PORT (without kube-proxy, give its \
+                 own address with --api-server), with the service account"
+            );
+            config
+        }
+        ApiAccess::InCluster(Some(api)) => {
+            let config = incluster_at(api)?;
+            tracing::info!(api_server = %config.cluster_url, "API server from --api-server, with the service account");
+            config
+        }
     };
     Client::try_from(config).map_err(StartError::Client)
 }
 
 impl KubeSource {
     /// Starts the reflectors (they list, then watch, in the background).
-    pub async fn start(kubeconfig: Option<&Path>, node_name: &str) -> Result<Self, StartError> {
-        let client = client(kubeconfig).await?;
+    pub async fn start(access: ApiAccess<'_>, node_name: &str) -> Result<Self, StartError> {
+        let client = client(access).await?;
         let shared = Shared {
             changed: Arc::new(AtomicBool::new(true)),
             dirty: Arc::new(Mutex::new(Dirty::everything())),
@@ -655,5 +879,105 @@ mod tests {
         assert_eq!(observed_trigger(Some(after), true, started), None);
         assert_eq!(observed_trigger(Some(before), false, started), None);
         assert_eq!(observed_trigger(None, false, started), None);
+    }
+
+    fn parse(s: &str) -> Result<ApiServerAddr, BadApiServer> {
+        s.parse()
+    }
+
+    #[test]
+    fn api_server_addresses_accepted() {
+        for (given, host, port, url) in [
+            (
+                "kind-control-plane:6443",
+                "kind-control-plane",
+                6443,
+                "https://kind-control-plane:6443/",
+            ),
+            (
+                "https://kind-control-plane:6443",
+                "kind-control-plane",
+                6443,
+                "https://kind-control-plane:6443/",
+            ),
+            (
+                "HTTPS://cp.example.com:6443/",
+                "cp.example.com",
+                6443,
+                "https://cp.example.com:6443/",
+            ),
+            (
+                "https://cp.example.com",
+                "cp.example.com",
+                443,
+                "https://cp.example.com:443/",
+            ),
+            (
+                " 172.18.0.2:6443 ",
+                "172.18.0.2",
+                6443,
+                "https://172.18.0.2:6443/",
+            ),
+            ("https://10.0.0.1", "10.0.0.1", 443, "https://10.0.0.1:443/"),
+            ("[fd00::1]:6443", "fd00::1", 6443, "https://[fd00::1]:6443/"),
+            (
+                "https://[fd00:0::2]",
+                "fd00::2",
+                443,
+                "https://[fd00::2]:443/",
+            ),
+            ("localhost:1", "localhost", 1, "https://localhost:1/"),
+        ] {
+            let a = parse(given).unwrap_or_else(|e| panic!("{given:?}: {e}"));
+            assert_eq!((a.host(), a.port()), (host, port), "{given:?}");
+            assert_eq!(a.url().to_string(), url, "{given:?}");
+        }
+        assert_eq!(
+            parse("[fd00::1]:6443")
+                .map(|a| a.to_string())
+                .ok()
+                .as_deref(),
+            Some("[fd00::1]:6443")
+        );
+        assert_eq!(
+            parse("https://h:6443")
+                .map(|a| a.to_string())
+                .ok()
+                .as_deref(),
+            Some("h:6443")
+        );
+    }
+
+    #[test]
+    fn api_server_addresses_refused() {
+        for (given, why) in [
+            ("", "empty"),
+            ("https://", "empty"),
+            ("kind-control-plane", "no port"),
+            ("10.0.0.1", "no port"),
+            ("http://10.0.0.1:6443", "http://"),
+            ("tcp://10.0.0.1:6443", "tcp://"),
+            ("https://10.0.0.1:6443/api", "nothing more"),
+            ("https://user@10.0.0.1:6443", "nothing more"),
+            ("10.0.0.1:6443?x", "nothing more"),
+            ("10.0.0.1:", "port"),
+            ("10.0.0.1:0", "port"),
+            ("10.0.0.1:65536", "port"),
+            ("10.0.0.1:https", "port"),
+            (":6443", "host"),
+            ("10.0.0.256:6443", "host"),
+            ("under_score:6443", "host"),
+            ("-lead.example:6443", "host"),
+            ("a..b:6443", "host"),
+            ("fd00::1:6443", "brackets"),
+            ("[fd00::1", "host"),
+            ("[not-v6]:6443", "host"),
+            ("[fd00::1]6443", "nothing more"),
+        ] {
+            match parse(given) {
+                Ok(a) => panic!("{given:?} accepted as {a}"),
+                Err(e) => assert!(e.to_string().contains(why), "{given:?}: {e}"),
+            }
+        }
     }
 }
