@@ -747,6 +747,23 @@ fn external_traffic_policy_local_with_health_check_and_load_balancer_ip() {
         r.contains("\"localEndpoints\": 1") && r.contains("\"serviceProxyHealthy\": true"),
         "{r}"
     );
+    // Any method and path, as kube-proxy's health check servers answer.
+    let post = lb_testkit::lab::run(&[
+        "ip",
+        "netns",
+        "exec",
+        &ext,
+        "curl",
+        "-sS",
+        "-i",
+        "--max-time",
+        "2",
+        "-X",
+        "POST",
+        &format!("http://{NODE_IP}:32000/any"),
+    ])
+    .unwrap_or_else(|e| e.to_string());
+    assert!(post.starts_with("HTTP/1.1 200"), "{post}");
 
     // No local endpoint: external traffic is dropped (not refused), the ClusterIP works on,
     // the health check says 503.

@@ -455,7 +455,10 @@ fn the_metrics_address_serves_metrics_proxy_mode_and_debug_and_the_healthz_addre
             .any(|f| f["frontend"] == "10.96.0.10:80/TCP" && f["service"] == "default/web:http"),
         "{list:?}"
     );
-    for path in ["/healthz", "/livez", "/"] {
+    // kube-proxy's metrics server has the generic health handler, not the proxy's health.
+    let ok = get(&lab, METRICS_PORT, "/healthz");
+    assert_eq!((ok.status, ok.body.as_str()), (200, "ok"));
+    for path in ["/livez", "/"] {
         assert_eq!(get(&lab, METRICS_PORT, path).status, 404, "metrics {path}");
     }
 

@@ -13,7 +13,7 @@ use lb_control::model::HealthCheck;
 use tokio::net::TcpListener;
 
 use super::{
-    http::{self, refuse_method, response, Body},
+    http::{self, response, Body},
     state::SharedState,
 };
 
@@ -83,17 +83,16 @@ impl HealthChecks {
             let state = Arc::new(Mutex::new(hc.clone()));
             let (st, status) = (state.clone(), status.clone());
             let task = tokio::spawn(http::serve(listener, move |req| {
-                let answer = refuse_method(&req).unwrap_or_else(|| {
-                    // The health check is a plain value written whole: a poisoned lock still
-                    // holds a complete one.
-                    let hc = st
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .clone();
-                    let healthy = status.lock().healthy(std::time::Instant::now());
-                    answer_health_check(&hc, healthy)
-                });
-                std::future::ready(answer)
+                // Any method and path, as kube-proxy's health check servers answer.
+                drop(req);
+                // The health check is a plain value written whole: a poisoned lock still
+                // holds a complete one.
+                let hc = st
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                let healthy = status.lock().healthy(std::time::Instant::now());
+                std::future::ready(answer_health_check(&hc, healthy))
             }));
             tracing::info!(port, service = %format!("{}/{}", hc.namespace, hc.name), "health check server started");
             self.servers.insert(*port, (task, state));

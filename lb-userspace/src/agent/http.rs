@@ -1,8 +1,9 @@
 //! The agent's HTTP endpoints, served by hyper (HTTP/1.1, keep-alive, concurrent
 //! connections): on the healthz address kube-proxy's `/healthz` and `/livez` only; on the
 //! metrics address `/metrics` (Prometheus), `/proxyMode` (kube-proxy answers its mode there;
-//! this is `ebpf`) and `/debug/frontends` (for `lb-agent flows`). GET and HEAD; other methods
-//! get 405, other paths 404. A client that does not send its request head within
+//! this is `ebpf`), `/healthz` (`ok` while the process answers, as kube-proxy's metrics server)
+//! and `/debug/frontends` (for `lb-agent flows`). GET and HEAD; other methods get 405, other
+//! paths 404; health check node ports answer any method, as kube-proxy's. A client that does not send its request head within
 //! `HEADER_READ_TIMEOUT` is disconnected, and holds up nothing meanwhile.
 
 use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
@@ -105,7 +106,7 @@ where
 pub enum Endpoints {
     /// `--healthz-addr`: `/healthz`, `/livez`.
     Health,
-    /// `--metrics-addr`: `/metrics`, `/proxyMode`, `/debug/frontends`.
+    /// `--metrics-addr`: `/metrics`, `/proxyMode`, `/healthz` (`ok`), `/debug/frontends`.
     Metrics,
 }
 
@@ -134,7 +135,10 @@ async fn answer(
     let path = req.uri().path();
     let known = match which {
         Endpoints::Health => matches!(path, "/healthz" | "/livez"),
-        Endpoints::Metrics => matches!(path, "/metrics" | "/proxyMode" | "/debug/frontends"),
+        Endpoints::Metrics => matches!(
+            path,
+            "/metrics" | "/proxyMode" | "/debug/frontends" | "/healthz"
+        ),
     };
     if !known {
         return not_found();
@@ -143,6 +147,10 @@ async fn answer(
         return refused;
     }
     match path {
+        // kube-proxy's metrics server has the generic health handler: the process answers.
+        "/healthz" if which == Endpoints::Metrics => {
+            response(200, "text/plain; charset=utf-8", "ok")
+        }
         "/healthz" | "/livez" => {
             let probe = if path == "/healthz" {
                 Probe::Healthz
