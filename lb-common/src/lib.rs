@@ -35,6 +35,16 @@ pub mod map_names {
     pub const LB_CLOCK: &str = "LB_CLOCK";
     pub const LB4_FRAGS: &str = "LB4_FRAGS";
     pub const LB4_SOCK_DROP: &str = "LB4_SOCK_DROP";
+    pub const LB6_SERVICES: &str = "LB6_SERVICES";
+    pub const LB6_BACKENDS: &str = "LB6_BACKENDS";
+    pub const LB6_CONNTRACK: &str = "LB6_CONNTRACK";
+    pub const LB6_AFFINITY: &str = "LB6_AFFINITY";
+    pub const LB6_SNAT: &str = "LB6_SNAT";
+    pub const LB6_SRC_RANGES: &str = "LB6_SRC_RANGES";
+    pub const LB6_SOCK_REV: &str = "LB6_SOCK_REV";
+    pub const LB6_SOCK_DROP: &str = "LB6_SOCK_DROP";
+    pub const LB6_FRAGS: &str = "LB6_FRAGS";
+    pub const LB6_NODE_ADDR: &str = "LB6_NODE_ADDR";
 }
 
 /// Program names, spelled as the programs are in the object file.
@@ -99,6 +109,39 @@ pub const FRAG_ENTRIES: u32 = 16_384;
 /// (Linux gives up reassembling after 30 s, `ipfrag_time`).
 pub const FRAG_TIMEOUT_NS: u64 = 30_000_000_000;
 
+/// An IPv6 address as the packet carries it: four 32-bit words in network byte order (each
+/// word's bytes as on the wire), so that keys hold it aligned and compare it word by word.
+pub type Ipv6Words = [u32; 4];
+
+/// The words of an IPv6 address given as its 16 bytes (network order).
+pub const fn ipv6_words(b: [u8; 16]) -> Ipv6Words {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
+
+/// The 16 bytes (network order) of an IPv6 address held as words.
+pub const fn ipv6_bytes(w: Ipv6Words) -> [u8; 16] {
+    let [a, b, c, d] = [
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    ];
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+/// The IPv6 twin of `HAIRPIN_SNAT_V4`: fd6c:6200::1, from a unique-local prefix the project
+/// keeps for it (a link-local source would not be routed back through the node).
+pub const HAIRPIN_SNAT_V6: Ipv6Words =
+    ipv6_words([0xfd, 0x6c, 0x62, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+
 /// Source address a hairpin flow (a pod reaching itself through a Service) is translated to,
 /// so that the pod's reply leaves the pod and comes back through the node: 169.254.42.1.
 pub const HAIRPIN_SNAT_V4: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
@@ -148,7 +191,7 @@ pub const SCOPE_PODS: u8 = 1;
 map_type! {
     /// What a frontend resolves to. Its usable backends are the `count` slots
     /// `BackendSlotKey { svc_id, slot: 0..count }`.
-    pub struct ServiceV4 {
+    pub struct ServiceEntry {
         /// Identifies the slot list and the per-service counters; never 0.
         pub svc_id: u32,
         /// Number of usable backends; 0 means the frontend rejects (or drops, see flags).
@@ -229,7 +272,7 @@ map_type! {
 
 map_type! {
     /// Where a client stuck, and when a new flow of it last used that.
-    pub struct AffinityV4 {
+    pub struct AffinityEntry {
         pub last_used_ns: u64,
         pub backend_id: u32,
         pub _pad: u32,
@@ -312,7 +355,7 @@ map_type! {
 map_type! {
     /// `LB4_FRAGS` value: the ports of the datagram (from its first fragment, network byte
     /// order), which its later fragments do not carry.
-    pub struct FragV4 {
+    pub struct FragPorts {
         pub seen_ns: u64,
         pub sport: u16,
         pub dport: u16,
@@ -450,6 +493,119 @@ map_type! {
     size 32;
 }
 
+map_type! {
+    /// The IPv6 twin of `ServiceKeyV4` (`LB6_SERVICES`; the value is a `ServiceEntry`).
+    pub struct ServiceKeyV6 {
+        pub addr: Ipv6Words,
+        /// Network byte order.
+        pub port: u16,
+        pub proto: u8,
+        /// `SCOPE_*`.
+        pub scope: u8,
+    }
+    size 20;
+}
+
+map_type! {
+    /// An IPv6 backend (`LB6_BACKENDS`, keyed by backend id: one id space for both families,
+    /// so that `LB_SLOTS`, `LB_MEMBERS`, `LB_MAGLEV` and `LB_BE_STATS` serve both).
+    pub struct BackendV6 {
+        pub addr: Ipv6Words,
+        /// Network byte order.
+        pub port: u16,
+        pub proto: u8,
+        /// `BACKEND_F_*`.
+        pub flags: u8,
+    }
+    size 20;
+}
+
+map_type! {
+    /// `LB6_AFFINITY` key (the value is an `AffinityEntry`).
+    pub struct AffinityKeyV6 {
+        pub group: u64,
+        pub client: Ipv6Words,
+    }
+    size 24;
+}
+
+map_type! {
+    /// The IPv6 twin of `CtKeyV4` (`LB6_CONNTRACK`, `LB6_SNAT`).
+    pub struct CtKeyV6 {
+        pub saddr: Ipv6Words,
+        pub daddr: Ipv6Words,
+        pub sport: u16,
+        pub dport: u16,
+        pub proto: u8,
+        pub _pad: [u8; 3],
+    }
+    size 40;
+}
+
+map_type! {
+    /// The IPv6 twin of `CtEntryV4`.
+    pub struct CtEntryV6 {
+        pub last_seen_ns: u64,
+        pub nat_saddr: Ipv6Words,
+        pub nat_daddr: Ipv6Words,
+        pub nat_sport: u16,
+        pub nat_dport: u16,
+        pub backend_id: u32,
+        pub svc_id: u32,
+        /// `CT_F_*`.
+        pub flags: u16,
+        pub _pad: u16,
+    }
+    size 56;
+}
+
+map_type! {
+    /// `LB6_FRAGS` key: one IPv6 datagram as its fragments arrive (the fragment header's
+    /// identification, as on the wire); the value is a `FragPorts`.
+    pub struct FragKeyV6 {
+        pub saddr: Ipv6Words,
+        pub daddr: Ipv6Words,
+        pub id: u32,
+        pub proto: u8,
+        pub _pad: [u8; 3],
+    }
+    size 40;
+}
+
+map_type! {
+    /// `LB6_SRC_RANGES` key data: the service id (big-endian), then the client address. The
+    /// prefix length is 32 + the CIDR's.
+    pub struct SourceRangeV6 {
+        pub svc_id_be: u32,
+        pub addr: Ipv6Words,
+    }
+    size 20;
+}
+
+map_type! {
+    /// `LB6_SOCK_REV` key (and `LB6_SOCK_DROP`'s): a host socket and an address it was sent
+    /// to.
+    pub struct SockRevKeyV6 {
+        pub cookie: u64,
+        pub addr: Ipv6Words,
+        /// Network byte order.
+        pub port: u16,
+        pub _pad: [u8; 6],
+    }
+    size 32;
+}
+
+map_type! {
+    /// `LB6_SOCK_REV` value: the frontend the socket addressed.
+    pub struct SockRevV6 {
+        pub addr: Ipv6Words,
+        /// Network byte order.
+        pub port: u16,
+        pub _pad: u16,
+    }
+    size 20;
+}
+
 /// Indexes of the global per-CPU counters in `LB_STATS`.
 pub mod stat {
     pub const RX: u32 = 0;
@@ -552,4 +708,21 @@ pub mod stat {
         "direct_flow_clash",
         "sock_dropped",
     ];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_words_keep_the_wire_order() {
+        let b = [
+            0xfd, 0x6c, 0x62, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34,
+        ];
+        let w = ipv6_words(b);
+        assert_eq!(ipv6_bytes(w), b);
+        // Each word's bytes as on the wire, like an IPv4 address in `ServiceKeyV4::addr`.
+        assert_eq!(w[0].to_ne_bytes(), [0xfd, 0x6c, 0x62, 0]);
+        assert_eq!(ipv6_bytes(HAIRPIN_SNAT_V6)[15], 1);
+    }
 }

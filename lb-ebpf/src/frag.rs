@@ -5,7 +5,7 @@
 
 use core::mem;
 
-use lb_common::{FragKeyV4, FragV4, FRAG_TIMEOUT_NS};
+use lb_common::{FragKeyV4, FragPorts, FRAG_TIMEOUT_NS};
 use network_types::ip::Ipv4Hdr;
 
 use crate::{clock::now_ns, maps::LB4_FRAGS, parse::Tuple};
@@ -27,7 +27,7 @@ const _: () = assert!(size_of::<FragKeyV4>() == 12 && cfg!(target_endian = "litt
 /// Remembers a first fragment's ports for the later fragments of its datagram.
 #[inline(always)]
 pub(crate) fn remember(pkt: &Tuple, ip: *const Ipv4Hdr, proto: u8) {
-    let value = FragV4 {
+    let value = FragPorts {
         seen_ns: now_ns(),
         sport: pkt.sport,
         dport: pkt.dport,
@@ -39,7 +39,7 @@ pub(crate) fn remember(pkt: &Tuple, ip: *const Ipv4Hdr, proto: u8) {
 /// The ports of the datagram a later fragment belongs to, if its first fragment was seen
 /// within the reassembly timeout.
 #[inline(always)]
-pub(crate) fn recall(saddr: u32, daddr: u32, ip: *const Ipv4Hdr, proto: u8) -> Option<FragV4> {
+pub(crate) fn recall(saddr: u32, daddr: u32, ip: *const Ipv4Hdr, proto: u8) -> Option<FragPorts> {
     // SAFETY: the value is copied out at once.
     let f = unsafe { LB4_FRAGS.get(&frag_key(saddr, daddr, ip, proto)) }.copied()?;
     (now_ns().wrapping_sub(f.seen_ns) <= FRAG_TIMEOUT_NS).then_some(f)

@@ -8,17 +8,18 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    config, stat, AffinityKeyV4, AffinityV4, BackendSlotKey, BackendStats, BackendV4, Clock,
-    CtEntryV4, CtKeyV4, FragKeyV4, FragV4, MemberKey, ServiceKeyV4, ServiceStats, ServiceV4,
-    SockRevKeyV4, SockRevV4, SourceRangeV4, AFFINITY_ENTRIES, DEFAULT_BACKENDS,
-    DEFAULT_BACKEND_SLOTS, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAGLEV_TABLES,
-    DEFAULT_SERVICES, DEFAULT_SNAT_ENTRIES, FLOW_EVENTS_BYTES, FRAG_ENTRIES, SOCK_DROP_ENTRIES,
-    SOCK_REVERSE_ENTRIES, SOURCE_RANGE_ENTRIES,
+    config, stat, AffinityEntry, AffinityKeyV4, AffinityKeyV6, BackendSlotKey, BackendStats,
+    BackendV4, BackendV6, Clock, CtEntryV4, CtEntryV6, CtKeyV4, CtKeyV6, FragKeyV4, FragKeyV6,
+    FragPorts, Ipv6Words, MemberKey, ServiceEntry, ServiceKeyV4, ServiceKeyV6, ServiceStats,
+    SockRevKeyV4, SockRevKeyV6, SockRevV4, SockRevV6, SourceRangeV4, SourceRangeV6,
+    AFFINITY_ENTRIES, DEFAULT_BACKENDS, DEFAULT_BACKEND_SLOTS, DEFAULT_CONNTRACK_ENTRIES,
+    DEFAULT_MAGLEV_SIZE, DEFAULT_MAGLEV_TABLES, DEFAULT_SERVICES, DEFAULT_SNAT_ENTRIES,
+    FLOW_EVENTS_BYTES, FRAG_ENTRIES, SOCK_DROP_ENTRIES, SOCK_REVERSE_ENTRIES, SOURCE_RANGE_ENTRIES,
 };
 
-/// Frontends: (address, port, protocol, scope) → `ServiceV4`; written by the agent.
+/// Frontends: (address, port, protocol, scope) → `ServiceEntry`; written by the agent.
 #[map]
-pub(crate) static LB4_SERVICES: HashMap<ServiceKeyV4, ServiceV4> =
+pub(crate) static LB4_SERVICES: HashMap<ServiceKeyV4, ServiceEntry> =
     HashMap::pinned(DEFAULT_SERVICES, 0);
 /// A frontend's usable backends: (service id, slot) → backend id; written by the agent.
 #[map]
@@ -36,7 +37,7 @@ pub(crate) static LB4_CONNTRACK: LruHashMap<CtKeyV4, CtEntryV4> =
 pub(crate) static LB_MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(DEFAULT_BACKEND_SLOTS, 0);
 /// sessionAffinity: (group, client) → (backend id, last new flow); written by the datapath.
 #[map]
-pub(crate) static LB4_AFFINITY: LruHashMap<AffinityKeyV4, AffinityV4> =
+pub(crate) static LB4_AFFINITY: LruHashMap<AffinityKeyV4, AffinityEntry> =
     LruHashMap::pinned(AFFINITY_ENTRIES, 0);
 /// Interfaces: ifindex → `IFACE_F_*` flags (a pod's interface); written by the agent.
 #[map]
@@ -95,7 +96,50 @@ pub(crate) static LB4_SOCK_DROP: LruHashMap<SockRevKeyV4, u32> =
 /// Fragmented datagrams: (addresses, identification, protocol) → the ports their first
 /// fragment carried; written and read by the datapath.
 #[map]
-pub(crate) static LB4_FRAGS: LruHashMap<FragKeyV4, FragV4> = LruHashMap::pinned(FRAG_ENTRIES, 0);
+pub(crate) static LB4_FRAGS: LruHashMap<FragKeyV4, FragPorts> = LruHashMap::pinned(FRAG_ENTRIES, 0);
+
+// IPv6: the twins of the `LB4_*` maps, with the same writers and readers. Service ids and
+// backend ids are one space over both families, so the slot, member, Maglev and counter maps
+// serve both.
+
+/// IPv6 frontends → `ServiceEntry`; written by the agent.
+#[map]
+pub(crate) static LB6_SERVICES: HashMap<ServiceKeyV6, ServiceEntry> =
+    HashMap::pinned(DEFAULT_SERVICES, 0);
+/// IPv6 backends: backend id → (address, port, protocol, flags); written by the agent.
+#[map]
+pub(crate) static LB6_BACKENDS: HashMap<u32, BackendV6> = HashMap::pinned(DEFAULT_BACKENDS, 0);
+/// IPv6 flows, both directions; written by the datapath, swept by the agent.
+#[map]
+pub(crate) static LB6_CONNTRACK: LruHashMap<CtKeyV6, CtEntryV6> =
+    LruHashMap::pinned(DEFAULT_CONNTRACK_ENTRIES, 0);
+/// IPv6 sessionAffinity; written by the datapath.
+#[map]
+pub(crate) static LB6_AFFINITY: LruHashMap<AffinityKeyV6, AffinityEntry> =
+    LruHashMap::pinned(AFFINITY_ENTRIES, 0);
+/// Reply entries of source-NATed IPv6 flows (as `LB4_SNAT`).
+#[map]
+pub(crate) static LB6_SNAT: LruHashMap<CtKeyV6, CtEntryV6> =
+    LruHashMap::pinned(DEFAULT_SNAT_ENTRIES, 0);
+/// IPv6 loadBalancerSourceRanges: (service id, client prefix) → 1; written by the agent.
+#[map]
+pub(crate) static LB6_SRC_RANGES: LpmTrie<SourceRangeV6, u8> =
+    LpmTrie::pinned(SOURCE_RANGE_ENTRIES, 0);
+/// Host IPv6 sockets the hooks sent to a backend: (socket, backend) → frontend.
+#[map]
+pub(crate) static LB6_SOCK_REV: LruHashMap<SockRevKeyV6, SockRevV6> =
+    LruHashMap::pinned(SOCK_REVERSE_ENTRIES, 0);
+/// Host IPv6 sockets fenced off a frontend (socket, frontend) → the service id.
+#[map]
+pub(crate) static LB6_SOCK_DROP: LruHashMap<SockRevKeyV6, u32> =
+    LruHashMap::pinned(SOCK_DROP_ENTRIES, 0);
+/// Fragmented IPv6 datagrams → the ports their first fragment carried.
+#[map]
+pub(crate) static LB6_FRAGS: LruHashMap<FragKeyV6, FragPorts> = LruHashMap::pinned(FRAG_ENTRIES, 0);
+/// The node's IPv6 address (the source of source-NATed IPv6 flows; all zero when it has
+/// none); written by the agent.
+#[map]
+pub(crate) static LB6_NODE_ADDR: Array<Ipv6Words> = Array::pinned(1, 0);
 
 /// One `LB_CONFIG` value (0 when unset).
 #[inline(always)]

@@ -6,9 +6,9 @@
 
 use aya_ebpf::bindings::TC_ACT_SHOT;
 use lb_common::{
-    config, stat, AffinityKeyV4, AffinityV4, CtEntryV4, ServiceKeyV4, BACKEND_F_LOCAL, CT_F_DIRECT,
-    CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, CT_F_REPORTED, CT_F_SNAT, FLOW_CLOSED, FLOW_NEW,
-    HAIRPIN_SNAT_V4, SCOPE_ALL, SCOPE_PODS, SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
+    config, stat, AffinityEntry, AffinityKeyV4, CtEntryV4, ServiceKeyV4, BACKEND_F_LOCAL,
+    CT_F_DIRECT, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, CT_F_REPORTED, CT_F_SNAT, FLOW_CLOSED,
+    FLOW_NEW, HAIRPIN_SNAT_V4, SCOPE_ALL, SCOPE_PODS, SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
     SVC_F_SOURCE_RANGES,
 };
 
@@ -266,7 +266,7 @@ fn translate(ctx: &impl Hook, l: &L4Packet) -> Verdict {
         return Verdict::Drop;
     };
     if svc.affinity_timeout_s != 0 {
-        let a = AffinityV4 {
+        let a = AffinityEntry {
             last_used_ns: now,
             backend_id,
             _pad: 0,

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use lb_common::{
-    config, AffinityKeyV4, BackendSlotKey, BackendV4, MemberKey, ServiceV4, SourceRangeV4,
+    config, AffinityKeyV4, BackendSlotKey, BackendV4, MemberKey, ServiceEntry, SourceRangeV4,
 };
 
 use crate::{
@@ -19,7 +19,7 @@ use crate::{
 /// (kube-proxy's `recent` match, per endpoint, refreshed by each new connection).
 #[inline(always)]
 pub(crate) fn sticky_backend(
-    svc: &ServiceV4,
+    svc: &ServiceEntry,
     key: &AffinityKeyV4,
     now: u64,
 ) -> Option<(u32, BackendV4)> {
@@ -40,7 +40,11 @@ pub(crate) fn sticky_backend(
 /// The backend the frontend's Maglev table gives this flow: the same on every node that
 /// has the same table.
 #[inline(always)]
-pub(crate) fn maglev_backend(svc: &ServiceV4, pkt: &Tuple, proto: u8) -> Option<(u32, BackendV4)> {
+pub(crate) fn maglev_backend(
+    svc: &ServiceEntry,
+    pkt: &Tuple,
+    proto: u8,
+) -> Option<(u32, BackendV4)> {
     let size = cfg_value(config::MAGLEV_SIZE);
     if size == 0 {
         return random_backend(svc);
@@ -72,7 +76,7 @@ fn flow_hash(pkt: &Tuple, proto: u8) -> u32 {
 
 /// A uniformly random backend among the service's slots.
 #[inline(always)]
-pub(crate) fn random_backend(svc: &ServiceV4) -> Option<(u32, BackendV4)> {
+pub(crate) fn random_backend(svc: &ServiceEntry) -> Option<(u32, BackendV4)> {
     // SAFETY: bpf_get_prandom_u32 has no preconditions.
     let slot = unsafe { bpf_get_prandom_u32() } % svc.count;
     let slot_key = BackendSlotKey {

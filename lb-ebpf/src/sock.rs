@@ -22,7 +22,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext},
 };
 use lb_common::{
-    config, stat, AffinityKeyV4, AffinityV4, ServiceKeyV4, SockRevKeyV4, SockRevV4, IPPROTO_TCP,
+    config, stat, AffinityEntry, AffinityKeyV4, ServiceKeyV4, SockRevKeyV4, SockRevV4, IPPROTO_TCP,
     IPPROTO_UDP, SCOPE_ALL, SCOPE_PODS, SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
     SVC_F_SOURCE_RANGES,
 };
@@ -166,7 +166,7 @@ fn to_backend(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     };
     if svc.affinity_timeout_s != 0 {
-        let a = AffinityV4 {
+        let a = AffinityEntry {
             last_used_ns: now,
             backend_id,
             _pad: 0,

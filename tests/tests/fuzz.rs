@@ -32,7 +32,7 @@ use std::{
 
 use aya::maps::{HashMap as AyaHashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    map_names, stat, BackendV4, CtEntryV4, CtKeyV4, ServiceKeyV4, ServiceV4, SCOPE_ALL,
+    map_names, stat, BackendV4, CtEntryV4, CtKeyV4, ServiceEntry, ServiceKeyV4, SCOPE_ALL,
 };
 use lb_control::translate::NodeInfo;
 use lb_testkit::{
@@ -1357,7 +1357,7 @@ fn conntrack_keys(h: &Harness, name: &str) -> Vec<Tuple> {
 /// Frontends and backends as programmed, and every conntrack and SNAT key.
 fn read_model(h: &Harness) -> Model {
     let data = MapData::from_pin(h.pin.path().join(map_names::LB4_SERVICES)).expect("LB4_SERVICES");
-    let services: AyaHashMap<MapData, ServiceKeyV4, ServiceV4> =
+    let services: AyaHashMap<MapData, ServiceKeyV4, ServiceEntry> =
         AyaHashMap::try_from(Map::HashMap(data)).expect("a hash");
     let frontends: HashMap<_, _> = services
         .iter()

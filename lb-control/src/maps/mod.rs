@@ -6,7 +6,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use lb_common::{
-    BackendSlotKey, BackendV4, MemberKey, ServiceKeyV4, ServiceV4, DEFAULT_BACKENDS,
+    BackendSlotKey, BackendV4, MemberKey, ServiceEntry, ServiceKeyV4, DEFAULT_BACKENDS,
     DEFAULT_BACKEND_SLOTS, DEFAULT_SERVICES,
 };
 
@@ -77,10 +77,10 @@ impl Capacity {
 pub trait ServiceMaps {
     /// The maps' sizes.
     fn capacity(&self) -> Capacity;
-    fn services(&self) -> Result<Vec<(ServiceKeyV4, ServiceV4)>, MapError>;
+    fn services(&self) -> Result<Vec<(ServiceKeyV4, ServiceEntry)>, MapError>;
     fn slots(&self) -> Result<Vec<(BackendSlotKey, u32)>, MapError>;
     fn backends(&self) -> Result<Vec<(u32, BackendV4)>, MapError>;
-    fn set_service(&mut self, key: &ServiceKeyV4, value: &ServiceV4) -> Result<(), MapError>;
+    fn set_service(&mut self, key: &ServiceKeyV4, value: &ServiceEntry) -> Result<(), MapError>;
     fn delete_service(&mut self, key: &ServiceKeyV4) -> Result<(), MapError>;
     fn set_slot(&mut self, key: &BackendSlotKey, backend_id: u32) -> Result<(), MapError>;
     fn delete_slot(&mut self, key: &BackendSlotKey) -> Result<(), MapError>;
@@ -106,7 +106,7 @@ pub trait ServiceMaps {
 
     // Many entries of one map at once (the pinned maps use one syscall per batch). The
     // entries of a batch are written in no particular order.
-    fn set_services(&mut self, entries: &[(ServiceKeyV4, ServiceV4)]) -> Result<(), MapError> {
+    fn set_services(&mut self, entries: &[(ServiceKeyV4, ServiceEntry)]) -> Result<(), MapError> {
         entries.iter().try_for_each(|(k, v)| self.set_service(k, v))
     }
     fn set_slots(&mut self, entries: &[(BackendSlotKey, u32)]) -> Result<(), MapError> {
@@ -125,7 +125,7 @@ pub trait ServiceMaps {
 /// Maps in memory, with a log of every write (so tests can check the order of updates).
 #[derive(Debug, Default, Clone)]
 pub struct MemMaps {
-    pub services: BTreeMap<ServiceKeyV4, ServiceV4>,
+    pub services: BTreeMap<ServiceKeyV4, ServiceEntry>,
     pub slots: BTreeMap<(u32, u32), u32>,
     pub backends: BTreeMap<u32, BackendV4>,
     pub members: BTreeMap<(u32, u32), u32>,
@@ -159,7 +159,7 @@ impl ServiceMaps for MemMaps {
     fn capacity(&self) -> Capacity {
         self.capacity
     }
-    fn services(&self) -> Result<Vec<(ServiceKeyV4, ServiceV4)>, MapError> {
+    fn services(&self) -> Result<Vec<(ServiceKeyV4, ServiceEntry)>, MapError> {
         Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
     }
     fn slots(&self) -> Result<Vec<(BackendSlotKey, u32)>, MapError> {
@@ -172,7 +172,7 @@ impl ServiceMaps for MemMaps {
     fn backends(&self) -> Result<Vec<(u32, BackendV4)>, MapError> {
         Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
     }
-    fn set_service(&mut self, key: &ServiceKeyV4, value: &ServiceV4) -> Result<(), MapError> {
+    fn set_service(&mut self, key: &ServiceKeyV4, value: &ServiceEntry) -> Result<(), MapError> {
         self.write(format!(
             "set service {} count {}",
             value.svc_id, value.count

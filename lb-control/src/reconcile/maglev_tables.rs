@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{map_names, BackendV4, ServiceKeyV4, ServiceV4, SCOPE_ALL};
+use lb_common::{map_names, BackendV4, ServiceEntry, ServiceKeyV4, SCOPE_ALL};
 
 use super::{ApplyStats, Reconciler};
 use crate::{
@@ -43,7 +43,7 @@ impl<M: ServiceMaps> Reconciler<M> {
     pub(super) fn program_maglev<'a>(
         &mut self,
         frontends: impl Iterator<Item = (&'a L4Addr, &'a FrontendState)>,
-        slot_lists: &mut BTreeMap<ServiceKeyV4, (ServiceV4, Vec<u32>)>,
+        slot_lists: &mut BTreeMap<ServiceKeyV4, (ServiceEntry, Vec<u32>)>,
         stats: &mut ApplyStats,
     ) -> Result<BTreeSet<String>, MapError> {
         let (size, count) = self.maps.maglev_geometry();

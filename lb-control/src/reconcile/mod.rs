@@ -20,7 +20,7 @@ use std::{
 };
 
 use lb_common::{
-    BackendSlotKey, BackendV4, MemberKey, ServiceKeyV4, ServiceV4, SCOPE_ALL, SCOPE_PODS,
+    BackendSlotKey, BackendV4, MemberKey, ServiceEntry, ServiceKeyV4, SCOPE_ALL, SCOPE_PODS,
     SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE, SVC_F_SOURCE_RANGES,
 };
 
@@ -37,7 +37,7 @@ use crate::{
 
 #[derive(Debug, Clone)]
 struct Programmed {
-    value: ServiceV4,
+    value: ServiceEntry,
     slots: Vec<u32>,
 }
 
@@ -305,7 +305,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         };
 
         // 1. Backends: reuse the id of an identical address, write new ones and flag changes.
-        let mut slot_lists: BTreeMap<ServiceKeyV4, (ServiceV4, Vec<u32>)> = BTreeMap::new();
+        let mut slot_lists: BTreeMap<ServiceKeyV4, (ServiceEntry, Vec<u32>)> = BTreeMap::new();
         let mut range_lists: BTreeMap<ServiceKeyV4, BTreeSet<(Ipv4Addr, u8)>> = BTreeMap::new();
         for (key, fe, scope, state) in &in_scope {
             let Some(state) = state else { continue };
@@ -319,7 +319,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             if fenced {
                 range_lists.insert(*key, state.source_ranges.iter().copied().collect());
             }
-            let value = ServiceV4 {
+            let value = ServiceEntry {
                 svc_id: 0, // filled in below
                 count: slots.len() as u32,
                 flags: kind_flag(state.kind)
@@ -379,7 +379,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         //    shrank. An entry never names a slot that is not written yet.
         struct Change {
             key: ServiceKeyV4,
-            value: ServiceV4,
+            value: ServiceEntry,
             slots: Vec<u32>,
             old_slots: Vec<u32>,
             ranges: BTreeSet<(Ipv4Addr, u8)>,

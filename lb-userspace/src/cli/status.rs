@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr, path::Path};
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{
-    map_names, AffinityKeyV4, AffinityV4, BackendSlotKey, BackendV4, CtEntryV4, CtKeyV4, MemberKey,
-    ServiceKeyV4, ServiceV4, IFACE_F_POD,
+    map_names, AffinityEntry, AffinityKeyV4, BackendSlotKey, BackendV4, CtEntryV4, CtKeyV4,
+    MemberKey, ServiceEntry, ServiceKeyV4, IFACE_F_POD,
 };
 
 use super::client;
@@ -104,7 +104,7 @@ pub fn status(pin: &Path, healthz: SocketAddr, metrics: SocketAddr) -> Result<(S
     let fills = [
         (
             map_names::LB4_SERVICES,
-            count::<ServiceKeyV4, ServiceV4>(pin, map_names::LB4_SERVICES, false)?,
+            count::<ServiceKeyV4, ServiceEntry>(pin, map_names::LB4_SERVICES, false)?,
         ),
         (
             map_names::LB_SLOTS,
@@ -124,7 +124,7 @@ pub fn status(pin: &Path, healthz: SocketAddr, metrics: SocketAddr) -> Result<(S
         ),
         (
             map_names::LB4_AFFINITY,
-            count::<AffinityKeyV4, AffinityV4>(pin, map_names::LB4_AFFINITY, true)?,
+            count::<AffinityKeyV4, AffinityEntry>(pin, map_names::LB4_AFFINITY, true)?,
         ),
     ];
     for (i, (name, (n, max))) in fills.iter().enumerate() {

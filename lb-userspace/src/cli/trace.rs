@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{
-    map_names, BackendV4, CtEntryV4, CtKeyV4, ServiceKeyV4, ServiceV4, CT_F_SNAT, IFACE_F_POD,
+    map_names, BackendV4, CtEntryV4, CtKeyV4, ServiceEntry, ServiceKeyV4, CT_F_SNAT, IFACE_F_POD,
     SCOPE_ALL, SCOPE_PODS, SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE,
 };
 
@@ -101,7 +101,7 @@ pub fn trace(
         .and_then(|i| ifaces.get(&i, 0).ok())
         .is_some_and(|f| f & IFACE_F_POD != 0);
 
-    let services: HashMap<MapData, ServiceKeyV4, ServiceV4> =
+    let services: HashMap<MapData, ServiceKeyV4, ServiceEntry> =
         open_hash(pin, map_names::LB4_SERVICES)?;
     let backends: HashMap<MapData, u32, BackendV4> = open_hash(pin, map_names::LB4_BACKENDS)?;
     let mut conntrack: HashMap<MapData, CtKeyV4, CtEntryV4> =

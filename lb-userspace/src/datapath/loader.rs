@@ -160,6 +160,10 @@ impl Datapath {
             .map_max_entries(map_names::LB4_CONNTRACK, sizes.conntrack)
             .map_max_entries(map_names::LB4_SNAT, sizes.snat)
             .map_max_entries(map_names::LB_MAGLEV, sizes.maglev)
+            .map_max_entries(map_names::LB6_SERVICES, sizes.services)
+            .map_max_entries(map_names::LB6_BACKENDS, sizes.backends)
+            .map_max_entries(map_names::LB6_CONNTRACK, sizes.conntrack)
+            .map_max_entries(map_names::LB6_SNAT, sizes.snat)
             .load(EBPF_OBJECT)
             .context("loading the BPF object")?;
         for name in program_names::SOCK {

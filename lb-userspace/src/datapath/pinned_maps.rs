@@ -10,8 +10,8 @@ use aya::maps::{
     Array, HashMap, Map, MapData, PerCpuArray,
 };
 use lb_common::{
-    config, map_names, BackendSlotKey, BackendStats, BackendV4, MemberKey, ServiceKeyV4, ServiceV4,
-    SourceRangeV4,
+    config, map_names, BackendSlotKey, BackendStats, BackendV4, MemberKey, ServiceEntry,
+    ServiceKeyV4, SourceRangeV4,
 };
 use lb_control::maps::{Capacity, MapError, ServiceMaps};
 
@@ -22,7 +22,7 @@ use super::{
 
 /// The pinned service maps.
 pub struct PinnedMaps {
-    services: HashMap<MapData, ServiceKeyV4, ServiceV4>,
+    services: HashMap<MapData, ServiceKeyV4, ServiceEntry>,
     slots: HashMap<MapData, BackendSlotKey, u32>,
     backends: HashMap<MapData, u32, BackendV4>,
     members: HashMap<MapData, MemberKey, u32>,
@@ -113,7 +113,7 @@ impl ServiceMaps for PinnedMaps {
     fn capacity(&self) -> Capacity {
         self.capacity
     }
-    fn set_services(&mut self, entries: &[(ServiceKeyV4, ServiceV4)]) -> Result<(), MapError> {
+    fn set_services(&mut self, entries: &[(ServiceKeyV4, ServiceEntry)]) -> Result<(), MapError> {
         set_many(&mut self.services, map_names::LB4_SERVICES, entries)
     }
     fn set_slots(&mut self, entries: &[(BackendSlotKey, u32)]) -> Result<(), MapError> {
@@ -125,7 +125,7 @@ impl ServiceMaps for PinnedMaps {
     fn set_members(&mut self, entries: &[(MemberKey, u32)]) -> Result<(), MapError> {
         set_many(&mut self.members, map_names::LB_MEMBERS, entries)
     }
-    fn services(&self) -> Result<Vec<(ServiceKeyV4, ServiceV4)>, MapError> {
+    fn services(&self) -> Result<Vec<(ServiceKeyV4, ServiceEntry)>, MapError> {
         collect(&self.services, map_names::LB4_SERVICES)
     }
     fn slots(&self) -> Result<Vec<(BackendSlotKey, u32)>, MapError> {
@@ -134,7 +134,7 @@ impl ServiceMaps for PinnedMaps {
     fn backends(&self) -> Result<Vec<(u32, BackendV4)>, MapError> {
         collect(&self.backends, map_names::LB4_BACKENDS)
     }
-    fn set_service(&mut self, key: &ServiceKeyV4, value: &ServiceV4) -> Result<(), MapError> {
+    fn set_service(&mut self, key: &ServiceKeyV4, value: &ServiceEntry) -> Result<(), MapError> {
         self.services
             .insert(key, value, 0)
             .map_err(err(map_names::LB4_SERVICES, "update"))
