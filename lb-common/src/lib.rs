@@ -606,6 +606,26 @@ map_type! {
     size 20;
 }
 
+map_type! {
+    /// An IPv6 load-balancing decision in the `LB_FLOWS` ring buffer (told from a
+    /// `FlowEvent` by its size).
+    pub struct FlowEventV6 {
+        pub ts_ns: u64,
+        pub client_addr: Ipv6Words,
+        pub frontend_addr: Ipv6Words,
+        pub backend_addr: Ipv6Words,
+        pub svc_id: u32,
+        pub client_port: u16,
+        pub frontend_port: u16,
+        pub backend_port: u16,
+        pub proto: u8,
+        /// `FLOW_NEW` or `FLOW_CLOSED`.
+        pub kind: u8,
+        pub _pad: u32,
+    }
+    size 72;
+}
+
 /// Indexes of the global per-CPU counters in `LB_STATS`.
 pub mod stat {
     pub const RX: u32 = 0;
