@@ -5,14 +5,14 @@
 use std::{
     collections::BTreeMap,
     io::Write,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, Result};
 use aya::maps::{Map, MapData, RingBuf};
-use lb_common::{map_names, FlowEvent, FLOW_CLOSED, FLOW_NEW};
+use lb_common::{ipv6_bytes, map_names, FlowEvent, FlowEventV6, Ipv6Words, FLOW_CLOSED, FLOW_NEW};
 
 use lb_control::model::Proto;
 
@@ -42,13 +42,52 @@ pub struct Flow {
     pub service: String,
 }
 
-fn decode(bytes: &[u8], names: &BTreeMap<u32, String>) -> Option<Flow> {
+/// The fields of a record of either family, addresses as text (`a.b.c.d:port`, `[v6]:port`).
+struct Record {
+    ts_ns: u64,
+    kind: u8,
+    proto: u8,
+    svc_id: u32,
+    client: String,
+    frontend: String,
+    backend: String,
+}
+
+/// A ring-buffer record: a `FlowEvent` (IPv4) or a `FlowEventV6`, told apart by size.
+fn record(bytes: &[u8]) -> Option<Record> {
+    let v4 = |a: u32, p: u16| SocketAddr::from((Ipv4Addr::from(a.to_ne_bytes()), u16::from_be(p)));
+    let v6 =
+        |a: Ipv6Words, p: u16| SocketAddr::from((Ipv6Addr::from(ipv6_bytes(a)), u16::from_be(p)));
+    if bytes.len() >= size_of::<FlowEventV6>() {
+        let ev: FlowEventV6 = *bytemuck::try_from_bytes(&bytes[..size_of::<FlowEventV6>()]).ok()?;
+        return Some(Record {
+            ts_ns: ev.ts_ns,
+            kind: ev.kind,
+            proto: ev.proto,
+            svc_id: ev.svc_id,
+            client: v6(ev.client_addr, ev.client_port).to_string(),
+            frontend: v6(ev.frontend_addr, ev.frontend_port).to_string(),
+            backend: v6(ev.backend_addr, ev.backend_port).to_string(),
+        });
+    }
     let ev: FlowEvent = *bytemuck::try_from_bytes(bytes.get(..size_of::<FlowEvent>())?).ok()?;
+    Some(Record {
+        ts_ns: ev.ts_ns,
+        kind: ev.kind,
+        proto: ev.proto,
+        svc_id: ev.svc_id,
+        client: v4(ev.client_addr, ev.client_port).to_string(),
+        frontend: v4(ev.frontend_addr, ev.frontend_port).to_string(),
+        backend: v4(ev.backend_addr, ev.backend_port).to_string(),
+    })
+}
+
+fn decode(bytes: &[u8], names: &BTreeMap<u32, String>) -> Option<Flow> {
+    let ev = record(bytes)?;
     let age = Duration::from_nanos(monotonic_ns().saturating_sub(ev.ts_ns));
     let time = jiff::Timestamp::try_from(SystemTime::now() - age)
         .map(|t| t.to_string())
         .unwrap_or_default();
-    let addr = |a: u32, p: u16| format!("{}:{}", Ipv4Addr::from(a.to_ne_bytes()), u16::from_be(p));
     Some(Flow {
         time,
         event: match ev.kind {
@@ -57,9 +96,9 @@ fn decode(bytes: &[u8], names: &BTreeMap<u32, String>) -> Option<Flow> {
             _ => "?",
         },
         proto: Proto::from_number(ev.proto).map_or_else(|| ev.proto.to_string(), |p| p.to_string()),
-        client: addr(ev.client_addr, ev.client_port),
-        frontend: addr(ev.frontend_addr, ev.frontend_port),
-        backend: addr(ev.backend_addr, ev.backend_port),
+        client: ev.client,
+        frontend: ev.frontend,
+        backend: ev.backend,
         service: names.get(&ev.svc_id).cloned().unwrap_or_default(),
     })
 }
@@ -185,4 +224,73 @@ fn write_summary(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::{ipv6_words, IPPROTO_TCP, IPPROTO_UDP};
+
+    #[test]
+    fn records_of_both_families_decode() {
+        let names = BTreeMap::from([(7, "default/web:http".to_string())]);
+        let v4 = FlowEvent {
+            client_addr: u32::from_ne_bytes([10, 244, 1, 11]),
+            frontend_addr: u32::from_ne_bytes([10, 96, 0, 10]),
+            backend_addr: u32::from_ne_bytes([10, 244, 2, 11]),
+            svc_id: 7,
+            client_port: 40000u16.to_be(),
+            frontend_port: 80u16.to_be(),
+            backend_port: 8080u16.to_be(),
+            proto: IPPROTO_TCP,
+            kind: FLOW_NEW,
+            ..FlowEvent::default()
+        };
+        let f = decode(bytemuck::bytes_of(&v4), &names).expect("v4");
+        assert_eq!(
+            (
+                f.client.as_str(),
+                f.frontend.as_str(),
+                f.backend.as_str(),
+                f.event
+            ),
+            (
+                "10.244.1.11:40000",
+                "10.96.0.10:80",
+                "10.244.2.11:8080",
+                "new"
+            )
+        );
+        assert_eq!(f.service, "default/web:http");
+        let a = |s: &str| ipv6_words(s.parse::<Ipv6Addr>().expect("v6").octets());
+        let v6 = FlowEventV6 {
+            client_addr: a("fd00:10:244:1::b"),
+            frontend_addr: a("fd00:10:96::a"),
+            backend_addr: a("fd00:10:244:2::b"),
+            svc_id: 7,
+            client_port: 40000u16.to_be(),
+            frontend_port: 53u16.to_be(),
+            backend_port: 5353u16.to_be(),
+            proto: IPPROTO_UDP,
+            kind: FLOW_CLOSED,
+            ..FlowEventV6::default()
+        };
+        let f = decode(bytemuck::bytes_of(&v6), &names).expect("v6");
+        assert_eq!(
+            (
+                f.client.as_str(),
+                f.frontend.as_str(),
+                f.backend.as_str(),
+                f.event
+            ),
+            (
+                "[fd00:10:244:1::b]:40000",
+                "[fd00:10:96::a]:53",
+                "[fd00:10:244:2::b]:5353",
+                "closed"
+            )
+        );
+        assert_eq!(f.proto, "UDP");
+        assert!(decode(&[0u8; 12], &names).is_none(), "too short");
+    }
 }
