@@ -790,7 +790,7 @@ impl Drop for Lab {
         // Unpinning the links detaches the program; deleting the namespaces removes the rest.
         let _ = fs::remove_dir_all(&self.pin);
         if let Some(cg) = &self.host_cgroup {
-            // Empty once the sockets made there are closed (they hold no process).
+            // No process is left in it (the sockets made there do not keep it).
             let _ = wait_for(Duration::from_secs(2), || Ok(fs::remove_dir(cg).is_ok()));
         }
         for p in &self.pods {

@@ -465,6 +465,30 @@ fn exchange(s: &UdpSocket) -> std::io::Result<Answer> {
     parse_answer(&String::from_utf8_lossy(&buf[..n]), s.peer_addr()?)
 }
 
+/// Makes `s` send a hop-by-hop options header and a destination options header (each a
+/// PadN option) before its UDP header.
+fn with_extension_headers(s: &UdpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // Next header (the kernel's), length 0 (8 bytes), PadN of 4 bytes.
+    let header: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+    for opt in [libc::IPV6_HOPOPTS, libc::IPV6_DSTOPTS] {
+        // SAFETY: setsockopt on a socket `s` owns, with a buffer of the length given.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                opt,
+                header.as_ptr().cast(),
+                header.len() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// `LB_STATS[index]`, summed over the CPUs.
 fn global_stat(pin: &Path, index: u32) -> u64 {
     let stats: PerCpuArray<MapData, u64> =
@@ -633,6 +657,25 @@ fn an_ipv6_source_outside_the_ranges_is_dropped_not_refused() {
         );
     }
     assert!(global_stat(&lab.pin, stat::SOCK_DROPPED) > dropped);
+
+    // Extension headers before the UDP header (hop-by-hop, destination options): the
+    // outside refuses such a datagram too, and a fenced socket's is dropped all the same.
+    let e = in_netns(&lab.node_ns, || {
+        let s = UdpSocket::bind(("::", 0))?;
+        s.connect(v6(FENCED6, 53))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        with_extension_headers(&s)?;
+        exchange(&s).map(|_| ())
+    })
+    .expect_err("nothing listens outside");
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
+    let sock = udp_connected_from_node(lab, v6(FENCED6, 53)).expect("UDP connect");
+    with_extension_headers(&sock).expect("options");
+    let e = exchange(&sock).expect_err("no answer");
+    assert!(
+        matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock),
+        "dropped past its extension headers: {e}"
+    );
 
     let a = tcp_from_node(lab, v6(FENCED6, 80), Some(NODE_IP6_B)).expect("in the ranges");
     assert_eq!(a.peer, v6(FENCED6, 80));
