@@ -69,12 +69,17 @@ pub mod program_names {
     /// Drops what a host socket sends to a frontend the socket hooks fenced it off (cgroup
     /// v2 egress, attached beside them).
     pub const LB_SOCK_DROP: &str = "lb_sock_drop";
-    /// The cgroup v2 socket hooks (host-network clients), in attach order.
-    pub const SOCK: [&str; 4] = [
+    /// The cgroup v2 socket hooks (host-network clients), in attach order: IPv4, then IPv6
+    /// (which also translates IPv4-mapped addresses of dual-stack sockets).
+    pub const SOCK: [&str; 8] = [
         "lb_connect4",
         "lb_sendmsg4",
         "lb_recvmsg4",
         "lb_getpeername4",
+        "lb_connect6",
+        "lb_sendmsg6",
+        "lb_recvmsg6",
+        "lb_getpeername6",
     ];
 }
 

@@ -82,7 +82,7 @@ pub(crate) static LB4_SRC_RANGES: LpmTrie<SourceRangeV4, u8> =
 pub(crate) static LB_CLOCK: Array<Clock> = Array::pinned(1, 0);
 /// Host sockets the cgroup hooks sent to a backend instead of a frontend: (socket, backend)
 /// → frontend, for `getpeername` and the source of received datagrams; written by
-/// `lb_connect4` / `lb_sendmsg4`.
+/// `lb_connect4` / `lb_sendmsg4` (and `lb_connect6` for IPv4-mapped addresses).
 #[map]
 pub(crate) static LB4_SOCK_REV: LruHashMap<SockRevKeyV4, SockRevV4> =
     LruHashMap::pinned(SOCK_REVERSE_ENTRIES, 0);

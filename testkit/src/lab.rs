@@ -7,8 +7,15 @@
 //! ```
 //!
 //! Pods route everything through the node (default via 10.244.0.1, as a CNI's point-to-point
-//! setup does); the node routes each pod address to its veth. Every namespace, process and
-//! pin belongs to one `Lab` and is removed when it is dropped, also when a test fails.
+//! setup does); the node routes each pod address to its veth. Every namespace, process,
+//! cgroup and pin belongs to one `Lab` and is removed when it is dropped, also when a test
+//! fails.
+//!
+//! `Lab::add_ipv6` makes it dual-stack (the same shape in IPv6: `NODE_IP6`, `CLIENT_IP6`,
+//! `POD_GATEWAY6`, `LabPod::ip6`, and a default route of the node through the client, as a
+//! node's default gateway); `Lab::add_host_cgroup` gives the node's host processes a cgroup
+//! v2 folder, which the agent gets as `--cgroup`, and `Lab::host_socket` makes sockets
+//! there.
 //!
 //! The pods keep TX checksum offload on, as pods do (their TCP and UDP leave with partial
 //! checksums); the node's `ext0` and the client's `eth0` have it off, so that what leaves
@@ -17,12 +24,12 @@
 
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
-    path::PathBuf,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU32, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -39,6 +46,10 @@ pub const NODE_NAME: &str = "lab-node";
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+/// The IPv6 twins of the addresses above (`Lab::add_ipv6`).
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, 2);
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, 1);
+pub const POD_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 1);
 pub const HTTP_PORT: u16 = 8080;
 pub const UDP_PORT: u16 = 5353;
 
@@ -62,6 +73,23 @@ pub struct LabPod {
     pub host_iface: String,
 }
 
+impl LabPod {
+    /// The pod's IPv6 address once the lab is dual-stack (`Lab::add_ipv6`): fd00:10:244::N
+    /// for 10.244.0.N.
+    pub fn ip6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(
+            0xfd00,
+            0x10,
+            0x244,
+            0,
+            0,
+            0,
+            0,
+            u16::from(self.ip.octets()[3]),
+        )
+    }
+}
+
 pub struct Lab {
     pub tag: String,
     pub node_ns: String,
@@ -76,6 +104,11 @@ pub struct Lab {
     /// The next agent sweeps conntrack every second with a 2 s grace (tests), or at its
     /// defaults (benchmarks).
     pub fast_sweep: bool,
+    /// The node's host processes' cgroup v2 folder (`add_host_cgroup`), the agent's
+    /// `--cgroup`.
+    pub host_cgroup: Option<PathBuf>,
+    /// Pods get IPv6 addresses too (`add_ipv6`).
+    ipv6: bool,
     servers: Vec<Child>,
     agent: Option<Child>,
     agent_runs: u32,
@@ -104,6 +137,8 @@ impl Lab {
             tag,
             ext_attach: None,
             fast_sweep: true,
+            host_cgroup: None,
+            ipv6: false,
             servers: Vec::new(),
             agent: None,
             agent_runs: 0,
@@ -164,7 +199,107 @@ impl Lab {
             host_iface: &p.host_iface,
             ip: p.ip,
             gateway: POD_GATEWAY,
-        })
+        })?;
+        if self.ipv6 {
+            self.add_pod_ipv6(i)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the lab dual-stack: IPv6 on in every namespace (`disable_ipv6=0`, and no
+    /// duplicate address detection, so that addresses work at once), `NODE_IP6/64` on the
+    /// node's `ext0` and `CLIENT_IP6/64` on the client's `eth0`, the node's default route
+    /// through the client (a node's default gateway: what a host socket sends to an address
+    /// no route names leaves there), and each pod `LabPod::ip6` as for IPv4 (a /128 on its
+    /// `eth0`, `POD_GATEWAY6` on the node's side of every veth, a default route through it,
+    /// a /128 route to the pod on the node). Pods added later get theirs too.
+    pub fn add_ipv6(&mut self) -> Result<()> {
+        let (node, ext) = (self.node_ns.clone(), self.ext_ns.clone());
+        ipv6_sysctls(&node, &["ext0", "lo"])?;
+        ipv6_sysctls(&ext, &["eth0", "lo"])?;
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &node,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.forwarding=1",
+        ])?;
+        let (node_addr, client_addr) = (format!("{NODE_IP6}/64"), format!("{CLIENT_IP6}/64"));
+        let gw = CLIENT_IP6.to_string();
+        for (ns, args) in [
+            (
+                &node,
+                &["addr", "add", &node_addr, "dev", "ext0", "nodad"][..],
+            ),
+            (&ext, &["addr", "add", &client_addr, "dev", "eth0", "nodad"]),
+            (
+                &node,
+                &["route", "add", "default", "via", &gw, "dev", "ext0"],
+            ),
+        ] {
+            let mut cmd = vec!["ip", "-6", "-n", ns];
+            cmd.extend_from_slice(args);
+            run(&cmd)?;
+        }
+        self.ipv6 = true;
+        for i in 0..self.pods.len() {
+            self.add_pod_ipv6(i)?;
+        }
+        Ok(())
+    }
+
+    fn add_pod_ipv6(&self, i: usize) -> Result<()> {
+        let p = &self.pods[i];
+        ipv6_sysctls(&p.ns, &["eth0", "lo"])?;
+        ipv6_sysctls(&self.node_ns, &[&p.host_iface])?;
+        let (ip128, gw128, gw) = (
+            format!("{}/128", p.ip6()),
+            format!("{POD_GATEWAY6}/128"),
+            POD_GATEWAY6.to_string(),
+        );
+        let (node, pod, iface) = (&self.node_ns, &p.ns, &p.host_iface);
+        for (ns, args) in [
+            (node, &["addr", "add", &gw128, "dev", iface, "nodad"][..]),
+            (node, &["route", "add", &ip128, "dev", iface]),
+            (pod, &["addr", "add", &ip128, "dev", "eth0", "nodad"]),
+            (pod, &["route", "add", &gw128, "dev", "eth0"]),
+            (pod, &["route", "add", "default", "via", &gw, "dev", "eth0"]),
+        ] {
+            let mut cmd = vec!["ip", "-6", "-n", ns];
+            cmd.extend_from_slice(args);
+            run(&cmd)?;
+        }
+        Ok(())
+    }
+
+    /// Creates a cgroup v2 folder for the node's host processes, which the next agent start
+    /// gets as `--cgroup` (the agent itself stays outside it). Removed with the lab.
+    pub fn add_host_cgroup(&mut self) -> Result<PathBuf> {
+        let root = crate::cluster::cgroup2_mount()?
+            .context("no cgroup2 hierarchy mounted (see /proc/mounts)")?;
+        let cg = root.join(format!("lb-lab-{}", self.tag));
+        fs::create_dir(&cg).with_context(|| format!("creating {}", cg.display()))?;
+        self.host_cgroup = Some(cg.clone());
+        Ok(cg)
+    }
+
+    /// Runs `f` as one of the node's host processes would: on a thread in the node's network
+    /// namespace, with this process in the lab's host cgroup (`add_host_cgroup`) meanwhile.
+    /// A socket belongs to the cgroup it was made in, so the sockets `f` makes are under the
+    /// agent's socket hooks for as long as they live; the process goes back to its own
+    /// cgroup afterwards (no child may be started meanwhile: it would stay in the cgroup).
+    pub fn host_socket<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let cg = self
+            .host_cgroup
+            .clone()
+            .ok_or_else(|| std::io::Error::other("the lab has no host cgroup (add_host_cgroup)"))?;
+        let _moved = InCgroup::enter(&cg)?;
+        in_netns(&self.node_ns, f)
     }
 
     /// Adds one more pod (namespace, veth, routes) and starts its server.
@@ -331,7 +466,7 @@ impl Lab {
             node_name: NODE_NAME,
             ext_iface: "ext0",
             pin: &self.pin,
-            cgroup: None,
+            cgroup: self.host_cgroup.as_deref(),
             ext_attach: self.ext_attach,
             fast_sweep: self.fast_sweep,
         };
@@ -472,6 +607,62 @@ impl Lab {
     }
 }
 
+/// IPv6 on in namespace `ns` (`disable_ipv6=0`) without duplicate address detection
+/// (`accept_dad=0`), for every interface and for `ifaces` (which exist already).
+fn ipv6_sysctls(ns: &str, ifaces: &[&str]) -> Result<()> {
+    for scope in ["all", "default"].iter().chain(ifaces) {
+        for (k, v) in [("disable_ipv6", "0"), ("accept_dad", "0")] {
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{scope}.{k}={v}"),
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+/// This process in a cgroup v2 folder until dropped, then back in the one it came from.
+/// One at a time: the process has one cgroup.
+struct InCgroup {
+    home: PathBuf,
+    _one: std::sync::MutexGuard<'static, ()>,
+}
+
+impl InCgroup {
+    fn enter(cg: &Path) -> std::io::Result<InCgroup> {
+        static ONE: Mutex<()> = Mutex::new(());
+        let one = ONE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // cgroup v2: the "0::PATH" line.
+        let own = fs::read_to_string("/proc/self/cgroup")?;
+        let path = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or_else(|| std::io::Error::other("this process is in no cgroup v2"))?;
+        let root = crate::cluster::cgroup2_mount()
+            .map_err(std::io::Error::other)?
+            .ok_or_else(|| std::io::Error::other("no cgroup2 hierarchy mounted"))?;
+        let home = root.join(path.trim_start_matches('/'));
+        fs::write(cg.join("cgroup.procs"), std::process::id().to_string())?;
+        Ok(InCgroup { home, _one: one })
+    }
+}
+
+impl Drop for InCgroup {
+    fn drop(&mut self) {
+        let _ = fs::write(
+            self.home.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+    }
+}
+
 /// A long-lived client in one namespace: a keep-alive HTTP connection and a connected UDP
 /// socket, used across changes to see that their flows survive.
 pub struct Persistent {
@@ -598,6 +789,10 @@ impl Drop for Lab {
         }
         // Unpinning the links detaches the program; deleting the namespaces removes the rest.
         let _ = fs::remove_dir_all(&self.pin);
+        if let Some(cg) = &self.host_cgroup {
+            // No process is left in it (the sockets made there do not keep it).
+            let _ = wait_for(Duration::from_secs(2), || Ok(fs::remove_dir(cg).is_ok()));
+        }
         for p in &self.pods {
             let _ = run(&["ip", "netns", "del", &p.ns]);
         }

@@ -11,7 +11,7 @@ pub mod state;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::Path,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -500,7 +500,11 @@ fn attach_interfaces(datapath: &mut Datapath, cfg: &RunConfig) -> Result<()> {
 
 /// Moves the node's connected UDP sockets off backends their frontend no longer has.
 fn leave_removed_backends(pin: &Path, desired: &Desired) {
-    let serves = |fe: SocketAddrV4, be: SocketAddrV4| {
+    let serves = |fe: SocketAddr, be: SocketAddr| {
+        // The control plane programs IPv4 frontends only: an IPv6 socket's backend is kept.
+        let (SocketAddr::V4(fe), SocketAddr::V4(be)) = (fe, be) else {
+            return true;
+        };
         let udp = |a: SocketAddrV4| L4Addr {
             addr: *a.ip(),
             port: a.port(),

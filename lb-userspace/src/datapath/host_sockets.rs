@@ -8,20 +8,24 @@
 //! removed backend (`SOCK_DESTROY` over sock_diag, kernel option `CONFIG_INET_DIAG_DESTROY`).
 //! Their pending and next calls fail (`ECONNABORTED`, then `EDESTADDRREQ`), and the client
 //! opens a new socket, which the hooks balance anew (as resolvers do after an error).
-//! Only sockets in `LB4_SOCK_REV` (the hooks translated them) with that backend as their
-//! peer are touched; TCP connections are left to end as they do with kube-proxy. A backend
+//! Only sockets in `LB4_SOCK_REV` or `LB6_SOCK_REV` (the hooks translated them) with that
+//! backend as their peer are touched (IPv4 and IPv6 sockets; a dual-stack IPv6 socket at an
+//! IPv4-mapped backend is in `LB4_SOCK_REV`); TCP connections are left to end as they do with kube-proxy. A backend
 //! counts as removed for a socket when its frontend's endpoints no longer include it and it
 //! is not a terminating endpoint still serving (whose flows kube-proxy keeps).
 
 use std::{
-    collections::HashMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd,
     path::Path,
 };
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use lb_common::{map_names, SockRevKeyV4, SockRevV4, IPPROTO_UDP};
+use lb_common::{
+    ipv6_bytes, ipv6_words, map_names, SockRevKeyV4, SockRevKeyV6, SockRevV4, SockRevV6,
+    IPPROTO_UDP,
+};
 
 use super::{
     error::{Context, Result},
@@ -44,20 +48,32 @@ const NLMSG_HDR: usize = 16;
 const SOCKID_LEN: usize = 48;
 /// `struct inet_diag_req_v2`: family, protocol, extensions, padding, states, socket id.
 const REQ_LEN: usize = 8 + SOCKID_LEN;
+const AF_INET: u8 = libc::AF_INET as u8;
+const AF_INET6: u8 = libc::AF_INET6 as u8;
 
 /// A socket as sock_diag names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DiagSocket {
+    /// `AF_INET` or `AF_INET6`.
+    family: u8,
     /// `struct inet_diag_sockid`, as the kernel sent it (to name the socket back).
     id: [u8; SOCKID_LEN],
 }
 
 impl DiagSocket {
-    /// The peer's address and port, in network byte order as the maps hold them.
-    fn peer(&self) -> (u32, u16) {
-        let port = u16::from_ne_bytes([self.id[2], self.id[3]]);
-        let addr = u32::from_ne_bytes([self.id[20], self.id[21], self.id[22], self.id[23]]);
-        (addr, port)
+    /// The peer's address and port; an IPv4-mapped peer of an IPv6 socket as the IPv4
+    /// address it is (the hooks recorded it in `LB4_SOCK_REV`).
+    fn peer(&self) -> SocketAddr {
+        let port = u16::from_be_bytes([self.id[2], self.id[3]]);
+        let mut addr = [0u8; 16];
+        addr.copy_from_slice(&self.id[20..36]);
+        let ip = if self.family == AF_INET {
+            IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
+        } else {
+            let v6 = Ipv6Addr::from(addr);
+            v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+        };
+        SocketAddr::new(ip, port)
     }
 
     fn cookie(&self) -> u64 {
@@ -67,88 +83,150 @@ impl DiagSocket {
     }
 }
 
+/// A reverse map of the socket hooks, opened, with its entries read.
+struct RevMap<K: aya::Pod, V: aya::Pod> {
+    map: BpfHashMap<MapData, K, V>,
+    entries: Vec<(K, V)>,
+    name: &'static str,
+}
+
+impl<K: aya::Pod, V: aya::Pod> RevMap<K, V> {
+    fn read(pin: &Path, name: &'static str) -> Result<Self> {
+        let map: BpfHashMap<MapData, K, V> =
+            BpfHashMap::try_from(Map::LruHashMap(open_map(pin, name)?))?;
+        let fd = aya::maps::IterableMap::map(&map).fd().as_fd();
+        let entries = match dump_batch::<K, V>(fd).with_context(|| format!("reading {name}"))? {
+            Some(entries) => entries,
+            None => map
+                .iter()
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .with_context(|| format!("reading {name}"))?,
+        };
+        Ok(RevMap { map, entries, name })
+    }
+
+    /// Deletes `keys` (entries evicted meanwhile count as deleted: an LRU map).
+    fn delete(mut self, keys: &[K]) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let fd = aya::maps::IterableMap::map(&self.map).fd().as_fd();
+        if !delete_batch(fd, keys).with_context(|| format!("deleting from {}", self.name))? {
+            for k in keys {
+                let _ = self.map.remove(k);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Destroys the node's connected UDP sockets the hooks sent to a backend that is no longer
 /// one of their frontend's (`serves(frontend, backend)` says whether it still is), and
-/// forgets their reverse entries: the number of sockets destroyed. The kernel is asked for
-/// the node's UDP sockets only when some reverse entry names such a backend.
+/// forgets their reverse entries: the number of sockets destroyed. Both families: IPv4
+/// sockets of `LB4_SOCK_REV`, IPv6 ones of `LB6_SOCK_REV`, and dual-stack IPv6 sockets
+/// connected to an IPv4-mapped address, which the hooks recorded in `LB4_SOCK_REV`. The
+/// kernel is asked for a family's UDP sockets only when some reverse entry names such a
+/// backend.
 pub fn leave_removed_backends(
     pin: &Path,
-    serves: impl Fn(SocketAddrV4, SocketAddrV4) -> bool,
+    serves: impl Fn(SocketAddr, SocketAddr) -> bool,
 ) -> Result<usize> {
-    let rev: BpfHashMap<MapData, SockRevKeyV4, SockRevV4> =
-        BpfHashMap::try_from(Map::LruHashMap(open_map(pin, map_names::LB4_SOCK_REV)?))?;
-    let fd = aya::maps::IterableMap::map(&rev).fd().as_fd();
-    let entries = match dump_batch::<SockRevKeyV4, SockRevV4>(fd).context("reading LB4_SOCK_REV")? {
-        Some(entries) => entries,
-        None => rev
-            .iter()
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .context("reading LB4_SOCK_REV")?,
-    };
-    let stale: HashMap<u64, (u32, u16)> = entries
+    let rev4: RevMap<SockRevKeyV4, SockRevV4> = RevMap::read(pin, map_names::LB4_SOCK_REV)?;
+    let rev6: RevMap<SockRevKeyV6, SockRevV6> = RevMap::read(pin, map_names::LB6_SOCK_REV)?;
+    // (socket cookie, backend) of every socket to destroy, if it is connected there.
+    let stale4: HashSet<(u64, SocketAddr)> = rev4
+        .entries
         .iter()
-        .filter(|(k, v)| !serves(socket_addr(v.addr, v.port), socket_addr(k.addr, k.port)))
-        .map(|(k, _)| (k.cookie, (k.addr, k.port)))
+        .map(|(k, v)| (k.cookie, addr4(k.addr, k.port), addr4(v.addr, v.port)))
+        .filter(|(_, be, fe)| !serves(*fe, *be))
+        .map(|(cookie, be, _)| (cookie, be))
         .collect();
-    if stale.is_empty() {
+    let stale6: HashSet<(u64, SocketAddr)> = rev6
+        .entries
+        .iter()
+        .map(|(k, v)| (k.cookie, addr6(k.addr, k.port), addr6(v.addr, v.port)))
+        .filter(|(_, be, fe)| !serves(*fe, *be))
+        .map(|(cookie, be, _)| (cookie, be))
+        .collect();
+    let mut families = Vec::new();
+    if !stale4.is_empty() {
+        families.push(AF_INET);
+    }
+    // IPv6 sockets: those of LB6_SOCK_REV, and dual-stack ones at an IPv4-mapped backend.
+    if !stale4.is_empty() || !stale6.is_empty() {
+        families.push(AF_INET6);
+    }
+    if families.is_empty() {
         return Ok(0);
     }
     let nl = netlink_socket(NETLINK_SOCK_DIAG, 0).context("opening a sock_diag socket")?;
-    let mut destroyed = Vec::new();
-    for s in connected_udp(&nl)? {
-        if stale.get(&s.cookie()) != Some(&s.peer()) {
-            continue;
-        }
-        match destroy(&nl, &s) {
-            Ok(()) => {
-                let (addr, port) = s.peer();
-                tracing::debug!(
-                    peer = %socket_addr(addr, port),
-                    cookie = s.cookie(),
-                    "UDP socket destroyed"
-                );
-                destroyed.push(SockRevKeyV4 {
-                    cookie: s.cookie(),
-                    addr,
-                    port,
-                    _pad: 0,
-                });
+    let (mut gone4, mut gone6) = (Vec::new(), Vec::new());
+    for family in families {
+        for s in connected_udp(&nl, family)? {
+            let (cookie, peer) = (s.cookie(), s.peer());
+            if !stale4.contains(&(cookie, peer)) && !stale6.contains(&(cookie, peer)) {
+                continue;
             }
-            // Closed meanwhile.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => {
-                return Err(e).context(
-                    "destroying a UDP socket (SOCK_DESTROY; the kernel needs \
-                     CONFIG_INET_DIAG_DESTROY)",
-                )
+            match destroy(&nl, &s) {
+                Ok(()) => {
+                    tracing::debug!(%peer, cookie, "UDP socket destroyed");
+                    match peer {
+                        SocketAddr::V4(a) => gone4.push(SockRevKeyV4 {
+                            cookie,
+                            addr: u32::from_ne_bytes(a.ip().octets()),
+                            port: a.port().to_be(),
+                            _pad: 0,
+                        }),
+                        SocketAddr::V6(a) => gone6.push(SockRevKeyV6 {
+                            cookie,
+                            addr: ipv6_words(a.ip().octets()),
+                            port: a.port().to_be(),
+                            _pad: [0; 6],
+                        }),
+                    }
+                }
+                // Closed meanwhile.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => {
+                    return Err(e).context(
+                        "destroying a UDP socket (SOCK_DESTROY; the kernel needs \
+                         CONFIG_INET_DIAG_DESTROY)",
+                    )
+                }
             }
         }
     }
-    if !destroyed.is_empty()
-        && !delete_batch(fd, &destroyed).context("deleting from LB4_SOCK_REV")?
-    {
-        let mut rev = rev;
-        for k in &destroyed {
-            // Evicted meanwhile (an LRU map) is as good as deleted.
-            let _ = rev.remove(k);
-        }
-    }
-    Ok(destroyed.len())
+    let destroyed = gone4.len() + gone6.len();
+    rev4.delete(&gone4)?;
+    rev6.delete(&gone6)?;
+    Ok(destroyed)
 }
 
-/// An address and port in network byte order, as the maps hold them.
-fn socket_addr(addr: u32, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(u32::from_be(addr)), u16::from_be(port))
+/// An IPv4 address and port in network byte order, as the maps hold them.
+fn addr4(addr: u32, port: u16) -> SocketAddr {
+    SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::from(addr.to_ne_bytes())),
+        u16::from_be(port),
+    )
 }
 
-/// The node's connected IPv4 UDP sockets.
-fn connected_udp(fd: &std::os::fd::OwnedFd) -> Result<Vec<DiagSocket>> {
+/// An IPv6 address (words) and port in network byte order, as the maps hold them.
+fn addr6(addr: lb_common::Ipv6Words, port: u16) -> SocketAddr {
+    SocketAddr::new(
+        IpAddr::V6(Ipv6Addr::from(ipv6_bytes(addr))),
+        u16::from_be(port),
+    )
+}
+
+/// The node's connected UDP sockets of `family`.
+fn connected_udp(fd: &std::os::fd::OwnedFd, family: u8) -> Result<Vec<DiagSocket>> {
     netlink_send(
         fd.as_fd(),
         &request(
             SOCK_DIAG_BY_FAMILY,
             NLM_F_DUMP,
             STATE_CONNECTED,
+            family,
             &[0; SOCKID_LEN],
         ),
     )
@@ -172,7 +250,7 @@ fn connected_udp(fd: &std::os::fd::OwnedFd) -> Result<Vec<DiagSocket>> {
 fn destroy(fd: &std::os::fd::OwnedFd, s: &DiagSocket) -> std::io::Result<()> {
     netlink_send(
         fd.as_fd(),
-        &request(SOCK_DESTROY, NLM_F_ACK, u32::MAX, &s.id),
+        &request(SOCK_DESTROY, NLM_F_ACK, u32::MAX, s.family, &s.id),
     )?;
     let mut buf = [0u8; 512];
     let n = netlink_recv(fd.as_fd(), &mut buf)?;
@@ -186,8 +264,8 @@ fn destroy(fd: &std::os::fd::OwnedFd, s: &DiagSocket) -> std::io::Result<()> {
     }
 }
 
-/// A netlink message with an `inet_diag_req_v2` for IPv4 UDP.
-fn request(kind: u16, flags: u16, states: u32, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
+/// A netlink message with an `inet_diag_req_v2` for UDP sockets of `family`.
+fn request(kind: u16, flags: u16, states: u32, family: u8, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
     let len = NLMSG_HDR + REQ_LEN;
     let mut m = Vec::with_capacity(len);
     m.extend_from_slice(&(len as u32).to_ne_bytes());
@@ -195,7 +273,7 @@ fn request(kind: u16, flags: u16, states: u32, id: &[u8; SOCKID_LEN]) -> Vec<u8>
     m.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
     m.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     m.extend_from_slice(&0u32.to_ne_bytes()); // to the kernel
-    m.extend_from_slice(&[libc::AF_INET as u8, IPPROTO_UDP, 0, 0]);
+    m.extend_from_slice(&[family, IPPROTO_UDP, 0, 0]);
     m.extend_from_slice(&states.to_ne_bytes());
     m.extend_from_slice(id);
     m
@@ -223,12 +301,16 @@ fn parse_dump(buf: &[u8], out: &mut Vec<DiagSocket>) -> std::result::Result<bool
             NLMSG_ERROR => return Err(errno_of(payload).unwrap_or(libc::EIO)),
             SOCK_DIAG_BY_FAMILY => {
                 // struct inet_diag_msg: family, state, timer, retransmits, then the id.
-                if let Some(id) = payload.get(4..4 + SOCKID_LEN) {
-                    let mut s = DiagSocket {
-                        id: [0; SOCKID_LEN],
-                    };
-                    s.id.copy_from_slice(id);
-                    out.push(s);
+                if let (Some(&family), Some(id)) = (payload.first(), payload.get(4..4 + SOCKID_LEN))
+                {
+                    if family == AF_INET || family == AF_INET6 {
+                        let mut s = DiagSocket {
+                            family,
+                            id: [0; SOCKID_LEN],
+                        };
+                        s.id.copy_from_slice(id);
+                        out.push(s);
+                    }
                 }
             }
             _ => {}
@@ -254,15 +336,17 @@ fn errno_of(payload: &[u8]) -> Option<i32> {
 mod tests {
     use super::*;
 
-    fn diag_msg(peer: [u8; 4], port: u16, cookie: u64) -> Vec<u8> {
+    /// A `SOCK_DIAG_BY_FAMILY` answer for one socket of `family` whose peer is `peer` (the
+    /// address's bytes at the start of the 16-byte field) and `port`.
+    fn diag_msg(family: u8, peer: &[u8], port: u16, cookie: u64) -> Vec<u8> {
         let mut id = [0u8; SOCKID_LEN];
         id[0..2].copy_from_slice(&40000u16.to_be_bytes());
         id[2..4].copy_from_slice(&port.to_be_bytes());
         id[4..8].copy_from_slice(&[172, 18, 0, 2]);
-        id[20..24].copy_from_slice(&peer);
+        id[20..20 + peer.len()].copy_from_slice(peer);
         id[40..44].copy_from_slice(&(cookie as u32).to_ne_bytes());
         id[44..48].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
-        let mut payload = vec![2, 1, 0, 0];
+        let mut payload = vec![family, 1, 0, 0];
         payload.extend_from_slice(&id);
         payload.extend_from_slice(&[0; 20]); // expires, queues, uid, inode
         let mut m = Vec::new();
@@ -281,21 +365,18 @@ mod tests {
         m
     }
 
-    use lb_common::BackendV4;
+    use lb_common::{BackendV4, BackendV6};
 
     #[test]
     fn a_dump_is_read_to_its_end_with_peers_and_cookies() {
-        let mut buf = diag_msg([10, 244, 1, 11], 5353, 0x1_0000_0002);
-        buf.extend(diag_msg([10, 244, 2, 11], 53, 7));
+        let mut buf = diag_msg(AF_INET, &[10, 244, 1, 11], 5353, 0x1_0000_0002);
+        buf.extend(diag_msg(AF_INET, &[10, 244, 2, 11], 53, 7));
         let mut out = Vec::new();
         assert_eq!(parse_dump(&buf, &mut out), Ok(false), "no end yet");
         assert_eq!(parse_dump(&done(), &mut out), Ok(true));
         let got: Vec<(String, u64)> = out
             .iter()
-            .map(|s| {
-                let (a, p) = s.peer();
-                (socket_addr(a, p).to_string(), s.cookie())
-            })
+            .map(|s| (s.peer().to_string(), s.cookie()))
             .collect();
         assert_eq!(
             got,
@@ -311,7 +392,39 @@ mod tests {
             proto: IPPROTO_UDP,
             flags: 0,
         };
-        assert_eq!(out[0].peer(), (b.addr, b.port));
+        assert_eq!(out[0].peer(), addr4(b.addr, b.port));
+    }
+
+    #[test]
+    fn ipv6_peers_and_ipv4_mapped_ones() {
+        let v6: Ipv6Addr = "fd00:10:244::11".parse().expect("address");
+        let mapped = Ipv4Addr::new(10, 244, 0, 12).to_ipv6_mapped();
+        let mut buf = diag_msg(AF_INET6, &v6.octets(), 5353, 9);
+        buf.extend(diag_msg(AF_INET6, &mapped.octets(), 53, 10));
+        // Neither IPv4 nor IPv6: skipped.
+        buf.extend(diag_msg(1, &[1, 2, 3, 4], 53, 11));
+        buf.extend(done());
+        let mut out = Vec::new();
+        assert_eq!(parse_dump(&buf, &mut out), Ok(true));
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].peer().to_string(), "[fd00:10:244::11]:5353");
+        assert_eq!(
+            out[1].peer().to_string(),
+            "10.244.0.12:53",
+            "mapped: as IPv4"
+        );
+        assert_eq!(out[0].family, AF_INET6);
+        let b = BackendV6 {
+            addr: ipv6_words(v6.octets()),
+            port: 5353u16.to_be(),
+            proto: IPPROTO_UDP,
+            flags: 0,
+        };
+        assert_eq!(out[0].peer(), addr6(b.addr, b.port));
+        // A destroy names the socket in its own family.
+        let m = request(SOCK_DESTROY, NLM_F_ACK, u32::MAX, out[1].family, &out[1].id);
+        assert_eq!(&m[16..20], &[AF_INET6, IPPROTO_UDP, 0, 0]);
+        assert_eq!(&m[24..], &out[1].id);
     }
 
     #[test]
@@ -335,12 +448,12 @@ mod tests {
 
     #[test]
     fn a_request_is_a_header_and_an_inet_diag_req_v2() {
-        let m = request(SOCK_DESTROY, NLM_F_ACK, u32::MAX, &[9; SOCKID_LEN]);
+        let m = request(SOCK_DESTROY, NLM_F_ACK, u32::MAX, AF_INET, &[9; SOCKID_LEN]);
         assert_eq!(m.len(), 72);
         assert_eq!(u32::from_ne_bytes([m[0], m[1], m[2], m[3]]), 72);
         assert_eq!(u16::from_ne_bytes([m[4], m[5]]), SOCK_DESTROY);
         assert_eq!(u16::from_ne_bytes([m[6], m[7]]), NLM_F_REQUEST | NLM_F_ACK);
-        assert_eq!(&m[16..20], &[libc::AF_INET as u8, IPPROTO_UDP, 0, 0]);
+        assert_eq!(&m[16..20], &[AF_INET, IPPROTO_UDP, 0, 0]);
         assert_eq!(&m[24..], &[9; SOCKID_LEN]);
     }
 }
