@@ -376,6 +376,29 @@ pub mod services {
     pub const STICKY: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 18);
     pub const STICKY6: Ipv6Addr = cluster_ip6(1, 0x18);
 
+    /// `dual` (dual-stack labs only): a LoadBalancer Service that must have both families
+    /// (`ipFamilyPolicy: RequireDualStack`, `ipFamilies: [IPv4, IPv6]`, both ClusterIPs),
+    /// externalIPs [DUAL_EXTERNAL_IP, DUAL_EXTERNAL_IP6], ingress [DUAL_LB_IP, DUAL_LB_IP6],
+    /// externalTrafficPolicy Cluster. It has no selector: its endpoints are two
+    /// EndpointSlices the lab writes, `dual-ipv4` (`addressType: IPv4`) and `dual-ipv6`
+    /// (`addressType: IPv6`), naming the same pods, those of node 1, by their IPv4 and their
+    /// IPv6 address (ports `http` 8080/TCP and `dns` 5353/UDP).
+    pub const DUAL: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 19);
+    pub const DUAL6: Ipv6Addr = cluster_ip6(1, 0x19);
+    pub const DUAL_EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 40);
+    pub const DUAL_EXTERNAL_IP6: Ipv6Addr = vip6(0x40);
+    pub const DUAL_LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 50);
+    pub const DUAL_LB_IP6: Ipv6Addr = vip6(0x50);
+    pub const DUAL_NODEPORT_TCP: u16 = 30095;
+    pub const DUAL_NODEPORT_UDP: u16 = 30096;
+    /// `dual-empty` (dual-stack labs only): a NodePort Service, `RequireDualStack`, without a
+    /// selector and without EndpointSlices: no endpoint anywhere, so every family's
+    /// ClusterIP and NodePort is refused (TCP RST, ICMP / ICMPv6 port unreachable).
+    pub const DUAL_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 20);
+    pub const DUAL_EMPTY6: Ipv6Addr = cluster_ip6(1, 0x20);
+    pub const DUAL_EMPTY_NODEPORT_TCP: u16 = 30097;
+    pub const DUAL_EMPTY_NODEPORT_UDP: u16 = 30098;
+
     /// Where node 1's host-network server (`node1-host`, not in a pod) listens, in node 1's
     /// namespace: the endpoint port of `kubernetes` and `host-nodeport`.
     pub const HOST_SERVER_TCP: u16 = 6443;
@@ -1916,14 +1939,112 @@ status:
             "",
         ));
     }
-    vec![
+    let mut files = vec![
         ("pods.yaml".to_string(), docs),
         ("services.yaml".to_string(), svcs),
         (
             "host-network.yaml".to_string(),
             host_network_services(dual_stack),
         ),
-    ]
+    ];
+    if dual_stack {
+        files.push(("dual-stack.yaml".to_string(), dual_stack_services(pods)));
+    }
+    files
+}
+
+/// The Services only a dual-stack lab has (see [`services::DUAL`] and
+/// [`services::DUAL_EMPTY`]): `dual`, `RequireDualStack`, whose endpoints are the pods of
+/// node 1 in two EndpointSlices the lab writes, one per family (`dual-ipv4` with their IPv4
+/// addresses, `dual-ipv6` with their IPv6 addresses; pods without an IPv6 address are left
+/// out of both), and `dual-empty`, `RequireDualStack` without any endpoint.
+fn dual_stack_services(pods: &[ClusterPod]) -> String {
+    use services::{
+        DUAL, DUAL6, DUAL_EMPTY, DUAL_EMPTY6, DUAL_EMPTY_NODEPORT_TCP, DUAL_EMPTY_NODEPORT_UDP,
+        DUAL_EXTERNAL_IP, DUAL_EXTERNAL_IP6, DUAL_LB_IP, DUAL_LB_IP6, DUAL_NODEPORT_TCP,
+        DUAL_NODEPORT_UDP,
+    };
+    // No selector (the endpoints are the slices below), so the target ports are numbers.
+    let svc = |name: &str, kind: &str, v4: Ipv4Addr, v6: Ipv6Addr, (tcp, udp): (u16, u16)| {
+        format!(
+            r#"---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  type: {kind}
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIP: {v4}
+  clusterIPs: ["{v4}", "{v6}"]
+  externalTrafficPolicy: Cluster
+  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: {HTTP_PORT}, nodePort: {tcp}}}
+  - {{name: dns, port: 53, protocol: UDP, targetPort: {UDP_PORT}, nodePort: {udp}}}
+"#
+        )
+    };
+    let on_node1: Vec<&ClusterPod> = pods
+        .iter()
+        .filter(|p| p.node == 1 && p.ip6.is_some())
+        .collect();
+    let slice = |family: &str, addrs: Vec<(IpAddr, &str)>| {
+        let mut text = format!(
+            r"---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: dual-{lower}, namespace: default, labels: {{kubernetes.io/service-name: dual}}}}
+addressType: {family}
+ports:
+- {{name: http, port: {HTTP_PORT}, protocol: TCP}}
+- {{name: dns, port: {UDP_PORT}, protocol: UDP}}
+endpoints:
+",
+            lower = family.to_ascii_lowercase()
+        );
+        for (addr, pod) in addrs {
+            text.push_str(&format!(
+                "- addresses: [\"{addr}\"]\n  conditions: {{ready: true}}\n  nodeName: {node}\n  \
+                 targetRef: {{kind: Pod, namespace: default, name: {pod}}}\n",
+                node = node_name(1)
+            ));
+        }
+        text
+    };
+    let mut text = svc(
+        "dual",
+        "LoadBalancer",
+        DUAL,
+        DUAL6,
+        (DUAL_NODEPORT_TCP, DUAL_NODEPORT_UDP),
+    );
+    text.push_str(&format!(
+        "  externalIPs: {}\n{}",
+        yaml_list(&[DUAL_EXTERNAL_IP.to_string(), DUAL_EXTERNAL_IP6.to_string()]),
+        ingress(&[DUAL_LB_IP.to_string(), DUAL_LB_IP6.to_string()])
+    ));
+    text.push_str(&slice(
+        "IPv4",
+        on_node1
+            .iter()
+            .map(|p| (IpAddr::V4(p.ip), p.name.as_str()))
+            .collect(),
+    ));
+    text.push_str(&slice(
+        "IPv6",
+        on_node1
+            .iter()
+            .filter_map(|p| Some((IpAddr::V6(p.ip6?), p.name.as_str())))
+            .collect(),
+    ));
+    text.push_str(&svc(
+        "dual-empty",
+        "NodePort",
+        DUAL_EMPTY,
+        DUAL_EMPTY6,
+        (DUAL_EMPTY_NODEPORT_TCP, DUAL_EMPTY_NODEPORT_UDP),
+    ));
+    text
 }
 
 /// `kubernetes` and `host-nodeport`, whose endpoint is node 1's host-network server: a
@@ -2193,8 +2314,11 @@ mod tests {
         let objects = |dual_stack: bool| {
             let (_, pods) = plan("t", 2, 2, dual_stack);
             let mut objects = Objects::default();
+            // The Services only a dual-stack lab has are another test's.
             for (name, text) in default_manifests(&pods) {
-                objects.extend(&parse_file(Path::new(&name), &text).expect("parses"));
+                if name != "dual-stack.yaml" {
+                    objects.extend(&parse_file(Path::new(&name), &text).expect("parses"));
+                }
             }
             objects
         };
@@ -2311,5 +2435,105 @@ mod tests {
                 assert!(!text.contains(word), "{name} has {word}");
             }
         }
+    }
+    /// `dual` and `dual-empty`, in the dual-stack lab only: both `RequireDualStack` with both
+    /// ClusterIPs; `dual`'s two EndpointSlices name node 1's pods, one by their IPv4, the
+    /// other by their IPv6 addresses; an agent that programs IPv4 gives `dual`'s IPv4
+    /// ClusterIP, NodePort, externalIP and LB IP node 1's pods, and `dual-empty` no backend.
+    #[test]
+    fn dual_stack_only_services_require_both_families() {
+        use lb_control::{
+            source::{manifests::parse_file, Objects},
+            translate::{translate, NodeInfo},
+        };
+        use services::*;
+        let (_, v4_pods) = plan("t", 2, 2, false);
+        assert!(default_manifests(&v4_pods)
+            .iter()
+            .all(|(name, _)| name != "dual-stack.yaml"));
+        let (_, pods) = plan("t", 2, 2, true);
+        let mut objects = Objects::default();
+        for (name, text) in default_manifests(&pods) {
+            objects.extend(&parse_file(Path::new(&name), &text).expect("parses"));
+        }
+        for (name, v4, v6) in [
+            ("dual", DUAL, DUAL6),
+            ("dual-empty", DUAL_EMPTY, DUAL_EMPTY6),
+        ] {
+            let spec = objects
+                .services
+                .iter()
+                .find(|s| s.metadata.name.as_deref() == Some(name))
+                .and_then(|s| s.spec.clone())
+                .expect("service");
+            assert_eq!(spec.ip_family_policy.as_deref(), Some("RequireDualStack"));
+            assert_eq!(
+                spec.ip_families,
+                Some(vec!["IPv4".to_string(), "IPv6".to_string()])
+            );
+            assert_eq!(spec.cluster_ips, Some(vec![v4.to_string(), v6.to_string()]));
+            assert!(spec.selector.is_none(), "{name}");
+        }
+        let slices: Vec<(String, Vec<String>)> = objects
+            .slices
+            .iter()
+            .filter(|s| {
+                s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("kubernetes.io/service-name"))
+                    .is_some_and(|n| n.starts_with("dual"))
+            })
+            .map(|s| {
+                let addrs = s.endpoints.iter().flatten();
+                (
+                    s.address_type.clone(),
+                    addrs.map(|e| e.addresses[0].clone()).collect(),
+                )
+            })
+            .collect();
+        let text = |ips: &[IpAddr]| ips.iter().map(IpAddr::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            slices,
+            [
+                (
+                    "IPv4".to_string(),
+                    text(&[pod_ip(1, 1).into(), pod_ip(1, 2).into()])
+                ),
+                (
+                    "IPv6".to_string(),
+                    text(&[pod_ip6(1, 1).into(), pod_ip6(1, 2).into()])
+                ),
+            ]
+        );
+        let node = NodeInfo {
+            name: node_name(2),
+            addresses: vec![node_ip(2)],
+            zone: None,
+        };
+        let t = translate(&objects, &node);
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+        let backends = |frontend: String| -> Vec<String> {
+            let (_, f) = t
+                .desired
+                .frontends
+                .iter()
+                .find(|(a, _)| a.to_string() == frontend)
+                .unwrap_or_else(|| panic!("no frontend {frontend}"));
+            f.backends.iter().map(|b| b.addr.to_string()).collect()
+        };
+        let node1_pods = ["10.244.1.11:8080/TCP", "10.244.1.12:8080/TCP"];
+        assert_eq!(backends(format!("{DUAL}:80/TCP")), node1_pods);
+        assert_eq!(
+            backends(format!("{}:{DUAL_NODEPORT_TCP}/TCP", node_ip(2))),
+            node1_pods
+        );
+        assert_eq!(backends(format!("{DUAL_EXTERNAL_IP}:80/TCP")), node1_pods);
+        assert_eq!(
+            backends(format!("{DUAL_LB_IP}:53/UDP")),
+            ["10.244.1.11:5353/UDP", "10.244.1.12:5353/UDP"]
+        );
+        assert!(backends(format!("{DUAL_EMPTY}:80/TCP")).is_empty());
+        assert!(backends(format!("{}:{DUAL_EMPTY_NODEPORT_UDP}/UDP", node_ip(2))).is_empty());
     }
 }
