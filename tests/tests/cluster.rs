@@ -535,8 +535,8 @@ fn matrix(network: Network) -> Vec<Row> {
 
 /// The IPv4 rows of the Services only a dual-stack lab has: `dual` (`RequireDualStack`,
 /// endpoints node 1's pods in an EndpointSlice per family) by its IPv4 ClusterIP, NodePort,
-/// externalIP and LB IP, and `dual-empty` (no endpoint) refused by its IPv4 ClusterIP and
-/// NodePort. Their IPv6 twins are in [`matrix6`].
+/// externalIP and LB IP, and `dual-empty` (no endpoint) refused by its IPv4 ClusterIP (from
+/// a pod and a host) and NodePort. Their IPv6 twins are in [`matrix6`].
 fn dual_stack_only_rows4(network: Network) -> Vec<Row> {
     let mut rows = Vec::new();
     let pod = |name: &str| Origin::Pod(name.to_string());
@@ -559,6 +559,7 @@ fn dual_stack_only_rows4(network: Network) -> Vec<Row> {
     #[rustfmt::skip]
     let refused = [
         ("pod node1-pod1", pod("node1-pod1"), "dual-empty: ClusterIP (IPv4, no endpoint)", at(DUAL_EMPTY, svc)),
+        ("host node2", Origin::Node(2), "dual-empty: ClusterIP (IPv4, no endpoint)", at(DUAL_EMPTY, svc)),
         ("outside", outside, "dual-empty: node1 NodePort (IPv4, no endpoint)", at(node_ip(1), empty_ports)),
     ];
     for (client, origin, dest, to) in refused {

@@ -2,7 +2,7 @@
 //! running for people (and benchmarks) to use, and removed again.
 
 use std::{
-    net::{SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     path::Path,
     time::Duration,
 };
@@ -12,13 +12,15 @@ use lb_testkit::{
     cluster::{
         host_server_name, node_ip, overlay_ip, overlay_ip6, pod_cidr, pod_cidr6, pod_ip6,
         services::{
-            on_node, on_node6, on_node_tcp, on_node_udp, EXTERNAL, EXTERNAL6, EXTERNAL_IP,
-            EXTERNAL_IP6, HOST_NODEPORT, HOST_NODEPORT6, HOST_NODEPORT_TCP, HOST_NODEPORT_UDP,
-            HOST_SERVER_TCP, HOST_SERVER_UDP, INTERNAL_LOCAL, INTERNAL_LOCAL6, KUBERNETES,
-            KUBERNETES6, KUBERNETES_TCP, KUBERNETES_UDP, LB6, LB_IP, LB_IP6, LB_NODEPORT_TCP,
-            LB_NODEPORT_UDP, LOCAL6, LOCAL_LB_IP, LOCAL_LB_IP6, LOCAL_NODEPORT_TCP,
-            LOCAL_NODEPORT_UDP, SELF, SELF6, STICKY, STICKY6, WEB, WEB6, WEB_NODEPORT,
-            WEB_NODEPORT6, WEB_NODEPORT_TCP, WEB_NODEPORT_UDP,
+            on_node, on_node6, on_node_tcp, on_node_udp, DUAL, DUAL6, DUAL_EMPTY, DUAL_EMPTY6,
+            DUAL_EMPTY_NODEPORT_TCP, DUAL_EMPTY_NODEPORT_UDP, DUAL_EXTERNAL_IP, DUAL_EXTERNAL_IP6,
+            DUAL_LB_IP, DUAL_LB_IP6, DUAL_NODEPORT_TCP, DUAL_NODEPORT_UDP, EXTERNAL, EXTERNAL6,
+            EXTERNAL_IP, EXTERNAL_IP6, HOST_NODEPORT, HOST_NODEPORT6, HOST_NODEPORT_TCP,
+            HOST_NODEPORT_UDP, HOST_SERVER_TCP, HOST_SERVER_UDP, INTERNAL_LOCAL, INTERNAL_LOCAL6,
+            KUBERNETES, KUBERNETES6, KUBERNETES_TCP, KUBERNETES_UDP, LB6, LB_IP, LB_IP6,
+            LB_NODEPORT_TCP, LB_NODEPORT_UDP, LOCAL6, LOCAL_LB_IP, LOCAL_LB_IP6,
+            LOCAL_NODEPORT_TCP, LOCAL_NODEPORT_UDP, SELF, SELF6, STICKY, STICKY6, WEB, WEB6,
+            WEB_NODEPORT, WEB_NODEPORT6, WEB_NODEPORT_TCP, WEB_NODEPORT_UDP,
         },
         Cluster, ClusterConfig, ClusterState, Network, Origin, Proto, CLIENT_IP, CLIENT_IP6,
         DENIED_CLIENT_IP, DENIED_CLIENT_IP6, GATEWAY_IP, GATEWAY_IP6, HTTP_PORT, UDP_PORT,
@@ -185,6 +187,21 @@ fn print_summary(c: &Cluster) {
             on_node6(1),
             on_node6(k),
         );
+        println!(
+            "\nDual-stack Services (RequireDualStack, ipFamilies [IPv4, IPv6], both ClusterIPs; no \
+             selector: EndpointSlices dual-ipv4 and dual-ipv6 name the same pods, node1's):"
+        );
+        let nodeports = |tcp: u16, udp: u16| format!("NodePort {tcp}/TCP {udp}/UDP");
+        #[rustfmt::skip]
+        let table = [
+            ("family".to_string(), "dual (LoadBalancer, node1's pods)".to_string(), "dual-empty (NodePort, no endpoint: refused)".to_string()),
+            ("IPv4".to_string(), format!("ClusterIP {DUAL}, externalIP {DUAL_EXTERNAL_IP}, LB IP {DUAL_LB_IP}"), format!("ClusterIP {DUAL_EMPTY}")),
+            ("IPv6".to_string(), format!("ClusterIP {DUAL6}, externalIP {DUAL_EXTERNAL_IP6}, LB IP {DUAL_LB_IP6}"), format!("ClusterIP {DUAL_EMPTY6}")),
+            ("both".to_string(), nodeports(DUAL_NODEPORT_TCP, DUAL_NODEPORT_UDP), nodeports(DUAL_EMPTY_NODEPORT_TCP, DUAL_EMPTY_NODEPORT_UDP)),
+        ];
+        for (family, dual, empty) in table {
+            println!("  {family:<7} {dual:<72} {empty}");
+        }
     }
     let client = &c.client_ns;
     let pod = &c.pods[0];
@@ -266,6 +283,20 @@ Logs: {dir}",
         ] {
             let outcome = c.request(&origin, proto, to, Duration::from_secs(2));
             println!("  {what} ({proto}, IPv6): {outcome}");
+        }
+        // Both families of the dual-stack Service; its IPv6 side answers once the agent
+        // serves IPv6 Services.
+        for (family, ip) in [("IPv4", IpAddr::from(DUAL)), ("IPv6", IpAddr::from(DUAL6))] {
+            let to = SocketAddr::new(ip, 80);
+            let outcome = c.request(
+                &Origin::Pod(last.clone()),
+                Proto::Tcp,
+                to,
+                Duration::from_secs(2),
+            );
+            println!(
+                "  {last} → dual-stack Service dual, {family} ClusterIP {to} (TCP): {outcome}"
+            );
         }
     }
 }
