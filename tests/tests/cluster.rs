@@ -28,8 +28,8 @@ use lb_testkit::{
     cluster::{
         host_server_name, node_addresses, node_addresses6, node_ip, node_ip6, pod_ip, pod_ip6,
         services::*, Cluster, ClusterConfig, ClusterState, LinkCounters, Network, Origin, Outcome,
-        Proto, CLIENT_IP, CLIENT_IP6, DENIED_CLIENT_IP, HAIRPIN_SNAT_IP, HAIRPIN_SNAT_IP6,
-        HTTP_PORT, UDP_PORT,
+        Proto, CLIENT_IP, CLIENT_IP6, DENIED_CLIENT_IP, DENIED_CLIENT_IP6, HAIRPIN_SNAT_IP,
+        HAIRPIN_SNAT_IP6, HTTP_PORT, UDP_PORT,
     },
     require_root,
 };
@@ -571,7 +571,7 @@ fn dual_stack_only_rows4(network: Network) -> Vec<Row> {
 /// The IPv6 Service matrix of a dual-stack lab of `network`: [`direct_rows6`] (the lab),
 /// then the IPv6 twins of [`matrix`]'s rows (pods, hosts and the outside client reaching
 /// IPv6 ClusterIPs, NodePorts on the nodes' IPv6 addresses, host-network endpoints,
-/// externalIPs and LB IPs; the hairpin), `dual`'s IPv6 half (its IPv6 EndpointSlice) and
+/// externalIPs and LB IPs; the hairpin; traffic policies Local and source ranges), `dual`'s IPv6 half (its IPv6 EndpointSlice) and
 /// `dual-empty`'s IPv6 ClusterIP and NodePort refused; TCP and UDP each.
 fn matrix6(network: Network) -> Vec<Row> {
     let mut rows = direct_rows6(network);
@@ -696,6 +696,55 @@ fn matrix6(network: Network) -> Vec<Row> {
                 via,
             );
         }
+    }
+
+    // externalTrafficPolicy Local over IPv6 (endpoints on node 1 only).
+    let local_ports = (LOCAL_NODEPORT_TCP, LOCAL_NODEPORT_UDP);
+    let client = answer(1, &[CLIENT_IP6]);
+    #[rustfmt::skip]
+    let local_rows = [
+        ("ETP Local: node1 IPv6 NodePort (has endpoints)", at(node_ip6(1), local_ports), client.clone(), 1),
+        ("ETP Local: node2 IPv6 NodePort (no local endpoint)", at(node_ip6(2), local_ports), Expect::Dropped, 1),
+        ("ETP Local: IPv6 LB IP via node1 (has endpoints)", at(LOCAL_LB_IP6, svc), client, 1),
+        ("ETP Local: IPv6 LB IP via node2 (no local endpoint)", at(LOCAL_LB_IP6, svc), Expect::Dropped, 2),
+    ];
+    for (dest, to, expect, via) in local_rows {
+        both(&mut rows, "outside", outside.clone(), dest, to, expect, via);
+    }
+
+    // loadBalancerSourceRanges over IPv6: the IPv6 LB IP for the IPv6 ranges' sources only,
+    // the NodePort for all.
+    let denied = Origin::Outside6(DENIED_CLIENT_IP6);
+    let lb_ports = (LB_NODEPORT_TCP, LB_NODEPORT_UDP);
+    #[rustfmt::skip]
+    let fenced = [
+        ("outside fd00:18::200", denied.clone(), "source ranges: IPv6 LB IP via node1 (source not allowed)", at(LB_IP6, svc), Expect::Dropped),
+        ("outside fd00:18::200", denied, "source ranges: node1 IPv6 NodePort of the same Service", at(node_ip6(1), lb_ports), answer(1, &[DENIED_CLIENT_IP6])),
+        ("outside", outside.clone(), "source ranges: IPv6 LB IP via node1 (allowed)", at(LB_IP6, svc), answer(1, &[CLIENT_IP6])),
+        ("pod node2-pod1 (in the ranges)", pod("node2-pod1"), "source ranges: IPv6 LB IP", at(LB_IP6, svc), answer(1, &[pod_ip6(2, 1)])),
+        ("pod node1-pod2 (not in the ranges)", pod("node1-pod2"), "source ranges: IPv6 LB IP", at(LB_IP6, svc), Expect::Dropped),
+    ];
+    for (client, origin, dest, to, expect) in fenced {
+        both(&mut rows, client, origin, dest, to, expect, 1);
+    }
+
+    // internalTrafficPolicy Local over IPv6: node 2's pods are dropped.
+    #[rustfmt::skip]
+    let internal_local = [
+        ("pod node1-pod2", pod("node1-pod2"), answer(1, &[pod_ip6(1, 2), HAIRPIN_SNAT_IP6])),
+        ("pod node2-pod2", pod("node2-pod2"), Expect::Dropped),
+    ];
+    for (client, origin, expect) in internal_local {
+        let dest = "ITP Local: IPv6 ClusterIP internal-local";
+        both(
+            &mut rows,
+            client,
+            origin,
+            dest,
+            at(INTERNAL_LOCAL6, svc),
+            expect,
+            1,
+        );
     }
 
     // `dual`'s IPv6 half: endpoints from its IPv6 EndpointSlice (node 1's pods).
