@@ -45,10 +45,32 @@
 //! send them) while the nodes' links to the bridge and the client have it off, so whatever
 //! crosses the "network" carries a checksum computed from what the datapath wrote, and the
 //! receiver checks it.
+//!
+//! With [`ClusterConfig::dual_stack`] the lab is dual-stack, as kind's `ipFamily: dual` and
+//! flannel's dual-stack mode make it: every address above has an IPv6 twin (the IPv4
+//! address's numbers written in the IPv6 text: 172.18.0.2 → fd00:18::2, 10.244.1.11 →
+//! fd00:10:244:1::11, 10.96.1.10 → fd00:10:96::1:10):
+//!
+//! ```text
+//!  client  eth0 fd00:18::100/64 + ::200/64 (denied) + ::1/64 (the nodes' IPv6 gateway)
+//!  nodeK   eth0 fd00:18::(1+K)/64, IPv6 forwarding on
+//!  vethI   fd00:10:244:K::1/128 ──veth── eth0 fd00:10:244:K::(10+I)/128   pod I of node K
+//! ```
+//!
+//! Every IPv6 address is added without duplicate address detection (and DAD is off in every
+//! namespace of the lab, link-local addresses included), so that it is usable at once. Pod
+//! traffic between nodes: [`Network::Bridge`] routes `fd00:10:244:J::/64 via fd00:18::(1+J)`;
+//! [`Network::Vxlan`] adds flannel's second VXLAN device `flannel-v6.1` (VNI 1, UDP 8472
+//! over the IPv6 underlay, MTU 1430) with fd00:10:244:K::/128 and the same route, neighbour
+//! and fdb entries as `flannel.1`, in IPv6; [`Network::Tunnel`] gives `tun0`
+//! fd00:10:244:K::/128 and `fd00:10:244:J::/64 dev tun0`, and the relays carry IPv6 packets
+//! too (over the IPv4 underlay, as one WireGuard peer carries both families). The client
+//! routes the IPv6 externalIP / LoadBalancer range (2001:db8::/64) through node 1 as well,
+//! and the default manifests are dual-stack ([`default_manifests`]).
 
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -61,9 +83,9 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::lab::{HTTP_PORT, UDP_PORT};
 use crate::netns::{
-    add_netns, add_pod, agent_cli, agent_healthy, binary, checksum_offload_off, in_netns,
-    remove_manifest, router_sysctls, run, spawn_agent, wait_for, write_manifest, AgentFlags,
-    PodLink,
+    add_netns, add_pod, add_pod_ipv6, agent_cli, agent_healthy, binary, checksum_offload_off,
+    in_netns, ipv6_sysctls, remove_manifest, router_sysctls, run, spawn_agent, wait_for,
+    write_manifest, AgentFlags, PodLink,
 };
 
 /// The client's address that LoadBalancer source ranges allow.
@@ -79,6 +101,30 @@ pub const VIP_RANGE: &str = "203.0.113.0/24";
 pub const HAIRPIN_SNAT_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 /// Where a node's agent serves /healthz, in the node's namespace.
 pub const HEALTHZ_URL: &str = "http://127.0.0.1:10256/healthz";
+
+/// [`CLIENT_IP`]'s IPv6 twin (dual-stack labs): the client's address that the IPv6
+/// loadBalancerSourceRanges allow.
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0x100);
+/// [`DENIED_CLIENT_IP`]'s IPv6 twin: the client's second IPv6 address, outside the ranges.
+pub const DENIED_CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0x200);
+/// [`GATEWAY_IP`]'s IPv6 twin: the nodes' IPv6 default gateway, an address of the client.
+pub const GATEWAY_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 1);
+/// [`VIP_RANGE`]'s IPv6 twin: where IPv6 externalIPs and LoadBalancer ingress IPs come from.
+pub const VIP_RANGE6: &str = "2001:db8::/64";
+/// [`HAIRPIN_SNAT_IP`]'s IPv6 twin (`lb_common::HAIRPIN_SNAT_V6`).
+pub const HAIRPIN_SNAT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd6c, 0x6200, 0, 0, 0, 0, 0, 1);
+
+/// `n` as it is written in an IPv6 twin of an IPv4 address: its decimal digits as hex digits
+/// (11 → 0x11), so that fd00:10:244:2::11 reads as 10.244.2.11 does.
+fn twin(n: usize) -> u16 {
+    let (mut n, mut out, mut shift) = (n, 0u16, 0);
+    while n > 0 {
+        out |= ((n % 10) as u16) << shift;
+        n /= 10;
+        shift += 4;
+    }
+    out
+}
 
 /// Node names (`nodeName` of the Pods) are `node1`, `node2`, ...
 pub fn node_name(k: usize) -> String {
@@ -102,6 +148,28 @@ pub fn pod_gateway(k: usize) -> Ipv4Addr {
 /// Pod I of node K.
 pub fn pod_ip(k: usize, i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, k as u8, 10 + i as u8)
+}
+
+/// Node K's IPv6 address on the bridge (dual-stack labs): fd00:18::(1+K), [`node_ip`]'s twin.
+pub fn node_ip6(k: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, twin(1 + k))
+}
+
+/// Node K's IPv6 pod CIDR: fd00:10:244:K::/64 (of fd00:10:244::/56, kind's dual-stack pod
+/// subnet), [`pod_cidr`]'s twin.
+pub fn pod_cidr6(k: usize) -> String {
+    format!("{}/64", overlay_ip6(k))
+}
+
+/// Node K's IPv6 address on each of its pod veths, its pods' IPv6 default gateway:
+/// fd00:10:244:K::1, [`pod_gateway`]'s twin.
+pub fn pod_gateway6(k: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, twin(k), 0, 0, 0, 1)
+}
+
+/// Pod I of node K's IPv6 address: fd00:10:244:K::(10+I), [`pod_ip`]'s twin.
+pub fn pod_ip6(k: usize, i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, twin(k), 0, 0, 0, twin(10 + i))
 }
 
 pub fn pod_name(k: usize, i: usize) -> String {
@@ -150,6 +218,16 @@ impl Network {
             Network::Tunnel => Some(TUN_MTU),
         }
     }
+
+    /// The device IPv6 pod traffic between nodes crosses in a dual-stack lab, if it is not
+    /// eth0: flannel's second VXLAN device, or the same tunnel.
+    pub fn overlay_device6(self) -> Option<&'static str> {
+        match self {
+            Network::Bridge => None,
+            Network::Vxlan => Some(VXLAN6_DEVICE),
+            Network::Tunnel => Some(TUN_DEVICE),
+        }
+    }
 }
 
 impl std::fmt::Display for Network {
@@ -178,6 +256,12 @@ pub const VXLAN_DEVICE: &str = "flannel.1";
 pub const VXLAN_VNI: u32 = 1;
 pub const VXLAN_PORT: u16 = 8472;
 pub const VXLAN_MTU: u16 = 1450;
+/// flannel's VXLAN device for IPv6 in dual-stack mode: the same VNI and port over the IPv6
+/// underlay (node IPv6 addresses), whose header is 20 bytes longer, hence the MTU. The pods'
+/// links keep [`VXLAN_MTU`] (flannel gives them one MTU): an IPv6 packet longer than 1430
+/// bytes is answered by the node with ICMPv6 Packet Too Big.
+pub const VXLAN6_DEVICE: &str = "flannel-v6.1";
+pub const VXLAN6_MTU: u16 = 1430;
 /// The L3 tunnel's TUN device, MTU and the UDP port its relays listen on (on the node IP).
 pub const TUN_DEVICE: &str = "tun0";
 pub const TUN_MTU: u16 = 1420;
@@ -188,10 +272,21 @@ pub fn overlay_ip(k: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, k as u8, 0)
 }
 
+/// Node K's IPv6 address on its overlay device: fd00:10:244:K:: (/128), the first address of
+/// its IPv6 pod CIDR, as flannel numbers it ([`overlay_ip`]'s twin).
+pub fn overlay_ip6(k: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, twin(k), 0, 0, 0, 0)
+}
+
 /// The MAC of node K's `flannel.1` (flanneld keeps a random one in a node annotation; the lab
 /// derives it from the node, so that captures read the same every time).
 pub fn vxlan_mac(k: usize) -> String {
     format!("02:42:0a:f4:{:02x}:00", k as u8)
+}
+
+/// The MAC of node K's `flannel-v6.1` (flanneld's second annotation), derived alike.
+pub fn vxlan6_mac(k: usize) -> String {
+    format!("02:42:fd:f4:{:02x}:00", k as u8)
 }
 
 /// The addresses node K's host has in `network` (the source its own stack may pick): its
@@ -204,41 +299,105 @@ pub fn node_addresses(network: Network, k: usize) -> Vec<Ipv4Addr> {
     addrs
 }
 
+/// The IPv6 addresses node K's host has in a dual-stack lab of `network` (the source its own
+/// stack may pick for IPv6): [`node_addresses`]' twins.
+pub fn node_addresses6(network: Network, k: usize) -> Vec<Ipv6Addr> {
+    let mut addrs = vec![node_ip6(k), pod_gateway6(k)];
+    if network.overlay_device6().is_some() {
+        addrs.push(overlay_ip6(k));
+    }
+    addrs
+}
+
 /// The Services the default manifests define (see [`default_manifests`]). Every Service over
 /// pods has port 80/TCP (`http`, to the pods' 8080) and 53/UDP (`dns`, to the pods' 5353);
 /// those over node 1's host-network server say their ports.
+///
+/// In a dual-stack lab every Service is dual-stack (`ipFamilyPolicy: PreferDualStack`,
+/// `ipFamilies: [IPv4, IPv6]`) and each address here has an IPv6 twin, named with a `6`:
+/// ClusterIPs from fd00:10:96::/108 (kind's dual-stack service subnet; 10.96.X.Y →
+/// fd00:10:96::X:Y), externalIPs and LoadBalancer IPs from [`super::VIP_RANGE6`]. Ports and
+/// NodePorts are the same in both families (a NodePort answers on the node's IPv4 and IPv6
+/// addresses).
 pub mod services {
-    use std::net::Ipv4Addr;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    /// A ClusterIP's IPv6 twin: 10.96.X.Y → fd00:10:96::X:Y (X and Y written as they read).
+    const fn cluster_ip6(x: u16, y: u16) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, x, y)
+    }
+
+    /// An IPv6 externalIP or LoadBalancer IP: 203.0.113.Y → 2001:db8::Y.
+    const fn vip6(y: u16) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, y)
+    }
 
     /// `web`: ClusterIP over every pod of every node.
     pub const WEB: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 10);
+    pub const WEB6: Ipv6Addr = cluster_ip6(1, 0x10);
     /// `web-nodeport`: NodePort (externalTrafficPolicy Cluster) over every pod.
     pub const WEB_NODEPORT: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 11);
+    pub const WEB_NODEPORT6: Ipv6Addr = cluster_ip6(1, 0x11);
     pub const WEB_NODEPORT_TCP: u16 = 30080;
     pub const WEB_NODEPORT_UDP: u16 = 30053;
-    /// `external`: ClusterIP with externalIPs [EXTERNAL_IP], endpoint node1-pod1.
+    /// `external`: ClusterIP with externalIPs [EXTERNAL_IP] ([EXTERNAL_IP, EXTERNAL_IP6] in a
+    /// dual-stack lab), endpoint node1-pod1.
     pub const EXTERNAL: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 12);
+    pub const EXTERNAL6: Ipv6Addr = cluster_ip6(1, 0x12);
     pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+    pub const EXTERNAL_IP6: Ipv6Addr = vip6(0x10);
     /// `lb`: LoadBalancer with ingress LB_IP and loadBalancerSourceRanges [CLIENT_IP/32,
-    /// node2-pod1's address/32, node 2's address/32], endpoint node1-pod1.
+    /// node2-pod1's address/32, node 2's address/32], endpoint node1-pod1. In a dual-stack
+    /// lab also ingress LB_IP6 and the ranges' twins [CLIENT_IP6/128, node2-pod1's IPv6
+    /// address/128, node 2's IPv6 address/128].
     pub const LB: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 13);
+    pub const LB6: Ipv6Addr = cluster_ip6(1, 0x13);
     pub const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+    pub const LB_IP6: Ipv6Addr = vip6(0x20);
     pub const LB_NODEPORT_TCP: u16 = 30090;
     pub const LB_NODEPORT_UDP: u16 = 30091;
-    /// `local`: LoadBalancer with externalTrafficPolicy Local, ingress LOCAL_LB_IP, endpoints
-    /// the pods of node 1 only.
+    /// `local`: LoadBalancer with externalTrafficPolicy Local, ingress LOCAL_LB_IP (and
+    /// LOCAL_LB_IP6), endpoints the pods of node 1 only.
     pub const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 14);
+    pub const LOCAL6: Ipv6Addr = cluster_ip6(1, 0x14);
     pub const LOCAL_LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 30);
+    pub const LOCAL_LB_IP6: Ipv6Addr = vip6(0x30);
     pub const LOCAL_NODEPORT_TCP: u16 = 30092;
     pub const LOCAL_NODEPORT_UDP: u16 = 30093;
     pub const LOCAL_HEALTH_CHECK_NODEPORT: u16 = 30094;
     /// `self`: ClusterIP whose only endpoint is node1-pod1 (node1-pod1 reaching itself).
     pub const SELF: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 15);
+    pub const SELF6: Ipv6Addr = cluster_ip6(1, 0x15);
     /// `internal-local`: ClusterIP with internalTrafficPolicy Local, endpoints the pods of
     /// node 1 only (clients on other nodes: dropped).
     pub const INTERNAL_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 17);
+    pub const INTERNAL_LOCAL6: Ipv6Addr = cluster_ip6(1, 0x17);
     /// `sticky`: ClusterIP with sessionAffinity ClientIP (timeout 60 s), every pod.
     pub const STICKY: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 18);
+    pub const STICKY6: Ipv6Addr = cluster_ip6(1, 0x18);
+
+    /// `dual` (dual-stack labs only): a LoadBalancer Service that must have both families
+    /// (`ipFamilyPolicy: RequireDualStack`, `ipFamilies: [IPv4, IPv6]`, both ClusterIPs),
+    /// externalIPs [DUAL_EXTERNAL_IP, DUAL_EXTERNAL_IP6], ingress [DUAL_LB_IP, DUAL_LB_IP6],
+    /// externalTrafficPolicy Cluster. It has no selector: its endpoints are two
+    /// EndpointSlices the lab writes, `dual-ipv4` (`addressType: IPv4`) and `dual-ipv6`
+    /// (`addressType: IPv6`), naming the same pods, those of node 1, by their IPv4 and their
+    /// IPv6 address (ports `http` 8080/TCP and `dns` 5353/UDP).
+    pub const DUAL: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 19);
+    pub const DUAL6: Ipv6Addr = cluster_ip6(1, 0x19);
+    pub const DUAL_EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 40);
+    pub const DUAL_EXTERNAL_IP6: Ipv6Addr = vip6(0x40);
+    pub const DUAL_LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 50);
+    pub const DUAL_LB_IP6: Ipv6Addr = vip6(0x50);
+    pub const DUAL_NODEPORT_TCP: u16 = 30095;
+    pub const DUAL_NODEPORT_UDP: u16 = 30096;
+    /// `dual-empty` (dual-stack labs only): a NodePort Service, `RequireDualStack`, without a
+    /// selector and without EndpointSlices: no endpoint anywhere, so every family's
+    /// ClusterIP and NodePort is refused (TCP RST, ICMP / ICMPv6 port unreachable).
+    pub const DUAL_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 20);
+    pub const DUAL_EMPTY6: Ipv6Addr = cluster_ip6(1, 0x20);
+    pub const DUAL_EMPTY_NODEPORT_TCP: u16 = 30097;
+    pub const DUAL_EMPTY_NODEPORT_UDP: u16 = 30098;
 
     /// Where node 1's host-network server (`node1-host`, not in a pod) listens, in node 1's
     /// namespace: the endpoint port of `kubernetes` and `host-nodeport`.
@@ -246,13 +405,18 @@ pub mod services {
     pub const HOST_SERVER_UDP: u16 = 6053;
     /// `kubernetes`: the API server's ClusterIP, as on a one-node kind cluster, port 443/TCP
     /// (`https`) and 53/UDP (`dns`); its EndpointSlice names node 1's own address
-    /// (HOST_SERVER_TCP / HOST_SERVER_UDP), a host-network endpoint.
+    /// (HOST_SERVER_TCP / HOST_SERVER_UDP), a host-network endpoint. Its IPv6 ClusterIP is
+    /// the first of the IPv6 service subnet (as kind's is) and its IPv6 EndpointSlice names
+    /// node 1's IPv6 address.
     pub const KUBERNETES: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+    pub const KUBERNETES6: Ipv6Addr = cluster_ip6(0, 1);
     pub const KUBERNETES_TCP: u16 = 443;
     pub const KUBERNETES_UDP: u16 = 53;
     /// `host-nodeport`: NodePort (externalTrafficPolicy Cluster) whose endpoint is node 1's
-    /// own address (a host-network pod serving a NodePort, e.g. an ingress controller).
+    /// own address (a host-network pod serving a NodePort, e.g. an ingress controller); in a
+    /// dual-stack lab also node 1's IPv6 address (a second EndpointSlice).
     pub const HOST_NODEPORT: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 16);
+    pub const HOST_NODEPORT6: Ipv6Addr = cluster_ip6(1, 0x16);
     pub const HOST_NODEPORT_TCP: u16 = 30443;
     pub const HOST_NODEPORT_UDP: u16 = 30453;
 
@@ -260,6 +424,10 @@ pub mod services {
     /// node, for the same-node and other-node cases).
     pub fn on_node(k: usize) -> Ipv4Addr {
         Ipv4Addr::new(10, 96, 1, 100 + k as u8)
+    }
+    /// `on-nodeK`'s IPv6 ClusterIP: fd00:10:96::1:(100+K).
+    pub fn on_node6(k: usize) -> Ipv6Addr {
+        cluster_ip6(1, super::twin(100 + k))
     }
     pub fn on_node_tcp(k: usize) -> u16 {
         30100 + k as u16
@@ -276,6 +444,8 @@ pub struct ClusterNode {
     pub name: String,
     pub ns: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address on the bridge, in a dual-stack lab ([`node_ip6`]).
+    pub ip6: Option<Ipv6Addr>,
     /// The bpffs folder its agent pins under.
     pub pin: PathBuf,
     /// Its cgroup v2 folder: its pods' and host processes (the agent's `--cgroup`).
@@ -289,6 +459,8 @@ pub struct ClusterPod {
     pub node: usize,
     pub ns: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, in a dual-stack lab ([`pod_ip6`]).
+    pub ip6: Option<Ipv6Addr>,
     /// The veth's name on the node.
     pub host_iface: String,
 }
@@ -302,6 +474,8 @@ pub enum Origin {
     Node(usize),
     /// The client outside the cluster, from one of its addresses.
     Outside(Ipv4Addr),
+    /// The client outside the cluster, from one of its IPv6 addresses (a dual-stack lab).
+    Outside6(Ipv6Addr),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -378,7 +552,14 @@ pub struct ClusterConfig {
     pub fast_sweep: bool,
     /// More flags for every agent (`lb-agent run`).
     pub agent_args: Vec<String>,
+    /// IPv6 beside IPv4 everywhere: node, pod and client addresses, routes, the overlays and
+    /// the manifests (see the module's documentation). Default: false, or true when the
+    /// environment has `LB_LAB_DUAL_STACK=1` (every cluster a test run builds, dual-stack).
+    pub dual_stack: bool,
 }
+
+/// The environment variable that makes [`ClusterConfig::new`] dual-stack.
+pub const DUAL_STACK_ENV: &str = "LB_LAB_DUAL_STACK";
 
 impl ClusterConfig {
     pub fn new(nodes: usize, pods_per_node: usize) -> ClusterConfig {
@@ -392,6 +573,7 @@ impl ClusterConfig {
             network: Network::Bridge,
             fast_sweep: true,
             agent_args: Vec::new(),
+            dual_stack: std::env::var(DUAL_STACK_ENV).is_ok_and(|v| v == "1"),
         }
     }
 }
@@ -572,14 +754,21 @@ fn remove_cgroup(cg: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The nodes and pods a cluster of this shape has, named for `tag`.
-pub fn plan(tag: &str, nodes: usize, pods_per_node: usize) -> (Vec<ClusterNode>, Vec<ClusterPod>) {
+/// The nodes and pods a cluster of this shape has, named for `tag` (with IPv6 addresses if
+/// `dual_stack`).
+pub fn plan(
+    tag: &str,
+    nodes: usize,
+    pods_per_node: usize,
+    dual_stack: bool,
+) -> (Vec<ClusterNode>, Vec<ClusterPod>) {
     let node_list = (1..=nodes)
         .map(|k| ClusterNode {
             index: k,
             name: node_name(k),
             ns: format!("{tag}-node{k}"),
             ip: node_ip(k),
+            ip6: dual_stack.then(|| node_ip6(k)),
             pin: names(tag).0.join(format!("node{k}")),
             cgroup: PathBuf::new(),
         })
@@ -591,6 +780,7 @@ pub fn plan(tag: &str, nodes: usize, pods_per_node: usize) -> (Vec<ClusterNode>,
                 node: k,
                 ns: format!("{tag}-node{k}-pod{i}"),
                 ip: pod_ip(k, i),
+                ip6: dual_stack.then(|| pod_ip6(k, i)),
                 host_iface: format!("veth{i}"),
             })
         })
@@ -642,7 +832,7 @@ impl Cluster {
             let n = N.fetch_add(1, Ordering::Relaxed);
             format!("lc{}x{n}", std::process::id())
         });
-        let (nodes, pods) = plan(&tag, cfg.nodes, cfg.pods_per_node);
+        let (nodes, pods) = plan(&tag, cfg.nodes, cfg.pods_per_node, cfg.dual_stack);
         let mut cluster = Cluster {
             bridge_ns: format!("{tag}-net"),
             client_ns: format!("{tag}-client"),
@@ -670,6 +860,12 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Whether the cluster is dual-stack ([`ClusterConfig::dual_stack`]): its nodes have IPv6
+    /// addresses.
+    pub fn dual_stack(&self) -> bool {
+        self.nodes.iter().any(|n| n.ip6.is_some())
+    }
+
     /// Notes a part as made (in the state file too, if there is one).
     fn record(&mut self, f: impl FnOnce(&mut ClusterState)) -> Result<()> {
         f(&mut self.state);
@@ -684,7 +880,12 @@ impl Cluster {
         }
         let name = ns.to_string();
         self.record(|s| s.namespaces.push(name))?;
-        add_netns(ns)
+        add_netns(ns)?;
+        if self.dual_stack() {
+            // Before any interface is made in it, so that every one starts without DAD.
+            ipv6_sysctls(ns, false)?;
+        }
+        Ok(())
     }
 
     fn build(&mut self) -> Result<()> {
@@ -701,8 +902,12 @@ impl Cluster {
         run(&["ip", "-n", &bridge, "link", "set", "br0", "up"])?;
         for node in self.nodes.clone() {
             self.add_netns(&node.ns)?;
-            self.plug(&format!("n{}", node.index), &node.ns, &[node.ip])?;
+            let ip6: Vec<Ipv6Addr> = node.ip6.into_iter().collect();
+            self.plug(&format!("n{}", node.index), &node.ns, &[node.ip], &ip6)?;
             router_sysctls(&node.ns)?;
+            if self.dual_stack() {
+                ipv6_sysctls(&node.ns, true)?;
+            }
         }
         for node in self.nodes.clone() {
             match self.network {
@@ -723,6 +928,16 @@ impl Cluster {
                 gateway: pod_gateway(pod.node),
             })
             .with_context(|| format!("pod {}", pod.name))?;
+            if let Some(ip6) = pod.ip6 {
+                add_pod_ipv6(
+                    &node_ns,
+                    &pod.ns,
+                    &pod.host_iface,
+                    ip6,
+                    pod_gateway6(pod.node),
+                )
+                .with_context(|| format!("IPv6 of pod {}", pod.name))?;
+            }
             if let Some(mtu) = self.network.overlay_mtu() {
                 let mtu = mtu.to_string();
                 run(&[
@@ -740,10 +955,26 @@ impl Cluster {
         }
         let client = self.client_ns.clone();
         self.add_netns(&client)?;
-        self.plug("c0", &client, &[CLIENT_IP, DENIED_CLIENT_IP, GATEWAY_IP])?;
+        let client6 = if self.dual_stack() {
+            vec![CLIENT_IP6, DENIED_CLIENT_IP6, GATEWAY_IP6]
+        } else {
+            vec![]
+        };
+        self.plug(
+            "c0",
+            &client,
+            &[CLIENT_IP, DENIED_CLIENT_IP, GATEWAY_IP],
+            &client6,
+        )?;
         for node in &self.nodes {
             let gw = GATEWAY_IP.to_string();
             run(&["ip", "-n", &node.ns, "route", "add", "default", "via", &gw])?;
+            if node.ip6.is_some() {
+                let gw = GATEWAY_IP6.to_string();
+                run(&[
+                    "ip", "-n", &node.ns, "-6", "route", "add", "default", "via", &gw,
+                ])?;
+            }
         }
         self.route_vips_via(1)?;
         if self.network == Network::Tunnel {
@@ -765,6 +996,11 @@ impl Cluster {
                 "via",
                 &other.ip.to_string(),
             ])?;
+            if let Some(ip6) = other.ip6 {
+                #[rustfmt::skip]
+                run(&["ip", "-n", &node.ns, "route", "add", &pod_cidr6(other.index), "via",
+                    &ip6.to_string()])?;
+            }
         }
         Ok(())
     }
@@ -803,6 +1039,54 @@ impl Cluster {
             run(&["bridge", "-n", ns, "fdb", "append", &mac, "dev", VXLAN_DEVICE, "dst",
                 &other.ip.to_string(), "self", "permanent"])?;
         }
+        if node.ip6.is_some() {
+            self.vxlan6(node)?;
+        }
+        Ok(())
+    }
+
+    /// `flannel-v6.1` on `node` (a dual-stack lab), as flanneld makes it beside `flannel.1`:
+    /// the same VNI and port over the nodes' IPv6 addresses, and for every other node the
+    /// route to its IPv6 pod CIDR through its `flannel-v6.1` address (onlink), that
+    /// address's MAC and where that MAC is (its node IPv6 address).
+    fn vxlan6(&self, node: &ClusterNode) -> Result<()> {
+        let ns = node.ns.as_str();
+        let ip = |args: &[&str]| -> Result<String> {
+            let mut cmd = vec!["ip", "-n", ns];
+            cmd.extend_from_slice(args);
+            run(&cmd)
+        };
+        let (vni, port, mtu) = (
+            VXLAN_VNI.to_string(),
+            VXLAN_PORT.to_string(),
+            VXLAN6_MTU.to_string(),
+        );
+        let local = node.ip6.context("no IPv6 address")?.to_string();
+        let mac = vxlan6_mac(node.index);
+        #[rustfmt::skip]
+        ip(&["link", "add", VXLAN6_DEVICE, "type", "vxlan", "id", &vni, "local", &local, "dev",
+            "eth0", "dstport", &port, "nolearning"])?;
+        ip(&["link", "set", VXLAN6_DEVICE, "address", &mac, "mtu", &mtu])?;
+        let addr = format!("{}/128", overlay_ip6(node.index));
+        ip(&["addr", "add", &addr, "dev", VXLAN6_DEVICE, "nodad"])?;
+        ip(&["link", "set", VXLAN6_DEVICE, "up"])?;
+        for other in self.nodes.iter().filter(|o| o.index != node.index) {
+            let (gw, mac) = (
+                overlay_ip6(other.index).to_string(),
+                vxlan6_mac(other.index),
+            );
+            let (cidr, dst) = (
+                pod_cidr6(other.index),
+                other.ip6.context("no IPv6 address")?.to_string(),
+            );
+            #[rustfmt::skip]
+            ip(&["route", "add", &cidr, "via", &gw, "dev", VXLAN6_DEVICE, "onlink"])?;
+            #[rustfmt::skip]
+            ip(&["neigh", "replace", &gw, "lladdr", &mac, "dev", VXLAN6_DEVICE, "nud", "permanent"])?;
+            #[rustfmt::skip]
+            run(&["bridge", "-n", ns, "fdb", "append", &mac, "dev", VXLAN6_DEVICE, "dst", &dst,
+                "self", "permanent"])?;
+        }
         Ok(())
     }
 
@@ -823,9 +1107,16 @@ impl Cluster {
         ip(&["link", "set", TUN_DEVICE, "mtu", &TUN_MTU.to_string(), "addrgenmode", "none"])?;
         let addr = format!("{}/32", overlay_ip(node.index));
         ip(&["addr", "add", &addr, "dev", TUN_DEVICE])?;
+        if node.ip6.is_some() {
+            let addr = format!("{}/128", overlay_ip6(node.index));
+            ip(&["addr", "add", &addr, "dev", TUN_DEVICE, "nodad"])?;
+        }
         ip(&["link", "set", TUN_DEVICE, "up"])?;
         for other in self.nodes.iter().filter(|o| o.index != node.index) {
             ip(&["route", "add", &pod_cidr(other.index), "dev", TUN_DEVICE])?;
+            if other.ip6.is_some() {
+                ip(&["route", "add", &pod_cidr6(other.index), "dev", TUN_DEVICE])?;
+            }
         }
         Ok(())
     }
@@ -836,11 +1127,19 @@ impl Cluster {
         let bin = binary("lab-tunnel")?;
         for node in self.nodes.clone() {
             let listen = SocketAddrV4::new(node.ip, TUNNEL_PORT).to_string();
+            // The IPv4 underlay carries both families: an IPv6 pod CIDR is one more CIDR of
+            // the same peer.
             let peers = self
                 .nodes
                 .iter()
                 .filter(|o| o.index != node.index)
-                .map(|o| format!("{}={}:{TUNNEL_PORT}", pod_cidr(o.index), o.ip));
+                .flat_map(|o| {
+                    let cidr6 = o.ip6.map(|_| pod_cidr6(o.index));
+                    [Some(pod_cidr(o.index)), cidr6]
+                        .into_iter()
+                        .flatten()
+                        .map(move |cidr| format!("{cidr}={}:{TUNNEL_PORT}", o.ip))
+                });
             let log = fs::File::create(self.dir.join(format!("tunnel-{}.log", node.name)))?;
             let child = self
                 .command(&node.ns, Some(&self.network_cgroup))
@@ -907,9 +1206,11 @@ impl Cluster {
         Ok(())
     }
 
-    /// A veth from namespace `ns` (`eth0`, with `addrs` in the bridge's /16) onto the bridge
-    /// (`port`); both ends with TX checksum offload off.
-    fn plug(&self, port: &str, ns: &str, addrs: &[Ipv4Addr]) -> Result<()> {
+    /// A veth from namespace `ns` (`eth0`, with `addrs` in the bridge's /16 and `addrs6` in
+    /// its IPv6 /64) onto the bridge (`port`); both ends with TX checksum offload off. The
+    /// first IPv6 address is the one the namespace's own connections leave from (the others
+    /// are deprecated: usable, never picked), as the first IPv4 address is the primary one.
+    fn plug(&self, port: &str, ns: &str, addrs: &[Ipv4Addr], addrs6: &[Ipv6Addr]) -> Result<()> {
         let bridge = &self.bridge_ns;
         run(&[
             "ip", "-n", bridge, "link", "add", port, "type", "veth", "peer", "name", "eth0",
@@ -929,23 +1230,48 @@ impl Cluster {
                 "eth0",
             ])?;
         }
+        for (i, a) in addrs6.iter().enumerate() {
+            let a = format!("{a}/64");
+            let mut cmd = vec!["ip", "-n", ns, "addr", "add", &a, "dev", "eth0", "nodad"];
+            if i > 0 {
+                cmd.extend_from_slice(&["preferred_lft", "0"]);
+            }
+            run(&cmd)?;
+        }
         run(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
         checksum_offload_off(bridge, port)?;
         checksum_offload_off(ns, "eth0")
     }
 
-    /// Routes the whole externalIP / LoadBalancer range from the client through node K.
+    /// Routes the whole externalIP / LoadBalancer range from the client through node K (both
+    /// ranges in a dual-stack lab).
     pub fn route_vips_via(&self, k: usize) -> Result<()> {
-        self.route_via(VIP_RANGE, k)
+        self.route_via(VIP_RANGE, k)?;
+        if self.dual_stack() {
+            self.route_via(VIP_RANGE6, k)?;
+        }
+        Ok(())
     }
 
-    /// Routes one externalIP / LoadBalancer IP from the client through node K.
-    pub fn route_vip_via(&self, vip: Ipv4Addr, k: usize) -> Result<()> {
-        self.route_via(&format!("{vip}/32"), k)
+    /// Routes one externalIP / LoadBalancer IP (of either family) from the client through
+    /// node K.
+    pub fn route_vip_via(&self, vip: impl Into<IpAddr>, k: usize) -> Result<()> {
+        match vip.into() {
+            IpAddr::V4(a) => self.route_via(&format!("{a}/32"), k),
+            IpAddr::V6(a) => self.route_via(&format!("{a}/128"), k),
+        }
     }
 
+    /// Routes `prefix` from the client through node K's address of the prefix's family.
     fn route_via(&self, prefix: &str, k: usize) -> Result<()> {
         let node = self.node(k)?;
+        let via = if prefix.contains(':') {
+            node.ip6
+                .with_context(|| format!("{prefix}: the lab is not dual-stack"))?
+                .to_string()
+        } else {
+            node.ip.to_string()
+        };
         run(&[
             "ip",
             "-n",
@@ -954,7 +1280,7 @@ impl Cluster {
             "replace",
             prefix,
             "via",
-            &node.ip.to_string(),
+            &via,
         ])?;
         Ok(())
     }
@@ -993,6 +1319,16 @@ impl Cluster {
     /// The addresses node K's host has in this cluster's network ([`node_addresses`]).
     pub fn node_addresses(&self, k: usize) -> Vec<Ipv4Addr> {
         node_addresses(self.network, k)
+    }
+
+    /// The IPv6 addresses node K's host has in this cluster's network, none unless the lab is
+    /// dual-stack ([`node_addresses6`]).
+    pub fn node_addresses6(&self, k: usize) -> Vec<Ipv6Addr> {
+        if self.dual_stack() {
+            node_addresses6(self.network, k)
+        } else {
+            Vec::new()
+        }
     }
 
     /// The process ids of the lab's long-lived processes (servers, agents, tunnel relays),
@@ -1037,7 +1373,7 @@ impl Cluster {
     }
 
     /// Where a request from `origin` runs: namespace, cgroup, source address to bind.
-    fn placement(&self, origin: &Origin) -> Result<(String, Option<PathBuf>, Option<Ipv4Addr>)> {
+    fn placement(&self, origin: &Origin) -> Result<(String, Option<PathBuf>, Option<IpAddr>)> {
         Ok(match origin {
             Origin::Pod(name) => {
                 let pod = self.pod(name)?;
@@ -1048,12 +1384,14 @@ impl Cluster {
                 let node = self.node(*k)?;
                 (node.ns.clone(), Some(node.cgroup.clone()), None)
             }
-            Origin::Outside(ip) => (self.client_ns.clone(), None, Some(*ip)),
+            Origin::Outside(ip) => (self.client_ns.clone(), None, Some((*ip).into())),
+            Origin::Outside6(ip) => (self.client_ns.clone(), None, Some((*ip).into())),
         })
     }
 
     /// Starts `lab-server` in every pod and node 1's host-network server ([`host_server_name`]),
-    /// each in its node's cgroup, and waits until each answers.
+    /// each in its node's cgroup, and waits until each answers its node (on its IPv6 address
+    /// too, in a dual-stack lab).
     pub fn start_servers(&mut self) -> Result<()> {
         let bin = binary("lab-server")?;
         for pod in self.pods.clone() {
@@ -1087,16 +1425,23 @@ impl Cluster {
             .context("starting lab-server")?;
         self.children.push((format!("server {name}"), child));
 
-        let servers = self.pods.iter().map(|p| {
-            let ns = self.nodes[p.node - 1].ns.clone();
-            (p.name.clone(), ns, SocketAddr::from((p.ip, HTTP_PORT)))
-        });
-        let host = (
-            name,
-            node.ns.clone(),
-            SocketAddr::from((node.ip, services::HOST_SERVER_TCP)),
-        );
-        for (name, ns, to) in servers.chain([host]).collect::<Vec<_>>() {
+        let mut servers = Vec::new();
+        for p in &self.pods {
+            let ns = &self.nodes[p.node - 1].ns;
+            let ips = [Some(IpAddr::V4(p.ip)), p.ip6.map(IpAddr::V6)];
+            for ip in ips.into_iter().flatten() {
+                let to = SocketAddr::from((ip, HTTP_PORT));
+                servers.push((p.name.clone(), ns.clone(), to));
+            }
+        }
+        for ip in [Some(IpAddr::V4(node.ip)), node.ip6.map(IpAddr::V6)]
+            .into_iter()
+            .flatten()
+        {
+            let to = SocketAddr::from((ip, services::HOST_SERVER_TCP));
+            servers.push((name.clone(), node.ns.clone(), to));
+        }
+        for (name, ns, to) in servers {
             wait_for(Duration::from_secs(5), || {
                 self.check_children()?;
                 Ok(in_netns(&ns, move || {
@@ -1104,7 +1449,7 @@ impl Cluster {
                 })
                 .is_ok())
             })
-            .with_context(|| format!("{name} does not answer"))?;
+            .with_context(|| format!("{name} does not answer on {to}"))?;
         }
         Ok(())
     }
@@ -1182,16 +1527,17 @@ impl Cluster {
         Ok(())
     }
 
-    /// One request with `lab-client` from `origin` to `to`: an HTTP GET on a new TCP
-    /// connection, or one UDP datagram on a new socket; given up after `timeout`.
+    /// One request with `lab-client` from `origin` to `to` (IPv4, or IPv6 in a dual-stack
+    /// lab): an HTTP GET on a new TCP connection, or one UDP datagram on a new socket; given
+    /// up after `timeout`.
     pub fn request(
         &self,
         origin: &Origin,
         proto: Proto,
-        to: SocketAddrV4,
+        to: impl Into<SocketAddr>,
         timeout: Duration,
     ) -> Outcome {
-        match self.try_request(origin, proto, to, timeout) {
+        match self.try_request(origin, proto, to.into(), timeout) {
             Ok(o) => o,
             Err(e) => Outcome::Failed(format!("{e:#}")),
         }
@@ -1201,7 +1547,7 @@ impl Cluster {
         &self,
         origin: &Origin,
         proto: Proto,
-        to: SocketAddrV4,
+        to: SocketAddr,
         timeout: Duration,
     ) -> Result<Outcome> {
         let (ns, cgroup, bind) = self.placement(origin)?;
@@ -1340,7 +1686,8 @@ fn parse_link_counters(json: &str) -> Result<LinkCounters> {
     })
 }
 
-/// `peer=ADDR reply=POD SEEN` from lab-client.
+/// `peer=ADDR reply=POD SEEN` from lab-client (addresses of either family, IPv6 ones as
+/// `[ADDR]:PORT`).
 fn parse_reply(line: &str) -> Option<Outcome> {
     let rest = line.strip_prefix("peer=")?;
     let (peer, reply) = rest.split_once(" reply=")?;
@@ -1369,13 +1716,41 @@ impl Drop for Cluster {
     }
 }
 
+/// The spec lines that give a Service its ClusterIP: `clusterIP` alone, or with an IPv6 twin
+/// the fields the API server fills for a `PreferDualStack` Service in a dual-stack cluster.
+fn cluster_ip_lines(v4: Ipv4Addr, v6: Option<Ipv6Addr>) -> String {
+    match v6 {
+        None => format!("  clusterIP: {v4}\n"),
+        Some(v6) => format!(
+            "  clusterIP: {v4}\n  clusterIPs: [\"{v4}\", \"{v6}\"]\n  \
+             ipFamilyPolicy: PreferDualStack\n  ipFamilies: [IPv4, IPv6]\n"
+        ),
+    }
+}
+
+/// `["A", "B", ...]`: a YAML list of addresses or ranges, quoted.
+fn yaml_list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| format!("\"{i}\"")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// A LoadBalancer status with these ingress IPs.
+fn ingress(ips: &[String]) -> String {
+    let entries: Vec<String> = ips.iter().map(|ip| format!("{{ip: \"{ip}\"}}")).collect();
+    format!(
+        "status:\n  loadBalancer:\n    ingress: [{}]\n",
+        entries.join(", ")
+    )
+}
+
 /// A Service over the pods `selector` picks, with port 80/TCP → `http` and 53/UDP → `dns`;
-/// `node_ports` (TCP, UDP) for NodePort and LoadBalancer Services; `spec` and `status` lines
-/// added as they are (indented for their place).
+/// its ClusterIP (and IPv6 twin, which makes it dual-stack); `node_ports` (TCP, UDP) for
+/// NodePort and LoadBalancer Services; `spec` and `status` lines added as they are
+/// (indented for their place).
 fn service(
     name: &str,
     kind: &str,
-    cluster_ip: Ipv4Addr,
+    (cluster_ip, cluster_ip6): (Ipv4Addr, Option<Ipv6Addr>),
     selector: &str,
     node_ports: Option<(u16, u16)>,
     spec: &str,
@@ -1385,6 +1760,7 @@ fn service(
         Some((t, u)) => (format!(", nodePort: {t}"), format!(", nodePort: {u}")),
         None => (String::new(), String::new()),
     };
+    let ips = cluster_ip_lines(cluster_ip, cluster_ip6);
     format!(
         r"---
 apiVersion: v1
@@ -1392,8 +1768,7 @@ kind: Service
 metadata: {{name: {name}, namespace: default}}
 spec:
   type: {kind}
-  clusterIP: {cluster_ip}
-  selector: {{{selector}}}
+{ips}  selector: {{{selector}}}
   ports:
   - {{name: http, port: 80, targetPort: http{tcp}}}
   - {{name: dns, port: 53, protocol: UDP, targetPort: dns{udp}}}
@@ -1405,15 +1780,37 @@ spec:
 /// web`, `node: nodeK`, `pod: NAME`; the agent derives the endpoints from them, with their
 /// `nodeName`), and the Services over node 1's host-network server with their
 /// EndpointSlices, as three files.
+///
+/// When the pods have IPv6 addresses (a dual-stack lab), as a dual-stack cluster has them:
+/// each Pod's `status.podIPs` holds both its addresses; every Service is `PreferDualStack`
+/// with `ipFamilies: [IPv4, IPv6]` and both ClusterIPs, the IPv6 externalIPs, LoadBalancer
+/// ingress IPs and source ranges beside the IPv4 ones; the host-network Services have a
+/// second EndpointSlice, `addressType: IPv6`, with node 1's IPv6 address.
 pub fn default_manifests(pods: &[ClusterPod]) -> Vec<(String, String)> {
     use services::{
-        on_node, on_node_tcp, on_node_udp, EXTERNAL, EXTERNAL_IP, INTERNAL_LOCAL, LB, LB_IP,
-        LB_NODEPORT_TCP, LB_NODEPORT_UDP, LOCAL, LOCAL_HEALTH_CHECK_NODEPORT, LOCAL_LB_IP,
-        LOCAL_NODEPORT_TCP, LOCAL_NODEPORT_UDP, SELF, STICKY, WEB, WEB_NODEPORT, WEB_NODEPORT_TCP,
-        WEB_NODEPORT_UDP,
+        on_node, on_node6, on_node_tcp, on_node_udp, EXTERNAL, EXTERNAL6, EXTERNAL_IP,
+        EXTERNAL_IP6, INTERNAL_LOCAL, INTERNAL_LOCAL6, LB, LB6, LB_IP, LB_IP6, LB_NODEPORT_TCP,
+        LB_NODEPORT_UDP, LOCAL, LOCAL6, LOCAL_HEALTH_CHECK_NODEPORT, LOCAL_LB_IP, LOCAL_LB_IP6,
+        LOCAL_NODEPORT_TCP, LOCAL_NODEPORT_UDP, SELF, SELF6, STICKY, STICKY6, WEB, WEB6,
+        WEB_NODEPORT, WEB_NODEPORT6, WEB_NODEPORT_TCP, WEB_NODEPORT_UDP,
+    };
+    let dual_stack = pods.iter().any(|p| p.ip6.is_some());
+    // A Service's ClusterIPs; the IPv6 twin only in a dual-stack lab.
+    let ips = |v4: Ipv4Addr, v6: Ipv6Addr| (v4, dual_stack.then_some(v6));
+    // A list of IPv4 items, with their IPv6 twins in a dual-stack lab.
+    let both = |v4: &[String], v6: &[String]| -> Vec<String> {
+        let mut all = v4.to_vec();
+        if dual_stack {
+            all.extend_from_slice(v6);
+        }
+        all
     };
     let mut docs = String::new();
     for p in pods {
+        let pod_ips = match p.ip6 {
+            Some(ip6) => format!("  podIPs: [{{ip: \"{}\"}}, {{ip: \"{ip6}\"}}]\n", p.ip),
+            None => String::new(),
+        };
         docs.push_str(&format!(
             r#"---
 apiVersion: v1
@@ -1430,7 +1827,7 @@ spec:
 status:
   phase: Running
   podIP: {ip}
-  conditions: [{{type: Ready, status: "True"}}]
+{pod_ips}  conditions: [{{type: Ready, status: "True"}}]
 "#,
             name = p.name,
             node = node_name(p.node),
@@ -1440,54 +1837,82 @@ status:
     let first_pod = pod_name(1, 1);
     let first = format!("pod: {first_pod}");
     let mut svcs = String::new();
-    svcs.push_str(&service("web", "ClusterIP", WEB, "app: web", None, "", ""));
+    svcs.push_str(&service(
+        "web",
+        "ClusterIP",
+        ips(WEB, WEB6),
+        "app: web",
+        None,
+        "",
+        "",
+    ));
     svcs.push_str(&service(
         "web-nodeport",
         "NodePort",
-        WEB_NODEPORT,
+        ips(WEB_NODEPORT, WEB_NODEPORT6),
         "app: web",
         Some((WEB_NODEPORT_TCP, WEB_NODEPORT_UDP)),
         "  externalTrafficPolicy: Cluster\n",
         "",
     ));
+    let external_ips = both(&[EXTERNAL_IP.to_string()], &[EXTERNAL_IP6.to_string()]);
     svcs.push_str(&service(
         "external",
         "ClusterIP",
-        EXTERNAL,
+        ips(EXTERNAL, EXTERNAL6),
         &first,
         None,
-        &format!("  externalIPs: [\"{EXTERNAL_IP}\"]\n"),
+        &format!("  externalIPs: {}\n", yaml_list(&external_ips)),
         "",
     ));
+    let ranges = both(
+        &[
+            format!("{CLIENT_IP}/32"),
+            format!("{}/32", pod_ip(2, 1)),
+            format!("{}/32", node_ip(2)),
+        ],
+        &[
+            format!("{CLIENT_IP6}/128"),
+            format!("{}/128", pod_ip6(2, 1)),
+            format!("{}/128", node_ip6(2)),
+        ],
+    );
     svcs.push_str(&service(
         "lb",
         "LoadBalancer",
-        LB,
+        ips(LB, LB6),
         &first,
         Some((LB_NODEPORT_TCP, LB_NODEPORT_UDP)),
-        &format!(
-            "  loadBalancerSourceRanges: [\"{CLIENT_IP}/32\", \"{}/32\", \"{}/32\"]\n",
-            pod_ip(2, 1),
-            node_ip(2)
-        ),
-        &format!("status:\n  loadBalancer:\n    ingress: [{{ip: \"{LB_IP}\"}}]\n"),
+        &format!("  loadBalancerSourceRanges: {}\n", yaml_list(&ranges)),
+        &ingress(&both(&[LB_IP.to_string()], &[LB_IP6.to_string()])),
     ));
     svcs.push_str(&service(
         "local",
         "LoadBalancer",
-        LOCAL,
+        ips(LOCAL, LOCAL6),
         &format!("node: {}", node_name(1)),
         Some((LOCAL_NODEPORT_TCP, LOCAL_NODEPORT_UDP)),
         &format!(
             "  externalTrafficPolicy: Local\n  healthCheckNodePort: {LOCAL_HEALTH_CHECK_NODEPORT}\n"
         ),
-        &format!("status:\n  loadBalancer:\n    ingress: [{{ip: \"{LOCAL_LB_IP}\"}}]\n"),
+        &ingress(&both(
+            &[LOCAL_LB_IP.to_string()],
+            &[LOCAL_LB_IP6.to_string()],
+        )),
     ));
-    svcs.push_str(&service("self", "ClusterIP", SELF, &first, None, "", ""));
+    svcs.push_str(&service(
+        "self",
+        "ClusterIP",
+        ips(SELF, SELF6),
+        &first,
+        None,
+        "",
+        "",
+    ));
     svcs.push_str(&service(
         "internal-local",
         "ClusterIP",
-        INTERNAL_LOCAL,
+        ips(INTERNAL_LOCAL, INTERNAL_LOCAL6),
         &format!("node: {}", node_name(1)),
         None,
         "  internalTrafficPolicy: Local\n",
@@ -1496,7 +1921,7 @@ status:
     svcs.push_str(&service(
         "sticky",
         "ClusterIP",
-        STICKY,
+        ips(STICKY, STICKY6),
         "app: web",
         None,
         "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
@@ -1507,37 +1932,40 @@ status:
         svcs.push_str(&service(
             &format!("on-node{k}"),
             "NodePort",
-            on_node(k),
+            ips(on_node(k), on_node6(k)),
             &format!("pod: {}", pod_name(k, 1)),
             Some((on_node_tcp(k), on_node_udp(k))),
             "",
             "",
         ));
     }
-    vec![
+    let mut files = vec![
         ("pods.yaml".to_string(), docs),
         ("services.yaml".to_string(), svcs),
-        ("host-network.yaml".to_string(), host_network_services()),
-    ]
+        (
+            "host-network.yaml".to_string(),
+            host_network_services(dual_stack),
+        ),
+    ];
+    if dual_stack {
+        files.push(("dual-stack.yaml".to_string(), dual_stack_services(pods)));
+    }
+    files
 }
 
-/// `kubernetes` and `host-nodeport`, whose endpoint is node 1's host-network server: a
-/// Service without a selector and its EndpointSlice each, the endpoint node 1's own address.
-fn host_network_services() -> String {
+/// The Services only a dual-stack lab has (see [`services::DUAL`] and
+/// [`services::DUAL_EMPTY`]): `dual`, `RequireDualStack`, whose endpoints are the pods of
+/// node 1 in two EndpointSlices the lab writes, one per family (`dual-ipv4` with their IPv4
+/// addresses, `dual-ipv6` with their IPv6 addresses; pods without an IPv6 address are left
+/// out of both), and `dual-empty`, `RequireDualStack` without any endpoint.
+fn dual_stack_services(pods: &[ClusterPod]) -> String {
     use services::{
-        HOST_NODEPORT, HOST_NODEPORT_TCP, HOST_NODEPORT_UDP, HOST_SERVER_TCP, HOST_SERVER_UDP,
-        KUBERNETES, KUBERNETES_TCP, KUBERNETES_UDP,
+        DUAL, DUAL6, DUAL_EMPTY, DUAL_EMPTY6, DUAL_EMPTY_NODEPORT_TCP, DUAL_EMPTY_NODEPORT_UDP,
+        DUAL_EXTERNAL_IP, DUAL_EXTERNAL_IP6, DUAL_LB_IP, DUAL_LB_IP6, DUAL_NODEPORT_TCP,
+        DUAL_NODEPORT_UDP,
     };
-    let svc = |name: &str, kind: &str, ip: Ipv4Addr, node_ports: Option<(u16, u16)>| {
-        let (tcp, udp) = match node_ports {
-            Some((t, u)) => (format!(", nodePort: {t}"), format!(", nodePort: {u}")),
-            None => (String::new(), String::new()),
-        };
-        let policy = if node_ports.is_some() {
-            "  externalTrafficPolicy: Cluster\n"
-        } else {
-            ""
-        };
+    // No selector (the endpoints are the slices below), so the target ports are numbers.
+    let svc = |name: &str, kind: &str, v4: Ipv4Addr, v6: Ipv6Addr, (tcp, udp): (u16, u16)| {
         format!(
             r#"---
 apiVersion: v1
@@ -1545,15 +1973,96 @@ kind: Service
 metadata: {{name: {name}, namespace: default}}
 spec:
   type: {kind}
-  clusterIP: {ip}
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIP: {v4}
+  clusterIPs: ["{v4}", "{v6}"]
+  externalTrafficPolicy: Cluster
   ports:
-  - {{name: https, port: {KUBERNETES_TCP}, protocol: TCP, targetPort: {HOST_SERVER_TCP}{tcp}}}
-  - {{name: dns, port: {KUBERNETES_UDP}, protocol: UDP, targetPort: {HOST_SERVER_UDP}{udp}}}
-{policy}---
+  - {{name: http, port: 80, protocol: TCP, targetPort: {HTTP_PORT}, nodePort: {tcp}}}
+  - {{name: dns, port: 53, protocol: UDP, targetPort: {UDP_PORT}, nodePort: {udp}}}
+"#
+        )
+    };
+    let on_node1: Vec<&ClusterPod> = pods
+        .iter()
+        .filter(|p| p.node == 1 && p.ip6.is_some())
+        .collect();
+    let slice = |family: &str, addrs: Vec<(IpAddr, &str)>| {
+        let mut text = format!(
+            r"---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
-metadata: {{name: {name}, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
-addressType: IPv4
+metadata: {{name: dual-{lower}, namespace: default, labels: {{kubernetes.io/service-name: dual}}}}
+addressType: {family}
+ports:
+- {{name: http, port: {HTTP_PORT}, protocol: TCP}}
+- {{name: dns, port: {UDP_PORT}, protocol: UDP}}
+endpoints:
+",
+            lower = family.to_ascii_lowercase()
+        );
+        for (addr, pod) in addrs {
+            text.push_str(&format!(
+                "- addresses: [\"{addr}\"]\n  conditions: {{ready: true}}\n  nodeName: {node}\n  \
+                 targetRef: {{kind: Pod, namespace: default, name: {pod}}}\n",
+                node = node_name(1)
+            ));
+        }
+        text
+    };
+    let mut text = svc(
+        "dual",
+        "LoadBalancer",
+        DUAL,
+        DUAL6,
+        (DUAL_NODEPORT_TCP, DUAL_NODEPORT_UDP),
+    );
+    text.push_str(&format!(
+        "  externalIPs: {}\n{}",
+        yaml_list(&[DUAL_EXTERNAL_IP.to_string(), DUAL_EXTERNAL_IP6.to_string()]),
+        ingress(&[DUAL_LB_IP.to_string(), DUAL_LB_IP6.to_string()])
+    ));
+    text.push_str(&slice(
+        "IPv4",
+        on_node1
+            .iter()
+            .map(|p| (IpAddr::V4(p.ip), p.name.as_str()))
+            .collect(),
+    ));
+    text.push_str(&slice(
+        "IPv6",
+        on_node1
+            .iter()
+            .filter_map(|p| Some((IpAddr::V6(p.ip6?), p.name.as_str())))
+            .collect(),
+    ));
+    text.push_str(&svc(
+        "dual-empty",
+        "NodePort",
+        DUAL_EMPTY,
+        DUAL_EMPTY6,
+        (DUAL_EMPTY_NODEPORT_TCP, DUAL_EMPTY_NODEPORT_UDP),
+    ));
+    text
+}
+
+/// `kubernetes` and `host-nodeport`, whose endpoint is node 1's host-network server: a
+/// Service without a selector and its EndpointSlice each, the endpoint node 1's own address;
+/// if `dual_stack`, dual-stack Services with a second EndpointSlice (`NAME-ipv6`, IPv6) naming
+/// node 1's IPv6 address.
+fn host_network_services(dual_stack: bool) -> String {
+    use services::{
+        HOST_NODEPORT, HOST_NODEPORT6, HOST_NODEPORT_TCP, HOST_NODEPORT_UDP, HOST_SERVER_TCP,
+        HOST_SERVER_UDP, KUBERNETES, KUBERNETES6, KUBERNETES_TCP, KUBERNETES_UDP,
+    };
+    let slice = |name: &str, slice_name: &str, family: &str, addr: IpAddr| {
+        format!(
+            r#"---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {slice_name}, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: {family}
 ports:
 - {{name: https, port: {HOST_SERVER_TCP}, protocol: TCP}}
 - {{name: dns, port: {HOST_SERVER_UDP}, protocol: UDP}}
@@ -1562,15 +2071,46 @@ endpoints:
   conditions: {{ready: true}}
   nodeName: {node}
 "#,
-            addr = node_ip(1),
             node = node_name(1),
         )
     };
-    let mut text = svc("kubernetes", "ClusterIP", KUBERNETES, None);
+    let svc =
+        |name: &str, kind: &str, ip: Ipv4Addr, ip6: Ipv6Addr, node_ports: Option<(u16, u16)>| {
+            let (tcp, udp) = match node_ports {
+                Some((t, u)) => (format!(", nodePort: {t}"), format!(", nodePort: {u}")),
+                None => (String::new(), String::new()),
+            };
+            let policy = if node_ports.is_some() {
+                "  externalTrafficPolicy: Cluster\n"
+            } else {
+                ""
+            };
+            let ips = cluster_ip_lines(ip, dual_stack.then_some(ip6));
+            let mut text = format!(
+                r"---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  type: {kind}
+{ips}  ports:
+  - {{name: https, port: {KUBERNETES_TCP}, protocol: TCP, targetPort: {HOST_SERVER_TCP}{tcp}}}
+  - {{name: dns, port: {KUBERNETES_UDP}, protocol: UDP, targetPort: {HOST_SERVER_UDP}{udp}}}
+{policy}"
+            );
+            text.push_str(&slice(name, name, "IPv4", node_ip(1).into()));
+            if dual_stack {
+                let slice_name = format!("{name}-ipv6");
+                text.push_str(&slice(name, &slice_name, "IPv6", node_ip6(1).into()));
+            }
+            text
+        };
+    let mut text = svc("kubernetes", "ClusterIP", KUBERNETES, KUBERNETES6, None);
     text.push_str(&svc(
         "host-nodeport",
         "NodePort",
         HOST_NODEPORT,
+        HOST_NODEPORT6,
         Some((HOST_NODEPORT_TCP, HOST_NODEPORT_UDP)),
     ));
     text
@@ -1591,6 +2131,76 @@ mod tests {
             })
         );
         assert_eq!(parse_reply("peer=10.96.1.10:80 reply=garbage"), None);
+        assert_eq!(
+            parse_reply("peer=[fd00:10:96::1:10]:80 reply=node1-pod1 [fd00:10:244:1::12]:40000"),
+            Some(Outcome::Reply {
+                peer: SocketAddr::from((services::WEB6, 80)),
+                backend: "node1-pod1".into(),
+                seen: SocketAddr::from((pod_ip6(1, 2), 40000)),
+            })
+        );
+        assert_eq!(
+            parse_reply("peer=fd00:10:96::1:10:80 reply=node1-pod1 [fd00::1]:1"),
+            None
+        );
+    }
+
+    #[test]
+    fn ipv6_addresses_are_twins_of_the_ipv4_ones() {
+        let pairs: [(IpAddr, Ipv6Addr); 12] = [
+            (node_ip(1).into(), node_ip6(1)),
+            (node_ip(9).into(), node_ip6(9)),
+            (pod_ip(2, 1).into(), pod_ip6(2, 1)),
+            (pod_gateway(12).into(), pod_gateway6(12)),
+            (overlay_ip(3).into(), overlay_ip6(3)),
+            (CLIENT_IP.into(), CLIENT_IP6),
+            (DENIED_CLIENT_IP.into(), DENIED_CLIENT_IP6),
+            (GATEWAY_IP.into(), GATEWAY_IP6),
+            (services::WEB.into(), services::WEB6),
+            (services::KUBERNETES.into(), services::KUBERNETES6),
+            (services::on_node(2).into(), services::on_node6(2)),
+            (services::LB_IP.into(), services::LB_IP6),
+        ];
+        let text: Vec<String> = pairs.iter().map(|(a, b)| format!("{a} {b}")).collect();
+        assert_eq!(
+            text,
+            [
+                "172.18.0.2 fd00:18::2",
+                "172.18.0.10 fd00:18::10",
+                "10.244.2.11 fd00:10:244:2::11",
+                "10.244.12.1 fd00:10:244:12::1",
+                "10.244.3.0 fd00:10:244:3::",
+                "172.18.0.100 fd00:18::100",
+                "172.18.0.200 fd00:18::200",
+                "172.18.0.1 fd00:18::1",
+                "10.96.1.10 fd00:10:96::1:10",
+                "10.96.0.1 fd00:10:96::1",
+                "10.96.1.102 fd00:10:96::1:102",
+                "203.0.113.20 2001:db8::20",
+            ]
+        );
+        assert_eq!(pod_cidr6(2), "fd00:10:244:2::/64");
+        assert_eq!(
+            HAIRPIN_SNAT_IP6.octets(),
+            lb_common::ipv6_bytes(lb_common::HAIRPIN_SNAT_V6)
+        );
+        assert_eq!(
+            node_addresses6(Network::Tunnel, 2),
+            [node_ip6(2), pod_gateway6(2), overlay_ip6(2)]
+        );
+        assert_eq!(Network::Vxlan.overlay_device6(), Some(VXLAN6_DEVICE));
+        assert_ne!(vxlan_mac(1), vxlan6_mac(1));
+        // The largest lab's addresses are distinct and in their prefixes.
+        let (nodes, pods) = plan("t", 90, 200, true);
+        let ips: std::collections::BTreeSet<Ipv6Addr> = pods.iter().filter_map(|p| p.ip6).collect();
+        assert_eq!(ips.len(), pods.len());
+        assert!(pods.iter().all(|p| {
+            p.ip6
+                .is_some_and(|ip| ip.segments()[..4] == overlay_ip6(p.node).segments()[..4])
+        }));
+        assert_eq!(nodes[89].ip6, Some("fd00:18::91".parse().expect("addr")));
+        let (nodes, pods) = plan("t", 2, 2, false);
+        assert!(nodes.iter().all(|n| n.ip6.is_none()) && pods.iter().all(|p| p.ip6.is_none()));
     }
 
     #[test]
@@ -1623,7 +2233,7 @@ mod tests {
             source::{manifests::parse_file, Objects},
             translate::{translate, NodeInfo},
         };
-        let (_, pods) = plan("t", 2, 2);
+        let (_, pods) = plan("t", 2, 2, false);
         let mut objects = Objects::default();
         for (name, text) in default_manifests(&pods) {
             objects.extend(&parse_file(Path::new(&name), &text).expect("parses"));
@@ -1690,5 +2300,240 @@ mod tests {
         assert!(backends(&format!("{LOCAL_LB_IP}:80/TCP")).is_empty());
         assert!(backends(&format!("{}:{LOCAL_NODEPORT_TCP}/TCP", node_ip(2))).is_empty());
         assert_eq!(backends(&format!("{LOCAL}:80/TCP")).len(), 2);
+    }
+
+    /// The dual-stack manifests: every Service dual-stack with both ClusterIPs and the IPv6
+    /// twins of its addresses, Pods with both podIPs, an IPv6 EndpointSlice beside each IPv4
+    /// one; and an agent that programs IPv4 only sees in them what it sees in the IPv4 ones.
+    #[test]
+    fn dual_stack_manifests_carry_ipv6_beside_the_same_ipv4() {
+        use lb_control::{
+            source::{manifests::parse_file, Objects},
+            translate::{translate, NodeInfo},
+        };
+        let objects = |dual_stack: bool| {
+            let (_, pods) = plan("t", 2, 2, dual_stack);
+            let mut objects = Objects::default();
+            // The Services only a dual-stack lab has are another test's.
+            for (name, text) in default_manifests(&pods) {
+                if name != "dual-stack.yaml" {
+                    objects.extend(&parse_file(Path::new(&name), &text).expect("parses"));
+                }
+            }
+            objects
+        };
+        let (v4, dual) = (objects(false), objects(true));
+        assert_eq!(dual.services.len(), v4.services.len());
+        for svc in &dual.services {
+            let name = svc.metadata.name.clone().unwrap_or_default();
+            let spec = svc.spec.as_ref().expect("spec");
+            assert_eq!(
+                spec.ip_family_policy.as_deref(),
+                Some("PreferDualStack"),
+                "{name}"
+            );
+            assert_eq!(
+                spec.ip_families.as_deref(),
+                Some(&["IPv4".to_string(), "IPv6".to_string()][..]),
+                "{name}"
+            );
+            let ips = spec.cluster_ips.clone().expect("clusterIPs");
+            assert_eq!(ips.len(), 2, "{name}");
+            assert_eq!(Some(&ips[0]), spec.cluster_ip.as_ref(), "{name}");
+            assert!(ips[1].parse::<Ipv6Addr>().is_ok(), "{name}: {ips:?}");
+        }
+        let svc = |name: &str| {
+            dual.services
+                .iter()
+                .find(|s| s.metadata.name.as_deref() == Some(name))
+                .and_then(|s| s.spec.clone())
+                .expect("service")
+        };
+        assert_eq!(
+            svc("web").cluster_ips,
+            Some(vec![services::WEB.to_string(), services::WEB6.to_string()])
+        );
+        assert_eq!(
+            svc("external").external_ips,
+            Some(vec![
+                services::EXTERNAL_IP.to_string(),
+                services::EXTERNAL_IP6.to_string()
+            ])
+        );
+        let ranges = svc("lb").load_balancer_source_ranges.expect("ranges");
+        assert_eq!(ranges.len(), 6);
+        assert!(ranges.contains(&format!("{CLIENT_IP6}/128")), "{ranges:?}");
+        let lb = dual
+            .services
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some("lb"))
+            .expect("lb");
+        let ingress: Vec<String> = lb
+            .status
+            .iter()
+            .filter_map(|s| s.load_balancer.as_ref())
+            .flat_map(|l| l.ingress.iter().flatten())
+            .filter_map(|i| i.ip.clone())
+            .collect();
+        assert_eq!(
+            ingress,
+            [services::LB_IP.to_string(), services::LB_IP6.to_string()]
+        );
+        for pod in &dual.pods {
+            let status = pod.status.as_ref().expect("status");
+            let ips: Vec<String> = status
+                .pod_ips
+                .iter()
+                .flatten()
+                .map(|p| p.ip.clone())
+                .collect();
+            assert_eq!(ips.len(), 2, "{:?}", pod.metadata.name);
+            assert_eq!(Some(&ips[0]), status.pod_ip.as_ref());
+            assert!(ips[1].parse::<Ipv6Addr>().is_ok(), "{ips:?}");
+        }
+        let families: Vec<(String, String)> = dual
+            .slices
+            .iter()
+            .map(|s| {
+                let eps = s.endpoints.as_deref().unwrap_or_default();
+                let addr = eps
+                    .first()
+                    .map(|e| e.addresses[0].clone())
+                    .unwrap_or_default();
+                (s.address_type.clone(), addr)
+            })
+            .collect();
+        let (n1, n1v6) = (node_ip(1).to_string(), node_ip6(1).to_string());
+        assert_eq!(
+            families,
+            [
+                ("IPv4".to_string(), n1.clone()),
+                ("IPv6".to_string(), n1v6.clone()),
+                ("IPv4".to_string(), n1),
+                ("IPv6".to_string(), n1v6),
+            ]
+        );
+        // What an IPv4 agent programs from them is what it programs from the IPv4 manifests.
+        let node = NodeInfo {
+            name: node_name(2),
+            addresses: vec![node_ip(2)],
+            zone: None,
+        };
+        let (t4, t6) = (translate(&v4, &node), translate(&dual, &node));
+        assert!(t6.warnings.is_empty(), "{:?}", t6.warnings);
+        assert_eq!(format!("{:?}", t6.desired), format!("{:?}", t4.desired));
+        // And the IPv4 manifests are as they always were: nothing of IPv6 in them.
+        for (name, text) in default_manifests(&plan("t", 2, 2, false).1) {
+            for word in [
+                "IPv6",
+                "ipFamil",
+                "clusterIPs",
+                "podIPs",
+                "fd00:",
+                "2001:db8",
+            ] {
+                assert!(!text.contains(word), "{name} has {word}");
+            }
+        }
+    }
+    /// `dual` and `dual-empty`, in the dual-stack lab only: both `RequireDualStack` with both
+    /// ClusterIPs; `dual`'s two EndpointSlices name node 1's pods, one by their IPv4, the
+    /// other by their IPv6 addresses; an agent that programs IPv4 gives `dual`'s IPv4
+    /// ClusterIP, NodePort, externalIP and LB IP node 1's pods, and `dual-empty` no backend.
+    #[test]
+    fn dual_stack_only_services_require_both_families() {
+        use lb_control::{
+            source::{manifests::parse_file, Objects},
+            translate::{translate, NodeInfo},
+        };
+        use services::*;
+        let (_, v4_pods) = plan("t", 2, 2, false);
+        assert!(default_manifests(&v4_pods)
+            .iter()
+            .all(|(name, _)| name != "dual-stack.yaml"));
+        let (_, pods) = plan("t", 2, 2, true);
+        let mut objects = Objects::default();
+        for (name, text) in default_manifests(&pods) {
+            objects.extend(&parse_file(Path::new(&name), &text).expect("parses"));
+        }
+        for (name, v4, v6) in [
+            ("dual", DUAL, DUAL6),
+            ("dual-empty", DUAL_EMPTY, DUAL_EMPTY6),
+        ] {
+            let spec = objects
+                .services
+                .iter()
+                .find(|s| s.metadata.name.as_deref() == Some(name))
+                .and_then(|s| s.spec.clone())
+                .expect("service");
+            assert_eq!(spec.ip_family_policy.as_deref(), Some("RequireDualStack"));
+            assert_eq!(
+                spec.ip_families,
+                Some(vec!["IPv4".to_string(), "IPv6".to_string()])
+            );
+            assert_eq!(spec.cluster_ips, Some(vec![v4.to_string(), v6.to_string()]));
+            assert!(spec.selector.is_none(), "{name}");
+        }
+        let slices: Vec<(String, Vec<String>)> = objects
+            .slices
+            .iter()
+            .filter(|s| {
+                s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("kubernetes.io/service-name"))
+                    .is_some_and(|n| n.starts_with("dual"))
+            })
+            .map(|s| {
+                let addrs = s.endpoints.iter().flatten();
+                (
+                    s.address_type.clone(),
+                    addrs.map(|e| e.addresses[0].clone()).collect(),
+                )
+            })
+            .collect();
+        let text = |ips: &[IpAddr]| ips.iter().map(IpAddr::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            slices,
+            [
+                (
+                    "IPv4".to_string(),
+                    text(&[pod_ip(1, 1).into(), pod_ip(1, 2).into()])
+                ),
+                (
+                    "IPv6".to_string(),
+                    text(&[pod_ip6(1, 1).into(), pod_ip6(1, 2).into()])
+                ),
+            ]
+        );
+        let node = NodeInfo {
+            name: node_name(2),
+            addresses: vec![node_ip(2)],
+            zone: None,
+        };
+        let t = translate(&objects, &node);
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+        let backends = |frontend: String| -> Vec<String> {
+            let (_, f) = t
+                .desired
+                .frontends
+                .iter()
+                .find(|(a, _)| a.to_string() == frontend)
+                .unwrap_or_else(|| panic!("no frontend {frontend}"));
+            f.backends.iter().map(|b| b.addr.to_string()).collect()
+        };
+        let node1_pods = ["10.244.1.11:8080/TCP", "10.244.1.12:8080/TCP"];
+        assert_eq!(backends(format!("{DUAL}:80/TCP")), node1_pods);
+        assert_eq!(
+            backends(format!("{}:{DUAL_NODEPORT_TCP}/TCP", node_ip(2))),
+            node1_pods
+        );
+        assert_eq!(backends(format!("{DUAL_EXTERNAL_IP}:80/TCP")), node1_pods);
+        assert_eq!(
+            backends(format!("{DUAL_LB_IP}:53/UDP")),
+            ["10.244.1.11:5353/UDP", "10.244.1.12:5353/UDP"]
+        );
+        assert!(backends(format!("{DUAL_EMPTY}:80/TCP")).is_empty());
+        assert!(backends(format!("{}:{DUAL_EMPTY_NODEPORT_UDP}/UDP", node_ip(2))).is_empty());
     }
 }

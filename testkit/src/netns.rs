@@ -4,7 +4,7 @@
 use std::{
     ffi::OsStr,
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -98,6 +98,32 @@ pub fn router_sysctls(ns: &str) -> Result<()> {
     Ok(())
 }
 
+/// A namespace's IPv6 sysctls in a dual-stack lab: no duplicate address detection (every
+/// address, link-local ones included, usable as soon as it is added: the lab numbers its
+/// addresses without conflicts), and IPv6 forwarding if `forwarding` (a node). Set before
+/// the namespace has interfaces, so that every one inherits them.
+pub fn ipv6_sysctls(ns: &str, forwarding: bool) -> Result<()> {
+    let mut settings = vec![
+        ("net.ipv6.conf.all.accept_dad", "0"),
+        ("net.ipv6.conf.default.accept_dad", "0"),
+    ];
+    if forwarding {
+        settings.push(("net.ipv6.conf.all.forwarding", "1"));
+    }
+    for (k, v) in settings {
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            &format!("{k}={v}"),
+        ])?;
+    }
+    Ok(())
+}
+
 /// TX checksum offload off: what leaves the interface carries a full checksum, computed in
 /// software from what the datapath left in the field, as a NIC computes it on the wire. On
 /// a node's external interface this makes every rewrite of a pod's partial checksum checked
@@ -150,6 +176,42 @@ pub fn add_pod(link: &PodLink<'_>) -> Result<()> {
         (pod, &["link", "set", "eth0", "up"]),
         (pod, &["route", "add", &gw32, "dev", "eth0"]),
         (pod, &["route", "add", "default", "via", &gw]),
+    ] {
+        let mut cmd = vec!["ip", "-n", ns];
+        cmd.extend_from_slice(args);
+        run(&cmd)?;
+    }
+    Ok(())
+}
+
+/// Gives a pod linked by [`add_pod`] its IPv6 address, as a CNI's point-to-point setup in a
+/// dual-stack cluster: `ip6`/128 on the pod's `eth0`, `gateway6`/128 (the node's IPv6 address
+/// on every pod veth) on the node's end `host_iface`, a /128 route to the pod on the node, a
+/// route to the gateway and a default route through it in the pod. No DAD: usable at once.
+pub fn add_pod_ipv6(
+    node_ns: &str,
+    pod_ns: &str,
+    host_iface: &str,
+    ip6: Ipv6Addr,
+    gateway6: Ipv6Addr,
+) -> Result<()> {
+    let (ip128, gw128, gw) = (
+        format!("{ip6}/128"),
+        format!("{gateway6}/128"),
+        gateway6.to_string(),
+    );
+    for (ns, args) in [
+        (
+            node_ns,
+            &["addr", "add", &gw128, "dev", host_iface, "nodad"][..],
+        ),
+        (node_ns, &["route", "add", &ip128, "dev", host_iface]),
+        (pod_ns, &["addr", "add", &ip128, "dev", "eth0", "nodad"]),
+        (pod_ns, &["route", "add", &gw128, "dev", "eth0"]),
+        (
+            pod_ns,
+            &["-6", "route", "add", "default", "via", &gw, "dev", "eth0"],
+        ),
     ] {
         let mut cmd = vec!["ip", "-n", ns];
         cmd.extend_from_slice(args);

@@ -4,6 +4,11 @@
 //! which source address it saw and, for host clients, what their socket says it talked to.
 //! The matrix is printed as a markdown table. Needs root and the workspace's binaries
 //! (`cargo build`).
+//!
+//! The lab can be dual-stack (`ClusterConfig::dual_stack`; `LB_LAB_DUAL_STACK=1` makes every
+//! cluster here dual-stack): the matrix's rows are IPv4 and pass alike on either lab, and
+//! `dual_stack_lab_carries_ipv6_between_pods_nodes_and_the_client` checks the lab's IPv6
+//! (rows without a Service) in each network.
 // Harness code: a lab that cannot be built panics with a message, arguments are passed as
 // the call sites read best, and floats are compared exactly where they were parsed.
 #![allow(
@@ -14,16 +19,17 @@
 )]
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 use lb_testkit::{
     cluster::{
-        host_server_name, node_addresses, node_ip, pod_ip, services::*, Cluster, ClusterConfig,
-        ClusterState, LinkCounters, Network, Origin, Outcome, Proto, CLIENT_IP, DENIED_CLIENT_IP,
-        HAIRPIN_SNAT_IP, HTTP_PORT, UDP_PORT,
+        host_server_name, node_addresses, node_addresses6, node_ip, node_ip6, pod_ip, pod_ip6,
+        services::*, Cluster, ClusterConfig, ClusterState, LinkCounters, Network, Origin, Outcome,
+        Proto, CLIENT_IP, CLIENT_IP6, DENIED_CLIENT_IP, DENIED_CLIENT_IP6, HAIRPIN_SNAT_IP,
+        HAIRPIN_SNAT_IP6, HTTP_PORT, UDP_PORT,
     },
     require_root,
 };
@@ -68,11 +74,13 @@ enum Expect {
     /// names the address it sent to (getpeername / recvfrom).
     Answer {
         server: Server,
-        sources: Vec<Ipv4Addr>,
+        sources: Vec<IpAddr>,
         peer: bool,
     },
     /// Dropped: no answer (a timeout, not a refusal).
     Dropped,
+    /// Refused: TCP RST, or ICMP / ICMPv6 port unreachable (a Service without endpoints).
+    Refused,
 }
 
 impl std::fmt::Display for Expect {
@@ -83,7 +91,7 @@ impl std::fmt::Display for Expect {
                 sources,
                 peer,
             } => {
-                let s: Vec<String> = sources.iter().map(Ipv4Addr::to_string).collect();
+                let s: Vec<String> = sources.iter().map(IpAddr::to_string).collect();
                 write!(f, "{server} sees {}", s.join(" or "))?;
                 if *peer {
                     f.write_str("; peer = destination")?;
@@ -91,6 +99,7 @@ impl std::fmt::Display for Expect {
                 Ok(())
             }
             Expect::Dropped => f.write_str("dropped (timeout)"),
+            Expect::Refused => f.write_str("refused"),
         }
     }
 }
@@ -101,7 +110,7 @@ struct Row {
     origin: Origin,
     destination: String,
     proto: Proto,
-    to: SocketAddrV4,
+    to: SocketAddr,
     expect: Expect,
     /// The node the client's routes send externalIPs and LoadBalancer IPs through.
     vips_via: usize,
@@ -130,18 +139,13 @@ fn check(row: &Row, outcome: &Outcome, cluster: &Cluster) -> bool {
                 seen,
             },
         ) => {
-            let SocketAddr::V4(seen) = seen else {
-                return false;
-            };
             let answered_by = match server {
                 Server::PodOf(k) => cluster.node_of(backend) == Some(*k),
                 Server::HostOf(k) => cluster.host_of(backend) == Some(*k),
             };
-            answered_by
-                && sources.contains(seen.ip())
-                && (!want_peer || *peer == SocketAddr::V4(row.to))
+            answered_by && sources.contains(&seen.ip()) && (!want_peer || *peer == row.to)
         }
-        (Expect::Dropped, Outcome::Timeout) => true,
+        (Expect::Dropped, Outcome::Timeout) | (Expect::Refused, Outcome::Refused) => true,
         _ => false,
     }
 }
@@ -152,17 +156,18 @@ fn both(
     client: &str,
     origin: Origin,
     destination: &str,
-    (ip, tcp, udp): (Ipv4Addr, u16, u16),
+    (ip, tcp, udp): (impl Into<IpAddr>, u16, u16),
     expect: Expect,
     vips_via: usize,
 ) {
+    let ip = ip.into();
     for (proto, port) in [(Proto::Tcp, tcp), (Proto::Udp, udp)] {
         rows.push(Row {
             client: client.to_string(),
             origin: origin.clone(),
             destination: destination.to_string(),
             proto,
-            to: SocketAddrV4::new(ip, port),
+            to: SocketAddr::new(ip, port),
             expect: expect.clone(),
             vips_via,
             direct: false,
@@ -170,24 +175,29 @@ fn both(
     }
 }
 
-fn at(ip: Ipv4Addr, (tcp, udp): (u16, u16)) -> (Ipv4Addr, u16, u16) {
+fn at<A: Into<IpAddr>>(ip: A, (tcp, udp): (u16, u16)) -> (A, u16, u16) {
     (ip, tcp, udp)
 }
 
-fn answer(node: usize, sources: &[Ipv4Addr]) -> Expect {
+/// Addresses of either family as `IpAddr`s.
+fn ips<A: Into<IpAddr> + Copy>(addrs: &[A]) -> Vec<IpAddr> {
+    addrs.iter().map(|&a| a.into()).collect()
+}
+
+fn answer<A: Into<IpAddr> + Copy>(node: usize, sources: &[A]) -> Expect {
     Expect::Answer {
         server: Server::PodOf(node),
-        sources: sources.to_vec(),
+        sources: ips(sources),
         peer: false,
     }
 }
 
 /// An answer from `server`, which saw one of `sources`, to a socket that names the address
 /// it sent to.
-fn answer_peer(server: Server, sources: &[Ipv4Addr]) -> Expect {
+fn answer_peer<A: Into<IpAddr> + Copy>(server: Server, sources: &[A]) -> Expect {
     Expect::Answer {
         server,
-        sources: sources.to_vec(),
+        sources: ips(sources),
         peer: true,
     }
 }
@@ -228,6 +238,49 @@ fn direct_rows(network: Network) -> Vec<Row> {
     for (client, origin, seen) in to_host {
         let expect = answer_peer(Server::HostOf(1), &seen);
         let dest = "direct: node1-host (node1's own address)";
+        both(&mut rows, client, origin, dest, host, expect, 1);
+    }
+    for r in &mut rows {
+        r.direct = true;
+    }
+    rows
+}
+
+/// [`direct_rows`] in IPv6, for a dual-stack lab of `network` with two pods per node: pods
+/// reach pods of their own and of the other node, node hosts reach pods, and the outside
+/// client, pods and node 2's host reach node 1's host-network server, each by its IPv6
+/// address (no Service, nothing translated).
+fn direct_rows6(network: Network) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let pod = |name: &str| Origin::Pod(name.to_string());
+    let pod_ports = (HTTP_PORT, UDP_PORT);
+    let (n1, n2) = (node_addresses6(network, 1), node_addresses6(network, 2));
+    #[rustfmt::skip]
+    let to_pods = [
+        ("pod node1-pod1", pod("node1-pod1"), (1, 2), "same node", vec![pod_ip6(1, 1)]),
+        ("pod node1-pod1", pod("node1-pod1"), (2, 1), "other node", vec![pod_ip6(1, 1)]),
+        ("pod node2-pod2", pod("node2-pod2"), (1, 2), "other node", vec![pod_ip6(2, 2)]),
+        ("host node1", Origin::Node(1), (1, 1), "same node", n1.clone()),
+        ("host node1", Origin::Node(1), (2, 1), "other node", n1),
+        ("host node2", Origin::Node(2), (1, 2), "other node", n2.clone()),
+    ];
+    for (client, origin, (k, i), what, seen) in to_pods {
+        let dest = format!("direct IPv6: pod node{k}-pod{i} ({what})");
+        let expect = answer_peer(Server::PodOf(k), &seen);
+        let to = at(pod_ip6(k, i), pod_ports);
+        both(&mut rows, client, origin, &dest, to, expect, 1);
+    }
+    let host = (node_ip6(1), HOST_SERVER_TCP, HOST_SERVER_UDP);
+    #[rustfmt::skip]
+    let to_host = [
+        ("outside", Origin::Outside6(CLIENT_IP6), vec![CLIENT_IP6]),
+        ("pod node1-pod2 (same node)", pod("node1-pod2"), vec![pod_ip6(1, 2)]),
+        ("pod node2-pod1 (other node)", pod("node2-pod1"), vec![pod_ip6(2, 1)]),
+        ("host node2", Origin::Node(2), n2),
+    ];
+    for (client, origin, seen) in to_host {
+        let expect = answer_peer(Server::HostOf(1), &seen);
+        let dest = "direct IPv6: node1-host (node1's own IPv6 address)";
         both(&mut rows, client, origin, dest, host, expect, 1);
     }
     for r in &mut rows {
@@ -480,6 +533,249 @@ fn matrix(network: Network) -> Vec<Row> {
     rows
 }
 
+/// The IPv4 rows of the Services only a dual-stack lab has: `dual` (`RequireDualStack`,
+/// endpoints node 1's pods in an EndpointSlice per family) by its IPv4 ClusterIP, NodePort,
+/// externalIP and LB IP, and `dual-empty` (no endpoint) refused by its IPv4 ClusterIP (from
+/// a pod and a host) and NodePort. Their IPv6 twins are in [`matrix6`].
+fn dual_stack_only_rows4(network: Network) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let pod = |name: &str| Origin::Pod(name.to_string());
+    let outside = Origin::Outside(CLIENT_IP);
+    let svc = (80, 53);
+    let dual_ports = (DUAL_NODEPORT_TCP, DUAL_NODEPORT_UDP);
+    let empty_ports = (DUAL_EMPTY_NODEPORT_TCP, DUAL_EMPTY_NODEPORT_UDP);
+    #[rustfmt::skip]
+    let answered = [
+        ("pod node2-pod1", pod("node2-pod1"), "dual: ClusterIP (IPv4)", at(DUAL, svc), answer(1, &[pod_ip(2, 1)]), 1),
+        ("host node2", Origin::Node(2), "dual: ClusterIP (IPv4)", at(DUAL, svc), answer(1, &node_addresses(network, 2)), 1),
+        ("outside", outside.clone(), "dual: node1 NodePort (IPv4, local backend)", at(node_ip(1), dual_ports), answer(1, &[CLIENT_IP]), 1),
+        ("outside", outside.clone(), "dual: node2 NodePort (IPv4, remote backend)", at(node_ip(2), dual_ports), answer(1, &[node_ip(2)]), 1),
+        ("outside", outside.clone(), "dual: externalIP via node1", at(DUAL_EXTERNAL_IP, svc), answer(1, &[CLIENT_IP]), 1),
+        ("outside", outside.clone(), "dual: LB IP via node2", at(DUAL_LB_IP, svc), answer(1, &[node_ip(2)]), 2),
+    ];
+    for (client, origin, dest, to, expect, via) in answered {
+        both(&mut rows, client, origin, dest, to, expect, via);
+    }
+    #[rustfmt::skip]
+    let refused = [
+        ("pod node1-pod1", pod("node1-pod1"), "dual-empty: ClusterIP (IPv4, no endpoint)", at(DUAL_EMPTY, svc)),
+        ("host node2", Origin::Node(2), "dual-empty: ClusterIP (IPv4, no endpoint)", at(DUAL_EMPTY, svc)),
+        ("outside", outside, "dual-empty: node1 NodePort (IPv4, no endpoint)", at(node_ip(1), empty_ports)),
+    ];
+    for (client, origin, dest, to) in refused {
+        both(&mut rows, client, origin, dest, to, Expect::Refused, 1);
+    }
+    rows
+}
+
+/// The IPv6 Service matrix of a dual-stack lab of `network`: [`direct_rows6`] (the lab),
+/// then the IPv6 twins of [`matrix`]'s rows (pods, hosts and the outside client reaching
+/// IPv6 ClusterIPs, NodePorts on the nodes' IPv6 addresses, host-network endpoints,
+/// externalIPs and LB IPs; the hairpin; traffic policies Local and source ranges), `dual`'s IPv6 half (its IPv6 EndpointSlice) and
+/// `dual-empty`'s IPv6 ClusterIP and NodePort refused; TCP and UDP each.
+fn matrix6(network: Network) -> Vec<Row> {
+    let mut rows = direct_rows6(network);
+    let pod = |name: &str| Origin::Pod(name.to_string());
+    let outside = Origin::Outside6(CLIENT_IP6);
+    let svc = (80, 53);
+    let on_node_ports = |k: usize| (on_node_tcp(k), on_node_udp(k));
+    let node1_addrs = node_addresses6(network, 1);
+    let node2_addrs = node_addresses6(network, 2);
+
+    // Pods → IPv6 ClusterIP, and a pod to its own Service (hairpin).
+    let n1p2 = pod_ip6(1, 2);
+    #[rustfmt::skip]
+    let pod_rows = [
+        ("pod node1-pod2", "node1-pod2", "IPv6 ClusterIP on-node1 (same node)", on_node6(1), 1, n1p2),
+        ("pod node1-pod2", "node1-pod2", "IPv6 ClusterIP on-node2 (other node)", on_node6(2), 2, n1p2),
+        ("pod node2-pod2", "node2-pod2", "IPv6 ClusterIP on-node1 (other node)", on_node6(1), 1, pod_ip6(2, 2)),
+        ("pod node1-pod1", "node1-pod1", "IPv6 ClusterIP self (itself: hairpin)", SELF6, 1, HAIRPIN_SNAT_IP6),
+    ];
+    for (client, name, dest, ip, node, seen) in pod_rows {
+        let expect = answer(node, &[seen]);
+        both(&mut rows, client, pod(name), dest, at(ip, svc), expect, 1);
+    }
+
+    // Node 1's host → IPv6 ClusterIPs and its own NodePorts on its IPv6 address.
+    for k in [1, 2] {
+        let what = if k == 1 { "local" } else { "remote" };
+        let dest = format!("IPv6 ClusterIP on-node{k} ({what} backend)");
+        let expect = answer_peer(Server::PodOf(k), &node1_addrs);
+        let to = at(on_node6(k), svc);
+        both(
+            &mut rows,
+            "host node1",
+            Origin::Node(1),
+            &dest,
+            to,
+            expect,
+            1,
+        );
+        let dest = format!("own IPv6 NodePort on-node{k} ({what} backend)");
+        let to = at(node_ip6(1), on_node_ports(k));
+        let expect = answer(k, &node1_addrs);
+        both(
+            &mut rows,
+            "host node1",
+            Origin::Node(1),
+            &dest,
+            to,
+            expect,
+            1,
+        );
+    }
+
+    // Outside → NodePorts on the nodes' IPv6 addresses (externalTrafficPolicy Cluster).
+    for (node, backend) in [(1, 1), (2, 2), (1, 2), (2, 1)] {
+        let (what, seen) = if node == backend {
+            ("local backend", CLIENT_IP6)
+        } else {
+            ("remote backend", node_ip6(node))
+        };
+        let dest = format!("node{node} IPv6 NodePort on-node{backend} ({what})");
+        let to = at(node_ip6(node), on_node_ports(backend));
+        both(
+            &mut rows,
+            "outside",
+            outside.clone(),
+            &dest,
+            to,
+            answer(backend, &[seen]),
+            1,
+        );
+    }
+
+    // Host-network endpoints (node 1's IPv6 address in the IPv6 EndpointSlices).
+    let kubernetes = (KUBERNETES6, KUBERNETES_TCP, KUBERNETES_UDP);
+    for (name, what, seen) in [
+        ("node1-pod1", "same node", pod_ip6(1, 1)),
+        ("node2-pod1", "other node", pod_ip6(2, 1)),
+    ] {
+        let dest = format!("IPv6 ClusterIP kubernetes (host-network endpoint, {what})");
+        let expect = answer_peer(Server::HostOf(1), &[seen]);
+        both(
+            &mut rows,
+            &format!("pod {name}"),
+            pod(name),
+            &dest,
+            kubernetes,
+            expect,
+            1,
+        );
+    }
+    let dest = "IPv6 ClusterIP kubernetes (remote host-network endpoint)";
+    let expect = answer_peer(Server::HostOf(1), &node2_addrs);
+    both(
+        &mut rows,
+        "host node2",
+        Origin::Node(2),
+        dest,
+        kubernetes,
+        expect,
+        1,
+    );
+    for (node, what, seen) in [(1, "local", CLIENT_IP6), (2, "remote", node_ip6(2))] {
+        let dest = format!("node{node} IPv6 NodePort host-nodeport ({what} host-network endpoint)");
+        let to = (node_ip6(node), HOST_NODEPORT_TCP, HOST_NODEPORT_UDP);
+        let expect = answer_peer(Server::HostOf(1), &[seen]);
+        both(&mut rows, "outside", outside.clone(), &dest, to, expect, 1);
+    }
+
+    // Outside → IPv6 externalIP and LB IP (endpoint node1-pod1), through each node.
+    for (name, ip) in [("IPv6 externalIP", EXTERNAL_IP6), ("IPv6 LB IP", LB_IP6)] {
+        for (via, seen) in [(1, CLIENT_IP6), (2, node_ip6(2))] {
+            let what = if via == 1 { "local" } else { "remote" };
+            let dest = format!("{name} {ip} via node{via} ({what} backend)");
+            both(
+                &mut rows,
+                "outside",
+                outside.clone(),
+                &dest,
+                at(ip, svc),
+                answer(1, &[seen]),
+                via,
+            );
+        }
+    }
+
+    // externalTrafficPolicy Local over IPv6 (endpoints on node 1 only).
+    let local_ports = (LOCAL_NODEPORT_TCP, LOCAL_NODEPORT_UDP);
+    let client = answer(1, &[CLIENT_IP6]);
+    #[rustfmt::skip]
+    let local_rows = [
+        ("ETP Local: node1 IPv6 NodePort (has endpoints)", at(node_ip6(1), local_ports), client.clone(), 1),
+        ("ETP Local: node2 IPv6 NodePort (no local endpoint)", at(node_ip6(2), local_ports), Expect::Dropped, 1),
+        ("ETP Local: IPv6 LB IP via node1 (has endpoints)", at(LOCAL_LB_IP6, svc), client, 1),
+        ("ETP Local: IPv6 LB IP via node2 (no local endpoint)", at(LOCAL_LB_IP6, svc), Expect::Dropped, 2),
+    ];
+    for (dest, to, expect, via) in local_rows {
+        both(&mut rows, "outside", outside.clone(), dest, to, expect, via);
+    }
+
+    // loadBalancerSourceRanges over IPv6: the IPv6 LB IP for the IPv6 ranges' sources only,
+    // the NodePort for all.
+    let denied = Origin::Outside6(DENIED_CLIENT_IP6);
+    let lb_ports = (LB_NODEPORT_TCP, LB_NODEPORT_UDP);
+    #[rustfmt::skip]
+    let fenced = [
+        ("outside fd00:18::200", denied.clone(), "source ranges: IPv6 LB IP via node1 (source not allowed)", at(LB_IP6, svc), Expect::Dropped),
+        ("outside fd00:18::200", denied, "source ranges: node1 IPv6 NodePort of the same Service", at(node_ip6(1), lb_ports), answer(1, &[DENIED_CLIENT_IP6])),
+        ("outside", outside.clone(), "source ranges: IPv6 LB IP via node1 (allowed)", at(LB_IP6, svc), answer(1, &[CLIENT_IP6])),
+        ("pod node2-pod1 (in the ranges)", pod("node2-pod1"), "source ranges: IPv6 LB IP", at(LB_IP6, svc), answer(1, &[pod_ip6(2, 1)])),
+        ("pod node1-pod2 (not in the ranges)", pod("node1-pod2"), "source ranges: IPv6 LB IP", at(LB_IP6, svc), Expect::Dropped),
+    ];
+    for (client, origin, dest, to, expect) in fenced {
+        both(&mut rows, client, origin, dest, to, expect, 1);
+    }
+
+    // internalTrafficPolicy Local over IPv6: node 2's pods are dropped.
+    #[rustfmt::skip]
+    let internal_local = [
+        ("pod node1-pod2", pod("node1-pod2"), answer(1, &[pod_ip6(1, 2), HAIRPIN_SNAT_IP6])),
+        ("pod node2-pod2", pod("node2-pod2"), Expect::Dropped),
+    ];
+    for (client, origin, expect) in internal_local {
+        let dest = "ITP Local: IPv6 ClusterIP internal-local";
+        both(
+            &mut rows,
+            client,
+            origin,
+            dest,
+            at(INTERNAL_LOCAL6, svc),
+            expect,
+            1,
+        );
+    }
+
+    // `dual`'s IPv6 half: endpoints from its IPv6 EndpointSlice (node 1's pods).
+    let dual_ports = (DUAL_NODEPORT_TCP, DUAL_NODEPORT_UDP);
+    #[rustfmt::skip]
+    let dual = [
+        ("pod node2-pod1", pod("node2-pod1"), "dual: IPv6 ClusterIP", at(DUAL6, svc), answer(1, &[pod_ip6(2, 1)]), 1),
+        ("host node2", Origin::Node(2), "dual: IPv6 ClusterIP", at(DUAL6, svc), answer(1, &node2_addrs), 1),
+        ("outside", outside.clone(), "dual: node1 IPv6 NodePort (local backend)", at(node_ip6(1), dual_ports), answer(1, &[CLIENT_IP6]), 1),
+        ("outside", outside.clone(), "dual: node2 IPv6 NodePort (remote backend)", at(node_ip6(2), dual_ports), answer(1, &[node_ip6(2)]), 1),
+        ("outside", outside.clone(), "dual: IPv6 externalIP via node1", at(DUAL_EXTERNAL_IP6, svc), answer(1, &[CLIENT_IP6]), 1),
+        ("outside", outside.clone(), "dual: IPv6 LB IP via node2", at(DUAL_LB_IP6, svc), answer(1, &[node_ip6(2)]), 2),
+    ];
+    for (client, origin, dest, to, expect, via) in dual {
+        both(&mut rows, client, origin, dest, to, expect, via);
+    }
+
+    // No endpoint anywhere: refused (TCP RST, ICMPv6 port unreachable), from each client.
+    let empty_ports = (DUAL_EMPTY_NODEPORT_TCP, DUAL_EMPTY_NODEPORT_UDP);
+    #[rustfmt::skip]
+    let refused = [
+        ("pod node1-pod1", pod("node1-pod1"), "dual-empty: IPv6 ClusterIP (no endpoint)", at(DUAL_EMPTY6, svc)),
+        ("host node2", Origin::Node(2), "dual-empty: IPv6 ClusterIP (no endpoint)", at(DUAL_EMPTY6, svc)),
+        ("outside", outside, "dual-empty: node1 IPv6 NodePort (no endpoint)", at(node_ip6(1), empty_ports)),
+    ];
+    for (client, origin, dest, to) in refused {
+        both(&mut rows, client, origin, dest, to, Expect::Refused, 1);
+    }
+    rows
+}
+
 /// Runs `rows` with at most PARALLEL requests in flight.
 fn run_rows(cluster: &Cluster, rows: Vec<Row>) -> Vec<Result_> {
     let mut results = Vec::new();
@@ -491,7 +787,7 @@ fn run_rows(cluster: &Cluster, rows: Vec<Row>) -> Vec<Result_> {
                     s.spawn(move || {
                         let timeout = match row.expect {
                             Expect::Dropped => DROP,
-                            Expect::Answer { .. } => ANSWER,
+                            Expect::Answer { .. } | Expect::Refused => ANSWER,
                         };
                         cluster.request(&row.origin, row.proto, row.to, timeout)
                     })
@@ -530,7 +826,7 @@ fn failure_mode(row: &Row, outcome: &Outcome, cluster: &Cluster) -> String {
         peer: want_peer,
     } = &row.expect
     else {
-        return format!("answered by {backend} (expected a drop)");
+        return format!("answered by {backend} (expected {})", row.expect);
     };
     let mut wrong = Vec::new();
     let answered_by = match server {
@@ -540,10 +836,10 @@ fn failure_mode(row: &Row, outcome: &Outcome, cluster: &Cluster) -> String {
     if !answered_by {
         wrong.push(format!("wrong server {backend}"));
     }
-    if !matches!(seen, SocketAddr::V4(a) if sources.contains(a.ip())) {
+    if !sources.contains(&seen.ip()) {
         wrong.push(format!("wrong source {}", seen.ip()));
     }
-    if *want_peer && *peer != SocketAddr::V4(row.to) {
+    if *want_peer && *peer != row.to {
         wrong.push(format!("wrong peer {peer}"));
     }
     wrong.join(", ")
@@ -613,20 +909,45 @@ fn reachability_matrix_on_an_l3_tunnel() {
     matrix_with(Network::Tunnel, None, "hook=TC ingress");
 }
 
+/// The IPv4 matrix in a dual-stack lab of each network (IPv6 addresses, routes, overlay
+/// devices and dual-stack manifests beside): every row as in an IPv4 lab.
+#[test]
+fn reachability_matrix_on_dual_stack_labs() {
+    for network in Network::ALL {
+        matrix_on(
+            ClusterConfig {
+                network,
+                dual_stack: true,
+                ..ClusterConfig::new(2, 2)
+            },
+            "hook=TC ingress",
+        );
+    }
+}
+
 /// Runs the whole matrix on a cluster of `network` whose agents run with `--ext-attach
 /// ext_attach`, and checks that each attached its uplink as `hook` says. The lab is checked
 /// first (the rows without a Service, and in an overlay that pod traffic crossed the overlay
 /// device of both nodes), then the datapath (every other row).
 fn matrix_with(network: Network, ext_attach: Option<&'static str>, hook: &str) {
+    matrix_on(
+        ClusterConfig {
+            ext_attach,
+            network,
+            ..ClusterConfig::new(2, 2)
+        },
+        hook,
+    );
+}
+
+/// The whole matrix on a cluster built from `config` (two nodes of two pods), as
+/// [`matrix_with`] runs it.
+fn matrix_on(config: ClusterConfig, hook: &str) {
     require_root();
     let _turn = turn();
     let started = Instant::now();
-    let mut cluster = Cluster::up_with(ClusterConfig {
-        ext_attach,
-        network,
-        ..ClusterConfig::new(2, 2)
-    })
-    .expect("cluster up");
+    let network = config.network;
+    let mut cluster = Cluster::up_with(config).expect("cluster up");
     cluster.start_all().expect("servers, manifests, agents");
     let ready = started.elapsed();
     for k in 1..=2 {
@@ -644,7 +965,10 @@ fn matrix_with(network: Network, ext_attach: Option<&'static str>, hook: &str) {
     };
     let before = counters(&cluster);
 
-    let rows = matrix(network);
+    let mut rows = matrix(network);
+    if cluster.dual_stack() {
+        rows.extend(dual_stack_only_rows4(network));
+    }
     let mut results = Vec::new();
     for via in [1, 2] {
         cluster.route_vips_via(via).expect("route");
@@ -653,8 +977,13 @@ fn matrix_with(network: Network, ext_attach: Option<&'static str>, hook: &str) {
     }
     let after = counters(&cluster);
     let passed = results.iter().filter(|r| r.pass).count();
+    let stack = if cluster.dual_stack() {
+        ", dual-stack lab (IPv4 rows, with those of its dual-stack-only Services)"
+    } else {
+        ""
+    };
     println!(
-        "\nReachability matrix, {network} network ({passed} of {} rows pass; cluster ready in {:.1} s, all in {:.1} s):\n\n{}",
+        "\nReachability matrix, {network} network{stack} ({passed} of {} rows pass; cluster ready in {:.1} s, all in {:.1} s):\n\n{}",
         results.len(),
         ready.as_secs_f64(),
         started.elapsed().as_secs_f64(),
@@ -709,6 +1038,237 @@ fn matrix_with(network: Network, ext_attach: Option<&'static str>, hook: &str) {
         results.len(),
         datapath.join("\n")
     );
+}
+
+/// The lab's IPv6, without the load balancer: in a dual-stack lab of each network, the rows
+/// without a Service in IPv6 ([`direct_rows6`]: pod ↔ pod on the same and the other node,
+/// host → pod, client → node, pods and host → node 1's host-network server; TCP and UDP)
+/// and one MiB uploaded over IPv6 from a pod to a pod of the other node (path MTU discovery
+/// where the IPv6 overlay's MTU is smaller than the pods'), then the IPv4 rows without a
+/// Service; first with the lab alone, then with the agents running on the dual-stack
+/// manifests. In an overlay, the IPv6 rows must have crossed its IPv6 device on both nodes.
+/// A failure here is the lab's (or, with the agents only, the datapath's handling of
+/// traffic it does not translate), never a Service's.
+#[test]
+fn dual_stack_lab_carries_ipv6_between_pods_nodes_and_the_client() {
+    require_root();
+    let _turn = turn();
+    for network in Network::ALL {
+        let started = Instant::now();
+        let mut cluster = Cluster::up_with(ClusterConfig {
+            network,
+            dual_stack: true,
+            ..ClusterConfig::new(2, 2)
+        })
+        .expect("cluster up");
+        cluster.start_servers().expect("servers");
+        for phase in ["the lab alone", "with the agents"] {
+            if phase == "with the agents" {
+                cluster.write_default_manifests().expect("manifests");
+                cluster.start_agents().expect("agents");
+                cluster
+                    .wait_healthy(Duration::from_secs(15))
+                    .expect("agents healthy");
+            }
+            let counters = |cluster: &Cluster| -> Vec<Option<LinkCounters>> {
+                (1..=2)
+                    .map(|k| {
+                        let dev = network.overlay_device6()?;
+                        let ns = &cluster.node(k).expect("node").ns;
+                        Some(lb_testkit::cluster::link_counters(ns, dev).expect("counters"))
+                    })
+                    .collect()
+            };
+            let before = counters(&cluster);
+            let mut results = run_rows(&cluster, direct_rows6(network));
+            let upload = upload6(&cluster);
+            let after = counters(&cluster);
+            results.extend(run_rows(&cluster, direct_rows(network)));
+            let passed = results.iter().filter(|r| r.pass).count();
+            println!(
+                "\nDual-stack lab, {network} network, {phase}: {passed} of {} rows pass ({:.1} s so far):\n\n{}",
+                results.len(),
+                started.elapsed().as_secs_f64(),
+                table(&cluster, &results)
+            );
+            println!("1 MiB over IPv6, node2-pod1 → node1-pod1: {upload:?}");
+            let mut idle = Vec::new();
+            for (k, (b, a)) in before.iter().zip(&after).enumerate() {
+                if let (Some(b), Some(a)) = (b, a) {
+                    let (rx, tx) = (a.rx_packets - b.rx_packets, a.tx_packets - b.tx_packets);
+                    let dev = network.overlay_device6().unwrap_or_default();
+                    println!(
+                        "node{}'s {dev} during the IPv6 rows: +{rx} received, +{tx} sent",
+                        k + 1
+                    );
+                    if rx == 0 || tx == 0 {
+                        idle.push(format!("node{}'s {dev}", k + 1));
+                    }
+                }
+            }
+            let failed: Vec<String> = results
+                .iter()
+                .filter(|r| !r.pass)
+                .map(|r| {
+                    format!(
+                        "{} → {} {} {}: {} [{}] (expected {})",
+                        r.row.client,
+                        r.row.destination,
+                        r.row.to,
+                        r.row.proto,
+                        r.outcome,
+                        failure_mode(&r.row, &r.outcome, &cluster),
+                        r.row.expect
+                    )
+                })
+                .collect();
+            assert!(
+                failed.is_empty() && idle.is_empty() && upload.is_ok(),
+                "the dual-stack {network} lab, {phase}: rows without a Service fail:\n{}\n\
+                 IPv6 overlay devices that carried nothing: {idle:?}\nupload: {upload:?}",
+                failed.join("\n")
+            );
+        }
+    }
+}
+
+/// Set to `1` to run [`reachability_matrix_over_ipv6`]: it needs an agent that serves IPv6
+/// Services (the IPv6 datapath and control plane); without it the test says so and passes.
+const IPV6_SERVICES_ENV: &str = "LB_LAB_IPV6_SERVICES";
+
+/// The IPv6 Service matrix ([`matrix6`]) on a dual-stack lab of each network, with the
+/// agents on the dual-stack manifests; then both families of the dual-stack Service `dual`
+/// (`RequireDualStack`, an EndpointSlice per family) reach the same pods, node 1's, over TCP
+/// and UDP, from a pod of node 2. Runs only with `LB_LAB_IPV6_SERVICES=1`.
+#[test]
+fn reachability_matrix_over_ipv6() {
+    if std::env::var(IPV6_SERVICES_ENV).as_deref() != Ok("1") {
+        println!(
+            "skipped: the IPv6 Service matrix needs an agent serving IPv6 Services; \
+             {IPV6_SERVICES_ENV}=1 runs it"
+        );
+        return;
+    }
+    require_root();
+    let _turn = turn();
+    for network in Network::ALL {
+        matrix6_on(network);
+    }
+}
+
+fn matrix6_on(network: Network) {
+    let started = Instant::now();
+    let mut cluster = Cluster::up_with(ClusterConfig {
+        network,
+        dual_stack: true,
+        ..ClusterConfig::new(2, 2)
+    })
+    .expect("cluster up");
+    cluster.start_all().expect("servers, manifests, agents");
+    let ready = started.elapsed();
+    let rows = matrix6(network);
+    let mut results = Vec::new();
+    for via in [1, 2] {
+        cluster.route_vips_via(via).expect("route");
+        let phase: Vec<Row> = rows.iter().filter(|r| r.vips_via == via).cloned().collect();
+        results.extend(run_rows(&cluster, phase));
+    }
+    let passed = results.iter().filter(|r| r.pass).count();
+    println!(
+        "\nIPv6 reachability matrix, {network} network ({passed} of {} rows pass; cluster ready in {:.1} s, all in {:.1} s):\n\n{}",
+        results.len(),
+        ready.as_secs_f64(),
+        started.elapsed().as_secs_f64(),
+        table(&cluster, &results)
+    );
+    let same_pods = both_families_reach_the_same_pods(&cluster);
+    println!("dual, by its IPv4 and its IPv6 ClusterIP: {same_pods:?}");
+    let failed = |direct: bool| -> Vec<String> {
+        results
+            .iter()
+            .filter(|r| !r.pass && r.row.direct == direct)
+            .map(|r| {
+                format!(
+                    "{} → {} {} {}: {} [{}] (expected {})",
+                    r.row.client,
+                    r.row.destination,
+                    r.row.to,
+                    r.row.proto,
+                    r.outcome,
+                    failure_mode(&r.row, &r.outcome, &cluster),
+                    r.row.expect
+                )
+            })
+            .collect()
+    };
+    let (lab, datapath) = (failed(true), failed(false));
+    assert!(
+        lab.is_empty(),
+        "the dual-stack {network} lab itself is broken: IPv6 rows without a Service fail:\n{}",
+        lab.join("\n")
+    );
+    assert!(
+        datapath.is_empty() && same_pods.is_ok(),
+        "{network} network, IPv6: {} of {} rows fail:\n{}\nboth families of dual: {same_pods:?}",
+        datapath.len(),
+        results.len(),
+        datapath.join("\n")
+    );
+}
+
+/// From node2-pod1, `dual` by its IPv4 and by its IPv6 ClusterIP, over TCP and UDP, enough
+/// times that each endpoint answers (two endpoints: a missing one after 24 requests is a
+/// chance of 2⁻²³): each family and protocol must be answered by exactly node 1's pods.
+fn both_families_reach_the_same_pods(cluster: &Cluster) -> Result<String, String> {
+    const TRIES: usize = 24;
+    let origin = Origin::Pod("node2-pod1".into());
+    let want: std::collections::BTreeSet<String> =
+        cluster.pods_on(1).map(|p| p.name.clone()).collect();
+    let mut seen = Vec::new();
+    for (family, ip) in [("IPv4", IpAddr::from(DUAL)), ("IPv6", IpAddr::from(DUAL6))] {
+        for (proto, port) in [(Proto::Tcp, 80), (Proto::Udp, 53)] {
+            let mut got = std::collections::BTreeSet::new();
+            for _ in 0..TRIES {
+                match cluster.request(&origin, proto, SocketAddr::new(ip, port), ANSWER) {
+                    Outcome::Reply { backend, .. } => {
+                        got.insert(backend);
+                    }
+                    other => return Err(format!("{family} {proto} {ip}: {other}")),
+                }
+            }
+            if got != want {
+                return Err(format!(
+                    "{family} {proto} {ip}: answered by {got:?}, not {want:?}"
+                ));
+            }
+            seen.push(format!("{family} {proto}: {got:?}"));
+        }
+    }
+    Ok(seen.join("; "))
+}
+
+/// One MiB over TCP and IPv6 from node2-pod1 to node1-pod1's upload sink (no Service):
+/// `lab-client upload`'s line, or why it failed.
+fn upload6(cluster: &Cluster) -> Result<String, String> {
+    const MIB: usize = 1 << 20;
+    let to = SocketAddr::from((pod_ip6(1, 1), 9000)).to_string();
+    let client = lb_testkit::netns::binary("lab-client").map_err(|e| e.to_string())?;
+    let size = MIB.to_string();
+    let args = ["upload", &to, "--size", &size, "--timeout-ms", "5000"];
+    let origin = Origin::Pod("node2-pod1".into());
+    let out = cluster
+        .run_from(&origin, &client, &args)
+        .map_err(|e| e.to_string())?;
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if out.status.success() && line.starts_with(&format!("uploaded={MIB}/{MIB} ")) {
+        Ok(line)
+    } else {
+        Err(format!(
+            "{line} {} ({})",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            out.status
+        ))
+    }
 }
 
 /// Removes a detached cluster if the test fails before it does.

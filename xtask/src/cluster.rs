@@ -1,21 +1,30 @@
 //! `cargo xtask lab up` and `lab down`: the kind-like cluster of `lb_testkit::cluster`, left
 //! running for people (and benchmarks) to use, and removed again.
 
-use std::{net::SocketAddrV4, path::Path, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::{bail, Result};
 use lb_testkit::{
     cluster::{
-        host_server_name, node_ip, overlay_ip, pod_cidr,
+        host_server_name, node_ip, overlay_ip, overlay_ip6, pod_cidr, pod_cidr6, pod_ip6,
         services::{
-            on_node, on_node_tcp, on_node_udp, EXTERNAL, EXTERNAL_IP, HOST_NODEPORT,
-            HOST_NODEPORT_TCP, HOST_NODEPORT_UDP, HOST_SERVER_TCP, HOST_SERVER_UDP, INTERNAL_LOCAL,
-            KUBERNETES, KUBERNETES_TCP, KUBERNETES_UDP, LB_IP, LB_NODEPORT_TCP, LB_NODEPORT_UDP,
-            LOCAL_LB_IP, LOCAL_NODEPORT_TCP, LOCAL_NODEPORT_UDP, SELF, STICKY, WEB, WEB_NODEPORT,
-            WEB_NODEPORT_TCP, WEB_NODEPORT_UDP,
+            on_node, on_node6, on_node_tcp, on_node_udp, DUAL, DUAL6, DUAL_EMPTY, DUAL_EMPTY6,
+            DUAL_EMPTY_NODEPORT_TCP, DUAL_EMPTY_NODEPORT_UDP, DUAL_EXTERNAL_IP, DUAL_EXTERNAL_IP6,
+            DUAL_LB_IP, DUAL_LB_IP6, DUAL_NODEPORT_TCP, DUAL_NODEPORT_UDP, EXTERNAL, EXTERNAL6,
+            EXTERNAL_IP, EXTERNAL_IP6, HOST_NODEPORT, HOST_NODEPORT6, HOST_NODEPORT_TCP,
+            HOST_NODEPORT_UDP, HOST_SERVER_TCP, HOST_SERVER_UDP, INTERNAL_LOCAL, INTERNAL_LOCAL6,
+            KUBERNETES, KUBERNETES6, KUBERNETES_TCP, KUBERNETES_UDP, LB6, LB_IP, LB_IP6,
+            LB_NODEPORT_TCP, LB_NODEPORT_UDP, LOCAL6, LOCAL_LB_IP, LOCAL_LB_IP6,
+            LOCAL_NODEPORT_TCP, LOCAL_NODEPORT_UDP, SELF, SELF6, STICKY, STICKY6, WEB, WEB6,
+            WEB_NODEPORT, WEB_NODEPORT6, WEB_NODEPORT_TCP, WEB_NODEPORT_UDP,
         },
-        Cluster, ClusterConfig, ClusterState, Network, Origin, Proto, CLIENT_IP, DENIED_CLIENT_IP,
-        GATEWAY_IP, VIP_RANGE,
+        Cluster, ClusterConfig, ClusterState, Network, Origin, Proto, CLIENT_IP, CLIENT_IP6,
+        DENIED_CLIENT_IP, DENIED_CLIENT_IP6, GATEWAY_IP, GATEWAY_IP6, HTTP_PORT, UDP_PORT,
+        VIP_RANGE, VIP_RANGE6, VXLAN6_DEVICE, VXLAN6_MTU,
     },
     netns::bin_dir,
 };
@@ -25,7 +34,7 @@ pub const STATE_FILE: &str = "/run/lb-lab/state.json";
 /// The prefix of every name the lab has (namespaces `lblab-node1`, `lblab-client`, ...).
 pub const TAG: &str = "lblab";
 
-pub fn up(nodes: usize, pods: usize, network: Network) -> Result<()> {
+pub fn up(nodes: usize, pods: usize, network: Network, dual_stack: bool) -> Result<()> {
     let state_file = Path::new(STATE_FILE);
     if let Some(state) = ClusterState::load(state_file)? {
         bail!(
@@ -33,15 +42,19 @@ pub fn up(nodes: usize, pods: usize, network: Network) -> Result<()> {
             state.tag
         );
     }
+    let base = ClusterConfig::new(nodes, pods);
+    let dual_stack = dual_stack || base.dual_stack;
+    let stack = if dual_stack { ", dual-stack" } else { "" };
     println!(
-        "Building the cluster: {nodes} nodes with {pods} pods each ({network} network), a client outside..."
+        "Building the cluster: {nodes} nodes with {pods} pods each ({network} network{stack}), a client outside..."
     );
     let mut cluster = Cluster::up_with(ClusterConfig {
         tag: Some(TAG.to_string()),
         detached: true,
         state_file: Some(state_file.to_path_buf()),
         network,
-        ..ClusterConfig::new(nodes, pods)
+        dual_stack,
+        ..base
     })?;
     cluster.start_all()?;
     print_summary(&cluster);
@@ -79,6 +92,12 @@ fn print_summary(c: &Cluster) {
             n.cgroup.display(),
             n.pin.display()
         );
+        if let Some(ip6) = n.ip6 {
+            println!(
+                "         IPv6 {ip6} (eth0, /64), pods {}",
+                pod_cidr6(n.index)
+            );
+        }
     }
     let network = c.network;
     match network.overlay_device() {
@@ -100,17 +119,43 @@ fn print_summary(c: &Cluster) {
             );
         }
     }
+    if c.dual_stack() {
+        let k = c.nodes.len();
+        match network {
+            Network::Bridge => println!(
+                "IPv6: each node routes the other nodes' IPv6 pod CIDRs via their IPv6 addresses."
+            ),
+            Network::Vxlan => println!(
+                "IPv6: IPv6 pod CIDRs of other nodes through {VXLAN6_DEVICE} (MTU {VXLAN6_MTU}, over the nodes' \
+                 IPv6 addresses; node K: {} ... {}).",
+                overlay_ip6(1),
+                overlay_ip6(k)
+            ),
+            Network::Tunnel => println!(
+                "IPv6: IPv6 pod CIDRs of other nodes through the same tun0 and relays (node K: {} ... {}).",
+                overlay_ip6(1),
+                overlay_ip6(k)
+            ),
+        }
+    }
     println!(
         "\nPods (lab-server: HTTP on 8080, UDP echo on 5353, answering \"POD CLIENT-ADDRESS\"):"
     );
     for p in &c.pods {
-        println!("  {:<12} {:<12} netns {}", p.name, p.ip, p.ns);
+        let ip6 = p.ip6.map(|a| a.to_string()).unwrap_or_default();
+        println!("  {:<12} {:<12} netns {:<22} {ip6}", p.name, p.ip, p.ns);
     }
     println!(
         "\nOutside client: netns {}, addresses {CLIENT_IP} and {DENIED_CLIENT_IP}, \
          {VIP_RANGE} routed via node1; also the nodes' default gateway {GATEWAY_IP}.",
         c.client_ns
     );
+    if c.dual_stack() {
+        println!(
+            "  IPv6: {CLIENT_IP6} and {DENIED_CLIENT_IP6}, {VIP_RANGE6} routed via node1; \
+             the nodes' IPv6 gateway {GATEWAY_IP6}."
+        );
+    }
     let k = c.nodes.len();
     println!(
         "\nServices (each 80/TCP → 8080 and 53/UDP → 5353):
@@ -132,6 +177,32 @@ fn print_summary(c: &Cluster) {
         host = host_server_name(1),
         n1 = node_ip(1),
     );
+    if c.dual_stack() {
+        println!(
+            "\nIPv6 (the Services are dual-stack, PreferDualStack; lb-agent programs their IPv4 side):
+  web {WEB6}   web-nodeport {WEB_NODEPORT6}   external {EXTERNAL6}, externalIP {EXTERNAL_IP6}
+  lb {LB6}, LoadBalancer {LB_IP6}, source ranges {CLIENT_IP6}/128, node2-pod1, node2
+  local {LOCAL6}, LoadBalancer {LOCAL_LB_IP6}   self {SELF6}   internal-local {INTERNAL_LOCAL6}
+  sticky {STICKY6}   on-node1..{k} {}..{}   kubernetes {KUBERNETES6}   host-nodeport {HOST_NODEPORT6}",
+            on_node6(1),
+            on_node6(k),
+        );
+        println!(
+            "\nDual-stack Services (RequireDualStack, ipFamilies [IPv4, IPv6], both ClusterIPs; no \
+             selector: EndpointSlices dual-ipv4 and dual-ipv6 name the same pods, node1's):"
+        );
+        let nodeports = |tcp: u16, udp: u16| format!("NodePort {tcp}/TCP {udp}/UDP");
+        #[rustfmt::skip]
+        let table = [
+            ("family".to_string(), "dual (LoadBalancer, node1's pods)".to_string(), "dual-empty (NodePort, no endpoint: refused)".to_string()),
+            ("IPv4".to_string(), format!("ClusterIP {DUAL}, externalIP {DUAL_EXTERNAL_IP}, LB IP {DUAL_LB_IP}"), format!("ClusterIP {DUAL_EMPTY}")),
+            ("IPv6".to_string(), format!("ClusterIP {DUAL6}, externalIP {DUAL_EXTERNAL_IP6}, LB IP {DUAL_LB_IP6}"), format!("ClusterIP {DUAL_EMPTY6}")),
+            ("both".to_string(), nodeports(DUAL_NODEPORT_TCP, DUAL_NODEPORT_UDP), nodeports(DUAL_EMPTY_NODEPORT_TCP, DUAL_EMPTY_NODEPORT_UDP)),
+        ];
+        for (family, dual, empty) in table {
+            println!("  {family:<7} {dual:<72} {empty}");
+        }
+    }
     let client = &c.client_ns;
     let pod = &c.pods[0];
     let node1 = &c.nodes[0];
@@ -157,6 +228,18 @@ Logs: {dir}",
         manifests = c.dir.join("manifests").display(),
         dir = c.dir.display(),
     );
+    if let (Some(pod6), Some(n1v6)) = (pod.ip6, node1.ip6) {
+        let other = pod_ip6(k.min(2), 1);
+        println!(
+            "  # IPv6, straight to pods and nodes:
+  ip netns exec {client} curl http://[{n1v6}]:{HOST_SERVER_TCP}/
+  ip netns exec {pod_ns} curl http://[{other}]:{HTTP_PORT}/
+  nsenter --net=/run/netns/{node_ns} {bins}/lab-client udp [{pod6}]:{UDP_PORT}",
+            pod_ns = pod.ns,
+            node_ns = node1.ns,
+            bins = bins.display(),
+        );
+    }
     println!("\nFirst requests:");
     let first = pod.name.clone();
     for (what, origin, proto, to) in [
@@ -181,5 +264,39 @@ Logs: {dir}",
     ] {
         let outcome = c.request(&origin, proto, to, Duration::from_secs(2));
         println!("  {what} ({proto}): {outcome}");
+    }
+    if let (Some(n1v6), Some(other)) = (node1.ip6, c.pods.last().and_then(|p| p.ip6)) {
+        let last = c.pods.last().map(|p| p.name.clone()).unwrap_or_default();
+        for (what, origin, proto, to) in [
+            (
+                format!("outside → node1's host server [{n1v6}]:{HOST_SERVER_TCP}"),
+                Origin::Outside6(CLIENT_IP6),
+                Proto::Tcp,
+                SocketAddr::from((n1v6, HOST_SERVER_TCP)),
+            ),
+            (
+                format!("{first} → pod {last} [{other}]:{UDP_PORT}"),
+                Origin::Pod(first.clone()),
+                Proto::Udp,
+                SocketAddr::from((other, UDP_PORT)),
+            ),
+        ] {
+            let outcome = c.request(&origin, proto, to, Duration::from_secs(2));
+            println!("  {what} ({proto}, IPv6): {outcome}");
+        }
+        // Both families of the dual-stack Service; its IPv6 side answers once the agent
+        // serves IPv6 Services.
+        for (family, ip) in [("IPv4", IpAddr::from(DUAL)), ("IPv6", IpAddr::from(DUAL6))] {
+            let to = SocketAddr::new(ip, 80);
+            let outcome = c.request(
+                &Origin::Pod(last.clone()),
+                Proto::Tcp,
+                to,
+                Duration::from_secs(2),
+            );
+            println!(
+                "  {last} → dual-stack Service dual, {family} ClusterIP {to} (TCP): {outcome}"
+            );
+        }
     }
 }

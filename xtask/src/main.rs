@@ -47,6 +47,10 @@ enum LabAction {
         /// like Calico IPIP or WireGuard: tun0 and a UDP relay per node).
         #[arg(long, default_value_t = Network::Bridge)]
         network: Network,
+        /// IPv6 beside IPv4, as a dual-stack kind cluster: node, pod and client IPv6
+        /// addresses, IPv6 routes and overlays (flannel-v6.1 in vxlan), dual-stack Services.
+        #[arg(long)]
+        dual_stack: bool,
     },
     /// Remove what `lab up` made (whatever of it is left).
     Down,
@@ -249,11 +253,12 @@ fn main() -> Result<()> {
                     nodes,
                     pods,
                     network,
+                    dual_stack,
                 }),
             ..
         } => {
             cargo(&["build", "--bins"])?;
-            cluster::up(nodes, pods, network)
+            cluster::up(nodes, pods, network, dual_stack)
         }
         Cmd::Lab {
             action: Some(LabAction::Down),

@@ -7,6 +7,9 @@
 //! Usage: lab-client tcp|udp ADDR:PORT [--bind IP] [--timeout-ms N]
 //! (and `udp-echo`, `udp-stream`, `upload`: see their functions)
 //!
+//! Every mode takes an IPv4 `ADDR:PORT` or an IPv6 `[ADDR]:PORT` destination, and `--bind` an
+//! address of the same family; addresses are printed in the same forms.
+//!
 //! Prints `peer=ADDR:PORT reply=LINE` and exits 0; on failure prints the reason to stderr and
 //! exits 3 (timed out), 4 (refused), 5 (unreachable) or 1 (anything else); 2 on bad usage.
 // Harness code: a lab that cannot be built panics with a message, arguments are passed as
@@ -20,7 +23,7 @@
 
 use std::{
     io::{ErrorKind, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     os::fd::FromRawFd,
     process::exit,
     time::Duration,
@@ -50,24 +53,55 @@ fn check(r: libc::c_int) -> std::io::Result<()> {
     }
 }
 
-fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
+/// `a` as a sockaddr_in or sockaddr_in6, in a sockaddr_storage, and its length.
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match a {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: a sockaddr_storage is larger than a sockaddr_in and aligned for it.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: a sockaddr_storage is larger than a sockaddr_in6 and aligned for it.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
 }
 
-/// A TCP connection to `to` from `bind` (any address when unspecified), given up after
-/// `timeout`. std cannot bind a socket before connecting it, hence the system calls.
-fn tcp_connect(to: SocketAddrV4, bind: Ipv4Addr, timeout: Duration) -> std::io::Result<TcpStream> {
+/// A TCP connection to `to` from `bind` (any address when unspecified; of `to`'s family),
+/// given up after `timeout`. std cannot bind a socket before connecting it, hence the
+/// system calls.
+fn tcp_connect(to: SocketAddr, bind: IpAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let family = if to.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: plain socket calls on a descriptor this function owns; on success the
     // descriptor is handed to TcpStream, which closes it; on failure it is closed here.
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         check(fd)?;
         let stream = TcpStream::from_raw_fd(fd);
         let tv = libc::timeval {
@@ -81,19 +115,18 @@ fn tcp_connect(to: SocketAddrV4, bind: Ipv4Addr, timeout: Duration) -> std::io::
             (&raw const tv).cast(),
             size_of::<libc::timeval>() as libc::socklen_t,
         ))?;
-        let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
         if !bind.is_unspecified() {
-            let local = sockaddr(SocketAddrV4::new(bind, 0));
+            let (local, len) = sockaddr(SocketAddr::new(bind, 0));
             check(libc::bind(fd, (&raw const local).cast(), len))?;
         }
-        let remote = sockaddr(to);
+        let (remote, len) = sockaddr(to);
         check(libc::connect(fd, (&raw const remote).cast(), len))?;
         Ok(stream)
     }
 }
 
 /// One HTTP request on a new connection: (getpeername, first line of the body).
-fn tcp(to: SocketAddrV4, bind: Ipv4Addr, timeout: Duration) -> (SocketAddr, String) {
+fn tcp(to: SocketAddr, bind: IpAddr, timeout: Duration) -> (SocketAddr, String) {
     let mut s = tcp_connect(to, bind, timeout).unwrap_or_else(|e| fail("connect", e));
     let peer = s.peer_addr().unwrap_or_else(|e| fail("getpeername", e));
     s.set_read_timeout(Some(timeout))
@@ -114,7 +147,7 @@ fn tcp(to: SocketAddrV4, bind: Ipv4Addr, timeout: Duration) -> (SocketAddr, Stri
 }
 
 /// One datagram on a connected socket: (recvfrom's source, the reply).
-fn udp(to: SocketAddrV4, bind: Ipv4Addr, timeout: Duration) -> (SocketAddr, String) {
+fn udp(to: SocketAddr, bind: IpAddr, timeout: Duration) -> (SocketAddr, String) {
     let s = UdpSocket::bind((bind, 0)).unwrap_or_else(|e| fail("bind", e));
     // Connected, as resolvers do: an ICMP port-unreachable then shows as "refused".
     s.connect(to).unwrap_or_else(|e| fail("connect", e));
@@ -130,13 +163,7 @@ fn udp(to: SocketAddrV4, bind: Ipv4Addr, timeout: Duration) -> (SocketAddr, Stri
 /// `count` datagrams of `size` bytes (`echo:` and a pattern) on one connected socket, each
 /// waited for: how many came back whole. The socket is connected, as resolvers' are, so an
 /// untranslated answer is not taken.
-fn udp_echo(
-    to: SocketAddrV4,
-    bind: Ipv4Addr,
-    timeout: Duration,
-    size: usize,
-    count: usize,
-) -> usize {
+fn udp_echo(to: SocketAddr, bind: IpAddr, timeout: Duration, size: usize, count: usize) -> usize {
     let s = UdpSocket::bind((bind, 0)).unwrap_or_else(|e| fail("bind", e));
     s.connect(to).unwrap_or_else(|e| fail("connect", e));
     s.set_read_timeout(Some(timeout))
@@ -158,13 +185,7 @@ fn udp_echo(
 /// `interval` apart, each answer waited for up to `timeout`. Prints a line per datagram:
 /// `reply=LINE`, `timeout`, or `error=WHAT` after which the socket is opened and connected
 /// again (as a client does when its socket fails).
-fn udp_stream(
-    to: SocketAddrV4,
-    bind: Ipv4Addr,
-    timeout: Duration,
-    count: usize,
-    interval: Duration,
-) {
+fn udp_stream(to: SocketAddr, bind: IpAddr, timeout: Duration, count: usize, interval: Duration) {
     let open = || {
         let s = UdpSocket::bind((bind, 0)).unwrap_or_else(|e| fail("bind", e));
         s.connect(to).unwrap_or_else(|e| fail("connect", e));
@@ -195,7 +216,7 @@ fn udp_stream(
 
 /// Sends `size` bytes on a new TCP connection, closes its sending side and reads the count
 /// the sink answers with.
-fn upload(to: SocketAddrV4, bind: Ipv4Addr, timeout: Duration, size: usize) -> usize {
+fn upload(to: SocketAddr, bind: IpAddr, timeout: Duration, size: usize) -> usize {
     let mut s = tcp_connect(to, bind, timeout).unwrap_or_else(|e| fail("connect", e));
     s.set_write_timeout(Some(timeout))
         .unwrap_or_else(|e| fail("timeout", e));
@@ -225,16 +246,28 @@ fn main() {
     let (Some(proto), Some(to)) = (args.first(), args.get(1)) else {
         usage()
     };
-    let Ok(to) = to.parse::<SocketAddrV4>() else {
+    let Ok(to) = to.parse::<SocketAddr>() else {
         usage()
     };
-    let (mut bind, mut timeout) = (Ipv4Addr::UNSPECIFIED, Duration::from_secs(2));
+    // Any address of the destination's family, unless --bind says which.
+    let mut bind: IpAddr = if to.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    let mut timeout = Duration::from_secs(2);
     let (mut size, mut count) = (1000usize, 1usize);
     let mut rest = args[2..].iter();
     while let Some(flag) = rest.next() {
         let value = rest.next().unwrap_or_else(|| usage());
         match flag.as_str() {
-            "--bind" => bind = value.parse().unwrap_or_else(|_| usage()),
+            "--bind" => {
+                bind = value
+                    .parse()
+                    .ok()
+                    .filter(|b: &IpAddr| b.is_ipv4() == to.is_ipv4())
+                    .unwrap_or_else(|| usage());
+            }
             "--timeout-ms" => {
                 timeout = Duration::from_millis(value.parse().unwrap_or_else(|_| usage()));
             }

@@ -9,6 +9,11 @@
 //! third server, on TCP port `SINK_PORT` (9000), reads a connection to its end and answers
 //! with the number of bytes it got (uploads test path MTU discovery).
 //!
+//! Each server answers on IPv4 and on IPv6, on sockets of each family (the IPv6 ones
+//! IPV6_V6ONLY, so that IPv4 clients are seen as they always were, never as IPv4-mapped
+//! IPv6 addresses); a client address is written in its usual form, `ADDR:PORT` or
+//! `[ADDR]:PORT`. Where the kernel has no IPv6 the servers answer on IPv4 alone.
+//!
 //! Usage: lab-server NAME TCP_PORT UDP_PORT
 // Harness code: a lab that cannot be built panics with a message, arguments are passed as
 // the call sites read best, and floats are compared exactly where they were parsed.
@@ -21,8 +26,9 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
-    os::fd::AsRawFd,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -88,69 +94,127 @@ fn main() {
         eprintln!("lab-server: ports must be numbers");
         std::process::exit(2);
     };
-    let tcp = TcpListener::bind(("0.0.0.0", tcp_port)).unwrap_or_else(|e| {
-        eprintln!("lab-server: tcp bind {tcp_port}: {e}");
+    let exit = |what: &str, e: std::io::Error| -> ! {
+        eprintln!("lab-server: {what}: {e}");
         std::process::exit(1)
-    });
-    let udp = UdpSocket::bind(("0.0.0.0", udp_port)).unwrap_or_else(|e| {
-        eprintln!("lab-server: udp bind {udp_port}: {e}");
-        std::process::exit(1)
-    });
+    };
+    // Every socket is bound before any answers, IPv6 first: once the IPv4 HTTP port answers,
+    // all of them do.
+    let v6 = match ipv6_sockets(tcp_port, udp_port) {
+        Ok(v6) => Some(v6),
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            eprintln!("lab-server: no IPv6 in this kernel; IPv4 only");
+            None
+        }
+        Err(e) => exit("IPv6 sockets", e),
+    };
+    let sink = TcpListener::bind(("0.0.0.0", SINK_PORT))
+        .unwrap_or_else(|e| exit(&format!("tcp bind {SINK_PORT}"), e));
+    let udp = UdpSocket::bind(("0.0.0.0", udp_port))
+        .unwrap_or_else(|e| exit(&format!("udp bind {udp_port}"), e));
     if let Err(e) = pktinfo_on(&udp) {
-        eprintln!("lab-server: IP_PKTINFO: {e}");
-        std::process::exit(1)
+        exit("IP_PKTINFO", e)
     }
-    let udp_name = name.clone();
-    thread::spawn(move || {
-        let mut buf = vec![0u8; 65536];
-        loop {
-            if let Ok((n, peer, local)) = recv_with_destination(&udp, &mut buf) {
-                if buf[..n].starts_with(b"echo:") {
-                    let _ = send_from(&udp, &buf[..n], peer, local);
-                } else {
-                    let reply = format!("{udp_name} {peer}\n");
-                    let _ = send_from(&udp, reply.as_bytes(), peer, local);
-                }
+    let tcp = TcpListener::bind(("0.0.0.0", tcp_port))
+        .unwrap_or_else(|e| exit(&format!("tcp bind {tcp_port}"), e));
+    let mut servers = vec![(tcp, udp, sink)];
+    servers.extend(v6);
+    for (tcp, udp, sink) in servers {
+        let udp_name = name.clone();
+        thread::spawn(move || serve_udp(&udp, &udp_name));
+        thread::spawn(move || {
+            for sock in sink.incoming().flatten() {
+                thread::spawn(move || sink_one(sock));
             }
+        });
+        // A pool of workers, each accepting and serving one connection at a time: no thread
+        // is started per connection, so a connection costs the server little more than the
+        // kernel's work and benchmarks see the datapath's cost rather than the server's. When
+        // the last idle worker takes a connection it starts another, so one always accepts
+        // (the pool grows to the most connections ever open at once).
+        let listener = Arc::new(tcp);
+        let idle = Arc::new(AtomicUsize::new(0));
+        for _ in 0..WORKERS {
+            spawn_worker(&listener, &name, &idle);
         }
-    });
-    match TcpListener::bind(("0.0.0.0", SINK_PORT)) {
-        Ok(sink) => {
-            thread::spawn(move || {
-                for sock in sink.incoming().flatten() {
-                    thread::spawn(move || sink_one(sock));
-                }
-            });
-        }
-        Err(e) => {
-            eprintln!("lab-server: tcp bind {SINK_PORT}: {e}");
-            std::process::exit(1)
-        }
-    }
-    // A pool of workers, each accepting and serving one connection at a time: no thread is
-    // started per connection, so a connection costs the server little more than the
-    // kernel's work and benchmarks see the datapath's cost rather than the server's. When
-    // the last idle worker takes a connection it starts another, so one always accepts (the
-    // pool grows to the most connections ever open at once).
-    let listener = Arc::new(tcp);
-    let idle = Arc::new(AtomicUsize::new(0));
-    for _ in 0..WORKERS {
-        spawn_worker(&listener, &name, &idle);
     }
     loop {
         thread::park();
     }
 }
 
-fn pktinfo_on(sock: &UdpSocket) -> std::io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt with an int option value on a socket `sock` owns.
+/// Answers each datagram on `udp`: `echo:` ones with themselves, others with the name and the
+/// client's address, from the address the datagram was sent to.
+fn serve_udp(udp: &UdpSocket, name: &str) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        if let Ok((n, peer, local)) = recv_with_destination(udp, &mut buf) {
+            if buf[..n].starts_with(b"echo:") {
+                let _ = send_from(udp, &buf[..n], peer, local);
+            } else {
+                let reply = format!("{name} {peer}\n");
+                let _ = send_from(udp, reply.as_bytes(), peer, local);
+            }
+        }
+    }
+}
+
+/// The IPv6 servers' sockets, IPv6 only: (HTTP, UDP with IPV6_RECVPKTINFO, sink).
+fn ipv6_sockets(
+    tcp_port: u16,
+    udp_port: u16,
+) -> std::io::Result<(TcpListener, UdpSocket, TcpListener)> {
+    let tcp = TcpListener::from(ipv6_only(libc::SOCK_STREAM, tcp_port)?);
+    let udp = UdpSocket::from(ipv6_only(libc::SOCK_DGRAM, udp_port)?);
+    set_int(&udp, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
+    let sink = TcpListener::from(ipv6_only(libc::SOCK_STREAM, SINK_PORT)?);
+    Ok((tcp, udp, sink))
+}
+
+/// A socket of type `ty` (stream: listening) bound to [::]:`port`, for IPv6 alone.
+fn ipv6_only(ty: libc::c_int, port: u16) -> std::io::Result<OwnedFd> {
+    let check = |r: libc::c_int| {
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // SAFETY: socket(2) returns a new descriptor, owned by `fd` from here on.
+    let fd = unsafe {
+        let raw = libc::socket(libc::AF_INET6, ty | libc::SOCK_CLOEXEC, 0);
+        check(raw)?;
+        OwnedFd::from_raw_fd(raw)
+    };
+    set_int(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+    if ty == libc::SOCK_STREAM {
+        // As std's listeners: a restarted server binds at once.
+        set_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    }
+    let (addr, len) = sockaddr(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)));
+    // SAFETY: bind and listen on the descriptor `fd` owns, with a sockaddr of `len` bytes.
+    unsafe {
+        check(libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len))?;
+        if ty == libc::SOCK_STREAM {
+            check(libc::listen(fd.as_raw_fd(), 128))?;
+        }
+    }
+    Ok(fd)
+}
+
+fn set_int(
+    sock: &impl AsRawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: setsockopt with an int option value on a socket the caller owns.
     let r = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_PKTINFO,
-            (&raw const on).cast(),
+            level,
+            opt,
+            (&raw const value).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -160,18 +224,72 @@ fn pktinfo_on(sock: &UdpSocket) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Room for one IP_PKTINFO control message, aligned for cmsghdr.
+fn pktinfo_on(sock: &UdpSocket) -> std::io::Result<()> {
+    set_int(sock, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)
+}
+
+/// Room for one IP_PKTINFO or IPV6_PKTINFO control message, aligned for cmsghdr.
 #[repr(C, align(8))]
 struct Control([u8; 64]);
 
-fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
+/// `a` as a sockaddr_in or sockaddr_in6, in a sockaddr_storage, and its length.
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match a {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: a sockaddr_storage is larger than a sockaddr_in and aligned for it.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: a sockaddr_storage is larger than a sockaddr_in6 and aligned for it.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// The address in a sockaddr_storage the kernel filled (of an IPv4 or IPv6 socket).
+fn socket_addr(storage: &libc::sockaddr_storage) -> std::io::Result<SocketAddr> {
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin: libc::sockaddr_in = unsafe { std::ptr::read((&raw const *storage).cast()) };
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read((&raw const *storage).cast()) };
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        f => Err(std::io::Error::other(format!("address family {f}"))),
     }
 }
 
@@ -180,9 +298,9 @@ fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
 fn recv_with_destination(
     sock: &UdpSocket,
     buf: &mut [u8],
-) -> std::io::Result<(usize, SocketAddrV4, Option<Ipv4Addr>)> {
-    // SAFETY: all-zero sockaddr_in and msghdr are valid values.
-    let mut from: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+) -> std::io::Result<(usize, SocketAddr, Option<IpAddr>)> {
+    // SAFETY: all-zero sockaddr_storage and msghdr are valid values.
+    let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut control = Control([0; 64]);
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -191,7 +309,7 @@ fn recv_with_destination(
     // SAFETY: as above.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_name = (&raw mut from).cast();
-    msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     msg.msg_iov = &raw mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.0.as_mut_ptr().cast();
@@ -202,19 +320,26 @@ fn recv_with_destination(
     if n < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let peer = SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(from.sin_addr.s_addr)),
-        u16::from_be(from.sin_port),
-    );
+    let peer = socket_addr(&from)?;
     let mut local = None;
     // SAFETY: the CMSG_* walk stays within msg_controllen bytes of `control`, which the
-    // kernel filled; an IP_PKTINFO message holds an in_pktinfo (read unaligned).
+    // kernel filled; an IP_PKTINFO message holds an in_pktinfo, an IPV6_PKTINFO one an
+    // in6_pktinfo (read unaligned).
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
         while !c.is_null() {
-            if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_PKTINFO {
-                let info: libc::in_pktinfo = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
-                local = Some(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)));
+            match ((*c).cmsg_level, (*c).cmsg_type) {
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                    let info: libc::in_pktinfo =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                    local = Some(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)).into());
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    let info: libc::in6_pktinfo =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                    local = Some(Ipv6Addr::from(info.ipi6_addr.s6_addr).into());
+                }
+                _ => {}
             }
             c = libc::CMSG_NXTHDR(&raw const msg, c);
         }
@@ -226,13 +351,13 @@ fn recv_with_destination(
 fn send_from(
     sock: &UdpSocket,
     data: &[u8],
-    to: SocketAddrV4,
-    from: Option<Ipv4Addr>,
+    to: SocketAddr,
+    from: Option<IpAddr>,
 ) -> std::io::Result<()> {
     let Some(from) = from else {
         return sock.send_to(data, to).map(|_| ());
     };
-    let mut name = sockaddr_in(to);
+    let (mut name, name_len) = sockaddr(to);
     let mut iov = libc::iovec {
         iov_base: data.as_ptr().cast_mut().cast(),
         iov_len: data.len(),
@@ -241,29 +366,48 @@ fn send_from(
     // SAFETY: an all-zero msghdr is a valid value.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_name = (&raw mut name).cast();
-    msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_namelen = name_len;
     msg.msg_iov = &raw mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.0.as_mut_ptr().cast();
+    let info_len = match from {
+        IpAddr::V4(_) => size_of::<libc::in_pktinfo>(),
+        IpAddr::V6(_) => size_of::<libc::in6_pktinfo>(),
+    } as u32;
     // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) } as usize;
+    let space = unsafe { libc::CMSG_SPACE(info_len) } as usize;
     msg.msg_controllen = space as _;
     // SAFETY: `control` holds `space` bytes (less than its 64), aligned for cmsghdr; the one
     // control message is written within them; sendmsg reads only the buffers `msg` names,
     // which live for the whole call (`data` is not written to).
     unsafe {
         let c = libc::CMSG_FIRSTHDR(&raw const msg);
-        (*c).cmsg_level = libc::IPPROTO_IP;
-        (*c).cmsg_type = libc::IP_PKTINFO;
-        (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
-        let info = libc::in_pktinfo {
-            ipi_ifindex: 0,
-            ipi_spec_dst: libc::in_addr {
-                s_addr: u32::from(from).to_be(),
-            },
-            ipi_addr: libc::in_addr { s_addr: 0 },
-        };
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), info);
+        (*c).cmsg_len = libc::CMSG_LEN(info_len) as _;
+        match from {
+            IpAddr::V4(from) => {
+                (*c).cmsg_level = libc::IPPROTO_IP;
+                (*c).cmsg_type = libc::IP_PKTINFO;
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(from).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), info);
+            }
+            IpAddr::V6(from) => {
+                (*c).cmsg_level = libc::IPPROTO_IPV6;
+                (*c).cmsg_type = libc::IPV6_PKTINFO;
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: from.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), info);
+            }
+        }
         if libc::sendmsg(sock.as_raw_fd(), &raw const msg, 0) < 0 {
             return Err(std::io::Error::last_os_error());
         }

@@ -1,11 +1,13 @@
 //! The lab's L3 tunnel relay (`Network::Tunnel` of the cluster lab): what Calico's IPIP or
 //! WireGuard do between nodes, with a TUN device and UDP, as this kernel has neither ipip
 //! nor wireguard. It attaches to TUN device DEV (IFF_TUN | IFF_NO_PI: bare IP packets, no
-//! Ethernet header) in the namespace it runs in, sends each IPv4 packet the device gives it
-//! in one UDP datagram from LISTEN to the PEER whose CIDR holds the packet's destination,
-//! and writes each datagram a peer sends it to the device.
+//! Ethernet header) in the namespace it runs in, sends each IPv4 or IPv6 packet the device
+//! gives it in one UDP datagram from LISTEN to the PEER whose CIDR holds the packet's
+//! destination, and writes each datagram a peer sends it to the device. CIDRs are of either
+//! family, and so are the addresses the relays talk over (one peer may carry both families,
+//! as a WireGuard peer does: give it a CIDR of each).
 //!
-//! Usage: lab-tunnel DEV LISTEN_IP:PORT CIDR=PEER_IP:PORT...
+//! Usage: lab-tunnel DEV LISTEN_IP:PORT CIDR=PEER_IP:PORT...   (IPv6 addresses as [IP]:PORT)
 //!
 //! Prints `lab-tunnel: DEV attached, listening on LISTEN` once running; runs until killed. A
 //! packet for no peer's CIDR, or a datagram from an address that is no peer, is dropped (the
@@ -22,7 +24,7 @@
 use std::{
     fs::File,
     io::{ErrorKind, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::AsRawFd,
     process::exit,
     sync::atomic::{AtomicU32, Ordering},
@@ -35,17 +37,23 @@ const SOCKET_BUFFER: libc::c_int = 4 << 20;
 /// Drops reported on stderr, of each kind (then only counted).
 const REPORTED: u32 = 5;
 
-/// A peer relay and the pod CIDR behind it.
+/// A peer relay and a pod CIDR behind it (of either family: an IPv4 address and CIDR are
+/// held in the low 32 bits).
 #[derive(Clone, Copy, Debug)]
 struct Peer {
-    net: u32,
-    mask: u32,
-    addr: SocketAddrV4,
+    v6: bool,
+    net: u128,
+    mask: u128,
+    addr: SocketAddr,
 }
 
 impl Peer {
-    fn holds(&self, ip: u32) -> bool {
-        ip & self.mask == self.net
+    fn holds(&self, ip: IpAddr) -> bool {
+        let (v6, ip) = match ip {
+            IpAddr::V4(a) => (false, u128::from(u32::from(a))),
+            IpAddr::V6(a) => (true, u128::from(a)),
+        };
+        v6 == self.v6 && ip & self.mask == self.net
     }
 }
 
@@ -53,18 +61,42 @@ impl Peer {
 fn parse_peer(arg: &str) -> Option<Peer> {
     let (cidr, addr) = arg.split_once('=')?;
     let (net, len) = cidr.split_once('/')?;
-    let net = u32::from(net.parse::<Ipv4Addr>().ok()?);
     let len: u32 = len.parse().ok()?;
-    let mask = match len {
-        0 => 0,
-        1..=32 => u32::MAX << (32 - len),
-        _ => return None,
+    let (v6, net, bits) = match net.parse::<IpAddr>().ok()? {
+        IpAddr::V4(a) => (false, u128::from(u32::from(a)), 32),
+        IpAddr::V6(a) => (true, u128::from(a), 128),
     };
+    if len > bits {
+        return None;
+    }
+    // The top `len` of `bits` bits.
+    let all = if bits == 128 {
+        u128::MAX
+    } else {
+        (1u128 << bits) - 1
+    };
+    let mask = all & !(all.checked_shr(len).unwrap_or(0));
     Some(Peer {
+        v6,
         net: net & mask,
         mask,
         addr: addr.parse().ok()?,
     })
+}
+
+/// The destination of an IPv4 or IPv6 packet.
+fn destination(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 => {
+            let d: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
+            Some(Ipv4Addr::from(d).into())
+        }
+        6 => {
+            let d: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
+            Some(Ipv6Addr::from(d).into())
+        }
+        _ => None,
+    }
 }
 
 /// Attaches to TUN device `name` (made by `ip tuntap add ... mode tun`, or made here if
@@ -135,22 +167,15 @@ fn tun_to_udp(mut tun: File, sock: UdpSocket, peers: Vec<Peer>) -> std::io::Erro
             Err(e) => return e,
         };
         let packet = &buf[..n];
-        // IPv4 only (the device may also be handed IPv6 the kernel sends by itself).
-        let Some(dst) = packet
-            .get(16..20)
-            .filter(|_| packet[0] >> 4 == 4)
-            .and_then(|d| <[u8; 4]>::try_from(d).ok())
-            .map(u32::from_be_bytes)
-        else {
+        let Some(dst) = destination(packet) else {
             report(&UNROUTED, || {
-                format!("dropped a non-IPv4 packet ({n} bytes)")
+                format!("dropped a packet neither IPv4 nor IPv6 ({n} bytes)")
             });
             continue;
         };
+        // (The kernel may hand the device packets of its own, e.g. IPv6 multicast: no peer.)
         let Some(peer) = peers.iter().find(|p| p.holds(dst)) else {
-            report(&UNROUTED, || {
-                format!("dropped a packet to {}: no peer", Ipv4Addr::from(dst))
-            });
+            report(&UNROUTED, || format!("dropped a packet to {dst}: no peer"));
             continue;
         };
         if let Err(e) = sock.send_to(packet, peer.addr) {
@@ -170,7 +195,7 @@ fn udp_to_tun(mut tun: File, sock: UdpSocket, peers: Vec<Peer>) -> std::io::Erro
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return e,
         };
-        if !peers.iter().any(|p| SocketAddr::V4(p.addr) == from) {
+        if !peers.iter().any(|p| p.addr == from) {
             report(&STRANGERS, || {
                 format!("dropped {n} bytes from {from}: no peer")
             });
@@ -199,7 +224,7 @@ fn main() {
     let (Some(dev), Some(listen)) = (args.first(), args.get(1)) else {
         usage()
     };
-    let Ok(listen) = listen.parse::<SocketAddrV4>() else {
+    let Ok(listen) = listen.parse::<SocketAddr>() else {
         usage()
     };
     let peers: Vec<Peer> = args[2..]
@@ -220,4 +245,48 @@ fn main() {
     let peers2 = peers.clone();
     thread::spawn(move || fail("receiving from peers", udp_to_tun(tun2, sock2, peers2)));
     fail("reading the device", tun_to_udp(tun, sock, peers));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_hold_their_cidrs_of_either_family() {
+        let v4 = parse_peer("10.244.2.0/24=172.18.0.3:51820").expect("parses");
+        let v6 = parse_peer("fd00:10:244:2::/64=172.18.0.3:51820").expect("parses");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("address");
+        assert!(v4.holds(ip("10.244.2.11")) && !v4.holds(ip("10.244.3.11")));
+        assert!(v6.holds(ip("fd00:10:244:2::11")) && !v6.holds(ip("fd00:10:244:3::11")));
+        // An IPv4 address never matches an IPv6 CIDR whose low bits it shares, nor back.
+        assert!(!v6.holds(ip("10.244.2.11")) && !v4.holds(ip("::a0a:20b")));
+        let all = parse_peer("0.0.0.0/0=[fd00:18::3]:51820").expect("parses");
+        assert!(all.holds(ip("1.2.3.4")) && !all.holds(ip("::1")));
+        assert_eq!(all.addr, "[fd00:18::3]:51820".parse().expect("address"));
+        assert!(parse_peer("::/0=172.18.0.3:1").is_some_and(|p| p.holds(ip("2001:db8::1"))));
+        assert!(parse_peer("fd00::/129=172.18.0.3:1").is_none());
+        assert!(parse_peer("10.0.0.0/33=172.18.0.3:1").is_none());
+        assert!(parse_peer("10.0.0.0/8").is_none());
+    }
+
+    #[test]
+    fn destinations_of_both_families_are_read() {
+        let mut v4 = [0u8; 20];
+        v4[0] = 0x45;
+        v4[16..20].copy_from_slice(&[10, 244, 2, 11]);
+        assert_eq!(
+            destination(&v4),
+            Some("10.244.2.11".parse().expect("address"))
+        );
+        let mut v6 = [0u8; 40];
+        v6[0] = 0x60;
+        v6[24..40].copy_from_slice(&"fd00:10:244:2::11".parse::<Ipv6Addr>().expect("a").octets());
+        assert_eq!(
+            destination(&v6),
+            Some("fd00:10:244:2::11".parse().expect("address"))
+        );
+        assert_eq!(destination(&v6[..30]), None);
+        assert_eq!(destination(&[0x20; 40]), None);
+        assert_eq!(destination(&[]), None);
+    }
 }
