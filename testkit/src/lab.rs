@@ -677,7 +677,12 @@ impl Persistent {
         in_netns(ns, move || {
             let tcp = std::net::TcpStream::connect_timeout(&to_tcp, Duration::from_secs(2))?;
             tcp.set_read_timeout(Some(Duration::from_secs(2)))?;
-            let udp = UdpSocket::bind("0.0.0.0:0")?;
+            let any: SocketAddr = if to_udp.is_ipv6() {
+                (Ipv6Addr::UNSPECIFIED, 0).into()
+            } else {
+                (Ipv4Addr::UNSPECIFIED, 0).into()
+            };
+            let udp = UdpSocket::bind(any)?;
             udp.connect(to_udp)?;
             udp.set_read_timeout(Some(Duration::from_secs(1)))?;
             Ok(Persistent {
