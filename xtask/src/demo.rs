@@ -1,15 +1,48 @@
 //! `cargo xtask lab`: the standalone demo. A node and its pods in network namespaces, real
 //! servers in the pods, `lb-agent run --manifests` on the node with a tutorial's Services,
-//! traffic from a client outside the node and from a pod, and a table of how it spread.
+//! traffic from a client outside the node and from a pod, and a table of how it spread. The
+//! lab is dual-stack: every pod has an IPv4 and an IPv6 address, and a dual-stack Service
+//! (`dual`) is reached over both families.
 
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
-use lb_testkit::lab::{tutorial_manifests, Lab, LabPod, NODE_IP};
+use lb_testkit::lab::{
+    tutorial_manifests, Lab, LabPod, CLIENT_IP6, HTTP_PORT, NODE_IP, NODE_IP6, NODE_NAME,
+};
+
+/// The dual-stack Service: both families' ClusterIPs and the NodePort 30090 on the node's
+/// IPv4 and IPv6 addresses, over every pod (an EndpointSlice per family).
+fn dual_manifest(pods: &[LabPod]) -> String {
+    let slice = |family: &str, addrs: Vec<String>| {
+        let mut endpoints = String::new();
+        for a in addrs {
+            let _ = write!(
+                endpoints,
+                "\n- {{addresses: [\"{a}\"], nodeName: {NODE_NAME}, conditions: {{ready: true}}}}"
+            );
+        }
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: dual-{f}, \
+             labels: {{kubernetes.io/service-name: dual}}}}\naddressType: {family}\nports: \
+             [{{name: http, port: {HTTP_PORT}}}]\nendpoints:{endpoints}\n",
+            f = family.to_ascii_lowercase(),
+        )
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: dual}}\nspec:\n  type: NodePort\n  \
+         ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: 10.96.0.30\n  \
+         clusterIPs: [10.96.0.30, \"fd00:10:96::30\"]\n  ports:\n  - {{name: http, port: 80, \
+         nodePort: 30090}}\n{}{}",
+        slice("IPv4", pods.iter().map(|p| p.ip.to_string()).collect()),
+        slice("IPv6", pods.iter().map(|p| p.ip6().to_string()).collect()),
+    )
+}
 
 /// Pod names and addresses as the lab gives them, without creating anything.
 pub fn sample_pods(n: usize) -> Vec<LabPod> {
@@ -58,13 +91,16 @@ pub fn run(pods: usize, requests: usize) -> Result<()> {
         bail!("--pods must be between 1 and 200");
     }
     println!(
-        "Setting up the lab: one node ({NODE_IP}), {pods} pods, a client outside (198.18.0.1)..."
+        "Setting up the lab: one node ({NODE_IP}, {NODE_IP6}), {pods} dual-stack pods, a client \
+         outside (198.18.0.1, {CLIENT_IP6})..."
     );
     let mut lab = Lab::up(pods)?;
+    lab.add_ipv6()?;
     lab.start_servers()?;
     for (name, text) in tutorial_manifests(&lab.pods) {
         lab.write_manifest(&name, &text)?;
     }
+    lab.write_manifest("dual.yaml", &dual_manifest(&lab.pods))?;
     lab.start_agent()?;
     lab.wait_healthy(Duration::from_secs(15))?;
     println!(
@@ -113,6 +149,18 @@ pub fn run(pods: usize, requests: usize) -> Result<()> {
             &pod1,
             SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 53), 53)),
         ),
+    ));
+    patterns.push(tally(
+        format!("outside → NodePort [{NODE_IP6}]:30090 (dual, TCP over IPv6)"),
+        curl(&lab, &ext, &format!("http://[{NODE_IP6}]:30090/"))?,
+    ));
+    patterns.push(tally(
+        "pod1 → ClusterIP 10.96.0.30:80 (dual, its IPv4 ClusterIP)".into(),
+        curl(&lab, &pod1, "http://10.96.0.30:80/")?,
+    ));
+    patterns.push(tally(
+        "pod1 → ClusterIP [fd00:10:96::30]:80 (dual, its IPv6 ClusterIP)".into(),
+        curl(&lab, &pod1, "http://[fd00:10:96::30]:80/")?,
     ));
 
     println!("How {requests} requests per pattern spread over the pods:\n");
