@@ -55,11 +55,13 @@ mod clock;
 mod conntrack;
 mod csum;
 mod ctx;
+mod family;
 mod frag;
 mod icmp;
 mod maps;
 mod nat;
 mod parse;
+mod parse6;
 mod probe;
 mod reject;
 mod route;
@@ -73,26 +75,29 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lb_common::stat;
 
 use crate::{
     ctx::{Skb, Verdict},
     nat::{process, tc_egress, tc_translate},
     reject::{reject, xdp_frag_needed},
-    telemetry::count,
 };
 
 /// The datapath on external interfaces whose driver runs XDP natively; rejects go on untouched
 /// to `lb_tc_reject`.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    count(stat::RX);
     match process(&ctx) {
         // A reject goes on untouched to lb_tc_reject, in TC ingress on the same interface.
         Verdict::Pass | Verdict::Reject => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
-        Verdict::FragNeeded(mtu) => xdp_frag_needed(&ctx, mtu),
+        Verdict::FragNeeded(mtu) => xdp_too_big(&ctx, mtu),
     }
+}
+
+/// `xdp_frag_needed` as a call of its own: `lb_xdp`'s frame adds up with `process`'s.
+#[inline(never)]
+fn xdp_too_big(ctx: &XdpContext, mtu: u16) -> u32 {
+    xdp_frag_needed(ctx, mtu)
 }
 
 /// The datapath for packets from this node's pods, in TC ingress on their veths. It runs the
