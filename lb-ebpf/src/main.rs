@@ -1,11 +1,12 @@
 //! The service datapath: ClusterIP / NodePort / externalIP / LoadBalancer-IP translation for
-//! IPv4 TCP and UDP, on the external interfaces in XDP (`lb_xdp`, where the driver runs XDP
+//! TCP and UDP over IPv4 and IPv6 (`docs/ipv6.md`), on the external interfaces in XDP (`lb_xdp`, where the driver runs XDP
 //! natively) or in TC (`lb_tc_ext`, elsewhere), and in TC on the pods' interfaces
 //! (`lb_tc_pod`); the TC programs rewrite through the kernel's checksum helpers because local
 //! senders leave partial checksums. All run `process`; cgroup socket hooks for the node's own
 //! processes are in `sock.rs`.
 //!
-//! Per packet: parse Ethernet + IPv4 (no options, no fragments) + TCP/UDP, then
+//! Per packet: parse Ethernet + IPv4 (no options) or IPv6 (extension headers walked within a
+//! bound) + TCP/UDP, fragments with their first's ports, then
 //! 1. conntrack hit in the reply direction → restore the frontend as source (reverse NAT);
 //! 2. conntrack hit in the forward direction → rewrite to the flow's backend;
 //! 3. a reply to a flow this node source-NATed (addressed to the node address and a port of
