@@ -1,7 +1,7 @@
 //! The service datapath: ClusterIP / NodePort / externalIP / LoadBalancer-IP translation for
-//! TCP and UDP over IPv4 and IPv6 (`docs/ipv6.md`), on the external interfaces in XDP (`lb_xdp`, where the driver runs XDP
-//! natively) or in TC (`lb_tc_ext`, elsewhere), and in TC on the pods' interfaces
-//! (`lb_tc_pod`); the TC programs rewrite through the kernel's checksum helpers because local
+//! TCP and UDP over IPv4 and IPv6 (`docs/ipv6.md`), on the external interfaces in XDP
+//! (`lb_xdp`, where the driver runs XDP natively) or in TC (`lb_tc_ext`, elsewhere), and in
+//! TC on the pods' interfaces (`lb_tc_pod`); the TC programs rewrite through the kernel's checksum helpers because local
 //! senders leave partial checksums. All run `process`; cgroup socket hooks for the node's own
 //! processes are in `sock.rs`.
 //!
