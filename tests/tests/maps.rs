@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use lb_common::{BackendSlotKey, BackendV4, DEFAULT_BACKENDS, IPPROTO_TCP};
 use lb_control::{
-    maps::{Capacity, ServiceMaps},
+    maps::{BackendValue, Capacity, ServiceMaps},
     reconcile::Reconciler,
 };
 use lb_testkit::{require_root, PinDir};
@@ -85,7 +85,7 @@ fn batch_writes_land_and_overwrite() {
 #[test]
 fn a_batch_the_map_cannot_hold_fails_naming_the_map() {
     let (_pin, _dp, mut maps) = open("batchfull");
-    let too_many: Vec<(u32, BackendV4)> = (1..=DEFAULT_BACKENDS + 1)
+    let too_many: Vec<(u32, BackendValue)> = (1..=DEFAULT_BACKENDS + 1)
         .map(|id| {
             let b = BackendV4 {
                 addr: id.to_be(),
@@ -93,7 +93,7 @@ fn a_batch_the_map_cannot_hold_fails_naming_the_map() {
                 proto: IPPROTO_TCP,
                 flags: 0,
             };
-            (id, b)
+            (id, b.into())
         })
         .collect();
     let e = maps
@@ -138,13 +138,18 @@ fn the_maps_are_made_with_the_sizes_asked_for_and_the_reconciler_keeps_to_them()
     );
     let r = Reconciler::new(maps).expect("reconciler");
     let fill: Vec<(&str, usize)> = r.fill().iter().map(|f| (f.map, f.capacity)).collect();
+    // Each family's maps and the id spaces they share (LB_SVC_STATS, LB_BE_STATS).
     assert_eq!(
         fill,
         [
             ("LB4_SERVICES", 299_999),
+            ("LB6_SERVICES", 299_999),
+            ("LB_SVC_STATS", 299_999),
             ("LB_SLOTS", 3000),
             ("LB_MEMBERS", 3000),
             ("LB4_BACKENDS", 999),
+            ("LB6_BACKENDS", 999),
+            ("LB_BE_STATS", 999),
         ]
     );
 }

@@ -11,17 +11,17 @@ pub mod state;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     path::Path,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, Result};
-use lb_common::{ServiceKeyV4, SCOPE_ALL, SCOPE_PODS};
+use lb_common::{SCOPE_ALL, SCOPE_PODS};
 use lb_control::{
     incremental::Engine,
-    maps::{self as service_maps, frontend_key},
+    maps::{self as service_maps, frontend_key, FrontendKey},
     model::{Desired, FrontendState, L4Addr, Proto},
     reconcile::{Partial, Reconciler},
     source::{manifests::ManifestSource, Dirty, Source},
@@ -410,7 +410,7 @@ fn update_frontend_names(
 }
 
 /// The name of every programmed entry, by service id.
-fn frontend_names(desired: &Desired, ids: Vec<(ServiceKeyV4, u32)>) -> BTreeMap<u32, FrontendName> {
+fn frontend_names(desired: &Desired, ids: Vec<(FrontendKey, u32)>) -> BTreeMap<u32, FrontendName> {
     let mut by_key = HashMap::new();
     for (scope, frontends) in [
         (SCOPE_ALL, &desired.frontends),
@@ -502,7 +502,7 @@ fn attach_interfaces(datapath: &mut Datapath, cfg: &RunConfig) -> Result<()> {
 fn leave_removed_backends(pin: &Path, desired: &Desired) {
     let serves = |fe: SocketAddrV4, be: SocketAddrV4| {
         let udp = |a: SocketAddrV4| L4Addr {
-            addr: *a.ip(),
+            addr: IpAddr::V4(*a.ip()),
             port: a.port(),
             proto: Proto::Udp,
         };
@@ -532,8 +532,9 @@ fn nodeport_addresses(
     cfg: &RunConfig,
     addresses: &BTreeSet<Ipv4Addr>,
     primary: Option<Ipv4Addr>,
-) -> Vec<Ipv4Addr> {
-    let all: Vec<Ipv4Addr> = addresses.iter().copied().collect();
+) -> Vec<IpAddr> {
+    let all: Vec<IpAddr> = addresses.iter().map(|a| IpAddr::V4(*a)).collect();
+    let primary: Vec<IpAddr> = primary.map(IpAddr::V4).into_iter().collect();
     cfg.nodeport_addresses
-        .select(&all, primary, cfg.localhost_nodeports)
+        .select(&all, &primary, cfg.localhost_nodeports)
 }
