@@ -1,7 +1,7 @@
 //! What `lb-agent run` is told, and the checks it makes before touching anything.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     time::Duration,
 };
@@ -41,6 +41,9 @@ pub struct RunConfig {
     /// The source address of SNATed flows; default: the first IPv4 address of the first
     /// `--ext-iface`.
     pub node_ip: Option<Ipv4Addr>,
+    /// The source address of SNATed IPv6 flows (`LB6_NODE_ADDR`); default: the first IPv6
+    /// address, neither loopback nor link-local, of the first `--ext-iface` that has one.
+    pub node_ipv6: Option<Ipv6Addr>,
     /// Source ports for SNAT (first, last).
     pub snat_ports: (u16, u16),
     /// Entries of one Maglev table (a prime).

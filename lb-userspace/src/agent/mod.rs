@@ -11,7 +11,7 @@ pub mod state;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddrV4},
     path::Path,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -37,7 +37,7 @@ use self::{
     state::{FrontendName, SharedState},
 };
 use crate::{
-    datapath::{self, host_sockets, node, stats, Datapath, PinnedMaps},
+    datapath::{self, host_sockets, node, pinned_maps, stats, Datapath, PinnedMaps},
     source::kube::{ApiAccess, KubeSource},
 };
 
@@ -179,8 +179,9 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     // Trigger times of the EndpointSlice changes in `pending`, measured once programmed.
     let mut pending_triggers = Vec::new();
     let mut zone = None;
-    let mut addresses: BTreeSet<Ipv4Addr> = BTreeSet::new();
-    let mut primary: Option<Ipv4Addr> = None;
+    let mut addresses: BTreeSet<IpAddr> = BTreeSet::new();
+    // The node's primary address of each family (SNAT sources, `primary` NodePorts).
+    let mut primary: Vec<IpAddr> = Vec::new();
     let mut clock_checked = Instant::now();
     let links = watch_links();
     let mut tick = tokio::time::interval(POLL);
@@ -215,25 +216,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                 addresses = a;
                 pending.all = true;
                 status.lock().queued();
-                let snat_ip = cfg
-                    .node_ip
-                    .or_else(|| node::primary_address(&cfg.ext_ifaces));
-                primary = snat_ip;
-                match snat_ip {
-                    Some(ip) => {
-                        let v = u32::from_ne_bytes(ip.octets());
-                        if let Err(e) = datapath.set_config(lb_common::config::NODE_ADDR, v) {
-                            tracing::warn!(error = format!("{e:#}"), "setting the node address");
-                        } else {
-                            tracing::info!(%ip, "node address (source of SNATed flows)");
-                        }
-                    }
-                    None if cfg.ext_ifaces.is_empty() => {}
-                    None => tracing::warn!(
-                        "no IPv4 address on the external interfaces: traffic from outside to \
-                         backends on other nodes is dropped until one appears (or --node-ip)"
-                    ),
-                }
+                primary = program_node_addresses(&mut datapath, &cfg);
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = format!("{e:#}"), "reading node addresses failed"),
@@ -270,7 +253,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         let started = Instant::now();
         let node = NodeInfo {
             name: cfg.node_name.clone(),
-            addresses: nodeport_addresses(&cfg, &addresses, primary),
+            addresses: nodeport_addresses(&cfg, &addresses, &primary),
             zone: zone.clone(),
         };
         let r = match reconciler.as_mut() {
@@ -527,14 +510,58 @@ fn leave_removed_backends(pin: &Path, desired: &Desired) {
     }
 }
 
-/// The addresses NodePorts are served on (`--nodeport-addresses`, localhost NodePorts).
+/// The addresses NodePorts are served on (`--nodeport-addresses`, localhost NodePorts), of
+/// both families.
 fn nodeport_addresses(
     cfg: &RunConfig,
-    addresses: &BTreeSet<Ipv4Addr>,
-    primary: Option<Ipv4Addr>,
+    addresses: &BTreeSet<IpAddr>,
+    primary: &[IpAddr],
 ) -> Vec<IpAddr> {
-    let all: Vec<IpAddr> = addresses.iter().map(|a| IpAddr::V4(*a)).collect();
-    let primary: Vec<IpAddr> = primary.map(IpAddr::V4).into_iter().collect();
+    let all: Vec<IpAddr> = addresses.iter().copied().collect();
     cfg.nodeport_addresses
-        .select(&all, &primary, cfg.localhost_nodeports)
+        .select(&all, primary, cfg.localhost_nodeports)
+}
+
+/// Writes the node's address of each family, the source of source-NATed flows
+/// (`LB_CONFIG[NODE_ADDR]`, `LB6_NODE_ADDR`): `--node-ip` / `--node-ipv6`, else the first
+/// address of the family on the external interfaces. Returns those addresses.
+fn program_node_addresses(datapath: &mut Datapath, cfg: &RunConfig) -> Vec<IpAddr> {
+    let v4 = cfg
+        .node_ip
+        .or_else(|| node::primary_address(&cfg.ext_ifaces));
+    let v6 = cfg
+        .node_ipv6
+        .or_else(|| node::primary_address_v6(&cfg.ext_ifaces));
+    match v4 {
+        Some(ip) => {
+            let v = u32::from_ne_bytes(ip.octets());
+            if let Err(e) = datapath.set_config(lb_common::config::NODE_ADDR, v) {
+                tracing::warn!(error = format!("{e:#}"), "setting the node address");
+            } else {
+                tracing::info!(%ip, "node address (source of SNATed flows)");
+            }
+        }
+        None if cfg.ext_ifaces.is_empty() => {}
+        None => tracing::warn!(
+            "no IPv4 address on the external interfaces: IPv4 traffic from outside to \
+             backends on other nodes is dropped until one appears (or --node-ip)"
+        ),
+    }
+    // All zero when the node has none.
+    match pinned_maps::write_node_addr_v6(&cfg.pin_path, v6) {
+        Err(e) => tracing::warn!(error = format!("{e:#}"), "setting the node's IPv6 address"),
+        Ok(()) => match v6 {
+            Some(ip) => tracing::info!(%ip, "node IPv6 address (source of SNATed IPv6 flows)"),
+            None if cfg.ext_ifaces.is_empty() => {}
+            None => tracing::info!(
+                "no IPv6 address on the external interfaces: IPv6 traffic from outside to \
+                 backends on other nodes cannot be source-NATed until one appears (or \
+                 --node-ipv6)"
+            ),
+        },
+    }
+    v4.map(IpAddr::V4)
+        .into_iter()
+        .chain(v6.map(IpAddr::V6))
+        .collect()
 }

@@ -60,6 +60,16 @@ pub fn read_capacity(pin: &Path) -> Result<Capacity> {
     })
 }
 
+/// Writes the node's IPv6 address to `LB6_NODE_ADDR` (the source of source-NATed IPv6
+/// flows), all zero for none.
+pub fn write_node_addr_v6(pin: &Path, addr: Option<Ipv6Addr>) -> Result<()> {
+    let mut map: Array<MapData, [u32; 4]> =
+        Array::try_from(Map::Array(open_map(pin, map_names::LB6_NODE_ADDR)?))?;
+    let words = addr.map_or([0; 4], |a| ipv6_words(a.octets()));
+    map.set(0, words, 0).context("writing LB6_NODE_ADDR")?;
+    Ok(())
+}
+
 impl PinnedMaps {
     pub fn open(pin: &Path) -> Result<Self> {
         Ok(PinnedMaps {
