@@ -182,6 +182,8 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let mut addresses: BTreeSet<IpAddr> = BTreeSet::new();
     // The node's primary address of each family (SNAT sources, `primary` NodePorts).
     let mut primary: Vec<IpAddr> = Vec::new();
+    // The node's host IPs as its Node object gives them (where the source knows it).
+    let mut node_status_addresses: Vec<IpAddr> = Vec::new();
     let mut clock_checked = Instant::now();
     let links = watch_links();
     let mut tick = tokio::time::interval(POLL);
@@ -210,13 +212,15 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             }
         }
 
+        let from_node = source.node_addresses();
         match node::addresses() {
-            Ok(a) if a != addresses => {
-                tracing::info!(addresses = ?a, "node addresses");
+            Ok(a) if a != addresses || from_node != node_status_addresses => {
+                tracing::info!(addresses = ?a, node_status = ?from_node, "node addresses");
                 addresses = a;
+                node_status_addresses = from_node;
                 pending.all = true;
                 status.lock().queued();
-                primary = program_node_addresses(&mut datapath, &cfg);
+                primary = program_node_addresses(&mut datapath, &cfg, &node_status_addresses);
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = format!("{e:#}"), "reading node addresses failed"),
@@ -524,14 +528,31 @@ fn nodeport_addresses(
 
 /// Writes the node's address of each family, the source of source-NATed flows
 /// (`LB_CONFIG[NODE_ADDR]`, `LB6_NODE_ADDR`): `--node-ip` / `--node-ipv6`, else the first
-/// address of the family on the external interfaces. Returns those addresses.
-fn program_node_addresses(datapath: &mut Datapath, cfg: &RunConfig) -> Vec<IpAddr> {
+/// address of the family on the external interfaces, else the Node object's host IP of the
+/// family (`from_node`). Returns those addresses.
+fn program_node_addresses(
+    datapath: &mut Datapath,
+    cfg: &RunConfig,
+    from_node: &[IpAddr],
+) -> Vec<IpAddr> {
     let v4 = cfg
         .node_ip
-        .or_else(|| node::primary_address(&cfg.ext_ifaces));
+        .or_else(|| node::primary_address(&cfg.ext_ifaces))
+        .or_else(|| {
+            from_node.iter().find_map(|a| match a {
+                IpAddr::V4(a) => Some(*a),
+                IpAddr::V6(_) => None,
+            })
+        });
     let v6 = cfg
         .node_ipv6
-        .or_else(|| node::primary_address_v6(&cfg.ext_ifaces));
+        .or_else(|| node::primary_address_v6(&cfg.ext_ifaces))
+        .or_else(|| {
+            from_node.iter().find_map(|a| match a {
+                IpAddr::V6(a) => Some(*a),
+                IpAddr::V4(_) => None,
+            })
+        });
     match v4 {
         Some(ip) => {
             let v = u32::from_ne_bytes(ip.octets());

@@ -165,12 +165,12 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1)]
     flow_sample: u32,
     /// Source address of flows from outside to backends on other nodes (SNAT). Default: the
-    /// first IPv4 address of the first --ext-iface.
+    /// first IPv4 address of the first --ext-iface, else the Node object's IPv4 InternalIP.
     #[arg(long, value_name = "IP")]
     node_ip: Option<std::net::Ipv4Addr>,
     /// Source address of IPv6 flows from outside to backends on other nodes. Default: the
     /// first IPv6 address, neither loopback nor link-local, of the first --ext-iface that
-    /// has one.
+    /// has one, else the Node object's IPv6 InternalIP (or ExternalIP).
     #[arg(long, value_name = "IPV6")]
     node_ipv6: Option<std::net::Ipv6Addr>,
     /// Source ports for that SNAT, FIRST-LAST. Keep them out of the node's own ephemeral
