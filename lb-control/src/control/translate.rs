@@ -1673,6 +1673,80 @@ spec:
     }
 
     #[test]
+    fn node_ports_per_family_on_the_addresses_nodeport_addresses_selects() {
+        use crate::node_ports::NodePortAddresses;
+        let yaml = dual(
+            "  ipFamilyPolicy: RequireDualStack\n  clusterIPs: [10.96.0.10, \"fd00:10:96::a\"]",
+            V4_EPS,
+            V6_EPS,
+        );
+        let objects = parse_file(Path::new("test.yaml"), &yaml).expect("fixture parses");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("address");
+        let addresses = [
+            ip("198.18.0.2"),
+            ip("10.0.5.2"),
+            ip("2001:db8:18::2"),
+            ip("fd00:5::2"),
+        ];
+        let primary = [ip("198.18.0.2"), ip("2001:db8:18::2")];
+        let node_ports = |npa: &str| -> Vec<String> {
+            let npa: NodePortAddresses = npa.parse().expect("nodeport-addresses");
+            let node = NodeInfo {
+                addresses: npa.select(&addresses, &primary, false),
+                ..node()
+            };
+            let t = translate(&objects, &node);
+            let v6 = ["[fd00:10:244::11]:8080/TCP", "[fd00:10:244:1::12]:8080/TCP"];
+            t.desired
+                .frontends
+                .iter()
+                .filter(|(_, st)| st.kind == FrontendKind::NodePort)
+                .map(|(fe, st)| {
+                    // Each family's NodePorts have that family's endpoints.
+                    let want_v6 = fe.is_ipv6();
+                    assert!(
+                        st.backends.iter().all(|b| b.addr.is_ipv6() == want_v6),
+                        "{fe}"
+                    );
+                    if want_v6 {
+                        assert_eq!(backends(&t, *fe), v6, "{fe}");
+                    }
+                    fe.to_string()
+                })
+                .collect()
+        };
+        // Every address of both families.
+        assert_eq!(
+            node_ports(""),
+            vec![
+                "10.0.5.2:30080/TCP",
+                "198.18.0.2:30080/TCP",
+                "[2001:db8:18::2]:30080/TCP",
+                "[fd00:5::2]:30080/TCP"
+            ]
+        );
+        // IPv4 CIDRs only: IPv4 restricted, IPv6 on every address (kube-proxy's rule).
+        assert_eq!(
+            node_ports("198.18.0.0/16"),
+            vec![
+                "198.18.0.2:30080/TCP",
+                "[2001:db8:18::2]:30080/TCP",
+                "[fd00:5::2]:30080/TCP"
+            ]
+        );
+        // CIDRs of both families: each restricts its own.
+        assert_eq!(
+            node_ports("10.0.0.0/8,fd00::/8"),
+            vec!["10.0.5.2:30080/TCP", "[fd00:5::2]:30080/TCP"]
+        );
+        // `primary`: the primary address of each family.
+        assert_eq!(
+            node_ports("primary"),
+            vec!["198.18.0.2:30080/TCP", "[2001:db8:18::2]:30080/TCP"]
+        );
+    }
+
+    #[test]
     fn cidrs_of_both_families() {
         let c = |s: &str| parse_cidr(s).map(|c| (c.net.to_string(), c.len));
         assert_eq!(c(" 10.1.2.3/16 "), Some(("10.1.0.0".into(), 16)));
