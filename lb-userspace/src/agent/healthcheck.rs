@@ -160,17 +160,27 @@ mod tests {
             .iter()
             .map(|l| l.local_addr().expect("address"))
             .collect();
-        assert_eq!(
-            local,
-            vec![
-                SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-                SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
-            ]
-        );
+        // A host without IPv6 (a container with it disabled) has no ::1 to connect to: the
+        // IPv4 side alone is checked there.
+        let has_ipv6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_ok();
+        if has_ipv6 {
+            assert_eq!(
+                local,
+                vec![
+                    SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+                    SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+                ]
+            );
+        } else {
+            assert_eq!(local[0], SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)));
+        }
         for (l, to) in ls.iter().zip([
             SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
             SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
         ]) {
+            if to.is_ipv6() && !has_ipv6 {
+                break;
+            }
             let client = tokio::net::TcpStream::connect(to).await.expect("connects");
             let (_, peer) = l.accept().await.expect("accepts");
             assert_eq!(peer, client.local_addr().expect("address"), "{to}");
