@@ -2241,7 +2241,7 @@ mod tests {
         // As node 2's agent sees them.
         let node = NodeInfo {
             name: node_name(2),
-            addresses: vec![node_ip(2)],
+            addresses: vec![node_ip(2).into()],
             zone: None,
         };
         let t = translate(&objects, &node);

@@ -90,8 +90,12 @@ impl Harness {
         // As the agent configures it (the reconciler reads the Maglev size).
         let node_addr = node
             .addresses
-            .first()
-            .map_or(0, |a| u32::from_ne_bytes(a.octets()));
+            .iter()
+            .find_map(|a| match a {
+                std::net::IpAddr::V4(a) => Some(u32::from_ne_bytes(a.octets())),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .unwrap_or(0);
         for (index, value) in [
             (config::SNAT_PORT_MIN, u32::from(SNAT_PORTS.0)),
             (config::SNAT_PORT_MAX, u32::from(SNAT_PORTS.1)),

@@ -1,6 +1,6 @@
 //! The pinned maps' batch writes (`BPF_MAP_UPDATE_BATCH`) against the real maps of a loaded
 //! datapath: everything lands, overwrites win, and a batch the map cannot hold fails with the
-//! map named. Needs root.
+//! map named; a dual-stack Service lands in each family's maps. Needs root.
 // Harness code: a lab that cannot be built panics with a message, arguments are passed as
 // the call sites read best, and floats are compared exactly where they were parsed.
 #![allow(
@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use lb_common::{BackendSlotKey, BackendV4, DEFAULT_BACKENDS, IPPROTO_TCP};
 use lb_control::{
-    maps::{Capacity, ServiceMaps},
+    maps::{BackendValue, Capacity, ServiceMaps},
     reconcile::Reconciler,
 };
 use lb_testkit::{require_root, PinDir};
@@ -85,7 +85,7 @@ fn batch_writes_land_and_overwrite() {
 #[test]
 fn a_batch_the_map_cannot_hold_fails_naming_the_map() {
     let (_pin, _dp, mut maps) = open("batchfull");
-    let too_many: Vec<(u32, BackendV4)> = (1..=DEFAULT_BACKENDS + 1)
+    let too_many: Vec<(u32, BackendValue)> = (1..=DEFAULT_BACKENDS + 1)
         .map(|id| {
             let b = BackendV4 {
                 addr: id.to_be(),
@@ -93,7 +93,7 @@ fn a_batch_the_map_cannot_hold_fails_naming_the_map() {
                 proto: IPPROTO_TCP,
                 flags: 0,
             };
-            (id, b)
+            (id, b.into())
         })
         .collect();
     let e = maps
@@ -138,13 +138,18 @@ fn the_maps_are_made_with_the_sizes_asked_for_and_the_reconciler_keeps_to_them()
     );
     let r = Reconciler::new(maps).expect("reconciler");
     let fill: Vec<(&str, usize)> = r.fill().iter().map(|f| (f.map, f.capacity)).collect();
+    // Each family's maps and the id spaces they share (LB_SVC_STATS, LB_BE_STATS).
     assert_eq!(
         fill,
         [
             ("LB4_SERVICES", 299_999),
+            ("LB6_SERVICES", 299_999),
+            ("LB_SVC_STATS", 299_999),
             ("LB_SLOTS", 3000),
             ("LB_MEMBERS", 3000),
             ("LB4_BACKENDS", 999),
+            ("LB6_BACKENDS", 999),
+            ("LB_BE_STATS", 999),
         ]
     );
 }
@@ -198,4 +203,136 @@ fn conntrack_is_read_and_pruned_in_batches() {
         .expect("batch lookups");
     assert_eq!(left.len(), 10_000);
     assert!(left.iter().all(|(_, e)| e.backend_id % 2 == 1));
+}
+
+/// A dual-stack Service translated and applied to the real maps: each family's frontends in
+/// its own map (`LB6_SERVICES` for IPv6), with slots naming backends of its family from the
+/// one id space; removing the Service empties both families' maps.
+#[test]
+fn a_dual_stack_service_lands_in_each_familys_maps_and_leaves_them_clean() {
+    use lb_control::{
+        maps::{dump, FrontendKey},
+        source::manifests::parse_file,
+        translate::{translate, NodeInfo},
+    };
+    let (_pin, _dp, maps) = open("dualstack");
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: NodePort
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:10:96::a"]
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-4, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.244.0.11], nodeName: node-a}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-6, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: ["fd00:10:244::11"], nodeName: node-a}, {addresses: ["fd00:10:244::12"], nodeName: node-b}]
+"#;
+    let objects = parse_file(std::path::Path::new("web.yaml"), yaml).expect("parses");
+    let node = NodeInfo {
+        name: "node-a".into(),
+        addresses: vec![
+            "198.18.0.2".parse().expect("address"),
+            "2001:db8:18::2".parse().expect("address"),
+        ],
+        zone: None,
+    };
+    let t = translate(&objects, &node);
+    assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+    let mut r = Reconciler::new(maps).expect("reconciler");
+    r.apply(&t.desired).expect("apply");
+
+    let shown: Vec<(String, Vec<String>)> = dump(r.maps())
+        .expect("dump")
+        .into_iter()
+        .map(|f| {
+            (
+                f.frontend,
+                f.backends.into_iter().map(|b| b.address).collect(),
+            )
+        })
+        .collect();
+    let v4 = vec!["10.244.0.11:8080/TCP".to_string()];
+    let v6 = vec![
+        "[fd00:10:244::11]:8080/TCP".to_string(),
+        "[fd00:10:244::12]:8080/TCP".to_string(),
+    ];
+    let mut want = vec![
+        ("10.96.0.10:80/TCP".to_string(), v4.clone()),
+        ("198.18.0.2:30080/TCP".to_string(), v4),
+        ("[2001:db8:18::2]:30080/TCP".to_string(), v6.clone()),
+        ("[fd00:10:96::a]:80/TCP".to_string(), v6),
+    ];
+    let mut got = shown.clone();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+
+    // Each family in its own maps, ids from one space: no id in both.
+    let services = r.maps().services().expect("services");
+    let (six, four): (Vec<_>, Vec<_>) = services.iter().partition(|(k, _)| k.is_ipv6());
+    assert_eq!((four.len(), six.len()), (2, 2));
+    assert!(six.iter().all(|(k, _)| matches!(k, FrontendKey::V6(_))));
+    let backends = r.maps().backends().expect("backends");
+    assert_eq!(backends.iter().filter(|(_, b)| b.is_ipv6()).count(), 2);
+    assert_eq!(backends.iter().filter(|(_, b)| !b.is_ipv6()).count(), 1);
+    let mut ids: Vec<u32> = services.iter().map(|(_, e)| e.svc_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        4,
+        "one service id per frontend, over both families"
+    );
+    // Every slot of an IPv6 frontend names an IPv6 backend.
+    let family_of: BTreeMap<u32, bool> =
+        backends.iter().map(|(id, b)| (*id, b.is_ipv6())).collect();
+    let v6_ids: Vec<u32> = six.iter().map(|(_, e)| e.svc_id).collect();
+    for (k, be) in r.maps().slots().expect("slots") {
+        assert_eq!(
+            v6_ids.contains(&k.svc_id),
+            family_of[&be],
+            "slot {k:?} → {be}"
+        );
+    }
+
+    // The Service goes: nothing of either family stays.
+    r.apply(&translate(&lb_control::source::Objects::default(), &node).desired)
+        .expect("apply");
+    assert!(r.maps().services().expect("services").is_empty());
+    assert!(r.maps().backends().expect("backends").is_empty());
+    assert!(r.maps().slots().expect("slots").is_empty());
+}
+
+/// `LB6_NODE_ADDR` holds the node's IPv6 address as the datapath reads it, all zero for none.
+#[test]
+fn the_nodes_ipv6_address_is_written_word_by_word() {
+    use aya::maps::{Array, Map};
+    let (pin, _dp, _maps) = open("nodeaddr6");
+    let read = || -> [u32; 4] {
+        let data =
+            lb_userspace::datapath::pins::open_map(pin.path(), lb_common::map_names::LB6_NODE_ADDR)
+                .expect("map");
+        let a: Array<_, [u32; 4]> = Array::try_from(Map::Array(data)).expect("array");
+        a.get(&0, 0).expect("read")
+    };
+    let addr: std::net::Ipv6Addr = "2001:db8:18::2".parse().expect("address");
+    lb_userspace::datapath::pinned_maps::write_node_addr_v6(pin.path(), Some(addr)).expect("write");
+    assert_eq!(lb_common::ipv6_bytes(read()), addr.octets());
+    lb_userspace::datapath::pinned_maps::write_node_addr_v6(pin.path(), None).expect("write");
+    assert_eq!(read(), [0; 4]);
 }

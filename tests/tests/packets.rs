@@ -33,7 +33,7 @@ const HAIRPIN: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 fn harness() -> Harness {
     Harness::new(NodeInfo {
         name: "node-a".into(),
-        addresses: vec![NODE_IP],
+        addresses: vec![NODE_IP.into()],
         zone: None,
     })
     .expect("datapath loads")

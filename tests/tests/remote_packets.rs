@@ -35,7 +35,7 @@ const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
 fn node(name: &str, ip: Ipv4Addr) -> Harness {
     Harness::new(NodeInfo {
         name: name.into(),
-        addresses: vec![ip],
+        addresses: vec![ip.into()],
         zone: None,
     })
     .expect("datapath loads")
@@ -396,7 +396,7 @@ fn source_ranges_fence_every_client_of_the_lb_ip_pods_too_and_not_the_node_port(
 fn a_packet_to_a_localhost_node_port_is_not_translated() {
     let mut h = Harness::new(NodeInfo {
         name: "node-a".into(),
-        addresses: vec![NODE_A, Ipv4Addr::LOCALHOST],
+        addresses: vec![NODE_A.into(), Ipv4Addr::LOCALHOST.into()],
         zone: None,
     })
     .expect("datapath loads");

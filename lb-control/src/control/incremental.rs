@@ -182,7 +182,7 @@ mod tests {
     fn node() -> NodeInfo {
         NodeInfo {
             name: "n1".into(),
-            addresses: vec![Ipv4Addr::new(198, 18, 0, 2)],
+            addresses: vec![Ipv4Addr::new(198, 18, 0, 2).into()],
             zone: None,
         }
     }
@@ -251,5 +251,75 @@ mod tests {
         assert_eq!(w.len(), 1, "{w:?}");
         let keys = BTreeSet::from([ServiceKey::new("default", "b")]);
         assert!(e.update(&objects(&(a + &b)), &node(), &keys).is_none());
+    }
+
+    /// A dual-stack NodePort Service with IPv4 endpoints `eps4` and IPv6 ones `eps6`.
+    fn dual(name: &str, eps4: &[&str], eps6: &[&str]) -> String {
+        let eps = |eps: &[&str]| -> String {
+            eps.iter()
+                .map(|e| format!("- {{addresses: [\"{e}\"], nodeName: n1}}\n"))
+                .collect()
+        };
+        let slice = |family: &str, eps: String| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-{family}, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: {family}\nports:\n- {{name: http, port: 8080}}\nendpoints:\n{eps}---\n"
+            )
+        };
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  clusterIPs: [10.96.0.9, \"fd00:10:96::9\"]\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: 30090}}\n---\n{}{}",
+            slice("IPv4", eps(eps4)),
+            slice("IPv6", eps(eps6))
+        )
+    }
+
+    #[test]
+    fn dual_stack_updates_give_the_state_a_full_translation_gives() {
+        let node = NodeInfo {
+            addresses: vec![
+                Ipv4Addr::new(198, 18, 0, 2).into(),
+                "2001:db8:18::2".parse().expect("address"),
+            ],
+            ..node()
+        };
+        let a = service("a", "10.96.0.1", &["10.244.0.1"]);
+        let d1 = dual("d", &["10.244.0.2"], &["fd00:10:244::2", "fd00:10:244::3"]);
+        let mut e = Engine::default();
+        assert!(e.rebuild(&objects(&(a.clone() + &d1)), &node).is_empty());
+        let mut maps_inc = Reconciler::new(MemMaps::default()).expect("reconciler");
+        maps_inc.apply(e.desired()).expect("apply");
+        assert_eq!(maps_inc.maps().services6.len(), 2, "ClusterIP and NodePort");
+
+        // d loses an IPv6 endpoint and gains one; then it goes.
+        let d2 = dual("d", &["10.244.0.2"], &["fd00:10:244::3", "fd00:10:244::4"]);
+        for yaml in [a.clone() + &d2, a.clone()] {
+            let all = objects(&yaml);
+            let keys = BTreeSet::from([ServiceKey::new("default", "d")]);
+            let (partial, warnings) = e.update(&all, &node, &keys).expect("no conflicts");
+            assert!(warnings.is_empty(), "{warnings:?}");
+            let full = translate(&all, &node).desired;
+            assert_eq!(e.desired(), &full);
+            maps_inc
+                .apply_partial(e.desired(), &partial)
+                .expect("partial apply");
+            let mut maps_full = Reconciler::new(MemMaps::default()).expect("reconciler");
+            maps_full.apply(&full).expect("full apply");
+            let addresses = |m: &MemMaps| -> Vec<(String, Vec<String>)> {
+                crate::maps::dump(m)
+                    .expect("dump")
+                    .into_iter()
+                    .map(|f| {
+                        (
+                            f.frontend,
+                            f.backends.into_iter().map(|b| b.address).collect(),
+                        )
+                    })
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect()
+            };
+            assert_eq!(addresses(maps_inc.maps()), addresses(maps_full.maps()));
+        }
+        let m = maps_inc.maps();
+        assert!(m.services6.is_empty() && m.backends6.is_empty(), "{m:?}");
     }
 }

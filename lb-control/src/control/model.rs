@@ -2,7 +2,7 @@
 //!
 //! Built by `translate` from Kubernetes objects, consumed by `reconcile`. Free of I/O.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 use serde::Serialize;
@@ -41,17 +41,67 @@ impl fmt::Display for Proto {
     }
 }
 
-/// An address, port and protocol: a frontend (what clients connect to) or a backend.
+/// An IP family, named as `ipFamilies` and an EndpointSlice's `addressType` name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Family {
+    #[serde(rename = "IPv4")]
+    Ipv4,
+    #[serde(rename = "IPv6")]
+    Ipv6,
+}
+
+impl Family {
+    /// Both families, IPv4 first.
+    pub const ALL: [Family; 2] = [Family::Ipv4, Family::Ipv6];
+
+    pub fn of(addr: &IpAddr) -> Family {
+        match addr {
+            IpAddr::V4(_) => Family::Ipv4,
+            IpAddr::V6(_) => Family::Ipv6,
+        }
+    }
+
+    /// Whether `addr` is of this family.
+    pub fn holds(self, addr: &IpAddr) -> bool {
+        Family::of(addr) == self
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::Ipv4 => "IPv4",
+            Family::Ipv6 => "IPv6",
+        })
+    }
+}
+
+/// An address of either family, port and protocol: a frontend (what clients connect to) or
+/// a backend. A frontend's backends are of its own family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct L4Addr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: Proto,
 }
 
+impl L4Addr {
+    pub fn is_ipv6(&self) -> bool {
+        self.addr.is_ipv6()
+    }
+
+    pub fn family(&self) -> Family {
+        Family::of(&self.addr)
+    }
+}
+
 impl fmt::Display for L4Addr {
+    /// `10.96.0.1:80/TCP`, `[2001:db8::1]:80/TCP`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+        match self.addr {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.proto),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.proto),
+        }
     }
 }
 
@@ -108,12 +158,13 @@ pub struct FrontendState {
     pub drop_when_empty: bool,
     /// sessionAffinity ClientIP timeout in seconds; 0 = no affinity.
     pub affinity_timeout_s: u32,
-    /// loadBalancerSourceRanges (network, prefix length) of a load-balancer IP: only clients
-    /// from outside the node's pods in these may connect. Empty: anyone.
-    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    /// loadBalancerSourceRanges (network, prefix length) of a load-balancer IP, those of its
+    /// own family: only clients in these may connect. Empty: anyone.
+    pub source_ranges: Vec<(IpAddr, u8)>,
 }
 
-/// The whole desired state of this node's datapath.
+/// The whole desired state of this node's datapath, both families in one: an IPv4 frontend
+/// goes to `LB4_SERVICES`, an IPv6 one to `LB6_SERVICES`, each with backends of its family.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<L4Addr, FrontendState>,

@@ -15,10 +15,17 @@
 //!   elsewhere the traffic is dropped, with none anywhere it is rejected.
 //! * Topology hints narrow the Cluster set, all or nothing per Service port and node:
 //!   same-node hints first, then same-zone hints (`topologyModeFromHints`).
+//! * Families, as kube-proxy's per-family proxiers build them (`servicechangetracker.go`,
+//!   `serviceport.go`): a Service has frontends of a family only when `clusterIPs` holds a
+//!   cluster IP of it (`clusterIP` when that is all there is), and then only that family's
+//!   addresses: its NodePorts on the node's addresses of the family, its externalIPs,
+//!   load-balancer IPs and loadBalancerSourceRanges of the family, and the endpoints of
+//!   the family's EndpointSlices (`addressType`; FQDN slices are ignored) or of the Pods'
+//!   `podIPs`. The other family's entries are ignored.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
 use k8s_openapi::{
@@ -30,7 +37,8 @@ use k8s_openapi::{
 };
 
 use super::model::{
-    Backend, Desired, FrontendKind, FrontendState, HealthCheck, L4Addr, Proto, ServicePortName,
+    Backend, Desired, Family, FrontendKind, FrontendState, HealthCheck, L4Addr, Proto,
+    ServicePortName,
 };
 use crate::source::{namespace, Objects, ServiceKey, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
 
@@ -38,8 +46,9 @@ use crate::source::{namespace, Objects, ServiceKey, LABEL_HEADLESS, LABEL_SERVIC
 #[derive(Clone, Debug, Default)]
 pub struct NodeInfo {
     pub name: String,
-    /// The addresses NodePorts are served on.
-    pub addresses: Vec<Ipv4Addr>,
+    /// The addresses NodePorts are served on, of both families (a Service's NodePorts are
+    /// served on those of its families).
+    pub addresses: Vec<IpAddr>,
     /// `topology.kubernetes.io/zone` of the node, for topology hints.
     pub zone: Option<String>,
 }
@@ -54,7 +63,7 @@ pub struct Translation {
 /// One endpoint of one Service port, as kube-proxy sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Endpoint {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     port: u16,
     node: Option<String>,
     ready: bool,
@@ -67,11 +76,11 @@ struct Endpoint {
 /// The annotation kube-proxy reads when `spec.loadBalancerSourceRanges` is empty.
 pub const ANNOTATION_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
-/// A Service's IPv4 loadBalancerSourceRanges (the spec field, else the annotation, as
-/// kube-proxy's `GetLoadBalancerSourceRanges`), normalised to their network address. IPv6
-/// ranges belong to the other family and are skipped; a range that does not parse is
-/// reported and skipped (the API server's validation rejects those).
-fn load_balancer_source_ranges(svc: &Service, warnings: &mut Vec<String>) -> Vec<(Ipv4Addr, u8)> {
+/// A Service's loadBalancerSourceRanges of both families (the spec field, else the
+/// annotation, as kube-proxy's `GetLoadBalancerSourceRanges`), normalised to their network
+/// address; each fences the load-balancer IPs of its own family. A range that does not parse
+/// is reported and skipped (the API server's validation rejects those).
+fn load_balancer_source_ranges(svc: &Service, warnings: &mut Vec<String>) -> Vec<(IpAddr, u8)> {
     let from_spec: Vec<String> = svc
         .spec
         .as_ref()
@@ -88,10 +97,9 @@ fn load_balancer_source_ranges(svc: &Service, warnings: &mut Vec<String>) -> Vec
         from_spec
     };
     let mut out = Vec::new();
-    for r in raw.iter().filter(|r| !r.is_empty()) {
+    for r in raw.iter().filter(|r| !r.trim().is_empty()) {
         match parse_cidr(r) {
-            Some(Cidr::V4(net, len)) => out.push((net, len)),
-            Some(Cidr::V6) => {} // the other family's
+            Some(c) => out.push((c.net, c.len)),
             None => warnings.push(format!(
                 "service {}/{}: loadBalancerSourceRanges entry {r:?} is not a CIDR; ignored",
                 svc.metadata.namespace.as_deref().unwrap_or("default"),
@@ -104,52 +112,77 @@ fn load_balancer_source_ranges(svc: &Service, warnings: &mut Vec<String>) -> Vec
     out
 }
 
-/// The sources a load-balancer IP lets in: its ranges and, when one of the node's addresses
-/// is inside them, the LB IP itself (a packet the load balancer loops back to the node
-/// carries it as its source; kube-proxy's firewall chain allows it alike).
-fn fence(ranges: &[(Ipv4Addr, u8)], lb_ip: Ipv4Addr, node: &[Ipv4Addr]) -> Vec<(Ipv4Addr, u8)> {
+/// The sources a load-balancer IP lets in: its family's ranges (`ranges`) and, when one of
+/// the node's addresses of that family (`node`) is inside them, the LB IP itself (a packet
+/// the load balancer loops back to the node carries it as its source; kube-proxy's firewall
+/// chain allows it alike).
+fn fence(ranges: &[(IpAddr, u8)], lb_ip: IpAddr, node: &[IpAddr]) -> Vec<(IpAddr, u8)> {
     let mut out = ranges.to_vec();
-    let inside = |a: &Ipv4Addr| !a.is_loopback() && ranges.iter().any(|r| contains(*r, *a));
+    // `contains` never matches across families: only the node's addresses of the LB IP's
+    // family can let it in.
+    let inside = |a: &IpAddr| !a.is_loopback() && ranges.iter().any(|r| contains(*r, *a));
     if !out.is_empty() && node.iter().any(inside) {
-        out.push((lb_ip, 32));
+        out.push((lb_ip, if lb_ip.is_ipv6() { 128 } else { 32 }));
         out.sort();
         out.dedup();
     }
     out
 }
 
-/// Whether the IPv4 network `(net, len)` holds `addr`.
-pub fn contains((net, len): (Ipv4Addr, u8), addr: Ipv4Addr) -> bool {
-    let mask = if len == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(len.min(32)))
-    };
-    u32::from(addr) & mask == u32::from(net) & mask
+/// Whether the network `(net, len)` holds `addr` (never across families).
+pub fn contains((net, len): (IpAddr, u8), addr: IpAddr) -> bool {
+    match (net, addr) {
+        (IpAddr::V4(n), IpAddr::V4(a)) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(len.min(32)))
+                .unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(n), IpAddr::V6(a)) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(len.min(128)))
+                .unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
 }
 
-/// A CIDR as the agent uses it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cidr {
-    /// An IPv4 network (its address with the host bits cleared) and prefix length.
-    V4(Ipv4Addr, u8),
-    /// An IPv6 CIDR: the other family's, not programmed.
-    V6,
+/// A CIDR of either family: its network address (host bits cleared) and prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cidr {
+    pub net: IpAddr,
+    pub len: u8,
 }
 
-/// `a.b.c.d/n` or an IPv6 CIDR; None when it is neither.
+impl Cidr {
+    pub fn family(&self) -> Family {
+        Family::of(&self.net)
+    }
+
+    /// Whether the network holds `addr` (never one of the other family).
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        contains((self.net, self.len), addr)
+    }
+}
+
+/// `a.b.c.d/n` (n ≤ 32) or an IPv6 CIDR (n ≤ 128), surrounding blanks allowed; None when it
+/// is neither.
 pub fn parse_cidr(s: &str) -> Option<Cidr> {
     let (addr, len) = s.trim().split_once('/')?;
     let len: u8 = len.parse().ok()?;
-    if addr.parse::<std::net::Ipv6Addr>().is_ok() && len <= 128 {
-        return Some(Cidr::V6);
-    }
-    let addr: Ipv4Addr = addr.parse().ok()?;
-    if len > 32 {
-        return None;
-    }
-    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-    Some(Cidr::V4(Ipv4Addr::from(u32::from(addr) & mask), len))
+    let net = match addr.parse::<IpAddr>().ok()? {
+        IpAddr::V4(a) if len <= 32 => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4((u32::from(a) & mask).into())
+        }
+        IpAddr::V6(a) if len <= 128 => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & mask).into())
+        }
+        _ => return None,
+    };
+    Some(Cidr { net, len })
 }
 
 /// The EndpointSlices of each Service (those kube-proxy consumes).
@@ -182,7 +215,7 @@ pub fn translate(objects: &Objects, node: &NodeInfo) -> Translation {
 }
 
 /// Translates one Service (with its EndpointSlices, or the Pods it selects when it has
-/// none) into `t`.
+/// none) into `t`: the frontends of each family it has a cluster IP of.
 pub fn translate_service(
     t: &mut Translation,
     svc: &Service,
@@ -190,46 +223,77 @@ pub fn translate_service(
     pods: &[Pod],
     node: &NodeInfo,
 ) {
-    {
-        let ns = namespace(&svc.metadata);
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        if skip_service(svc) {
-            return;
-        }
-        let Some(spec) = &svc.spec else { return };
-        // Ready endpoints on this node over all ports, for the health check node port.
-        let mut local_ready = BTreeSet::new();
-        // Ports with a Local policy, endpoints elsewhere and none here (kube-proxy counts per
-        // Service port, and not the ports without endpoints anywhere).
-        let (mut lacks_internal, mut lacks_external) = (0, 0);
-        for sp in spec.ports.iter().flatten() {
-            let port_name = sp.name.clone().unwrap_or_default();
-            let spn = ServicePortName {
-                namespace: ns.clone(),
-                name: name.clone(),
-                port: port_name.clone(),
-            };
-            let proto = match sp.protocol.as_deref().unwrap_or("TCP") {
-                "TCP" => Proto::Tcp,
-                "UDP" => Proto::Udp,
-                other => {
-                    t.warnings.push(format!(
-                        "service {spn}: protocol {other} is not supported yet; port skipped"
-                    ));
-                    continue;
-                }
-            };
+    let ns = namespace(&svc.metadata);
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    if skip_service(svc) {
+        return;
+    }
+    let Some(spec) = &svc.spec else { return };
+    // One cluster IP per family, the Service's primary family first.
+    let cluster_ips = cluster_ips(svc);
+    let source_ranges = load_balancer_source_ranges(svc, &mut t.warnings);
+    let affinity_timeout_s = affinity_timeout(spec);
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let has_node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+    let lb_ips: Vec<IpAddr> = if spec.type_.as_deref() == Some("LoadBalancer") {
+        svc.status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            // Proxy-mode ingress IPs are the load balancer's own, not ours to serve.
+            .filter(|ing| ing.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|ing| ing.ip.as_deref().and_then(ip))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let external_ips: Vec<IpAddr> = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .filter_map(|s| ip(s))
+        .collect();
+    // Ready endpoints on this node over all ports, of the primary family, for the health
+    // check node port (one server answers for both families).
+    let mut local_ready = BTreeSet::new();
+    // Ports with a Local policy, endpoints elsewhere and none here (kube-proxy counts per
+    // Service port, and not the ports without endpoints anywhere); a port counts once
+    // whichever of its families lacks them.
+    let (mut lacks_internal, mut lacks_external) = (0, 0);
+    for sp in spec.ports.iter().flatten() {
+        let port_name = sp.name.clone().unwrap_or_default();
+        let spn = ServicePortName {
+            namespace: ns.clone(),
+            name: name.clone(),
+            port: port_name.clone(),
+        };
+        let proto = match sp.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Proto::Tcp,
+            "UDP" => Proto::Udp,
+            other => {
+                t.warnings.push(format!(
+                    "service {spn}: protocol {other} is not supported yet; port skipped"
+                ));
+                continue;
+            }
+        };
+        let (Ok(port), Ok(node_port)) = (
+            u16::try_from(sp.port),
+            u16::try_from(sp.node_port.unwrap_or(0)),
+        ) else {
+            continue; // refused by validation already
+        };
+        let mut lacks_local = false;
+        for (i, cluster_ip) in cluster_ips.iter().enumerate() {
+            let family = Family::of(cluster_ip);
+            let of_family = |a: &&IpAddr| family.holds(a);
             let endpoints = match slices {
-                Some(slices) => endpoints_from_slices(slices, &port_name, proto),
-                None => endpoints_from_pods(svc, sp, proto, pods),
+                Some(slices) => endpoints_from_slices(slices, &port_name, proto, family),
+                None => endpoints_from_pods(svc, sp, proto, pods, family),
             };
-            let (Ok(port), Ok(node_port)) = (
-                u16::try_from(sp.port),
-                u16::try_from(sp.node_port.unwrap_or(0)),
-            ) else {
-                continue; // refused by validation already
-            };
-
             for e in endpoints.iter().filter(|e| e.ready || e.serving) {
                 let addr = L4Addr {
                     addr: e.addr,
@@ -245,21 +309,16 @@ pub fn translate_service(
                     },
                 );
             }
-            let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-            let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-            local_ready.extend(
-                endpoints
-                    .iter()
-                    .filter(|e| e.ready && e.node.as_deref() == Some(node.name.as_str()))
-                    .map(|e| e.addr),
-            );
-            let sets = categorize(&endpoints, node, proto);
-            let source_ranges = load_balancer_source_ranges(svc, &mut t.warnings);
-            let affinity_timeout_s = affinity_timeout(spec);
-            if sets.has_any && sets.local.is_empty() {
-                lacks_internal += usize::from(internal_local);
-                lacks_external += usize::from(external_local);
+            if i == 0 {
+                local_ready.extend(
+                    endpoints
+                        .iter()
+                        .filter(|e| e.ready && e.node.as_deref() == Some(node.name.as_str()))
+                        .map(|e| e.addr),
+                );
             }
+            let sets = categorize(&endpoints, node, proto);
+            lacks_local |= sets.has_any && sets.local.is_empty();
             let internal = if internal_local {
                 &sets.local
             } else {
@@ -270,8 +329,15 @@ pub fn translate_service(
             } else {
                 &sets.cluster
             };
+            let ranges: Vec<(IpAddr, u8)> = source_ranges
+                .iter()
+                .copied()
+                .filter(|(net, _)| family.holds(net))
+                .collect();
+            let node_addresses: Vec<IpAddr> =
+                node.addresses.iter().filter(of_family).copied().collect();
 
-            let mut add = |addr: Ipv4Addr, port: u16, kind: FrontendKind, set: &Vec<Backend>| {
+            let mut add = |addr: IpAddr, port: u16, kind: FrontendKind, set: &Vec<Backend>| {
                 let fe = L4Addr { addr, port, proto };
                 let state = |set: &Vec<Backend>| FrontendState {
                     service: spn.clone(),
@@ -281,7 +347,7 @@ pub fn translate_service(
                     affinity_timeout_s,
                     // Only load-balancer IPs are fenced (kube-proxy's firewall chain).
                     source_ranges: if kind == FrontendKind::LoadBalancer {
-                        fence(&source_ranges, addr, &node.addresses)
+                        fence(&ranges, addr, &node_addresses)
                     } else {
                         Vec::new()
                     },
@@ -299,62 +365,44 @@ pub fn translate_service(
                 t.desired.frontends.insert(fe, state(set));
             };
 
-            for ip in cluster_ips(svc) {
-                add(ip, port, FrontendKind::ClusterIP, internal);
-            }
-            let has_node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+            add(*cluster_ip, port, FrontendKind::ClusterIP, internal);
             if has_node_ports && node_port != 0 {
-                for &a in &node.addresses {
+                for &a in &node_addresses {
                     add(a, node_port, FrontendKind::NodePort, external);
                 }
             }
-            for ip in spec.external_ips.iter().flatten().filter_map(|s| ipv4(s)) {
-                add(ip, port, FrontendKind::ExternalIP, external);
+            for &a in external_ips.iter().filter(of_family) {
+                add(a, port, FrontendKind::ExternalIP, external);
             }
-            if spec.type_.as_deref() == Some("LoadBalancer") {
-                for ing in svc
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.load_balancer.as_ref())
-                    .and_then(|lb| lb.ingress.as_ref())
-                    .into_iter()
-                    .flatten()
-                {
-                    // Proxy-mode ingress IPs are the load balancer's own, not ours to serve.
-                    if ing.ip_mode.as_deref() == Some("Proxy") {
-                        continue;
-                    }
-                    if let Some(ip) = ing.ip.as_deref().and_then(ipv4) {
-                        add(ip, port, FrontendKind::LoadBalancer, external);
-                    }
-                }
+            for &a in lb_ips.iter().filter(of_family) {
+                add(a, port, FrontendKind::LoadBalancer, external);
             }
         }
-        let externally_reachable =
-            matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"))
-                || spec.external_ips.as_ref().is_some_and(|e| !e.is_empty());
-        t.desired.no_local_endpoints_internal += lacks_internal;
-        if externally_reachable {
-            t.desired.no_local_endpoints_external += lacks_external;
+        if lacks_local {
+            lacks_internal += usize::from(internal_local);
+            lacks_external += usize::from(external_local);
         }
-        // kube-proxy serves a health check on healthCheckNodePort for LoadBalancer Services
-        // with externalTrafficPolicy Local (serviceport.go).
-        let hcnp = spec
-            .health_check_node_port
-            .and_then(|p| u16::try_from(p).ok());
-        if let Some(port) = hcnp.filter(|p| *p != 0) {
-            if spec.type_.as_deref() == Some("LoadBalancer")
-                && spec.external_traffic_policy.as_deref() == Some("Local")
-            {
-                t.desired.health_checks.insert(
-                    port,
-                    HealthCheck {
-                        namespace: ns.clone(),
-                        name: name.clone(),
-                        local_endpoints: local_ready.len(),
-                    },
-                );
-            }
+    }
+    let externally_reachable = has_node_ports || !external_ips.is_empty();
+    t.desired.no_local_endpoints_internal += lacks_internal;
+    if externally_reachable {
+        t.desired.no_local_endpoints_external += lacks_external;
+    }
+    // kube-proxy serves a health check on healthCheckNodePort for LoadBalancer Services
+    // with externalTrafficPolicy Local (serviceport.go).
+    let hcnp = spec
+        .health_check_node_port
+        .and_then(|p| u16::try_from(p).ok());
+    if let Some(port) = hcnp.filter(|p| *p != 0) {
+        if spec.type_.as_deref() == Some("LoadBalancer") && external_local {
+            t.desired.health_checks.insert(
+                port,
+                HealthCheck {
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    local_endpoints: local_ready.len(),
+                },
+            );
         }
     }
 }
@@ -376,11 +424,8 @@ fn affinity_timeout(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> u32 {
         .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
 }
 
-fn ipv4(s: &str) -> Option<Ipv4Addr> {
-    match s.parse::<IpAddr>() {
-        Ok(IpAddr::V4(a)) => Some(a),
-        _ => None,
-    }
+fn ip(s: &str) -> Option<IpAddr> {
+    s.trim().parse().ok()
 }
 
 fn skip_service(svc: &Service) -> bool {
@@ -398,24 +443,36 @@ fn skip_service(svc: &Service) -> bool {
         || cluster_ips(svc).is_empty() && spec.cluster_ip.as_deref().unwrap_or("").is_empty()
 }
 
-/// The IPv4 cluster IPs (`clusterIPs`, or the legacy `clusterIP` when that is all there is).
-fn cluster_ips(svc: &Service) -> Vec<Ipv4Addr> {
+/// The cluster IPs, one per family, in order (the first is the Service's primary family):
+/// `clusterIPs`, or the legacy `clusterIP` when that is all there is. What `ipFamilies`
+/// and `ipFamilyPolicy` asked for is what the API server allocated into `clusterIPs`
+/// (validation checks they agree).
+fn cluster_ips(svc: &Service) -> Vec<IpAddr> {
     let Some(spec) = &svc.spec else { return vec![] };
     let list: Vec<&str> = match &spec.cluster_ips {
         Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
         _ => spec.cluster_ip.as_deref().into_iter().collect(),
     };
-    list.into_iter().filter_map(ipv4).collect()
+    let mut out: Vec<IpAddr> = Vec::with_capacity(2);
+    for a in list.into_iter().filter_map(ip) {
+        if !out.iter().any(|o| o.is_ipv6() == a.is_ipv6()) {
+            out.push(a);
+        }
+    }
+    out
 }
 
+/// The endpoints of one Service port in the EndpointSlices of `family` (`addressType`).
 fn endpoints_from_slices(
     slices: &[&EndpointSlice],
     port_name: &str,
     proto: Proto,
+    family: Family,
 ) -> Vec<Endpoint> {
-    let mut by_addr: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
+    let mut by_addr: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
+    let address_type = family.to_string();
     for slice in slices {
-        if slice.address_type != "IPv4" {
+        if slice.address_type != address_type {
             continue;
         }
         let port = slice.ports.iter().flatten().find(|p| {
@@ -433,7 +490,12 @@ fn endpoints_from_slices(
         }
         for ep in slice.endpoints.iter().flatten() {
             // kube-proxy uses the first address only.
-            let Some(addr) = ep.addresses.first().and_then(|a| ipv4(a)) else {
+            let Some(addr) = ep
+                .addresses
+                .first()
+                .and_then(|a| ip(a))
+                .filter(|a| family.holds(a))
+            else {
                 continue;
             };
             let c = ep.conditions.as_ref();
@@ -470,12 +532,15 @@ fn endpoints_from_slices(
     by_addr.into_values().collect()
 }
 
-/// Endpoints the EndpointSlice controller would publish for a selector Service.
+/// Endpoints the EndpointSlice controller would publish for a selector Service, in its
+/// slices of `family`: each pod's address of that family (`status.podIPs`; `podIP` when
+/// that is all there is).
 fn endpoints_from_pods(
     svc: &Service,
     sp: &ServicePort,
     proto: Proto,
     pods: &[Pod],
+    family: Family,
 ) -> Vec<Endpoint> {
     let Some(spec) = &svc.spec else { return vec![] };
     let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
@@ -499,7 +564,7 @@ fn endpoints_from_pods(
         ) {
             continue;
         }
-        let Some(addr) = status.and_then(|s| s.pod_ip.as_deref()).and_then(ipv4) else {
+        let Some(addr) = status.and_then(|s| pod_ip(s, family)) else {
             continue;
         };
         let Some(port) = target_port(sp, proto, pod) else {
@@ -526,6 +591,26 @@ fn endpoints_from_pods(
         );
     }
     out.into_values().collect()
+}
+
+/// A pod's address of `family`: the first of `status.podIPs` of that family, or `podIP`
+/// when `podIPs` is empty.
+fn pod_ip(status: &k8s_openapi::api::core::v1::PodStatus, family: Family) -> Option<IpAddr> {
+    let listed: Vec<&str> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .collect();
+    let candidates: Vec<&str> = if listed.is_empty() {
+        status.pod_ip.as_deref().into_iter().collect()
+    } else {
+        listed
+    };
+    candidates
+        .into_iter()
+        .filter_map(ip)
+        .find(|a| family.holds(a))
 }
 
 /// The Service port's target port on one pod: a number, a container port name (resolved
@@ -655,12 +740,16 @@ fn categorize(endpoints: &[Endpoint], node: &NodeInfo, proto: Proto) -> Categori
 mod tests {
     use super::*;
     use crate::source::manifests::parse_file;
-    use std::path::Path;
+    use std::{net::Ipv4Addr, path::Path};
 
     fn node() -> NodeInfo {
         NodeInfo {
             name: "node-a".into(),
-            addresses: vec![Ipv4Addr::new(198, 18, 0, 2)],
+            // Both families: a single-stack Service uses only its family's address.
+            addresses: vec![
+                Ipv4Addr::new(198, 18, 0, 2).into(),
+                NODE_V6.parse().expect("address"),
+            ],
             zone: Some("zone-a".into()),
         }
     }
@@ -672,7 +761,7 @@ mod tests {
 
     fn fe(addr: [u8; 4], port: u16, proto: Proto) -> L4Addr {
         L4Addr {
-            addr: Ipv4Addr::from(addr),
+            addr: IpAddr::from(addr),
             port,
             proto,
         }
@@ -1196,7 +1285,7 @@ status:
         };
         let ranges = |t: &Translation, f: L4Addr| t.desired.frontends[&f].source_ranges.clone();
         let lb = fe([192, 0, 2, 10], 443, Proto::Tcp);
-        let net = |a: [u8; 4], len: u8| (Ipv4Addr::from(a), len);
+        let net = |a: [u8; 4], len: u8| (IpAddr::from(a), len);
 
         // The node (198.18.0.2) outside the ranges: only the ranges.
         let t = run(&svc("172.18.0.101/30, 2001:db8::/64"));
@@ -1225,11 +1314,456 @@ status:
 
     #[test]
     fn contains_by_prefix() {
-        let a = Ipv4Addr::new(10, 1, 2, 3);
-        assert!(contains((Ipv4Addr::new(10, 1, 0, 0), 16), a));
-        assert!(!contains((Ipv4Addr::new(10, 2, 0, 0), 16), a));
-        assert!(contains((Ipv4Addr::UNSPECIFIED, 0), a));
+        let a = Ipv4Addr::new(10, 1, 2, 3).into();
+        assert!(contains((Ipv4Addr::new(10, 1, 0, 0).into(), 16), a));
+        assert!(!contains((Ipv4Addr::new(10, 2, 0, 0).into(), 16), a));
+        assert!(contains((Ipv4Addr::UNSPECIFIED.into(), 0), a));
         assert!(contains((a, 32), a));
-        assert!(!contains((Ipv4Addr::new(10, 1, 2, 4), 32), a));
+        assert!(!contains((Ipv4Addr::new(10, 1, 2, 4).into(), 32), a));
+    }
+
+    // Families: kube-proxy's per-family proxiers (servicechangetracker.go, serviceport.go).
+
+    /// The node's IPv6 address (`node()`).
+    const NODE_V6: &str = "2001:db8:18::2";
+
+    /// A NodePort Service `shop/dual` with `families` (the spec lines about families), its
+    /// http port's endpoints in an IPv4, an IPv6 and an FQDN slice.
+    fn dual(families: &str, v4_endpoints: &str, v6_endpoints: &str) -> String {
+        format!(
+            r"
+apiVersion: v1
+kind: Service
+metadata: {{name: dual, namespace: shop}}
+spec:
+  type: NodePort
+{families}
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: dual-4, namespace: shop, labels: {{kubernetes.io/service-name: dual}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: {v4_endpoints}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: dual-6, namespace: shop, labels: {{kubernetes.io/service-name: dual}}}}
+addressType: IPv6
+ports: [{{name: http, port: 8080}}]
+endpoints: {v6_endpoints}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: dual-fqdn, namespace: shop, labels: {{kubernetes.io/service-name: dual}}}}
+addressType: FQDN
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [web.example.com]}}]
+"
+        )
+    }
+
+    const V4_EPS: &str =
+        "[{addresses: [10.244.0.11], nodeName: node-a}, {addresses: [10.244.1.12], nodeName: node-b}]";
+    const V6_EPS: &str = r#"[{addresses: ["fd00:10:244::11"], nodeName: node-a}, {addresses: ["fd00:10:244:1::12"], nodeName: node-b}]"#;
+
+    /// Every frontend with its backends, as strings.
+    fn table(t: &Translation) -> Vec<(String, Vec<String>)> {
+        t.desired
+            .frontends
+            .iter()
+            .map(|(fe, st)| {
+                let b = st.backends.iter().map(|b| b.addr.to_string()).collect();
+                (fe.to_string(), b)
+            })
+            .collect()
+    }
+
+    fn row(fe: &str, backends: &[&str]) -> (String, Vec<String>) {
+        (
+            fe.to_string(),
+            backends.iter().map(ToString::to_string).collect(),
+        )
+    }
+
+    #[test]
+    fn dual_stack_service_gets_each_family_from_its_own_addresses() {
+        let v4 = ["10.244.0.11:8080/TCP", "10.244.1.12:8080/TCP"];
+        let v6 = ["[fd00:10:244::11]:8080/TCP", "[fd00:10:244:1::12]:8080/TCP"];
+        let want = vec![
+            row("10.96.0.10:80/TCP", &v4),
+            row("198.18.0.2:30080/TCP", &v4),
+            row("[2001:db8:18::2]:30080/TCP", &v6),
+            row("[fd00:10:96::a]:80/TCP", &v6),
+        ];
+        // PreferDualStack on a dual-stack cluster, and RequireDualStack: what the API server
+        // allocated into clusterIPs decides, the primary family first or second alike.
+        for families in [
+            "  ipFamilyPolicy: PreferDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00:10:96::a\"]",
+            "  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv6, IPv4]\n  clusterIP: \"fd00:10:96::a\"\n  clusterIPs: [\"fd00:10:96::a\", 10.96.0.10]",
+        ] {
+            let t = run(&dual(families, V4_EPS, V6_EPS));
+            assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+            assert_eq!(table(&t), want, "{families}");
+            // Serving endpoints of both families (the FQDN slice is ignored).
+            assert_eq!(t.desired.serving.len(), 4);
+            let local: Vec<String> = t.desired.frontends
+                [&L4Addr {
+                    addr: "fd00:10:96::a".parse().expect("address"),
+                    port: 80,
+                    proto: Proto::Tcp,
+                }]
+                .backends
+                .iter()
+                .filter(|b| b.local)
+                .map(|b| b.addr.to_string())
+                .collect();
+            assert_eq!(local, vec!["[fd00:10:244::11]:8080/TCP"]);
+        }
+    }
+
+    #[test]
+    fn prefer_dual_stack_with_one_cluster_ip_is_single_stack() {
+        // A single-stack cluster allocates one family only: no frontend of the other, not
+        // even NodePorts on the node's IPv6 address (kube-proxy's IPv6 proxier skips a
+        // Service without an IPv6 cluster IP).
+        let t = run(&dual(
+            "  ipFamilyPolicy: PreferDualStack\n  ipFamilies: [IPv4]\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10]",
+            V4_EPS,
+            V6_EPS,
+        ));
+        let v4 = ["10.244.0.11:8080/TCP", "10.244.1.12:8080/TCP"];
+        assert_eq!(
+            table(&t),
+            vec![
+                row("10.96.0.10:80/TCP", &v4),
+                row("198.18.0.2:30080/TCP", &v4)
+            ]
+        );
+        assert!(t.desired.serving.keys().all(|a| !a.is_ipv6()));
+        // The legacy clusterIP alone, without clusterIPs, gives the same.
+        let legacy = run(&dual("  clusterIP: 10.96.0.10", V4_EPS, V6_EPS));
+        assert_eq!(table(&legacy), table(&t));
+    }
+
+    #[test]
+    fn single_stack_ipv6_uses_ipv6_addresses_only() {
+        let yaml = dual(
+            "  ipFamilyPolicy: SingleStack\n  ipFamilies: [IPv6]\n  clusterIP: \"fd00:10:96::a\"\n  clusterIPs: [\"fd00:10:96::a\"]\n  externalIPs: [203.0.113.9, \"2001:db8:e::9\"]",
+            V4_EPS,
+            V6_EPS,
+        );
+        let t = run(&yaml);
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+        let v6 = ["[fd00:10:244::11]:8080/TCP", "[fd00:10:244:1::12]:8080/TCP"];
+        assert_eq!(
+            table(&t),
+            vec![
+                row("[2001:db8:e::9]:80/TCP", &v6),
+                row("[2001:db8:18::2]:30080/TCP", &v6),
+                row("[fd00:10:96::a]:80/TCP", &v6),
+            ],
+            "no IPv4 NodePort, externalIP or endpoint"
+        );
+        assert!(t.desired.serving.keys().all(L4Addr::is_ipv6));
+    }
+
+    #[test]
+    fn dual_stack_with_only_ipv4_endpoints_rejects_at_ipv6_frontends() {
+        let families = "  ipFamilyPolicy: RequireDualStack\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00:10:96::a\"]\n  externalTrafficPolicy: Local";
+        let t = run(&dual(families, V4_EPS, "[]"));
+        for (fe, st) in &t.desired.frontends {
+            if fe.is_ipv6() {
+                // No IPv6 endpoint anywhere: reject (not drop), though IPv4 ones exist.
+                assert!(st.backends.is_empty() && !st.drop_when_empty, "{fe}");
+            } else {
+                assert!(st.backends.iter().all(|b| !b.addr.is_ipv6()), "{fe}");
+            }
+        }
+        let v6_node_port = L4Addr {
+            addr: NODE_V6.parse().expect("address"),
+            port: 30080,
+            proto: Proto::Tcp,
+        };
+        assert!(t.desired.frontends.contains_key(&v6_node_port));
+        // The IPv4 NodePort (Local, endpoint on this node) has its local endpoint only.
+        assert_eq!(
+            backends(&t, fe([198, 18, 0, 2], 30080, Proto::Tcp)),
+            vec!["10.244.0.11:8080/TCP"]
+        );
+        // Endpoints of the IPv6 family only elsewhere: the IPv6 NodePort drops, its pods'
+        // entry has the Cluster set.
+        let t = run(&dual(
+            families,
+            V4_EPS,
+            r#"[{addresses: ["fd00:10:244:1::12"], nodeName: node-b}]"#,
+        ));
+        let np = &t.desired.frontends[&v6_node_port];
+        assert!(np.backends.is_empty() && np.drop_when_empty);
+        assert_eq!(t.desired.pod_frontends[&v6_node_port].backends.len(), 1);
+        assert_eq!(
+            t.desired.no_local_endpoints_external, 1,
+            "counted once per port"
+        );
+    }
+
+    #[test]
+    fn ipv6_endpoint_slices_are_read_as_ipv4_ones() {
+        let yaml = dual(
+            "  clusterIP: \"fd00:10:96::a\"\n  clusterIPs: [\"fd00:10:96::a\"]",
+            V4_EPS,
+            r#"
+- addresses: ["fd00:10:244::21", "fd00:10:244::99"]   # only the first counts
+  conditions: {ready: true}
+- addresses: ["fd00:10:244::22"]
+  conditions: {ready: false, serving: true, terminating: true}
+- addresses: ["fd00:10:244::23"]
+  conditions: {ready: false, serving: false}"#,
+        );
+        let t = run(&yaml);
+        let cip = L4Addr {
+            addr: "fd00:10:96::a".parse().expect("address"),
+            port: 80,
+            proto: Proto::Tcp,
+        };
+        assert_eq!(
+            backends(&t, cip),
+            vec!["[fd00:10:244::21]:8080/TCP"],
+            "ready ones only"
+        );
+        // Serving ones are kept for their flows (`serving` nil: true), the not serving out.
+        let kept: Vec<String> = t.desired.serving.keys().map(ToString::to_string).collect();
+        assert_eq!(
+            kept,
+            vec!["[fd00:10:244::21]:8080/TCP", "[fd00:10:244::22]:8080/TCP"]
+        );
+    }
+
+    #[test]
+    fn mixed_family_external_ips_lb_ingress_and_source_ranges() {
+        let svc = |ranges: &str| {
+            format!(
+                r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: lb}}
+spec:
+  type: LoadBalancer
+  ipFamilyPolicy: PreferDualStack
+  clusterIPs: [10.96.0.7, "fd00:10:96::7"]
+  externalIPs: [203.0.113.250, "2001:db8:e::250"]
+  loadBalancerSourceRanges: [{ranges}]
+  ports: [{{port: 443, nodePort: 30443}}]
+status:
+  loadBalancer:
+    ingress:
+    - {{ip: 192.0.2.10}}
+    - {{ip: "2001:db8:1b::10"}}
+    - {{ip: "2001:db8:1b::11", ipMode: Proxy}}
+"#
+            )
+        };
+        let l4 = |a: &str, port: u16| L4Addr {
+            addr: a.parse().expect("address"),
+            port,
+            proto: Proto::Tcp,
+        };
+        let (lb4, lb6) = (l4("192.0.2.10", 443), l4("2001:db8:1b::10", 443));
+        let net = |a: &str, len: u8| (a.parse::<IpAddr>().expect("address"), len);
+        let ranges = |t: &Translation, f: L4Addr| t.desired.frontends[&f].source_ranges.clone();
+
+        let t = run(&svc(r#"172.18.0.100/30, "2001:db8:c::/48""#));
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+        let kinds: Vec<(String, FrontendKind)> = t
+            .desired
+            .frontends
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("10.96.0.7:443/TCP".into(), FrontendKind::ClusterIP),
+                ("192.0.2.10:443/TCP".into(), FrontendKind::LoadBalancer),
+                ("198.18.0.2:30443/TCP".into(), FrontendKind::NodePort),
+                ("203.0.113.250:443/TCP".into(), FrontendKind::ExternalIP),
+                ("[2001:db8:e::250]:443/TCP".into(), FrontendKind::ExternalIP),
+                ("[2001:db8:18::2]:30443/TCP".into(), FrontendKind::NodePort),
+                (
+                    "[2001:db8:1b::10]:443/TCP".into(),
+                    FrontendKind::LoadBalancer
+                ),
+                ("[fd00:10:96::7]:443/TCP".into(), FrontendKind::ClusterIP),
+            ]
+        );
+        // Each LB IP is fenced by the ranges of its own family only.
+        assert_eq!(ranges(&t, lb4), vec![net("172.18.0.100", 30)]);
+        assert_eq!(ranges(&t, lb6), vec![net("2001:db8:c::", 48)]);
+
+        // Ranges of one family only: the other family's LB IP is not fenced.
+        let t = run(&svc(r#""2001:db8:c::/48""#));
+        assert!(ranges(&t, lb4).is_empty());
+        assert_eq!(ranges(&t, lb6), vec![net("2001:db8:c::", 48)]);
+
+        // The node inside a range of a family lets that family's LB IP in (and only it).
+        let t = run(&svc(r#"172.18.0.100/30, "2001:db8:18::/64""#));
+        assert_eq!(ranges(&t, lb4), vec![net("172.18.0.100", 30)]);
+        assert_eq!(
+            ranges(&t, lb6),
+            vec![net("2001:db8:18::", 64), net("2001:db8:1b::10", 128)]
+        );
+    }
+
+    #[test]
+    fn pods_give_each_family_their_pod_ip_of_it() {
+        let svc = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  ipFamilyPolicy: RequireDualStack
+  clusterIPs: [10.96.0.10, "fd00:10:96::a"]
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}]
+"#;
+        let with_ips =
+            |p: String, ips: &str| p.replace("  podIP:", &format!("  podIPs: {ips}\n  podIP:"));
+        let yaml = format!(
+            "{svc}{}{}{}",
+            with_ips(
+                pod("web-1", "10.244.0.11", "node-a", true, 8080),
+                r#"[{ip: 10.244.0.11}, {ip: "fd00:10:244::11"}]"#
+            ),
+            // podIP only (no podIPs): an IPv4 endpoint only.
+            pod("web-2", "10.244.0.12", "node-b", true, 8080),
+            with_ips(
+                pod("web-3", "fd00:10:244::13", "node-b", true, 9090),
+                r#"[{ip: "fd00:10:244::13"}]"#
+            ),
+        );
+        let t = run(&yaml);
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+        assert_eq!(
+            table(&t),
+            vec![
+                row(
+                    "10.96.0.10:80/TCP",
+                    &["10.244.0.11:8080/TCP", "10.244.0.12:8080/TCP"]
+                ),
+                row(
+                    "[fd00:10:96::a]:80/TCP",
+                    &["[fd00:10:244::11]:8080/TCP", "[fd00:10:244::13]:9090/TCP"]
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn health_check_counts_the_primary_familys_local_endpoints() {
+        // One server answers for both families: a dual-stack pod is one endpoint, not two.
+        let families = "  ipFamilyPolicy: RequireDualStack\n  clusterIPs: [\"fd00:10:96::a\", 10.96.0.10]\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000";
+        let t =
+            run(&dual(families, V4_EPS, V6_EPS).replace("type: NodePort", "type: LoadBalancer"));
+        assert_eq!(t.desired.health_checks[&32000].local_endpoints, 1);
+        // Only IPv4 endpoints, IPv6 primary: none for the IPv6 family.
+        let t = run(&dual(families, V4_EPS, "[]").replace("type: NodePort", "type: LoadBalancer"));
+        assert_eq!(t.desired.health_checks[&32000].local_endpoints, 0);
+    }
+
+    #[test]
+    fn node_ports_per_family_on_the_addresses_nodeport_addresses_selects() {
+        use crate::node_ports::NodePortAddresses;
+        let yaml = dual(
+            "  ipFamilyPolicy: RequireDualStack\n  clusterIPs: [10.96.0.10, \"fd00:10:96::a\"]",
+            V4_EPS,
+            V6_EPS,
+        );
+        let objects = parse_file(Path::new("test.yaml"), &yaml).expect("fixture parses");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("address");
+        let addresses = [
+            ip("198.18.0.2"),
+            ip("10.0.5.2"),
+            ip("2001:db8:18::2"),
+            ip("fd00:5::2"),
+        ];
+        let primary = [ip("198.18.0.2"), ip("2001:db8:18::2")];
+        let node_ports = |npa: &str| -> Vec<String> {
+            let npa: NodePortAddresses = npa.parse().expect("nodeport-addresses");
+            let node = NodeInfo {
+                addresses: npa.select(&addresses, &primary, false),
+                ..node()
+            };
+            let t = translate(&objects, &node);
+            let v6 = ["[fd00:10:244::11]:8080/TCP", "[fd00:10:244:1::12]:8080/TCP"];
+            t.desired
+                .frontends
+                .iter()
+                .filter(|(_, st)| st.kind == FrontendKind::NodePort)
+                .map(|(fe, st)| {
+                    // Each family's NodePorts have that family's endpoints.
+                    let want_v6 = fe.is_ipv6();
+                    assert!(
+                        st.backends.iter().all(|b| b.addr.is_ipv6() == want_v6),
+                        "{fe}"
+                    );
+                    if want_v6 {
+                        assert_eq!(backends(&t, *fe), v6, "{fe}");
+                    }
+                    fe.to_string()
+                })
+                .collect()
+        };
+        // Every address of both families.
+        assert_eq!(
+            node_ports(""),
+            vec![
+                "10.0.5.2:30080/TCP",
+                "198.18.0.2:30080/TCP",
+                "[2001:db8:18::2]:30080/TCP",
+                "[fd00:5::2]:30080/TCP"
+            ]
+        );
+        // IPv4 CIDRs only: IPv4 restricted, IPv6 on every address (kube-proxy's rule).
+        assert_eq!(
+            node_ports("198.18.0.0/16"),
+            vec![
+                "198.18.0.2:30080/TCP",
+                "[2001:db8:18::2]:30080/TCP",
+                "[fd00:5::2]:30080/TCP"
+            ]
+        );
+        // CIDRs of both families: each restricts its own.
+        assert_eq!(
+            node_ports("10.0.0.0/8,fd00::/8"),
+            vec!["10.0.5.2:30080/TCP", "[fd00:5::2]:30080/TCP"]
+        );
+        // `primary`: the primary address of each family.
+        assert_eq!(
+            node_ports("primary"),
+            vec!["198.18.0.2:30080/TCP", "[2001:db8:18::2]:30080/TCP"]
+        );
+    }
+
+    #[test]
+    fn cidrs_of_both_families() {
+        let c = |s: &str| parse_cidr(s).map(|c| (c.net.to_string(), c.len));
+        assert_eq!(c(" 10.1.2.3/16 "), Some(("10.1.0.0".into(), 16)));
+        assert_eq!(c("2001:db8::1/32"), Some(("2001:db8::".into(), 32)));
+        assert_eq!(c("::/0"), Some(("::".into(), 0)));
+        assert_eq!(c("2001:db8::1/128"), Some(("2001:db8::1".into(), 128)));
+        assert_eq!(c("10.0.0.0/33"), None);
+        assert_eq!(c("2001:db8::/129"), None);
+        assert_eq!(c("2001:db8::"), None);
+        let net = parse_cidr("2001:db8::/32").expect("CIDR");
+        assert!(net.contains("2001:db8:ffff::1".parse().expect("address")));
+        assert!(!net.contains("2001:db9::1".parse().expect("address")));
+        assert!(
+            !net.contains("10.0.0.1".parse().expect("address")),
+            "other family"
+        );
+        let all4 = parse_cidr("0.0.0.0/0").expect("CIDR");
+        assert!(!all4.contains("::1".parse().expect("address")));
     }
 }

@@ -1,16 +1,16 @@
 //! The service maps read back as frontends with their backends (for `lb-agent services`,
-//! `/metrics` and tests).
+//! `/metrics` and tests), both families: IPv6 addresses are written `[2001:db8::1]:80/TCP`.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{
-    BackendV4, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, SCOPE_PODS, SVC_F_CLUSTER_IP,
-    SVC_F_DROP_NO_ENDPOINTS, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT,
+    BACKEND_F_LOCAL, BACKEND_F_TERMINATING, SCOPE_PODS, SVC_F_CLUSTER_IP, SVC_F_DROP_NO_ENDPOINTS,
+    SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT,
 };
 use serde::Serialize;
 
-use super::{MapError, ServiceMaps};
-use crate::model::Proto;
+use super::{BackendValue, MapError, ServiceMaps};
+use crate::model::{L4Addr, Proto};
 
 /// One frontend as the maps hold it (for `lb-agent services`).
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -36,22 +36,27 @@ pub struct BackendDump {
     pub local: bool,
 }
 
-fn l4(addr: u32, port_be: u16, proto: u8) -> String {
-    let a = Ipv4Addr::from(addr.to_ne_bytes());
+/// `a.b.c.d:port/PROTO` or `[v6]:port/PROTO` (a protocol the model does not know by its
+/// number).
+fn l4(addr: IpAddr, port_be: u16, proto: u8) -> String {
+    let port = u16::from_be(port_be);
     match Proto::from_number(proto) {
-        Some(p) => format!("{a}:{}/{p}", u16::from_be(port_be)),
-        None => format!("{a}:{}/{proto}", u16::from_be(port_be)),
+        Some(proto) => L4Addr { addr, port, proto }.to_string(),
+        None => match addr {
+            IpAddr::V4(a) => format!("{a}:{port}/{proto}"),
+            IpAddr::V6(a) => format!("[{a}]:{port}/{proto}"),
+        },
     }
 }
 
-/// Reads the frontends and their backends from the maps.
+/// Reads the frontends (both families, by service id) and their backends from the maps.
 pub fn dump(maps: &impl ServiceMaps) -> Result<Vec<FrontendDump>, MapError> {
     let slots: BTreeMap<(u32, u32), u32> = maps
         .slots()?
         .into_iter()
         .map(|(k, v)| ((k.svc_id, k.slot), v))
         .collect();
-    let backends: BTreeMap<u32, BackendV4> = maps.backends()?.into_iter().collect();
+    let backends: BTreeMap<u32, BackendValue> = maps.backends()?.into_iter().collect();
     let mut services = maps.services()?;
     services.sort_by_key(|(_, v)| v.svc_id);
     Ok(services
@@ -66,12 +71,13 @@ pub fn dump(maps: &impl ServiceMaps) -> Result<Vec<FrontendDump>, MapError> {
             .iter()
             .find(|(f, _)| v.flags & f != 0)
             .map_or("?", |(_, n)| n);
+            let (port, proto, scope) = k.port_proto_scope();
             FrontendDump {
                 id: v.svc_id,
-                frontend: l4(k.addr, k.port, k.proto),
+                frontend: l4(k.addr(), port, proto),
                 kind: kind.into(),
                 affinity_timeout_s: v.affinity_timeout_s,
-                scope: if k.scope == SCOPE_PODS { "pods" } else { "all" },
+                scope: if scope == SCOPE_PODS { "pods" } else { "all" },
                 no_backend: if v.flags & SVC_F_DROP_NO_ENDPOINTS != 0 {
                     "drop"
                 } else {
@@ -81,17 +87,21 @@ pub fn dump(maps: &impl ServiceMaps) -> Result<Vec<FrontendDump>, MapError> {
                     .map(|slot| {
                         let id = slots.get(&(v.svc_id, slot)).copied().unwrap_or(0);
                         match backends.get(&id) {
-                            Some(b) => BackendDump {
-                                id,
-                                address: l4(b.addr, b.port, b.proto),
-                                state: if b.flags & BACKEND_F_TERMINATING != 0 {
-                                    "terminating"
-                                } else {
-                                    "active"
-                                },
-                                local: b.flags & BACKEND_F_LOCAL != 0,
-                            },
-                            None => BackendDump {
+                            // A slot names a backend of its frontend's family.
+                            Some(b) if b.is_ipv6() == k.is_ipv6() => {
+                                let (port, proto) = b.port_proto();
+                                BackendDump {
+                                    id,
+                                    address: l4(b.addr(), port, proto),
+                                    state: if b.flags() & BACKEND_F_TERMINATING != 0 {
+                                        "terminating"
+                                    } else {
+                                        "active"
+                                    },
+                                    local: b.flags() & BACKEND_F_LOCAL != 0,
+                                }
+                            }
+                            _ => BackendDump {
                                 id,
                                 address: "?".into(),
                                 state: "missing",

@@ -26,9 +26,23 @@ impl MapFill {
     }
 }
 
+/// What the service maps hold (or would hold), by family where the maps are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Counts {
+    pub(super) frontends_v4: usize,
+    pub(super) frontends_v6: usize,
+    pub(super) slots: usize,
+    pub(super) backends_v4: usize,
+    pub(super) backends_v6: usize,
+}
+
 /// How full maps of capacity `cap` would be with `desired`: (map, entries, capacity).
 pub fn fill_levels(desired: &Desired, cap: &Capacity) -> Vec<MapFill> {
-    let frontends = desired.frontends.len() + desired.pod_frontends.len();
+    let frontends: Vec<_> = desired
+        .frontends
+        .keys()
+        .chain(desired.pod_frontends.keys())
+        .collect();
     let slots: usize = desired
         .frontends
         .values()
@@ -42,25 +56,54 @@ pub fn fill_levels(desired: &Desired, cap: &Capacity) -> Vec<MapFill> {
         .flat_map(|f| f.backends.iter().map(|b| b.addr))
         .chain(desired.serving.keys().copied())
         .collect();
-    levels(cap, frontends, slots, backends.len())
+    let v6_frontends = frontends.iter().filter(|f| f.is_ipv6()).count();
+    let v6_backends = backends.iter().filter(|b| b.is_ipv6()).count();
+    levels(
+        cap,
+        Counts {
+            frontends_v4: frontends.len() - v6_frontends,
+            frontends_v6: v6_frontends,
+            slots,
+            backends_v4: backends.len() - v6_backends,
+            backends_v6: v6_backends,
+        },
+    )
 }
 
-pub(super) fn levels(
-    cap: &Capacity,
-    frontends: usize,
-    slots: usize,
-    backends: usize,
-) -> Vec<MapFill> {
+/// Each map's fill, and the id spaces both families share (`LB_SVC_STATS`, `LB_BE_STATS`,
+/// indexed by the ids): each family's map first, so that a refusal names the map that
+/// overflows when one family alone is too large.
+pub(super) fn levels(cap: &Capacity, n: Counts) -> Vec<MapFill> {
     let fill = |map, entries, capacity| MapFill {
         map,
         entries,
         capacity,
     };
     vec![
-        fill(map_names::LB4_SERVICES, frontends, cap.frontends()),
-        fill(map_names::LB_SLOTS, slots, cap.slots as usize),
-        fill(map_names::LB_MEMBERS, slots, cap.slots as usize),
-        fill(map_names::LB4_BACKENDS, backends, cap.backend_entries()),
+        fill(map_names::LB4_SERVICES, n.frontends_v4, cap.frontends()),
+        fill(map_names::LB6_SERVICES, n.frontends_v6, cap.frontends()),
+        fill(
+            map_names::LB_SVC_STATS,
+            n.frontends_v4 + n.frontends_v6,
+            cap.frontends(),
+        ),
+        fill(map_names::LB_SLOTS, n.slots, cap.slots as usize),
+        fill(map_names::LB_MEMBERS, n.slots, cap.slots as usize),
+        fill(
+            map_names::LB4_BACKENDS,
+            n.backends_v4,
+            cap.backend_entries(),
+        ),
+        fill(
+            map_names::LB6_BACKENDS,
+            n.backends_v6,
+            cap.backend_entries(),
+        ),
+        fill(
+            map_names::LB_BE_STATS,
+            n.backends_v4 + n.backends_v6,
+            cap.backend_entries(),
+        ),
     ]
 }
 

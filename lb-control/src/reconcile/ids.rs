@@ -3,20 +3,23 @@
 //! reused only after its counters are zeroed; a watermark persisted in `LB_CONFIG` says which
 //! ids were never used (their counters are still zero), so a restarted agent knows too.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+};
 
-use lb_common::BackendV4;
-
-use crate::maps::{MapError, ServiceMaps};
+use crate::maps::{BackendValue, MapError, ServiceMaps};
 
 /// How far the persisted backend id watermark moves ahead of the ids in use.
 pub(super) const WATERMARK_STEP: u32 = 1024;
 
-/// What makes two backends the same: address, port and protocol (not their flags).
-pub(super) type BackendIdentity = (u32, u16, u8);
+/// What makes two backends the same: address (of either family), port and protocol (not
+/// their flags).
+pub(super) type BackendIdentity = (IpAddr, u16, u8);
 
-pub(super) fn backend_identity(b: BackendV4) -> BackendIdentity {
-    (b.addr, b.port, b.proto)
+pub(super) fn backend_identity(b: BackendValue) -> BackendIdentity {
+    let (port, proto) = b.port_proto();
+    (b.addr(), port, proto)
 }
 
 /// The service ids in use, and where the next search for a free one starts.
@@ -51,7 +54,7 @@ impl ServiceIds {
     }
 }
 
-/// Backend ids by identity, and which ids have counters that need zeroing before reuse.
+/// Backend ids (one space over both families) by identity, and which ids have counters that need zeroing before reuse.
 #[derive(Debug)]
 pub(super) struct BackendIds {
     next: u32,
@@ -65,7 +68,7 @@ pub(super) struct BackendIds {
 
 impl BackendIds {
     /// The ids of the backends the maps hold, with the watermark the maps keep.
-    pub(super) fn new(backends: &BTreeMap<u32, BackendV4>, persisted_watermark: u32) -> Self {
+    pub(super) fn new(backends: &BTreeMap<u32, BackendValue>, persisted_watermark: u32) -> Self {
         let highest = backends.keys().max().copied().unwrap_or(0);
         let watermark = persisted_watermark.max(highest);
         BackendIds {
@@ -90,7 +93,7 @@ impl BackendIds {
     pub(super) fn assign<M: ServiceMaps>(
         &mut self,
         ident: BackendIdentity,
-        taken: &BTreeMap<u32, BackendV4>,
+        taken: &BTreeMap<u32, BackendValue>,
         limit: u32,
         maps: &mut M,
     ) -> Result<u32, MapError> {

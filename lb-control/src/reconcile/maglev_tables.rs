@@ -1,53 +1,64 @@
-//! The Maglev tables of external frontends: one per Service port with NodePorts,
+//! The Maglev tables of external frontends: one per Service port and family with NodePorts,
 //! externalIPs or load-balancer IPs (the traffic that may land on any node), computed from the
 //! same endpoints on every node and rewritten in place when they change.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
-use lb_common::{map_names, BackendV4, ServiceEntry, ServiceKeyV4, SCOPE_ALL};
+use lb_common::{map_names, ServiceEntry, SCOPE_ALL};
 
 use super::{ApplyStats, Reconciler};
 use crate::{
     maglev,
-    maps::{frontend_key, MapError, ServiceMaps},
-    model::{FrontendKind, FrontendState, L4Addr},
+    maps::{frontend_key, BackendValue, FrontendKey, MapError, ServiceMaps},
+    model::{Family, FrontendKind, FrontendState, L4Addr},
 };
 
+/// What a table is for: a Service port (`namespace/name:port`) and a family, since a
+/// dual-stack Service port's frontends of each family have that family's backends.
+pub(super) type MaglevGroup = (String, Family);
+
 /// One Maglev table: shared by the external frontends (NodePort, externalIPs, load-balancer
-/// IPs) of one Service port, which have the same backends.
+/// IPs) of one Service port and family, which have the same backends.
 #[derive(Debug, Clone)]
 pub(super) struct MaglevTable {
     index: u32,
     /// The backend ids it was computed for, sorted.
     ids: Vec<u32>,
     /// The entries that name it.
-    pub(super) keys: BTreeSet<ServiceKeyV4>,
+    pub(super) keys: BTreeSet<FrontendKey>,
 }
 
-/// What a backend's Maglev permutation is derived from: its address, port and protocol, so
-/// that every node computes the same table for the same endpoints.
-fn maglev_identity(b: BackendV4) -> Vec<u8> {
-    let mut v = Vec::with_capacity(7);
-    v.extend_from_slice(&b.addr.to_ne_bytes());
-    v.extend_from_slice(&b.port.to_ne_bytes());
-    v.push(b.proto);
+/// What a backend's Maglev permutation is derived from: its address (4 or 16 bytes), port
+/// and protocol, so that every node computes the same table for the same endpoints.
+fn maglev_identity(b: BackendValue) -> Vec<u8> {
+    let (port, proto) = b.port_proto();
+    let mut v = Vec::with_capacity(19);
+    match b.addr() {
+        IpAddr::V4(a) => v.extend_from_slice(&a.octets()),
+        IpAddr::V6(a) => v.extend_from_slice(&a.octets()),
+    }
+    v.extend_from_slice(&port.to_ne_bytes());
+    v.push(proto);
     v
 }
 
 impl<M: ServiceMaps> Reconciler<M> {
-    /// Programs one Maglev table per Service port with external frontends (NodePort,
-    /// externalIPs, load-balancer IPs: the traffic that may land on any node) and points
-    /// their entries at it. A table is rewritten in place, entry by entry, when its backends
-    /// change (every entry always names a backend that exists). Returns the Service ports
+    /// Programs one Maglev table per Service port and family with external frontends
+    /// (NodePort, externalIPs, load-balancer IPs: the traffic that may land on any node) and
+    /// points their entries at it. A table is rewritten in place, entry by entry, when its
+    /// backends change (every entry always names a backend that exists). Returns the groups
     /// that have a table.
     pub(super) fn program_maglev<'a>(
         &mut self,
         frontends: impl Iterator<Item = (&'a L4Addr, &'a FrontendState)>,
-        slot_lists: &mut BTreeMap<ServiceKeyV4, (ServiceEntry, Vec<u32>)>,
+        slot_lists: &mut BTreeMap<FrontendKey, (ServiceEntry, Vec<u32>)>,
         stats: &mut ApplyStats,
-    ) -> Result<BTreeSet<String>, MapError> {
+    ) -> Result<BTreeSet<MaglevGroup>, MapError> {
         let (size, count) = self.maps.maglev_geometry();
-        let mut groups: BTreeMap<String, (Vec<u32>, Vec<ServiceKeyV4>)> = BTreeMap::new();
+        let mut groups: BTreeMap<MaglevGroup, (Vec<u32>, Vec<FrontendKey>)> = BTreeMap::new();
         if size == 0 {
             return Ok(BTreeSet::new());
         }
@@ -61,11 +72,11 @@ impl<M: ServiceMaps> Reconciler<M> {
             };
             let mut ids = slots.clone();
             ids.sort_unstable();
-            let name = state.service.to_string();
+            let name = (state.service.to_string(), fe.family());
             let g = groups
                 .entry(name)
                 .or_insert_with(|| (ids.clone(), Vec::new()));
-            // Frontends of one Service port share the external set; one that differs
+            // Frontends of one Service port and family share the external set; one that differs
             // (never seen) keeps the random choice.
             if g.0 == ids {
                 g.1.push(key);

@@ -1,7 +1,8 @@
 //! Programs the desired state into the service maps with the fewest writes, in an order that
 //! never lets a packet see a half-updated service: backends before the slots that name them,
 //! slots before the service entry whose count covers them; on shrink and removal, the entry
-//! first, then the slots, then backends nothing names any more.
+//! first, then the slots, then backends nothing names any more. Both families go through the
+//! same phases: each phase writes the IPv4 and the IPv6 entries before the next begins.
 //!
 //! The reconciler starts from what the (pinned) maps already hold, so an agent restart
 //! rewrites nothing that is still right and removes what is no longer wanted. It is the only
@@ -16,22 +17,25 @@ pub use capacity::{fill_levels, MapFill};
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use lb_common::{
-    BackendSlotKey, BackendV4, MemberKey, ServiceEntry, ServiceKeyV4, SCOPE_ALL, SCOPE_PODS,
+    map_names, BackendSlotKey, MemberKey, ServiceEntry, SCOPE_ALL, SCOPE_PODS,
     SVC_F_DROP_NO_ENDPOINTS, SVC_F_POD_SCOPE, SVC_F_SOURCE_RANGES,
 };
 
 use self::{
-    capacity::{check_capacity, levels, refuse_overfull},
+    capacity::{check_capacity, levels, refuse_overfull, Counts},
     ids::{backend_identity, BackendIds, ServiceIds},
-    maglev_tables::MaglevTable,
+    maglev_tables::{MaglevGroup, MaglevTable},
 };
 use crate::{
     control::hash::{fnv1a, FNV_BASIS},
-    maps::{backend_value, frontend_key, kind_flag, Capacity, MapError, ServiceMaps},
+    maps::{
+        backend_value, frontend_key, kind_flag, BackendValue, Capacity, FrontendKey, MapError,
+        ServiceMaps,
+    },
     model::{Desired, FrontendState, L4Addr},
 };
 
@@ -53,18 +57,20 @@ pub struct ApplyStats {
 pub struct Reconciler<M: ServiceMaps> {
     maps: M,
     cap: Capacity,
-    services: BTreeMap<ServiceKeyV4, Programmed>,
-    backends: BTreeMap<u32, BackendV4>,
+    /// Frontend entries of both families.
+    services: BTreeMap<FrontendKey, Programmed>,
+    /// Backends of both families, by id (one id space).
+    backends: BTreeMap<u32, BackendValue>,
     /// Backend entries to write before anything names them (`flush_backends`).
-    pending_backends: BTreeMap<u32, BackendV4>,
+    pending_backends: BTreeMap<u32, BackendValue>,
     /// The service ids of `services` (and any just allocated).
     svc_ids: ServiceIds,
     /// Backend ids by identity, and which need their counters zeroed before reuse.
     backend_ids: BackendIds,
-    /// Maglev tables by Service port (`namespace/name:port`).
-    maglev: BTreeMap<String, MaglevTable>,
-    /// Source ranges programmed per service id.
-    ranges: BTreeMap<u32, BTreeSet<(Ipv4Addr, u8)>>,
+    /// Maglev tables by Service port (`namespace/name:port`) and family.
+    maglev: BTreeMap<MaglevGroup, MaglevTable>,
+    /// Source ranges programmed per service id (of the frontend's family).
+    ranges: BTreeMap<u32, BTreeSet<(IpAddr, u8)>>,
     /// How many programmed slots name each backend id.
     refs: HashMap<u32, u32>,
     /// Backend ids kept for serving endpoints (their flows carry on).
@@ -81,6 +87,38 @@ pub struct Partial {
     pub serving: BTreeSet<L4Addr>,
 }
 
+/// Refuses, before writing, a frontend with a backend of the other family: its slots would
+/// name an id the datapath looks up in its own family's backends only.
+fn check_families(desired: &Desired, partial: Option<&Partial>) -> Result<(), MapError> {
+    let check = |fe: &L4Addr, st: &FrontendState| match st
+        .backends
+        .iter()
+        .find(|b| b.addr.is_ipv6() != fe.is_ipv6())
+    {
+        Some(b) => Err(MapError::new(
+            map_names::LB_SLOTS,
+            "family",
+            format!(
+                "frontend {fe} of {} has backend {} of the other family: nothing was \
+                 changed, the last good state stays",
+                st.service, b.addr
+            ),
+        )),
+        None => Ok(()),
+    };
+    for frontends in [&desired.frontends, &desired.pod_frontends] {
+        match partial {
+            None => frontends.iter().try_for_each(|(fe, st)| check(fe, st))?,
+            Some(p) => p
+                .frontends
+                .iter()
+                .filter_map(|fe| frontends.get(fe).map(|st| (fe, st)))
+                .try_for_each(|(fe, st)| check(fe, st))?,
+        }
+    }
+    Ok(())
+}
+
 /// The affinity group of a Service port: FNV-1a (64 bit) of `namespace/name:port`, stable
 /// across agent restarts and the same on every node.
 pub fn affinity_group(service_port: &str) -> u64 {
@@ -88,9 +126,10 @@ pub fn affinity_group(service_port: &str) -> u64 {
 }
 
 impl<M: ServiceMaps> Reconciler<M> {
-    /// Takes over what the maps hold. Slots that no service entry covers are removed.
+    /// Takes over what the maps of both families hold. Slots that no service entry covers
+    /// are removed.
     pub fn new(mut maps: M) -> Result<Self, MapError> {
-        let mut services: BTreeMap<ServiceKeyV4, Programmed> = maps
+        let mut services: BTreeMap<FrontendKey, Programmed> = maps
             .services()?
             .into_iter()
             .map(|(k, v)| {
@@ -104,7 +143,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                 )
             })
             .collect();
-        let counts: HashMap<u32, ServiceKeyV4> =
+        let counts: HashMap<u32, FrontendKey> =
             services.iter().map(|(k, p)| (p.value.svc_id, *k)).collect();
         for (slot_key, backend_id) in maps.slots()? {
             let owner = counts
@@ -134,7 +173,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                 maps.set_member(&MemberKey { svc_id, backend_id }, slot)?;
             }
         }
-        let backends: BTreeMap<u32, BackendV4> = maps.backends()?.into_iter().collect();
+        let backends: BTreeMap<u32, BackendValue> = maps.backends()?.into_iter().collect();
         let svc_ids = ServiceIds::new(services.values().map(|p| p.value.svc_id).collect());
         let backend_ids = BackendIds::new(&backends, maps.backend_id_watermark()?);
         let mut refs: HashMap<u32, u32> = HashMap::new();
@@ -144,7 +183,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             }
         }
         let slot_total = services.values().map(|p| p.slots.len()).sum();
-        let mut ranges: BTreeMap<u32, BTreeSet<(Ipv4Addr, u8)>> = BTreeMap::new();
+        let mut ranges: BTreeMap<u32, BTreeSet<(IpAddr, u8)>> = BTreeMap::new();
         for (svc_id, net, len) in maps.source_ranges()? {
             ranges.entry(svc_id).or_default().insert((net, len));
         }
@@ -170,7 +209,7 @@ impl<M: ServiceMaps> Reconciler<M> {
     }
 
     /// The service id of each programmed frontend entry.
-    pub fn service_ids(&self) -> Vec<(ServiceKeyV4, u32)> {
+    pub fn service_ids(&self) -> Vec<(FrontendKey, u32)> {
         self.services
             .iter()
             .map(|(k, p)| (*k, p.value.svc_id))
@@ -179,7 +218,7 @@ impl<M: ServiceMaps> Reconciler<M> {
 
     /// Writes the backend entries `ensure_backend` left pending, in one batch.
     fn flush_backends(&mut self) -> Result<(), MapError> {
-        let batch: Vec<(u32, BackendV4)> = std::mem::take(&mut self.pending_backends)
+        let batch: Vec<(u32, BackendValue)> = std::mem::take(&mut self.pending_backends)
             .into_iter()
             .collect();
         self.maps.set_backends(&batch)
@@ -189,7 +228,7 @@ impl<M: ServiceMaps> Reconciler<M> {
     /// map entry to write (`flush_backends`) if it differs.
     fn ensure_backend(
         &mut self,
-        value: BackendV4,
+        value: BackendValue,
         stats: &mut ApplyStats,
     ) -> Result<u32, MapError> {
         let id = self.backend_ids.assign(
@@ -223,22 +262,34 @@ impl<M: ServiceMaps> Reconciler<M> {
     }
 
     /// The service id of a programmed entry.
-    pub fn service_id(&self, key: &ServiceKeyV4) -> Option<u32> {
+    pub fn service_id(&self, key: &FrontendKey) -> Option<u32> {
         self.services.get(key).map(|p| p.value.svc_id)
     }
 
     /// How full the maps are with what is programmed.
     pub fn fill(&self) -> Vec<MapFill> {
+        let frontends_v6 = self.services.keys().filter(|k| k.is_ipv6()).count();
+        let backends_v6 = self.backends.values().filter(|b| b.is_ipv6()).count();
         levels(
             &self.cap,
-            self.services.len(),
-            self.slot_total,
-            self.backends.len(),
+            Counts {
+                frontends_v4: self.services.len() - frontends_v6,
+                frontends_v6,
+                slots: self.slot_total,
+                backends_v4: self.backends.len() - backends_v6,
+                backends_v6,
+            },
         )
     }
 
     /// Refuses, before writing, a partial change the maps cannot hold.
     fn check_partial_capacity(&self, desired: &Desired, partial: &Partial) -> Result<(), MapError> {
+        let frontends_v6 = desired
+            .frontends
+            .keys()
+            .chain(desired.pod_frontends.keys())
+            .filter(|f| f.is_ipv6())
+            .count();
         let frontends = desired.frontends.len() + desired.pod_frontends.len();
         let mut slots = self.slot_total;
         let mut new_backends = HashSet::new();
@@ -261,8 +312,19 @@ impl<M: ServiceMaps> Reconciler<M> {
                 }
             }
         }
+        let backends_v6 = self.backends.values().filter(|b| b.is_ipv6()).count()
+            + new_backends.iter().filter(|(a, ..)| a.is_ipv6()).count();
         let backends = self.backends.len() + new_backends.len();
-        refuse_overfull(levels(&self.cap, frontends, slots, backends))
+        refuse_overfull(levels(
+            &self.cap,
+            Counts {
+                frontends_v4: frontends - frontends_v6,
+                frontends_v6,
+                slots,
+                backends_v4: backends - backends_v6,
+                backends_v6,
+            },
+        ))
     }
 
     fn apply_scoped(
@@ -274,10 +336,11 @@ impl<M: ServiceMaps> Reconciler<M> {
             None => check_capacity(desired, &self.cap)?,
             Some(p) => self.check_partial_capacity(desired, p)?,
         }
+        check_families(desired, partial)?;
         let mut stats = ApplyStats::default();
 
         // The entries to look at, with their desired state (None: to be removed).
-        type Entry<'a> = (ServiceKeyV4, &'a L4Addr, u8, Option<&'a FrontendState>);
+        type Entry<'a> = (FrontendKey, &'a L4Addr, u8, Option<&'a FrontendState>);
         let in_scope: Vec<Entry<'_>> = match partial {
             None => desired
                 .frontends
@@ -305,8 +368,8 @@ impl<M: ServiceMaps> Reconciler<M> {
         };
 
         // 1. Backends: reuse the id of an identical address, write new ones and flag changes.
-        let mut slot_lists: BTreeMap<ServiceKeyV4, (ServiceEntry, Vec<u32>)> = BTreeMap::new();
-        let mut range_lists: BTreeMap<ServiceKeyV4, BTreeSet<(Ipv4Addr, u8)>> = BTreeMap::new();
+        let mut slot_lists: BTreeMap<FrontendKey, (ServiceEntry, Vec<u32>)> = BTreeMap::new();
+        let mut range_lists: BTreeMap<FrontendKey, BTreeSet<(IpAddr, u8)>> = BTreeMap::new();
         for (key, fe, scope, state) in &in_scope {
             let Some(state) = state else { continue };
             let mut slots = Vec::with_capacity(state.backends.len());
@@ -378,12 +441,12 @@ impl<M: ServiceMaps> Reconciler<M> {
         //    batch per map): slots and members, source ranges, the entries, then what
         //    shrank. An entry never names a slot that is not written yet.
         struct Change {
-            key: ServiceKeyV4,
+            key: FrontendKey,
             value: ServiceEntry,
             slots: Vec<u32>,
             old_slots: Vec<u32>,
-            ranges: BTreeSet<(Ipv4Addr, u8)>,
-            old_ranges: BTreeSet<(Ipv4Addr, u8)>,
+            ranges: BTreeSet<(IpAddr, u8)>,
+            old_ranges: BTreeSet<(IpAddr, u8)>,
         }
         let mut changes = Vec::with_capacity(slot_lists.len());
         let (mut slot_writes, mut member_writes, mut entry_writes) =
@@ -474,7 +537,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         }
 
         // 3. Frontends no longer wanted: the entry first, then its slots.
-        let gone: Vec<ServiceKeyV4> = match partial {
+        let gone: Vec<FrontendKey> = match partial {
             None => self
                 .services
                 .keys()
@@ -521,7 +584,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         if partial.is_none() {
             self.maglev.retain(|name, _| tables.contains(name));
         } else {
-            let looked_at: BTreeSet<ServiceKeyV4> = in_scope.iter().map(|e| e.0).collect();
+            let looked_at: BTreeSet<FrontendKey> = in_scope.iter().map(|e| e.0).collect();
             self.maglev.retain(|name, t| {
                 if !tables.contains(name) {
                     t.keys.retain(|k| !looked_at.contains(k));
@@ -540,7 +603,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         unused.dedup();
         for id in unused {
             if let Some(b) = self.backends.remove(&id) {
-                self.maps.delete_backend(id)?;
+                self.maps.delete_backend(id, &b)?;
                 self.backend_ids.forget(backend_identity(b));
                 stats.deletes += 1;
             }
@@ -579,7 +642,7 @@ mod tests {
 
     fn addr(ip: [u8; 4], port: u16) -> L4Addr {
         L4Addr {
-            addr: Ipv4Addr::from(ip),
+            addr: Ipv4Addr::from(ip).into(),
             port,
             proto: Proto::Tcp,
         }
@@ -889,7 +952,10 @@ mod tests {
         d.frontends.get_mut(&lb).expect("lb").kind = FrontendKind::LoadBalancer;
         r.apply(&d).expect("apply");
         let get = |r: &Reconciler<MemMaps>, a: &L4Addr| {
-            r.maps().services[&frontend_key(a, SCOPE_ALL)].maglev
+            r.maps()
+                .service(&frontend_key(a, SCOPE_ALL))
+                .expect("programmed")
+                .maglev
         };
         let (np_table, lb_table) = (get(&r, &np), get(&r, &lb));
         assert_eq!(np_table, lb_table, "one table for the Service port");
@@ -954,5 +1020,250 @@ mod tests {
         r.apply(&desired(&[(fe, &b)])).expect("apply");
         assert_eq!(r.maps().stats_reset, vec![1, 2]);
         assert_eq!(r.maps().watermark, 100);
+    }
+
+    fn addr6(ip: &str, port: u16) -> L4Addr {
+        L4Addr {
+            addr: ip.parse().expect("address"),
+            port,
+            proto: Proto::Tcp,
+        }
+    }
+
+    #[test]
+    fn both_families_are_written_in_one_order_under_one_id_space() {
+        let mut r = Reconciler::new(MemMaps::default()).expect("new");
+        let (a4, a6) = (addr([10, 0, 0, 1], 80), addr6("fd00:10:244::1", 80));
+        let vip6 = addr6("fd00:10:96::1", 80);
+        r.apply(&desired(&[(addr(VIP, 80), &[a4]), (vip6, &[a6])]))
+            .expect("apply");
+        // Backends of both families, then slots, then the entries: one phase at a time.
+        assert_eq!(
+            r.maps.log,
+            vec![
+                "set backend 1",
+                "set backend6 2",
+                "set member 1/1 = 0",
+                "set member 2/2 = 0",
+                "set slot 1/0 = 1",
+                "set slot 2/0 = 2",
+                "set service 1 count 1",
+                "set service6 2 count 1",
+            ]
+        );
+        assert_eq!((r.maps.services.len(), r.maps.services6.len()), (1, 1));
+        assert_eq!(r.maps.backends.keys().collect::<Vec<_>>(), vec![&1]);
+        assert_eq!(r.maps.backends6.keys().collect::<Vec<_>>(), vec![&2]);
+        assert_eq!(
+            shown(&r.maps),
+            vec![
+                ("10.96.0.1:80/TCP".into(), vec!["10.0.0.1:80/TCP".into()]),
+                (
+                    "[fd00:10:96::1]:80/TCP".into(),
+                    vec!["[fd00:10:244::1]:80/TCP".into()]
+                ),
+            ]
+        );
+        // The IPv6 frontend grows, then goes: its entry first, then slots and backends.
+        let b6 = addr6("fd00:10:244::2", 80);
+        r.maps.log.clear();
+        r.apply(&desired(&[(addr(VIP, 80), &[a4]), (vip6, &[a6, b6])]))
+            .expect("apply");
+        assert_eq!(
+            r.maps.log,
+            vec![
+                "set backend6 3",
+                "set member 2/3 = 1",
+                "set slot 2/1 = 3",
+                "set service6 2 count 2"
+            ]
+        );
+        r.maps.log.clear();
+        r.apply(&desired(&[(addr(VIP, 80), &[a4])])).expect("apply");
+        assert_eq!(
+            r.maps.log,
+            vec![
+                "delete service6 2",
+                "delete slot 2/0",
+                "delete slot 2/1",
+                "delete member 2/2",
+                "delete member 2/3",
+                "delete backend6 2",
+                "delete backend6 3",
+            ]
+        );
+        assert!(r.maps.services6.is_empty() && r.maps.backends6.is_empty());
+    }
+
+    #[test]
+    fn restart_takes_over_both_families() {
+        let mut r = Reconciler::new(MemMaps::default()).expect("new");
+        let vip6 = addr6("fd00:10:96::1", 53);
+        let wanted = desired(&[
+            (addr(VIP, 80), &[addr([10, 0, 0, 1], 80)]),
+            (vip6, &[addr6("fd00:10:244::1", 53)]),
+            (addr6("fd00:10:96::2", 80), &[addr6("fd00:10:244::2", 80)]),
+        ]);
+        r.apply(&wanted).expect("apply");
+        let mut maps = r.maps.clone();
+        maps.log.clear();
+        // A new agent reads both families back and rewrites nothing that is still right.
+        let mut r2 = Reconciler::new(maps).expect("take over");
+        assert!(r2.maps.log.is_empty(), "{:?}", r2.maps.log);
+        assert_eq!(r2.apply(&wanted).expect("apply"), ApplyStats::default());
+        assert_eq!(r2.fill()[1].entries, 2, "LB6_SERVICES holds two");
+        // What is no longer wanted goes, in either family; ids are not reused while held.
+        let mut less = wanted.clone();
+        less.frontends.remove(&vip6);
+        r2.apply(&less).expect("apply");
+        assert_eq!(
+            r2.maps.log,
+            vec![
+                "delete service6 2",
+                "delete slot 2/0",
+                "delete member 2/2",
+                "delete backend6 2"
+            ]
+        );
+        r2.apply(&wanted).expect("apply");
+        assert!(
+            r2.maps.backends6.contains_key(&4),
+            "{:?}",
+            r2.maps.backends6
+        );
+        assert!(!r2.maps.backends.contains_key(&4));
+    }
+
+    #[test]
+    fn source_ranges_of_ipv6_frontends_go_to_their_map() {
+        let mut r = Reconciler::new(MemMaps::default()).expect("new");
+        let lb6 = addr6("2001:db8:1b::10", 443);
+        let mut d = desired(&[(lb6, &[addr6("fd00:10:244::1", 8443)])]);
+        let st = d.frontends.get_mut(&lb6).expect("frontend");
+        st.kind = FrontendKind::LoadBalancer;
+        st.source_ranges = vec![("2001:db8:c::".parse().expect("address"), 48)];
+        r.apply(&d).expect("apply");
+        assert_eq!(
+            r.maps.source_ranges.iter().copied().collect::<Vec<_>>(),
+            vec![(1, "2001:db8:c::".parse().expect("address"), 48)]
+        );
+        let entry = r
+            .maps
+            .service(&frontend_key(&lb6, SCOPE_ALL))
+            .expect("entry");
+        assert_ne!(entry.flags & SVC_F_SOURCE_RANGES, 0);
+        // Read back at a restart, removed with the frontend.
+        let mut r = Reconciler::new(r.maps.clone()).expect("take over");
+        r.maps.log.clear();
+        r.apply(&Desired::default()).expect("apply");
+        assert!(r.maps.source_ranges.is_empty());
+        assert!(r
+            .maps
+            .log
+            .contains(&"delete range 1 2001:db8:c::/48".to_string()));
+    }
+
+    #[test]
+    fn capacity_counts_both_families_in_one_id_space() {
+        let maps = MemMaps {
+            capacity: Capacity {
+                services: 100,
+                backends: 50,
+                slots: 1000,
+            },
+            ..Default::default()
+        };
+        let mut r = Reconciler::new(maps).expect("new");
+        let b4 = [addr([10, 0, 0, 1], 80)];
+        let b6 = [addr6("fd00:10:244::1", 80)];
+        // 60 + 60 frontends: each family fits its map, not the 99 service ids together.
+        let fe4: Vec<L4Addr> = (0..60).map(|i| addr([10, 97, 0, i as u8], 80)).collect();
+        let fe6: Vec<L4Addr> = (0..60)
+            .map(|i| addr6(&format!("fd00:10:97::{i:x}"), 80))
+            .collect();
+        let mut wanted: Vec<(L4Addr, &[L4Addr])> = fe4.iter().map(|f| (*f, &b4[..])).collect();
+        wanted.extend(fe6.iter().map(|f| (*f, &b6[..])));
+        let err = r.apply(&desired(&wanted)).expect_err("over capacity");
+        assert_eq!(err.map, map_names::LB_SVC_STATS, "{err}");
+        assert!(
+            err.to_string().contains("120 entries wanted, room for 99"),
+            "{err}"
+        );
+        assert!(r.maps.log.is_empty(), "nothing written");
+        // 30 + 30 backends: each family fits, not the 49 backend ids together.
+        let many4: Vec<L4Addr> = (0..30).map(|i| addr([10, 0, 1, i as u8], 80)).collect();
+        let many6: Vec<L4Addr> = (0..30)
+            .map(|i| addr6(&format!("fd00:10:244:1::{i:x}"), 80))
+            .collect();
+        let err = r
+            .apply(&desired(&[(fe4[0], &many4[..]), (fe6[0], &many6[..])]))
+            .expect_err("over capacity");
+        assert_eq!(err.map, map_names::LB_BE_STATS, "{err}");
+        // What fits is taken, and counted by family.
+        r.apply(&desired(&[(fe4[0], &many4[..10]), (fe6[0], &many6[..10])]))
+            .expect("fits");
+        let fill: Vec<(&str, usize)> = r.fill().iter().map(|f| (f.map, f.entries)).collect();
+        assert_eq!(
+            fill,
+            vec![
+                ("LB4_SERVICES", 1),
+                ("LB6_SERVICES", 1),
+                ("LB_SVC_STATS", 2),
+                ("LB_SLOTS", 20),
+                ("LB_MEMBERS", 20),
+                ("LB4_BACKENDS", 10),
+                ("LB6_BACKENDS", 10),
+                ("LB_BE_STATS", 20),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_backend_of_the_other_family_is_refused_before_any_write() {
+        let mut r = Reconciler::new(MemMaps::default()).expect("new");
+        let err = r
+            .apply(&desired(&[(addr(VIP, 80), &[addr6("fd00:10:244::1", 80)])]))
+            .expect_err("mixed families");
+        assert_eq!((err.map, err.op), (map_names::LB_SLOTS, "family"));
+        assert!(
+            err.to_string()
+                .contains("frontend 10.96.0.1:80/TCP of default/s has backend [fd00:10:244::1]:80/TCP of the other family"),
+            "{err}"
+        );
+        assert!(
+            r.maps.log.is_empty() && r.maps.watermark == 0,
+            "nothing written"
+        );
+    }
+
+    #[test]
+    fn each_family_of_a_service_port_has_its_maglev_table() {
+        let maps = MemMaps {
+            maglev_size: 13,
+            maglev_tables: 4,
+            ..Default::default()
+        };
+        let mut r = Reconciler::new(maps).expect("reconciler");
+        let np4 = addr([198, 18, 0, 2], 30080);
+        let np6 = addr6("2001:db8:18::2", 30080);
+        let (b4, b6) = (addr([10, 244, 0, 1], 8080), addr6("fd00:10:244::1", 8080));
+        let mut d = desired(&[(np4, &[b4]), (np6, &[b6])]);
+        for st in d.frontends.values_mut() {
+            st.kind = FrontendKind::NodePort;
+        }
+        r.apply(&d).expect("apply");
+        let table = |r: &Reconciler<MemMaps>, a: &L4Addr| {
+            r.maps()
+                .service(&frontend_key(a, SCOPE_ALL))
+                .expect("programmed")
+                .maglev
+        };
+        let (t4, t6) = (table(&r, &np4), table(&r, &np6));
+        assert!(t4 != 0 && t6 != 0 && t4 != t6, "{t4} {t6}");
+        // Each table names its family's backend only.
+        let ids = |t: u32| -> BTreeSet<u32> { r.maps().maglev[&(t - 1)].iter().copied().collect() };
+        assert_eq!(ids(t4), BTreeSet::from([1]));
+        assert_eq!(ids(t6), BTreeSet::from([2]));
+        assert!(r.maps().backends6.contains_key(&2));
     }
 }

@@ -69,6 +69,11 @@ pub trait Source: Send {
     fn zone(&self) -> Option<String> {
         None
     }
+    /// This node's addresses as its Node object's status gives them, at most one per family,
+    /// the primary family first (empty where the source knows no Node).
+    fn node_addresses(&self) -> Vec<std::net::IpAddr> {
+        Vec::new()
+    }
     /// Resolves when the source has news; never for a source that is only polled.
     fn wait(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(std::future::pending())

@@ -78,6 +78,9 @@ pub fn service(svc: &Service) -> Result<(), Invalid> {
             ip(&format!("spec.clusterIPs[{i}]"), c)?;
         }
     }
+    if spec.type_.as_deref() != Some("ExternalName") {
+        families(spec)?;
+    }
     for (i, c) in spec.external_ips.iter().flatten().enumerate() {
         ip(&format!("spec.externalIPs[{i}]"), c)?;
     }
@@ -146,6 +149,121 @@ pub fn service(svc: &Service) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// The family an IP address is of, named as `ipFamilies` names it.
+fn family_of(a: &IpAddr) -> &'static str {
+    if a.is_ipv6() {
+        "IPv6"
+    } else {
+        "IPv4"
+    }
+}
+
+/// A list of at most one address per family, as `clusterIPs` and `podIPs` are: the
+/// addresses (None for `None`), after each was checked to be one.
+fn one_per_family(field: &str, list: &[String]) -> Result<Vec<Option<IpAddr>>, Invalid> {
+    if list.len() > 2 {
+        return Err(invalid(
+            field,
+            format!("{} addresses: at most two (one per family)", list.len()),
+        ));
+    }
+    let addrs: Vec<Option<IpAddr>> = list.iter().map(|a| a.parse().ok()).collect();
+    if let [Some(a), Some(b)] = addrs[..] {
+        if a.is_ipv6() == b.is_ipv6() {
+            return Err(invalid(
+                field,
+                format!(
+                    "{a} and {b} are both {}: one address per family",
+                    family_of(&a)
+                ),
+            ));
+        }
+    }
+    Ok(addrs)
+}
+
+/// `ipFamilyPolicy`, `ipFamilies` and `clusterIPs`, as the API server stores them: the
+/// families listed once each, of the cluster IPs in their order, one cluster IP for
+/// SingleStack and one of each family for RequireDualStack (the manifests are what the API
+/// server would hold after allocating, so a RequireDualStack Service lists both).
+fn families(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<(), Invalid> {
+    let policy = spec.ip_family_policy.as_deref();
+    match policy {
+        None | Some("SingleStack" | "PreferDualStack" | "RequireDualStack") => {}
+        Some(other) => {
+            return Err(invalid(
+                "spec.ipFamilyPolicy",
+                format!(
+                    "unsupported value {other:?} (SingleStack, PreferDualStack or \
+                     RequireDualStack)"
+                ),
+            ))
+        }
+    }
+    let listed = spec.ip_families.as_deref().unwrap_or_default();
+    for (i, f) in listed.iter().enumerate() {
+        if f != "IPv4" && f != "IPv6" {
+            return Err(invalid(
+                format!("spec.ipFamilies[{i}]"),
+                format!("unsupported value {f:?} (IPv4 or IPv6)"),
+            ));
+        }
+        if listed[..i].contains(f) {
+            return Err(invalid(
+                format!("spec.ipFamilies[{i}]"),
+                format!("{f} is listed twice"),
+            ));
+        }
+    }
+    if policy == Some("SingleStack") && listed.len() > 1 {
+        return Err(invalid(
+            "spec.ipFamilies",
+            "SingleStack takes one family (ipFamilyPolicy)",
+        ));
+    }
+    let cluster_ips = spec.cluster_ips.as_deref().unwrap_or_default();
+    let ips = one_per_family("spec.clusterIPs", cluster_ips)?;
+    if let (Some(first), Some(legacy)) = (cluster_ips.first(), spec.cluster_ip.as_deref()) {
+        if !legacy.is_empty() && first != legacy {
+            return Err(invalid(
+                "spec.clusterIPs[0]",
+                format!("{first} is not spec.clusterIP ({legacy})"),
+            ));
+        }
+    }
+    let headless = cluster_ips.first().map(String::as_str) == Some("None")
+        || spec.cluster_ip.as_deref() == Some("None");
+    if headless {
+        return Ok(());
+    }
+    for (i, (a, f)) in ips.iter().zip(listed).enumerate() {
+        if let Some(a) = a {
+            if family_of(a) != f {
+                return Err(invalid(
+                    format!("spec.clusterIPs[{i}]"),
+                    format!("{a} is not of spec.ipFamilies[{i}] ({f})"),
+                ));
+            }
+        }
+    }
+    if policy == Some("SingleStack") && ips.len() > 1 {
+        return Err(invalid(
+            "spec.clusterIPs",
+            "SingleStack takes one cluster IP (ipFamilyPolicy)",
+        ));
+    }
+    let assigned = ips.len().max(usize::from(
+        spec.cluster_ip.as_deref().is_some_and(|c| !c.is_empty()),
+    ));
+    if policy == Some("RequireDualStack") && assigned > 0 && ips.len() < 2 {
+        return Err(invalid(
+            "spec.clusterIPs",
+            "RequireDualStack needs a cluster IP of each family (ipFamilyPolicy)",
+        ));
+    }
+    Ok(())
+}
+
 /// Checks an EndpointSlice.
 pub fn endpoint_slice(slice: &EndpointSlice) -> Result<(), Invalid> {
     name_of(&slice.metadata)?;
@@ -198,5 +316,109 @@ pub fn pod(pod: &Pod) -> Result<(), Invalid> {
     if let Some(a) = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) {
         ip("status.podIP", a)?;
     }
+    let pod_ips: Vec<String> = pod
+        .status
+        .iter()
+        .flat_map(|s| s.pod_ips.iter().flatten())
+        .map(|p| p.ip.clone())
+        .collect();
+    for (i, a) in pod_ips.iter().enumerate() {
+        ip(&format!("status.podIPs[{i}].ip"), a)?;
+    }
+    one_per_family("status.podIPs", &pod_ips)?;
+    if let (Some(first), Some(legacy)) = (
+        pod_ips.first(),
+        pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()),
+    ) {
+        if first != legacy {
+            return Err(invalid(
+                "status.podIPs[0].ip",
+                format!("{first} is not status.podIP ({legacy})"),
+            ));
+        }
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::source::manifests::parse_file;
+
+    /// The error of a Service with `spec` (its family lines) and a port, or None when valid.
+    fn service(spec: &str) -> Option<String> {
+        let text = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec:\n{spec}\n  ports: [{{port: 80}}]\n"
+        );
+        parse_file(Path::new("/m/web.yaml"), &text)
+            .err()
+            .map(|e| e.to_string())
+    }
+
+    #[test]
+    fn family_fields_as_the_api_server_stores_them() {
+        for ok in [
+            "  clusterIP: 10.96.0.10",
+            "  ipFamilyPolicy: SingleStack\n  ipFamilies: [IPv6]\n  clusterIPs: [\"fd00::a\"]",
+            "  ipFamilyPolicy: PreferDualStack\n  ipFamilies: [IPv4]\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10]",
+            // A single-stack cluster's PreferDualStack: the families asked for, one allocated.
+            "  ipFamilyPolicy: PreferDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIPs: [10.96.0.10]",
+            "  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv6, IPv4]\n  clusterIPs: [\"fd00::a\", 10.96.0.10]",
+            "  ipFamilyPolicy: RequireDualStack\n  clusterIP: None\n  clusterIPs: [None]",
+        ] {
+            assert_eq!(service(ok), None, "{ok}");
+        }
+        for (bad, says) in [
+            ("  ipFamilyPolicy: DualStack\n  clusterIP: 10.96.0.10", "spec.ipFamilyPolicy: unsupported value \"DualStack\""),
+            ("  ipFamilies: [IPv5]\n  clusterIP: 10.96.0.10", "spec.ipFamilies[0]: unsupported value \"IPv5\""),
+            ("  ipFamilies: [IPv4, IPv4]\n  clusterIP: 10.96.0.10", "spec.ipFamilies[1]: IPv4 is listed twice"),
+            ("  ipFamilyPolicy: SingleStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIPs: [10.96.0.10]", "spec.ipFamilies: SingleStack takes one family"),
+            ("  ipFamilyPolicy: SingleStack\n  clusterIPs: [10.96.0.10, \"fd00::a\"]", "spec.clusterIPs: SingleStack takes one cluster IP"),
+            ("  ipFamilyPolicy: RequireDualStack\n  clusterIPs: [10.96.0.10]", "spec.clusterIPs: RequireDualStack needs a cluster IP of each family"),
+            ("  ipFamilyPolicy: RequireDualStack\n  clusterIP: 10.96.0.10", "RequireDualStack needs a cluster IP of each family"),
+            ("  clusterIPs: [10.96.0.10, 10.96.0.11]", "spec.clusterIPs: 10.96.0.10 and 10.96.0.11 are both IPv4: one address per family"),
+            ("  clusterIPs: [10.96.0.10, \"fd00::a\", \"fd00::b\"]", "spec.clusterIPs: 3 addresses: at most two"),
+            ("  clusterIP: 10.96.0.9\n  clusterIPs: [10.96.0.10]", "spec.clusterIPs[0]: 10.96.0.10 is not spec.clusterIP (10.96.0.9)"),
+            ("  ipFamilies: [IPv6, IPv4]\n  clusterIPs: [10.96.0.10, \"fd00::a\"]", "spec.clusterIPs[0]: 10.96.0.10 is not of spec.ipFamilies[0] (IPv6)"),
+        ] {
+            let e = service(bad).unwrap_or_else(|| panic!("accepted: {bad}"));
+            assert!(e.starts_with("/m/web.yaml: Service shop/web: "), "{e}");
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn pod_ips_one_per_family_the_first_being_pod_ip() {
+        let pod = |status: &str| {
+            let text =
+                format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nstatus:\n{status}\n");
+            parse_file(Path::new("/m/p.yaml"), &text)
+                .err()
+                .map(|e| e.to_string())
+        };
+        assert_eq!(
+            pod("  podIP: 10.244.0.5\n  podIPs: [{ip: 10.244.0.5}, {ip: \"fd00::5\"}]"),
+            None
+        );
+        assert_eq!(pod("  podIPs: [{ip: \"fd00::5\"}]"), None);
+        for (bad, says) in [
+            (
+                "  podIPs: [{ip: 10.244.0.5}, {ip: 10.244.0.6}]",
+                "status.podIPs: 10.244.0.5 and 10.244.0.6 are both IPv4",
+            ),
+            (
+                "  podIPs: [{ip: \"fd00::5\"}, {ip: nowhere}]",
+                "status.podIPs[1].ip: \"nowhere\" is not an IP address",
+            ),
+            (
+                "  podIP: 10.244.0.5\n  podIPs: [{ip: \"fd00::5\"}, {ip: 10.244.0.5}]",
+                "status.podIPs[0].ip: fd00::5 is not status.podIP (10.244.0.5)",
+            ),
+        ] {
+            let e = pod(bad).unwrap_or_else(|| panic!("accepted: {bad}"));
+            assert!(e.starts_with("/m/p.yaml: Pod default/p: "), "{e}");
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! What `lb-agent run` is told, and the checks it makes before touching anything.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     time::Duration,
 };
@@ -39,8 +39,12 @@ pub struct RunConfig {
     /// Report one new flow in N to `lb-agent flows` (0: none).
     pub flow_sample: u32,
     /// The source address of SNATed flows; default: the first IPv4 address of the first
-    /// `--ext-iface`.
+    /// `--ext-iface`, else the Node object's IPv4 host IP.
     pub node_ip: Option<Ipv4Addr>,
+    /// The source address of SNATed IPv6 flows (`LB6_NODE_ADDR`); default: the first IPv6
+    /// address, neither loopback nor link-local, of the first `--ext-iface` that has one,
+    /// else the Node object's host IP of the family.
+    pub node_ipv6: Option<Ipv6Addr>,
     /// Source ports for SNAT (first, last).
     pub snat_ports: (u16, u16),
     /// Entries of one Maglev table (a prime).

@@ -11,17 +11,17 @@ pub mod state;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::Path,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, Result};
-use lb_common::{ServiceKeyV4, SCOPE_ALL, SCOPE_PODS};
+use lb_common::{SCOPE_ALL, SCOPE_PODS};
 use lb_control::{
     incremental::Engine,
-    maps::{self as service_maps, frontend_key},
+    maps::{self as service_maps, frontend_key, FrontendKey},
     model::{Desired, FrontendState, L4Addr, Proto},
     reconcile::{Partial, Reconciler},
     source::{manifests::ManifestSource, Dirty, Source},
@@ -37,7 +37,7 @@ use self::{
     state::{FrontendName, SharedState},
 };
 use crate::{
-    datapath::{self, host_sockets, node, stats, Datapath, PinnedMaps},
+    datapath::{self, host_sockets, node, pinned_maps, stats, Datapath, PinnedMaps},
     source::kube::{ApiAccess, KubeSource},
 };
 
@@ -179,8 +179,11 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     // Trigger times of the EndpointSlice changes in `pending`, measured once programmed.
     let mut pending_triggers = Vec::new();
     let mut zone = None;
-    let mut addresses: BTreeSet<Ipv4Addr> = BTreeSet::new();
-    let mut primary: Option<Ipv4Addr> = None;
+    let mut addresses: BTreeSet<IpAddr> = BTreeSet::new();
+    // The node's primary address of each family (SNAT sources, `primary` NodePorts).
+    let mut primary: Vec<IpAddr> = Vec::new();
+    // The node's host IPs as its Node object gives them (where the source knows it).
+    let mut node_status_addresses: Vec<IpAddr> = Vec::new();
     let mut clock_checked = Instant::now();
     let links = watch_links();
     let mut tick = tokio::time::interval(POLL);
@@ -209,31 +212,15 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             }
         }
 
+        let from_node = source.node_addresses();
         match node::addresses() {
-            Ok(a) if a != addresses => {
-                tracing::info!(addresses = ?a, "node addresses");
+            Ok(a) if a != addresses || from_node != node_status_addresses => {
+                tracing::info!(addresses = ?a, node_status = ?from_node, "node addresses");
                 addresses = a;
+                node_status_addresses = from_node;
                 pending.all = true;
                 status.lock().queued();
-                let snat_ip = cfg
-                    .node_ip
-                    .or_else(|| node::primary_address(&cfg.ext_ifaces));
-                primary = snat_ip;
-                match snat_ip {
-                    Some(ip) => {
-                        let v = u32::from_ne_bytes(ip.octets());
-                        if let Err(e) = datapath.set_config(lb_common::config::NODE_ADDR, v) {
-                            tracing::warn!(error = format!("{e:#}"), "setting the node address");
-                        } else {
-                            tracing::info!(%ip, "node address (source of SNATed flows)");
-                        }
-                    }
-                    None if cfg.ext_ifaces.is_empty() => {}
-                    None => tracing::warn!(
-                        "no IPv4 address on the external interfaces: traffic from outside to \
-                         backends on other nodes is dropped until one appears (or --node-ip)"
-                    ),
-                }
+                primary = program_node_addresses(&mut datapath, &cfg, &node_status_addresses);
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = format!("{e:#}"), "reading node addresses failed"),
@@ -270,7 +257,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         let started = Instant::now();
         let node = NodeInfo {
             name: cfg.node_name.clone(),
-            addresses: nodeport_addresses(&cfg, &addresses, primary),
+            addresses: nodeport_addresses(&cfg, &addresses, &primary),
             zone: zone.clone(),
         };
         let r = match reconciler.as_mut() {
@@ -410,7 +397,7 @@ fn update_frontend_names(
 }
 
 /// The name of every programmed entry, by service id.
-fn frontend_names(desired: &Desired, ids: Vec<(ServiceKeyV4, u32)>) -> BTreeMap<u32, FrontendName> {
+fn frontend_names(desired: &Desired, ids: Vec<(FrontendKey, u32)>) -> BTreeMap<u32, FrontendName> {
     let mut by_key = HashMap::new();
     for (scope, frontends) in [
         (SCOPE_ALL, &desired.frontends),
@@ -501,12 +488,8 @@ fn attach_interfaces(datapath: &mut Datapath, cfg: &RunConfig) -> Result<()> {
 /// Moves the node's connected UDP sockets off backends their frontend no longer has.
 fn leave_removed_backends(pin: &Path, desired: &Desired) {
     let serves = |fe: SocketAddr, be: SocketAddr| {
-        // The control plane programs IPv4 frontends only: an IPv6 socket's backend is kept.
-        let (SocketAddr::V4(fe), SocketAddr::V4(be)) = (fe, be) else {
-            return true;
-        };
-        let udp = |a: SocketAddrV4| L4Addr {
-            addr: *a.ip(),
+        let udp = |a: SocketAddr| L4Addr {
+            addr: a.ip(),
             port: a.port(),
             proto: Proto::Udp,
         };
@@ -531,13 +514,75 @@ fn leave_removed_backends(pin: &Path, desired: &Desired) {
     }
 }
 
-/// The addresses NodePorts are served on (`--nodeport-addresses`, localhost NodePorts).
+/// The addresses NodePorts are served on (`--nodeport-addresses`, localhost NodePorts), of
+/// both families.
 fn nodeport_addresses(
     cfg: &RunConfig,
-    addresses: &BTreeSet<Ipv4Addr>,
-    primary: Option<Ipv4Addr>,
-) -> Vec<Ipv4Addr> {
-    let all: Vec<Ipv4Addr> = addresses.iter().copied().collect();
+    addresses: &BTreeSet<IpAddr>,
+    primary: &[IpAddr],
+) -> Vec<IpAddr> {
+    let all: Vec<IpAddr> = addresses.iter().copied().collect();
     cfg.nodeport_addresses
         .select(&all, primary, cfg.localhost_nodeports)
+}
+
+/// Writes the node's address of each family, the source of source-NATed flows
+/// (`LB_CONFIG[NODE_ADDR]`, `LB6_NODE_ADDR`): `--node-ip` / `--node-ipv6`, else the first
+/// address of the family on the external interfaces, else the Node object's host IP of the
+/// family (`from_node`). Returns those addresses.
+fn program_node_addresses(
+    datapath: &mut Datapath,
+    cfg: &RunConfig,
+    from_node: &[IpAddr],
+) -> Vec<IpAddr> {
+    let v4 = cfg
+        .node_ip
+        .or_else(|| node::primary_address(&cfg.ext_ifaces))
+        .or_else(|| {
+            from_node.iter().find_map(|a| match a {
+                IpAddr::V4(a) => Some(*a),
+                IpAddr::V6(_) => None,
+            })
+        });
+    let v6 = cfg
+        .node_ipv6
+        .or_else(|| node::primary_address_v6(&cfg.ext_ifaces))
+        .or_else(|| {
+            from_node.iter().find_map(|a| match a {
+                IpAddr::V6(a) => Some(*a),
+                IpAddr::V4(_) => None,
+            })
+        });
+    match v4 {
+        Some(ip) => {
+            let v = u32::from_ne_bytes(ip.octets());
+            if let Err(e) = datapath.set_config(lb_common::config::NODE_ADDR, v) {
+                tracing::warn!(error = format!("{e:#}"), "setting the node address");
+            } else {
+                tracing::info!(%ip, "node address (source of SNATed flows)");
+            }
+        }
+        None if cfg.ext_ifaces.is_empty() => {}
+        None => tracing::warn!(
+            "no IPv4 address on the external interfaces: IPv4 traffic from outside to \
+             backends on other nodes is dropped until one appears (or --node-ip)"
+        ),
+    }
+    // All zero when the node has none.
+    match pinned_maps::write_node_addr_v6(&cfg.pin_path, v6) {
+        Err(e) => tracing::warn!(error = format!("{e:#}"), "setting the node's IPv6 address"),
+        Ok(()) => match v6 {
+            Some(ip) => tracing::info!(%ip, "node IPv6 address (source of SNATed IPv6 flows)"),
+            None if cfg.ext_ifaces.is_empty() => {}
+            None => tracing::info!(
+                "no IPv6 address on the external interfaces: IPv6 traffic from outside to \
+                 backends on other nodes cannot be source-NATed until one appears (or \
+                 --node-ipv6)"
+            ),
+        },
+    }
+    v4.map(IpAddr::V4)
+        .into_iter()
+        .chain(v6.map(IpAddr::V6))
+        .collect()
 }

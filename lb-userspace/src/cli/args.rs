@@ -165,9 +165,14 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1)]
     flow_sample: u32,
     /// Source address of flows from outside to backends on other nodes (SNAT). Default: the
-    /// first IPv4 address of the first --ext-iface.
+    /// first IPv4 address of the first --ext-iface, else the Node object's IPv4 InternalIP.
     #[arg(long, value_name = "IP")]
     node_ip: Option<std::net::Ipv4Addr>,
+    /// Source address of IPv6 flows from outside to backends on other nodes. Default: the
+    /// first IPv6 address, neither loopback nor link-local, of the first --ext-iface that
+    /// has one, else the Node object's IPv6 InternalIP (or ExternalIP).
+    #[arg(long, value_name = "IPV6")]
+    node_ipv6: Option<std::net::Ipv6Addr>,
     /// Source ports for that SNAT, FIRST-LAST. Keep them out of the node's own ephemeral
     /// range (net.ipv4.ip_local_port_range, 32768-60999 by default) and the NodePort range.
     #[arg(long, value_name = "FIRST-LAST", default_value = "61000-65535", value_parser = port_range)]
@@ -198,8 +203,10 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 86400.0)]
     ct_tcp_timeout: f64,
     /// NodePorts only on the node's addresses in these CIDRs (comma-separated), or
-    /// `primary` (the node's primary address: --node-ip, else the first address of the first
-    /// --ext-iface), as kube-proxy's flag. Default: every address of the node.
+    /// `primary` (the node's primary address of each family: --node-ip / --node-ipv6, else
+    /// the first address of the family on the --ext-ifaces), as kube-proxy's flag. Each
+    /// family is selected by its own CIDRs; a family none of them is of is served on every
+    /// address of it, as kube-proxy does. Default: every address of the node.
     #[arg(long, value_name = "CIDRS|primary", default_value = "", value_parser = nodeport_addresses)]
     nodeport_addresses: NodePortAddresses,
     /// Also serve NodePorts on 127.0.0.1 to the node's own processes (kube-proxy's iptables
@@ -275,6 +282,7 @@ impl RunArgs {
             },
             flow_sample: a.flow_sample,
             node_ip: a.node_ip,
+            node_ipv6: a.node_ipv6,
             snat_ports: a.snat_ports,
             maglev_size: a.maglev_table_size,
             ct_gc_interval: seconds("ct-gc-interval", a.ct_gc_interval)?,
@@ -301,6 +309,28 @@ mod tests {
             Command::Run(a) => a.into_config(),
             _ => anyhow::bail!("not run"),
         }
+    }
+
+    #[test]
+    fn node_address_flags_of_each_family() {
+        let cfg = run_config(&["--node-ip", "172.18.0.2", "--node-ipv6", "fc00:f853::2"])
+            .expect("accepted");
+        assert_eq!(
+            cfg.node_ip.map(|a| a.to_string()).as_deref(),
+            Some("172.18.0.2")
+        );
+        assert_eq!(
+            cfg.node_ipv6.map(|a| a.to_string()).as_deref(),
+            Some("fc00:f853::2")
+        );
+        assert!(
+            run_config(&["--node-ipv6", "172.18.0.2"]).is_err(),
+            "IPv4 refused"
+        );
+        assert!(
+            run_config(&["--node-ip", "fc00::2"]).is_err(),
+            "IPv6 refused"
+        );
     }
 
     #[test]

@@ -48,10 +48,17 @@ pub fn run(pin: &Path, json: bool, stats: bool) -> Result<()> {
     Ok(())
 }
 
-/// `cilium service list`-style table.
+/// `cilium service list`-style table, both families: the frontend column as wide as the
+/// longest frontend (an IPv6 one may be 47 characters), so that columns stay aligned.
 pub fn format_table(rows: &[FrontendDump]) -> String {
+    let width = rows
+        .iter()
+        .map(|r| r.frontend.len())
+        .max()
+        .unwrap_or(0)
+        .max(24);
     let mut out = format!(
-        "{:<5} {:<24} {:<28} {}\n",
+        "{:<5} {:<width$} {:<28} {}\n",
         "ID", "Frontend", "Service Type", "Backend"
     );
     for r in rows {
@@ -69,7 +76,9 @@ pub fn format_table(rows: &[FrontendDump]) -> String {
             } else {
                 (String::new(), "", "")
             };
-            out.push_str(&format!("{id:<5} {frontend:<24} {kind:<28} {backend}\n"));
+            out.push_str(&format!(
+                "{id:<5} {frontend:<width$} {kind:<28} {backend}\n"
+            ));
             first = false;
         };
         if r.backends.is_empty() {
@@ -92,6 +101,58 @@ pub fn format_table(rows: &[FrontendDump]) -> String {
 mod tests {
     use super::*;
     use lb_control::maps::BackendDump;
+
+    #[test]
+    fn ipv6_frontends_are_listed_beside_ipv4_ones_in_aligned_columns() {
+        let row = |id: u32, frontend: &str, backend: &str| FrontendDump {
+            id,
+            frontend: frontend.into(),
+            kind: "NodePort".into(),
+            no_backend: "reject",
+            affinity_timeout_s: 0,
+            scope: "all",
+            backends: vec![BackendDump {
+                id: id + 10,
+                address: backend.into(),
+                state: "active",
+                local: false,
+            }],
+        };
+        let rows = vec![
+            row(1, "198.18.0.2:30080/TCP", "10.244.0.11:8080/TCP"),
+            row(
+                2,
+                "[fc00:f853:ccd:e793::2]:30080/TCP",
+                "[fd00:10:244::11]:8080/TCP",
+            ),
+        ];
+        let t = format_table(&rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(
+            lines[2].starts_with("2     [fc00:f853:ccd:e793::2]:30080/TCP NodePort"),
+            "{t}"
+        );
+        assert!(
+            lines[2].ends_with("1 => [fd00:10:244::11]:8080/TCP (active)"),
+            "{t}"
+        );
+        // Every column starts where its heading does.
+        for heading in ["Service Type", "Backend"] {
+            let at = lines[0].find(heading).expect("heading");
+            for l in &lines[1..] {
+                assert!(
+                    l[at..].starts_with(if heading == "Backend" {
+                        "1 =>"
+                    } else {
+                        "NodePort"
+                    }),
+                    "{t}"
+                );
+                assert_eq!(&l[at - 1..at], " ", "{t}");
+            }
+        }
+    }
 
     #[test]
     fn table_names_scope_affinity_and_states() {

@@ -2,7 +2,10 @@
 //! Everything goes through netlink-backed libc calls, so it reflects the namespace the agent
 //! runs in even when /sys belongs to another one.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use super::error::{Context, Result};
 
@@ -15,34 +18,61 @@ pub fn interfaces() -> Result<Vec<(u32, String)>> {
         .collect())
 }
 
-/// The IPv4 addresses NodePorts are served on: every address of the namespace but loopback.
-pub fn addresses() -> Result<BTreeSet<Ipv4Addr>> {
+/// The addresses NodePorts may be served on, of both families: every address of the
+/// namespace but loopback and IPv6 link-local ones (an fe80:: address names a link, not the
+/// node: the same one may sit on several interfaces, and a flow to it cannot be routed to a
+/// pod).
+pub fn addresses() -> Result<BTreeSet<IpAddr>> {
     let mut out = BTreeSet::new();
     for ifa in nix::ifaddrs::getifaddrs().context("listing addresses")? {
-        let Some(sin) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) else {
-            continue;
-        };
-        let ip = sin.ip();
-        if !ip.is_loopback() {
-            out.insert(ip);
+        if let Some(ip) = ifa.address.as_ref().and_then(address_of) {
+            if !ip.is_loopback() && !is_link_local(&ip) {
+                out.insert(ip);
+            }
         }
     }
     Ok(out)
 }
 
+/// The IP address of a socket address of either family.
+fn address_of(a: &nix::sys::socket::SockaddrStorage) -> Option<IpAddr> {
+    a.as_sockaddr_in()
+        .map(|s| IpAddr::V4(s.ip()))
+        .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+}
+
+/// An IPv6 link-local address (fe80::/10).
+fn is_link_local(a: &IpAddr) -> bool {
+    matches!(a, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
+}
+
 /// The first IPv4 address of the first of `ifaces` that has one.
 pub fn primary_address(ifaces: &[String]) -> Option<Ipv4Addr> {
+    match primary_of(ifaces, IpAddr::is_ipv4)? {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// The first IPv6 address, neither loopback nor link-local, of the first of `ifaces` that
+/// has one.
+pub fn primary_address_v6(ifaces: &[String]) -> Option<Ipv6Addr> {
+    match primary_of(ifaces, |a| {
+        a.is_ipv6() && !a.is_loopback() && !is_link_local(a)
+    })? {
+        IpAddr::V6(a) => Some(a),
+        IpAddr::V4(_) => None,
+    }
+}
+
+fn primary_of(ifaces: &[String], wanted: impl Fn(&IpAddr) -> bool) -> Option<IpAddr> {
     let addrs: Vec<_> = nix::ifaddrs::getifaddrs().ok()?.collect();
     ifaces.iter().find_map(|name| {
         addrs
             .iter()
             .filter(|a| &a.interface_name == name)
-            .find_map(|a| {
-                a.address
-                    .as_ref()?
-                    .as_sockaddr_in()
-                    .map(nix::sys::socket::SockaddrIn::ip)
-            })
+            .filter_map(|a| a.address.as_ref().and_then(address_of))
+            .find(|a| wanted(a))
     })
 }
 
@@ -150,6 +180,25 @@ pub fn driver(ifname: &str) -> Result<Driver> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_addresses_of_both_families_without_loopback_or_link_local() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("address");
+        assert!(is_link_local(&ip("fe80::1")));
+        assert!(is_link_local(&ip("febf:ffff::1")));
+        assert!(!is_link_local(&ip("fec0::1")));
+        assert!(!is_link_local(&ip("2001:db8::1")));
+        assert!(
+            !is_link_local(&ip("169.254.0.1")),
+            "IPv4 link-local is kept"
+        );
+        let all = addresses().expect("addresses");
+        assert!(
+            all.iter().all(|a| !a.is_loopback() && !is_link_local(a)),
+            "{all:?}"
+        );
+        assert_eq!(primary_address_v6(&["lo".into()]), None, "::1 is not one");
+    }
 
     #[test]
     fn interface_rule() {

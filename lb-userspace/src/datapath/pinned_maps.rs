@@ -1,8 +1,12 @@
-//! The pinned service maps as `ServiceMaps`, the trait the reconciler writes through: many
-//! entries per syscall where the kernel has batch operations, the Maglev tables through a
-//! memory mapping.
+//! The pinned service maps of both families as `ServiceMaps`, the trait the reconciler writes
+//! through: many entries per syscall where the kernel has batch operations, the Maglev tables
+//! through a memory mapping.
 
-use std::{net::Ipv4Addr, os::fd::AsFd, path::Path};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsFd,
+    path::Path,
+};
 
 use super::error::{Context, Result};
 use aya::maps::{
@@ -10,10 +14,10 @@ use aya::maps::{
     Array, HashMap, Map, MapData, PerCpuArray,
 };
 use lb_common::{
-    config, map_names, BackendSlotKey, BackendStats, BackendV4, MemberKey, ServiceEntry,
-    ServiceKeyV4, SourceRangeV4,
+    config, ipv6_bytes, ipv6_words, map_names, BackendSlotKey, BackendStats, BackendV4, BackendV6,
+    MemberKey, ServiceEntry, ServiceKeyV4, ServiceKeyV6, SourceRangeV4, SourceRangeV6,
 };
-use lb_control::maps::{Capacity, MapError, ServiceMaps};
+use lb_control::maps::{BackendValue, Capacity, FrontendKey, MapError, ServiceMaps};
 
 use super::{
     pins::open_map,
@@ -23,17 +27,21 @@ use super::{
 /// The pinned service maps.
 pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKeyV4, ServiceEntry>,
+    services6: HashMap<MapData, ServiceKeyV6, ServiceEntry>,
     slots: HashMap<MapData, BackendSlotKey, u32>,
     backends: HashMap<MapData, u32, BackendV4>,
+    backends6: HashMap<MapData, u32, BackendV6>,
     members: HashMap<MapData, MemberKey, u32>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     maglev: MaglevMap,
     ranges: LpmTrie<MapData, SourceRangeV4, u8>,
+    ranges6: LpmTrie<MapData, SourceRangeV6, u8>,
     config: Array<MapData, u32>,
     capacity: Capacity,
 }
 
-/// The sizes the pinned service maps were made with.
+/// The sizes the pinned service maps were made with: each the smallest of the maps that
+/// share it (an older agent's maps of one family may be smaller than the other's).
 pub fn read_capacity(pin: &Path) -> Result<Capacity> {
     let size = |name: &str| -> Result<u32> {
         Ok(open_map(pin, name)?
@@ -42,10 +50,24 @@ pub fn read_capacity(pin: &Path) -> Result<Capacity> {
             .max_entries())
     };
     Ok(Capacity {
-        services: size(map_names::LB4_SERVICES)?.min(size(map_names::LB_SVC_STATS)?),
-        backends: size(map_names::LB4_BACKENDS)?.min(size(map_names::LB_BE_STATS)?),
+        services: size(map_names::LB4_SERVICES)?
+            .min(size(map_names::LB6_SERVICES)?)
+            .min(size(map_names::LB_SVC_STATS)?),
+        backends: size(map_names::LB4_BACKENDS)?
+            .min(size(map_names::LB6_BACKENDS)?)
+            .min(size(map_names::LB_BE_STATS)?),
         slots: size(map_names::LB_SLOTS)?.min(size(map_names::LB_MEMBERS)?),
     })
+}
+
+/// Writes the node's IPv6 address to `LB6_NODE_ADDR` (the source of source-NATed IPv6
+/// flows), all zero for none.
+pub fn write_node_addr_v6(pin: &Path, addr: Option<Ipv6Addr>) -> Result<()> {
+    let mut map: Array<MapData, [u32; 4]> =
+        Array::try_from(Map::Array(open_map(pin, map_names::LB6_NODE_ADDR)?))?;
+    let words = addr.map_or([0; 4], |a| ipv6_words(a.octets()));
+    map.set(0, words, 0).context("writing LB6_NODE_ADDR")?;
+    Ok(())
 }
 
 impl PinnedMaps {
@@ -55,9 +77,12 @@ impl PinnedMaps {
             maglev: MaglevMap::open(pin)?,
             config: Array::try_from(Map::Array(open_map(pin, map_names::LB_CONFIG)?))?,
             ranges: LpmTrie::try_from(Map::LpmTrie(open_map(pin, map_names::LB4_SRC_RANGES)?))?,
+            ranges6: LpmTrie::try_from(Map::LpmTrie(open_map(pin, map_names::LB6_SRC_RANGES)?))?,
             services: HashMap::try_from(Map::HashMap(open_map(pin, map_names::LB4_SERVICES)?))?,
+            services6: HashMap::try_from(Map::HashMap(open_map(pin, map_names::LB6_SERVICES)?))?,
             slots: HashMap::try_from(Map::HashMap(open_map(pin, map_names::LB_SLOTS)?))?,
             backends: HashMap::try_from(Map::HashMap(open_map(pin, map_names::LB4_BACKENDS)?))?,
+            backends6: HashMap::try_from(Map::HashMap(open_map(pin, map_names::LB6_BACKENDS)?))?,
             members: HashMap::try_from(Map::HashMap(open_map(pin, map_names::LB_MEMBERS)?))?,
             backend_stats: PerCpuArray::try_from(Map::PerCpuArray(open_map(
                 pin,
@@ -113,34 +138,74 @@ impl ServiceMaps for PinnedMaps {
     fn capacity(&self) -> Capacity {
         self.capacity
     }
-    fn set_services(&mut self, entries: &[(ServiceKeyV4, ServiceEntry)]) -> Result<(), MapError> {
-        set_many(&mut self.services, map_names::LB4_SERVICES, entries)
+    fn set_services(&mut self, entries: &[(FrontendKey, ServiceEntry)]) -> Result<(), MapError> {
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for (k, v) in entries {
+            match k {
+                FrontendKey::V4(k) => v4.push((*k, *v)),
+                FrontendKey::V6(k) => v6.push((*k, *v)),
+            }
+        }
+        set_many(&mut self.services, map_names::LB4_SERVICES, &v4)?;
+        set_many(&mut self.services6, map_names::LB6_SERVICES, &v6)
     }
     fn set_slots(&mut self, entries: &[(BackendSlotKey, u32)]) -> Result<(), MapError> {
         set_many(&mut self.slots, map_names::LB_SLOTS, entries)
     }
-    fn set_backends(&mut self, entries: &[(u32, BackendV4)]) -> Result<(), MapError> {
-        set_many(&mut self.backends, map_names::LB4_BACKENDS, entries)
+    fn set_backends(&mut self, entries: &[(u32, BackendValue)]) -> Result<(), MapError> {
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for (id, b) in entries {
+            match b {
+                BackendValue::V4(b) => v4.push((*id, *b)),
+                BackendValue::V6(b) => v6.push((*id, *b)),
+            }
+        }
+        set_many(&mut self.backends, map_names::LB4_BACKENDS, &v4)?;
+        set_many(&mut self.backends6, map_names::LB6_BACKENDS, &v6)
     }
     fn set_members(&mut self, entries: &[(MemberKey, u32)]) -> Result<(), MapError> {
         set_many(&mut self.members, map_names::LB_MEMBERS, entries)
     }
-    fn services(&self) -> Result<Vec<(ServiceKeyV4, ServiceEntry)>, MapError> {
-        collect(&self.services, map_names::LB4_SERVICES)
+    fn services(&self) -> Result<Vec<(FrontendKey, ServiceEntry)>, MapError> {
+        let v4 = collect(&self.services, map_names::LB4_SERVICES)?;
+        let v6 = collect(&self.services6, map_names::LB6_SERVICES)?;
+        Ok(v4
+            .into_iter()
+            .map(|(k, v)| (FrontendKey::V4(k), v))
+            .chain(v6.into_iter().map(|(k, v)| (FrontendKey::V6(k), v)))
+            .collect())
     }
     fn slots(&self) -> Result<Vec<(BackendSlotKey, u32)>, MapError> {
         collect(&self.slots, map_names::LB_SLOTS)
     }
-    fn backends(&self) -> Result<Vec<(u32, BackendV4)>, MapError> {
-        collect(&self.backends, map_names::LB4_BACKENDS)
+    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapError> {
+        let v4 = collect(&self.backends, map_names::LB4_BACKENDS)?;
+        let v6 = collect(&self.backends6, map_names::LB6_BACKENDS)?;
+        Ok(v4
+            .into_iter()
+            .map(|(id, b)| (id, BackendValue::V4(b)))
+            .chain(v6.into_iter().map(|(id, b)| (id, BackendValue::V6(b))))
+            .collect())
     }
-    fn set_service(&mut self, key: &ServiceKeyV4, value: &ServiceEntry) -> Result<(), MapError> {
-        self.services
-            .insert(key, value, 0)
-            .map_err(err(map_names::LB4_SERVICES, "update"))
+    fn set_service(&mut self, key: &FrontendKey, value: &ServiceEntry) -> Result<(), MapError> {
+        match key {
+            FrontendKey::V4(k) => self
+                .services
+                .insert(k, value, 0)
+                .map_err(err(map_names::LB4_SERVICES, "update")),
+            FrontendKey::V6(k) => self
+                .services6
+                .insert(k, value, 0)
+                .map_err(err(map_names::LB6_SERVICES, "update")),
+        }
     }
-    fn delete_service(&mut self, key: &ServiceKeyV4) -> Result<(), MapError> {
-        tolerate_missing(self.services.remove(key)).map_err(err(map_names::LB4_SERVICES, "delete"))
+    fn delete_service(&mut self, key: &FrontendKey) -> Result<(), MapError> {
+        match key {
+            FrontendKey::V4(k) => tolerate_missing(self.services.remove(k))
+                .map_err(err(map_names::LB4_SERVICES, "delete")),
+            FrontendKey::V6(k) => tolerate_missing(self.services6.remove(k))
+                .map_err(err(map_names::LB6_SERVICES, "delete")),
+        }
     }
     fn set_slot(&mut self, key: &BackendSlotKey, backend_id: u32) -> Result<(), MapError> {
         self.slots
@@ -150,13 +215,25 @@ impl ServiceMaps for PinnedMaps {
     fn delete_slot(&mut self, key: &BackendSlotKey) -> Result<(), MapError> {
         tolerate_missing(self.slots.remove(key)).map_err(err(map_names::LB_SLOTS, "delete"))
     }
-    fn set_backend(&mut self, id: u32, value: &BackendV4) -> Result<(), MapError> {
-        self.backends
-            .insert(id, value, 0)
-            .map_err(err(map_names::LB4_BACKENDS, "update"))
+    fn set_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapError> {
+        match value {
+            BackendValue::V4(b) => self
+                .backends
+                .insert(id, b, 0)
+                .map_err(err(map_names::LB4_BACKENDS, "update")),
+            BackendValue::V6(b) => self
+                .backends6
+                .insert(id, b, 0)
+                .map_err(err(map_names::LB6_BACKENDS, "update")),
+        }
     }
-    fn delete_backend(&mut self, id: u32) -> Result<(), MapError> {
-        tolerate_missing(self.backends.remove(&id)).map_err(err(map_names::LB4_BACKENDS, "delete"))
+    fn delete_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapError> {
+        match value {
+            BackendValue::V4(_) => tolerate_missing(self.backends.remove(&id))
+                .map_err(err(map_names::LB4_BACKENDS, "delete")),
+            BackendValue::V6(_) => tolerate_missing(self.backends6.remove(&id))
+                .map_err(err(map_names::LB6_BACKENDS, "delete")),
+        }
     }
     fn members(&self) -> Result<Vec<(MemberKey, u32)>, MapError> {
         collect(&self.members, map_names::LB_MEMBERS)
@@ -195,30 +272,55 @@ impl ServiceMaps for PinnedMaps {
     fn set_maglev_table(&mut self, index: u32, content: &[u32]) -> Result<usize, MapError> {
         self.maglev.write(index, content)
     }
-    fn source_ranges(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>, MapError> {
-        self.ranges
-            .iter()
-            .map(|r| {
-                r.map(|(k, _)| {
-                    let d = k.data();
-                    (
-                        u32::from_be(d.svc_id_be),
-                        Ipv4Addr::from(d.addr.to_ne_bytes()),
-                        k.prefix_len().saturating_sub(32) as u8,
-                    )
-                })
+    fn source_ranges(&self) -> Result<Vec<(u32, IpAddr, u8)>, MapError> {
+        let v4 = self.ranges.iter().map(|r| {
+            r.map(|(k, _)| {
+                let d = k.data();
+                (
+                    u32::from_be(d.svc_id_be),
+                    IpAddr::V4(Ipv4Addr::from(d.addr.to_ne_bytes())),
+                    k.prefix_len().saturating_sub(32) as u8,
+                )
             })
+        });
+        let mut out = v4
             .collect::<Result<Vec<_>, _>>()
-            .map_err(err(map_names::LB4_SRC_RANGES, "iterate"))
+            .map_err(err(map_names::LB4_SRC_RANGES, "iterate"))?;
+        let v6 = self.ranges6.iter().map(|r| {
+            r.map(|(k, _)| {
+                let d = k.data();
+                (
+                    u32::from_be(d.svc_id_be),
+                    IpAddr::V6(Ipv6Addr::from(ipv6_bytes(d.addr))),
+                    k.prefix_len().saturating_sub(32) as u8,
+                )
+            })
+        });
+        out.extend(
+            v6.collect::<Result<Vec<_>, _>>()
+                .map_err(err(map_names::LB6_SRC_RANGES, "iterate"))?,
+        );
+        Ok(out)
     }
-    fn set_source_range(&mut self, svc_id: u32, net: Ipv4Addr, len: u8) -> Result<(), MapError> {
-        self.ranges
-            .insert(&range_key(svc_id, net, len), 1, 0)
-            .map_err(err(map_names::LB4_SRC_RANGES, "update"))
+    fn set_source_range(&mut self, svc_id: u32, net: IpAddr, len: u8) -> Result<(), MapError> {
+        match net {
+            IpAddr::V4(net) => self
+                .ranges
+                .insert(&range_key(svc_id, net, len), 1, 0)
+                .map_err(err(map_names::LB4_SRC_RANGES, "update")),
+            IpAddr::V6(net) => self
+                .ranges6
+                .insert(&range_key6(svc_id, net, len), 1, 0)
+                .map_err(err(map_names::LB6_SRC_RANGES, "update")),
+        }
     }
-    fn delete_source_range(&mut self, svc_id: u32, net: Ipv4Addr, len: u8) -> Result<(), MapError> {
-        tolerate_missing(self.ranges.remove(&range_key(svc_id, net, len)))
-            .map_err(err(map_names::LB4_SRC_RANGES, "delete"))
+    fn delete_source_range(&mut self, svc_id: u32, net: IpAddr, len: u8) -> Result<(), MapError> {
+        match net {
+            IpAddr::V4(net) => tolerate_missing(self.ranges.remove(&range_key(svc_id, net, len)))
+                .map_err(err(map_names::LB4_SRC_RANGES, "delete")),
+            IpAddr::V6(net) => tolerate_missing(self.ranges6.remove(&range_key6(svc_id, net, len)))
+                .map_err(err(map_names::LB6_SRC_RANGES, "delete")),
+        }
     }
 }
 
@@ -230,6 +332,17 @@ fn range_key(svc_id: u32, net: Ipv4Addr, len: u8) -> LpmKey<SourceRangeV4> {
         SourceRangeV4 {
             svc_id_be: svc_id.to_be(),
             addr: u32::from_ne_bytes(net.octets()),
+        },
+    )
+}
+
+/// The `LB6_SRC_RANGES` key of a service's range, as `range_key` (up to 128 address bits).
+fn range_key6(svc_id: u32, net: Ipv6Addr, len: u8) -> LpmKey<SourceRangeV6> {
+    LpmKey::new(
+        32 + u32::from(len),
+        SourceRangeV6 {
+            svc_id_be: svc_id.to_be(),
+            addr: ipv6_words(net.octets()),
         },
     )
 }

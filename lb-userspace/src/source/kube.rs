@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     future::Future,
+    net::IpAddr,
     path::{Path, PathBuf},
     pin::Pin,
     sync::{
@@ -150,6 +151,27 @@ pub fn node_eligible(node: &Node) -> bool {
         .and_then(|s| s.taints.as_ref())
         .is_some_and(|t| t.iter().any(|t| t.key == TAINT_TO_BE_DELETED));
     node.metadata.deletion_timestamp.is_none() && !tainted
+}
+
+/// The node's host IPs from its status addresses, as kubelet and kube-proxy take them
+/// (`GetNodeHostIPs`): the first InternalIP, else ExternalIP, of each family, the family of
+/// the first one first.
+pub fn node_host_ips(node: &Node) -> Vec<IpAddr> {
+    let listed: Vec<(&str, IpAddr)> = node
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+        .filter_map(|a| Some((a.type_.as_str(), a.address.trim().parse().ok()?)))
+        .collect();
+    let mut out: Vec<IpAddr> = Vec::new();
+    for kind in ["InternalIP", "ExternalIP"] {
+        for (_, a) in listed.iter().filter(|(t, _)| *t == kind) {
+            if !out.iter().any(|o| o.is_ipv6() == a.is_ipv6()) {
+                out.push(*a);
+            }
+        }
+    }
+    out
 }
 
 /// The trigger time of a watched change to measure, as kube-proxy measures it
@@ -589,6 +611,15 @@ impl KubeSource {
             .first()
             .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned())
     }
+
+    /// This node's host IPs, from its Node object's status.
+    pub fn node_addresses(&self) -> Vec<IpAddr> {
+        self.nodes
+            .state()
+            .first()
+            .map(|n| node_host_ips(n))
+            .unwrap_or_default()
+    }
 }
 
 impl Source for KubeSource {
@@ -634,6 +665,10 @@ impl Source for KubeSource {
 
     fn zone(&self) -> Option<String> {
         KubeSource::zone(self)
+    }
+
+    fn node_addresses(&self) -> Vec<IpAddr> {
+        KubeSource::node_addresses(self)
     }
 
     fn wait(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
@@ -868,6 +903,39 @@ mod tests {
         let deleting = serde_json::json!({"metadata": {"name": "n",
             "deletionTimestamp": "2024-01-01T00:00:00Z", "finalizers": ["x"]}});
         assert!(!node_eligible(&node(deleting)));
+    }
+
+    #[test]
+    fn node_host_ips_one_per_family_internal_first() {
+        let ips = |addresses: serde_json::Value| -> Vec<String> {
+            node_host_ips(&node(serde_json::json!({"metadata": {"name": "n"},
+                "status": {"addresses": addresses}})))
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+        };
+        assert_eq!(
+            ips(serde_json::json!([
+                {"type": "Hostname", "address": "n"},
+                {"type": "ExternalIP", "address": "203.0.113.5"},
+                {"type": "InternalIP", "address": "fc00:f853:ccd:e793::2"},
+                {"type": "InternalIP", "address": "172.18.0.2"},
+                {"type": "InternalIP", "address": "172.18.0.3"},
+                {"type": "ExternalIP", "address": "2001:db8::5"},
+            ])),
+            vec!["fc00:f853:ccd:e793::2", "172.18.0.2"],
+            "InternalIPs first, the first of each family, in their order"
+        );
+        assert_eq!(
+            ips(serde_json::json!([
+                {"type": "InternalIP", "address": "172.18.0.2"},
+                {"type": "ExternalIP", "address": "2001:db8::5"},
+                {"type": "InternalIP", "address": "not an address"},
+            ])),
+            vec!["172.18.0.2", "2001:db8::5"],
+            "an ExternalIP when a family has no InternalIP"
+        );
+        assert!(ips(serde_json::json!([])).is_empty());
     }
 
     #[test]

@@ -130,7 +130,7 @@ fn sizes_for(n: usize) -> MapSizes {
 pub fn measure(n: usize, changes: usize, packets: usize) -> Result<Value> {
     let node = NodeInfo {
         name: lb_testkit::lab::NODE_NAME.into(),
-        addresses: vec![Ipv4Addr::new(198, 18, 0, 2)],
+        addresses: vec![Ipv4Addr::new(198, 18, 0, 2).into()],
         zone: None,
     };
     let pin = PinDir::new("bench");
