@@ -252,7 +252,7 @@ impl Lb6 {
     fn new() -> Lb6 {
         let h = Harness::new(NodeInfo {
             name: "node-a".into(),
-            addresses: vec![NODE_IP4],
+            addresses: vec![NODE_IP4.into()],
             zone: None,
         })
         .expect("datapath loads");
