@@ -553,12 +553,13 @@ pub struct ClusterConfig {
     /// More flags for every agent (`lb-agent run`).
     pub agent_args: Vec<String>,
     /// IPv6 beside IPv4 everywhere: node, pod and client addresses, routes, the overlays and
-    /// the manifests (see the module's documentation). Default: false, or true when the
-    /// environment has `LB_LAB_DUAL_STACK=1` (every cluster a test run builds, dual-stack).
+    /// the manifests (see the module's documentation). Default: true, as a kind cluster with
+    /// `ipFamily: dual`; false when the environment has `LB_LAB_DUAL_STACK=0` (every cluster
+    /// a test run builds, IPv4 only).
     pub dual_stack: bool,
 }
 
-/// The environment variable that makes [`ClusterConfig::new`] dual-stack.
+/// The environment variable that makes [`ClusterConfig::new`] IPv4 only (`0`).
 pub const DUAL_STACK_ENV: &str = "LB_LAB_DUAL_STACK";
 
 impl ClusterConfig {
@@ -573,7 +574,7 @@ impl ClusterConfig {
             network: Network::Bridge,
             fast_sweep: true,
             agent_args: Vec::new(),
-            dual_stack: std::env::var(DUAL_STACK_ENV).is_ok_and(|v| v == "1"),
+            dual_stack: std::env::var(DUAL_STACK_ENV).map_or(true, |v| v != "0"),
         }
     }
 }

@@ -43,7 +43,7 @@ pub fn up(nodes: usize, pods: usize, network: Network, dual_stack: bool) -> Resu
         );
     }
     let base = ClusterConfig::new(nodes, pods);
-    let dual_stack = dual_stack || base.dual_stack;
+    let dual_stack = dual_stack && base.dual_stack;
     let stack = if dual_stack { ", dual-stack" } else { "" };
     println!(
         "Building the cluster: {nodes} nodes with {pods} pods each ({network} network{stack}), a client outside..."
@@ -179,7 +179,7 @@ fn print_summary(c: &Cluster) {
     );
     if c.dual_stack() {
         println!(
-            "\nIPv6 (the Services are dual-stack, PreferDualStack; lb-agent programs their IPv4 side):
+            "\nIPv6 (the Services are dual-stack, PreferDualStack: the same pods on both families):
   web {WEB6}   web-nodeport {WEB_NODEPORT6}   external {EXTERNAL6}, externalIP {EXTERNAL_IP6}
   lb {LB6}, LoadBalancer {LB_IP6}, source ranges {CLIENT_IP6}/128, node2-pod1, node2
   local {LOCAL6}, LoadBalancer {LOCAL_LB_IP6}   self {SELF6}   internal-local {INTERNAL_LOCAL6}
@@ -284,8 +284,7 @@ Logs: {dir}",
             let outcome = c.request(&origin, proto, to, Duration::from_secs(2));
             println!("  {what} ({proto}, IPv6): {outcome}");
         }
-        // Both families of the dual-stack Service; its IPv6 side answers once the agent
-        // serves IPv6 Services.
+        // Both families of the dual-stack Service.
         for (family, ip) in [("IPv4", IpAddr::from(DUAL)), ("IPv6", IpAddr::from(DUAL6))] {
             let to = SocketAddr::new(ip, 80);
             let outcome = c.request(

@@ -47,10 +47,11 @@ enum LabAction {
         /// like Calico IPIP or WireGuard: tun0 and a UDP relay per node).
         #[arg(long, default_value_t = Network::Bridge)]
         network: Network,
-        /// IPv6 beside IPv4, as a dual-stack kind cluster: node, pod and client IPv6
-        /// addresses, IPv6 routes and overlays (flannel-v6.1 in vxlan), dual-stack Services.
+        /// IPv4 only. By default the lab is dual-stack, as a kind cluster with `ipFamily:
+        /// dual`: node, pod and client IPv6 addresses, IPv6 routes and overlays
+        /// (flannel-v6.1 in vxlan), dual-stack Services.
         #[arg(long)]
-        dual_stack: bool,
+        ipv4_only: bool,
     },
     /// Remove what `lab up` made (whatever of it is left).
     Down,
@@ -253,12 +254,12 @@ fn main() -> Result<()> {
                     nodes,
                     pods,
                     network,
-                    dual_stack,
+                    ipv4_only,
                 }),
             ..
         } => {
             cargo(&["build", "--bins"])?;
-            cluster::up(nodes, pods, network, dual_stack)
+            cluster::up(nodes, pods, network, !ipv4_only)
         }
         Cmd::Lab {
             action: Some(LabAction::Down),
