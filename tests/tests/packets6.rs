@@ -15,7 +15,7 @@ use aya::maps::{lpm_trie::Key as LpmKey, Array, HashMap, LpmTrie, Map, MapData};
 use lb_common::{
     ipv6_words, map_names, BackendSlotKey, BackendV6, Ipv6Words, MemberKey, ServiceEntry,
     ServiceKeyV6, SourceRangeV6, BACKEND_F_LOCAL, DEFAULT_MAGLEV_SIZE, IPPROTO_TCP, IPPROTO_UDP,
-    SCOPE_ALL, SVC_F_CLUSTER_IP, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES,
+    SCOPE_ALL, SVC_F_CLUSTER_IP, SVC_F_DROP_NO_ENDPOINTS, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES,
 };
 use lb_control::translate::NodeInfo;
 use lb_testkit::{Harness, TC_ACT_REDIRECT, TC_NEXT, XDP_DROP, XDP_PASS};
@@ -776,4 +776,15 @@ fn maglev_frontends_choose_by_their_table() {
         check_l4(&out);
         assert_eq!(seen(&out).dst, backends[3].0, "flow {i}");
     }
+}
+
+#[test]
+fn local_policy_without_local_endpoints_drops() {
+    let mut lb = Lb6::new();
+    let mut f = fe(NODE6, 30080, IPPROTO_TCP, &[]);
+    f.flags = SVC_F_NODE_PORT | SVC_F_DROP_NO_ENDPOINTS;
+    lb.program(60_001, &f);
+    let syn = tcp6((CLIENT6, 40000), (NODE6, 30080), SYN, b"");
+    assert_eq!(lb.h.run(&syn).expect("run").0, XDP_DROP);
+    assert_eq!(lb.h.run_ext(&syn).expect("run").0, lb_testkit::TC_ACT_SHOT);
 }
