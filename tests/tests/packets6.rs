@@ -788,3 +788,25 @@ fn local_policy_without_local_endpoints_drops() {
     assert_eq!(lb.h.run(&syn).expect("run").0, XDP_DROP);
     assert_eq!(lb.h.run_ext(&syn).expect("run").0, lb_testkit::TC_ACT_SHOT);
 }
+
+/// An ICMPv6 error from `from` to `to` of `ty`/`code` quoting `quoted` (a frame).
+fn icmp6_error(from: Ipv6Addr, to: Ipv6Addr, ty: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut body = vec![ty, code, 0, 0, 0, 0, 0, 0];
+    body.extend_from_slice(&quoted[14..]);
+    frame(from, to, &[], ICMP6, &with_checksum(from, to, ICMP6, body))
+}
+
+#[test]
+fn a_backends_icmpv6_error_speaks_as_the_frontend() {
+    let mut lb = Lb6::new();
+    lb.program(60_001, &fe(VIP6, 80, IPPROTO_TCP, &[(POD1, 8080, true)]));
+    let syn = tcp6((CLIENT6, 40000), (VIP6, 80), SYN, b"");
+    let dnat = tcp6((CLIENT6, 40000), (POD1, 8080), SYN, b"");
+    xdp_rewrites(&lb, &syn, &dnat);
+    // The backend's port unreachable about the packet it got: the client hears it from the
+    // frontend, about the packet it sent; where it leaves (egress) and where a pod sends it.
+    let error = icmp6_error(POD1, CLIENT6, 1, 4, &dnat);
+    let want = icmp6_error(VIP6, CLIENT6, 1, 4, &syn);
+    tc_rewrites(|f| lb.h.run_egress(f), &error, &want);
+    tc_rewrites(|f| lb.h.run_pod(f), &error, &want);
+}
