@@ -14,8 +14,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use aya::maps::{lpm_trie::Key as LpmKey, Array, HashMap, LpmTrie, Map, MapData};
 use lb_common::{
     ipv6_words, map_names, BackendSlotKey, BackendV6, Ipv6Words, MemberKey, ServiceEntry,
-    ServiceKeyV6, SourceRangeV6, BACKEND_F_LOCAL, IPPROTO_TCP, IPPROTO_UDP, SCOPE_ALL,
-    SVC_F_CLUSTER_IP, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES,
+    ServiceKeyV6, SourceRangeV6, BACKEND_F_LOCAL, DEFAULT_MAGLEV_SIZE, IPPROTO_TCP, IPPROTO_UDP,
+    SCOPE_ALL, SVC_F_CLUSTER_IP, SVC_F_DROP_NO_ENDPOINTS, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES,
 };
 use lb_control::translate::NodeInfo;
 use lb_testkit::{Harness, TC_ACT_REDIRECT, TC_NEXT, XDP_DROP, XDP_PASS};
@@ -224,6 +224,10 @@ struct Fe {
     /// (address, port, on this node).
     backends: Vec<(Ipv6Addr, u16, bool)>,
     source_ranges: Vec<(Ipv6Addr, u8)>,
+    /// sessionAffinity ClientIP timeout (0: none).
+    affinity_s: u32,
+    /// 1 + the frontend's Maglev table (0: none).
+    maglev: u32,
 }
 
 fn fe(addr: Ipv6Addr, port: u16, proto: u8, backends: &[(Ipv6Addr, u16, bool)]) -> Fe {
@@ -234,6 +238,8 @@ fn fe(addr: Ipv6Addr, port: u16, proto: u8, backends: &[(Ipv6Addr, u16, bool)]) 
         flags: SVC_F_CLUSTER_IP,
         backends: backends.to_vec(),
         source_ranges: Vec::new(),
+        affinity_s: 0,
+        maglev: 0,
     }
 }
 
@@ -264,6 +270,11 @@ impl Lb6 {
             h,
             next_backend: 60_000,
         }
+    }
+
+    /// The backend id the next backend `program` writes gets.
+    fn next_backend_id(&self) -> u32 {
+        self.next_backend
     }
 
     fn program(&mut self, svc_id: u32, f: &Fe) {
@@ -329,9 +340,9 @@ impl Lb6 {
             svc_id,
             count: f.backends.len() as u32,
             flags,
-            affinity_timeout_s: 0,
+            affinity_timeout_s: f.affinity_s,
             affinity_group: u64::from(svc_id),
-            maglev: 0,
+            maglev: f.maglev,
             _pad: 0,
         };
         services.insert(key, entry, 0).expect("service");
@@ -713,4 +724,89 @@ fn neighbour_discovery_and_router_advertisements_pass_untouched() {
             assert_eq!((verdict, &out), (TC_NEXT, f));
         }
     }
+}
+
+fn eight_backends() -> Vec<(Ipv6Addr, u16, bool)> {
+    (1..=8u16)
+        .map(|i| {
+            (
+                Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x100 + i),
+                8080,
+                true,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_its_backend() {
+    let mut lb = Lb6::new();
+    let mut f = fe(VIP6, 80, IPPROTO_TCP, &eight_backends());
+    f.affinity_s = 60;
+    lb.program(60_001, &f);
+    let mut backends = std::collections::BTreeSet::new();
+    for i in 0..24u16 {
+        let (_, out) =
+            lb.h.run(&tcp6((CLIENT6, 42000 + i), (VIP6, 80), SYN, b""))
+                .expect("run");
+        check_l4(&out);
+        backends.insert(seen(&out).dst);
+    }
+    assert_eq!(backends.len(), 1, "new flows of one client: {backends:?}");
+}
+
+#[test]
+fn maglev_frontends_choose_by_their_table() {
+    let mut lb = Lb6::new();
+    let backends = eight_backends();
+    let mut f = fe(VIP6, 80, IPPROTO_TCP, &backends);
+    f.maglev = 1;
+    // Every entry of table 0 names the fourth backend.
+    let fourth = lb.next_backend_id() + 3;
+    lb.program(60_001, &f);
+    let mut table: Array<MapData, u32> =
+        Array::try_from(Map::Array(pinned(&lb.h, map_names::LB_MAGLEV))).expect("map");
+    for i in 0..DEFAULT_MAGLEV_SIZE {
+        table.set(i, fourth, 0).expect("LB_MAGLEV");
+    }
+    for i in 0..16u16 {
+        let (_, out) =
+            lb.h.run(&tcp6((CLIENT6, 43000 + i), (VIP6, 80), SYN, b""))
+                .expect("run");
+        check_l4(&out);
+        assert_eq!(seen(&out).dst, backends[3].0, "flow {i}");
+    }
+}
+
+#[test]
+fn local_policy_without_local_endpoints_drops() {
+    let mut lb = Lb6::new();
+    let mut f = fe(NODE6, 30080, IPPROTO_TCP, &[]);
+    f.flags = SVC_F_NODE_PORT | SVC_F_DROP_NO_ENDPOINTS;
+    lb.program(60_001, &f);
+    let syn = tcp6((CLIENT6, 40000), (NODE6, 30080), SYN, b"");
+    assert_eq!(lb.h.run(&syn).expect("run").0, XDP_DROP);
+    assert_eq!(lb.h.run_ext(&syn).expect("run").0, lb_testkit::TC_ACT_SHOT);
+}
+
+/// An ICMPv6 error from `from` to `to` of `ty`/`code` quoting `quoted` (a frame).
+fn icmp6_error(from: Ipv6Addr, to: Ipv6Addr, ty: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut body = vec![ty, code, 0, 0, 0, 0, 0, 0];
+    body.extend_from_slice(&quoted[14..]);
+    frame(from, to, &[], ICMP6, &with_checksum(from, to, ICMP6, body))
+}
+
+#[test]
+fn a_backends_icmpv6_error_speaks_as_the_frontend() {
+    let mut lb = Lb6::new();
+    lb.program(60_001, &fe(VIP6, 80, IPPROTO_TCP, &[(POD1, 8080, true)]));
+    let syn = tcp6((CLIENT6, 40000), (VIP6, 80), SYN, b"");
+    let dnat = tcp6((CLIENT6, 40000), (POD1, 8080), SYN, b"");
+    xdp_rewrites(&lb, &syn, &dnat);
+    // The backend's port unreachable about the packet it got: the client hears it from the
+    // frontend, about the packet it sent; where it leaves (egress) and where a pod sends it.
+    let error = icmp6_error(POD1, CLIENT6, 1, 4, &dnat);
+    let want = icmp6_error(VIP6, CLIENT6, 1, 4, &syn);
+    tc_rewrites(|f| lb.h.run_egress(f), &error, &want);
+    tc_rewrites(|f| lb.h.run_pod(f), &error, &want);
 }
