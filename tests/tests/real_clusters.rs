@@ -14,14 +14,15 @@
 )]
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 use lb_testkit::{
     cluster::{
-        node_ip, services::*, Cluster, ClusterConfig, Network, Origin, Outcome, Proto, CLIENT_IP,
+        node_ip, node_ip6, services::*, Cluster, ClusterConfig, Network, Origin, Outcome, Proto,
+        CLIENT_IP, CLIENT_IP6,
     },
     netns::{binary, run},
     require_root,
@@ -53,8 +54,12 @@ fn cluster_with(config: ClusterConfig) -> Cluster {
 fn lab_client(c: &Cluster, origin: &Origin, args: &[&str]) -> (i32, String) {
     let mut all: Vec<&str> = args.to_vec();
     let bind;
-    if let Origin::Outside(ip) = origin {
-        bind = ip.to_string();
+    match origin {
+        Origin::Outside(ip) => bind = ip.to_string(),
+        Origin::Outside6(ip) => bind = ip.to_string(),
+        _ => bind = String::new(),
+    }
+    if !bind.is_empty() {
         all.extend(["--bind", &bind]);
     }
     let out = c
@@ -241,6 +246,107 @@ endpoints:
     assert!(
         datapath_counter(&c, 1, "icmp_error_nat") > 0,
         "node 1 translated no ICMP error"
+    );
+}
+
+/// The IPv6 twin of `path_mtu_discovery_works_across_a_service`: an IPv6 router never
+/// fragments, so a source-NATed packet too big for tun0 must come back to the client as an
+/// ICMPv6 packet too big from the datapath (the kernel's would go to the node's own address),
+/// and the one from the node's stack to a pod's flow is translated where it leaves.
+#[test]
+fn path_mtu_discovery_works_across_an_ipv6_service() {
+    require_root();
+    let _turn = turn();
+    let c = cluster_with(ClusterConfig {
+        network: Network::Tunnel,
+        dual_stack: true,
+        ..ClusterConfig::new(2, 2)
+    });
+    for node in &c.nodes {
+        run(&["ip", "-n", &node.ns, "link", "set", "tun0", "mtu", "1400"]).expect("tun0 mtu");
+    }
+    for pod in &c.pods {
+        let node = &c.nodes[pod.node - 1].ns;
+        run(&[
+            "ip",
+            "-n",
+            node,
+            "link",
+            "set",
+            &pod.host_iface,
+            "mtu",
+            "1500",
+        ])
+        .expect("mtu");
+        run(&["ip", "-n", &pod.ns, "link", "set", "eth0", "mtu", "1500"]).expect("mtu");
+    }
+    let sink_vip: Ipv6Addr = "fd00:10:96::1:60".parse().expect("address");
+    let pod = c
+        .pods
+        .iter()
+        .find(|p| p.node == 2)
+        .expect("a pod on node 2");
+    let pod_ip6 = pod.ip6.expect("a dual-stack pod");
+    c.write_manifest(
+        "sink6.yaml",
+        &format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: sink6}}
+spec:
+  type: NodePort
+  ipFamilyPolicy: SingleStack
+  ipFamilies: [IPv6]
+  clusterIP: "{sink_vip}"
+  clusterIPs: ["{sink_vip}"]
+  ports:
+  - {{name: sink, port: 9000, nodePort: 30901}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: sink6-1, labels: {{kubernetes.io/service-name: sink6}}}}
+addressType: IPv6
+ports:
+- {{name: sink, port: 9000, protocol: TCP}}
+endpoints:
+- {{addresses: ["{pod_ip6}"], nodeName: node2}}
+"#
+        ),
+    )
+    .expect("manifest");
+    std::thread::sleep(Duration::from_secs(1));
+    let (sent, translated) = (
+        datapath_counter(&c, 1, "frag_needed_sent"),
+        datapath_counter(&c, 1, "icmp_error_nat"),
+    );
+    let size = (1 << 20).to_string();
+    let cases = [
+        (
+            Origin::Outside6(CLIENT_IP6),
+            SocketAddr::from((node_ip6(1), 30901)).to_string(),
+        ),
+        (
+            Origin::Pod("node1-pod1".into()),
+            SocketAddr::from((sink_vip, 9000)).to_string(),
+        ),
+    ];
+    for (origin, to) in cases {
+        let (code, out) = lab_client(
+            &c,
+            &origin,
+            &["upload", &to, "--size", &size, "--timeout-ms", "8000"],
+        );
+        println!("{origin:?} → {to}: {out}");
+        assert_eq!(code, 0, "{origin:?} → {to}: {out}");
+    }
+    assert!(
+        datapath_counter(&c, 1, "frag_needed_sent") > sent,
+        "node 1 sent no ICMPv6 packet too big"
+    );
+    assert!(
+        datapath_counter(&c, 1, "icmp_error_nat") > translated,
+        "node 1 translated no ICMPv6 error"
     );
 }
 
