@@ -313,8 +313,10 @@ pub(crate) fn parse6(ctx: &impl Packet) -> Result<Parsed<V6>, u32> {
 }
 
 /// An ICMPv6 error at `off` (`len` bytes of it in the datagram), quoting an IPv6 header
-/// followed by the TCP or UDP ports (a quoted packet with extension headers is not looked
-/// into).
+/// followed by the TCP or UDP ports, or by a fragment header and then the ports: the quote
+/// of a datagram's first fragment (a packet too big about a large UDP datagram that its
+/// sender fragmented). A quoted later fragment carries no ports, and a quote with other
+/// extension headers is not looked into.
 #[inline(always)]
 fn parse_icmp6_error(
     ctx: &impl Packet,
@@ -334,28 +336,41 @@ fn parse_icmp6_error(
         return Err(stat::PASS_OTHER_PROTO);
     }
     let inner_ip = ptr_at::<Ipv6Hdr>(ctx, off + ICMP_LEN).ok_or(stat::PASS_TRUNCATED)?;
-    let inner_l4 = off + ICMP_LEN + IP6_LEN;
+    // SAFETY: `inner_ip` was bounds-checked by ptr_at.
+    let (version, mut proto) = unsafe { ((*inner_ip).vcf[0] >> 4, (*inner_ip).next_hdr) };
+    if version != 6 {
+        return Err(stat::PASS_ICMP_UNRELATED);
+    }
+    // What the quote holds before the ports: the IPv6 header, and a first fragment's
+    // fragment header.
+    let mut quoted = ICMP_LEN + IP6_LEN;
+    if proto == NEXTHDR_FRAGMENT {
+        let f = ptr_at::<[u8; 8]>(ctx, off + quoted).ok_or(stat::PASS_TRUNCATED)?;
+        // SAFETY: bounds-checked by ptr_at.
+        let f = unsafe { *f };
+        if u16::from_be_bytes([f[2], f[3]]) & FRAG6_OFFSET != 0 {
+            return Err(stat::PASS_ICMP_UNRELATED);
+        }
+        proto = f[0];
+        quoted += 8;
+    }
+    let inner_l4 = off + quoted;
     let inner_ports = ptr_at::<Ports>(ctx, inner_l4).ok_or(stat::PASS_TRUNCATED)?;
     // The quote must lie within the outer datagram, not in the frame's padding.
-    if len < ICMP_LEN + IP6_LEN + UDP_LEN {
+    if len < quoted + UDP_LEN {
         return Err(stat::PASS_TRUNCATED);
     }
     // SAFETY: `inner_ip` and `inner_ports` were bounds-checked by ptr_at.
-    let (version, proto, isaddr, idaddr, port_bytes) = unsafe {
+    let (isaddr, idaddr, port_bytes) = unsafe {
         (
-            (*inner_ip).vcf[0] >> 4,
-            (*inner_ip).next_hdr,
             load_addr((inner_ip as *const u8).add(8)),
             load_addr((inner_ip as *const u8).add(24)),
             load32(inner_ports as *const u8).to_ne_bytes(),
         )
     };
-    if version != 6 {
-        return Err(stat::PASS_ICMP_UNRELATED);
-    }
     let inner_csum = match proto {
         IPPROTO_UDP => ptr_at::<[u8; 2]>(ctx, inner_l4 + 6),
-        IPPROTO_TCP if len >= ICMP_LEN + IP6_LEN + 18 => ptr_at::<[u8; 2]>(ctx, inner_l4 + 16),
+        IPPROTO_TCP if len >= quoted + 18 => ptr_at::<[u8; 2]>(ctx, inner_l4 + 16),
         IPPROTO_TCP => None,
         _ => return Err(stat::PASS_ICMP_UNRELATED),
     };
