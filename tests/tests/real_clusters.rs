@@ -93,9 +93,10 @@ fn wait_outcome(
     c: &Cluster,
     origin: &Origin,
     proto: Proto,
-    to: SocketAddrV4,
+    to: impl Into<SocketAddr>,
     want: fn(&Outcome) -> bool,
 ) -> Outcome {
+    let to = to.into();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let o = c.request(origin, proto, to, Duration::from_millis(700));
@@ -484,6 +485,76 @@ endpoints:
             (
                 Origin::Outside(CLIENT_IP),
                 SocketAddrV4::new(node_ip(2), 30953),
+            ),
+        ];
+        for (origin, to) in cases {
+            let o = wait_outcome(&c, &origin, Proto::Udp, to, |o| *o == Outcome::Refused);
+            assert_eq!(o, Outcome::Refused, "{network}: {origin:?} → {to}");
+        }
+    }
+}
+
+/// The IPv6 twin of `a_closed_backend_port_refuses_a_udp_client_through_a_service`: the
+/// backend's ICMPv6 port unreachable reaches the client translated (from the Service's
+/// address, about the flow the client sent), from a pod on either node and from outside
+/// through each node's NodePort.
+#[test]
+fn a_closed_backend_port_refuses_an_ipv6_udp_client_through_a_service() {
+    require_root();
+    let _turn = turn();
+    for network in [Network::Bridge, Network::Tunnel] {
+        let c = cluster_with(ClusterConfig {
+            network,
+            dual_stack: true,
+            ..ClusterConfig::new(2, 2)
+        });
+        let closed_vip: Ipv6Addr = "fd00:10:96::1:61".parse().expect("address");
+        let backend = c.pods.iter().find(|p| p.node == 1).expect("pod on node 1");
+        c.write_manifest(
+            "closed6.yaml",
+            &format!(
+                r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: closed6}}
+spec:
+  type: NodePort
+  ipFamilyPolicy: SingleStack
+  ipFamilies: [IPv6]
+  clusterIP: "{closed_vip}"
+  clusterIPs: ["{closed_vip}"]
+  ports:
+  - {{name: dns, port: 53, protocol: UDP, nodePort: 30954}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: closed6-1, labels: {{kubernetes.io/service-name: closed6}}}}
+addressType: IPv6
+ports:
+- {{name: dns, port: 9, protocol: UDP}}
+endpoints:
+- {{addresses: ["{}"], nodeName: node1}}
+"#,
+                backend.ip6.expect("a dual-stack pod")
+            ),
+        )
+        .expect("manifest");
+        let cases = [
+            (
+                Origin::Pod("node1-pod2".into()),
+                SocketAddr::from((closed_vip, 53)),
+            ),
+            (
+                Origin::Pod("node2-pod1".into()),
+                SocketAddr::from((closed_vip, 53)),
+            ),
+            (
+                Origin::Outside6(CLIENT_IP6),
+                SocketAddr::from((node_ip6(1), 30954)),
+            ),
+            (
+                Origin::Outside6(CLIENT_IP6),
+                SocketAddr::from((node_ip6(2), 30954)),
             ),
         ];
         for (origin, to) in cases {
