@@ -142,6 +142,11 @@ pub const fn ipv6_bytes(w: Ipv6Words) -> [u8; 16] {
     ]
 }
 
+/// How many IPv6 extension headers (hop-by-hop, routing, destination options, fragment) the
+/// datapath walks to find a packet's TCP, UDP or ICMPv6 header; a packet with more is passed
+/// untouched (`stat::PASS_IPV6_EXT`).
+pub const IPV6_EXT_MAX: usize = 4;
+
 /// The IPv6 twin of `HAIRPIN_SNAT_V4`: fd6c:6200::1, from a unique-local prefix the project
 /// keeps for it (a link-local source would not be routed back through the node).
 pub const HAIRPIN_SNAT_V6: Ipv6Words =
@@ -634,6 +639,7 @@ map_type! {
 /// Indexes of the global per-CPU counters in `LB_STATS`.
 pub mod stat {
     pub const RX: u32 = 0;
+    /// Neither IPv4 nor IPv6 (the name is older than the IPv6 datapath).
     pub const PASS_NOT_IPV4: u32 = 1;
     pub const PASS_IP_OPTIONS: u32 = 2;
     pub const PASS_FRAGMENT: u32 = 3;
@@ -666,8 +672,8 @@ pub mod stat {
     pub const SOCK_REFUSED: u32 = 21;
     /// Replies translated where they leave towards a pod or the outside (TC egress).
     pub const REVERSE_NAT_EGRESS: u32 = 22;
-    /// ICMP errors about a translated flow, translated like the flow (outer and embedded
-    /// headers).
+    /// ICMP and ICMPv6 errors about a translated flow, translated like the flow (outer and
+    /// embedded headers).
     pub const ICMP_ERROR_NAT: u32 = 23;
     /// ICMP errors about no flow of the datapath's: passed untouched.
     pub const PASS_ICMP_UNRELATED: u32 = 24;
@@ -679,8 +685,8 @@ pub mod stat {
     /// A new direct flow (TCP SYN; to no frontend) whose reply tuple an open Service flow
     /// holds (a client reusing a port): the direct flow got another source port.
     pub const DIRECT_FLOW_REMAPPED: u32 = 27;
-    /// ICMP fragmentation-needed sent to a client whose packet would not fit the route to
-    /// its (source-NATed) backend.
+    /// ICMP fragmentation-needed (IPv6: ICMPv6 packet too big) sent to a client whose packet
+    /// would not fit the route to its (source-NATed) backend.
     pub const FRAG_NEEDED_SENT: u32 = 28;
     /// Packets of remapped direct flows, either way.
     pub const DIRECT_FLOW: u32 = 29;
@@ -692,7 +698,11 @@ pub mod stat {
     /// Packets of host sockets to a frontend they are fenced off (loadBalancerSourceRanges;
     /// `internalTrafficPolicy: Local` with endpoints elsewhere only): dropped.
     pub const SOCK_DROPPED: u32 = 32;
-    pub const COUNT: u32 = 33;
+    /// IPv6 packets whose extension headers the datapath does not walk (more than
+    /// `IPV6_EXT_MAX` of them, AH, ESP, a routing header with segments left, a second
+    /// fragment header): passed untouched.
+    pub const PASS_IPV6_EXT: u32 = 33;
+    pub const COUNT: u32 = 34;
     /// Entries of `LB_STATS`: room for counters added later (a map keeps its size when a
     /// newer agent takes it over).
     pub const CAPACITY: u32 = 64;
@@ -732,6 +742,7 @@ pub mod stat {
         "direct_flow_claimed",
         "direct_flow_clash",
         "sock_dropped",
+        "pass_ipv6_ext",
     ];
 }
 

@@ -6,15 +6,16 @@ use core::mem;
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32, maps::LruHashMap};
 use lb_common::{
-    config, stat, CtEntryV4, CtKeyV4, BACKEND_F_TERMINATING, CT_F_DIRECT, CT_F_FIN, CT_F_FORWARD,
-    CT_F_REPLY, CT_F_RST, CT_F_SNAT, CT_REFRESH_NS, IPPROTO_TCP, SNAT_TRIES,
+    config, stat, CtKeyV4, BACKEND_F_TERMINATING, CT_F_DIRECT, CT_F_FIN, CT_F_FORWARD, CT_F_REPLY,
+    CT_F_RST, CT_F_SNAT, CT_REFRESH_NS, IPPROTO_TCP, SNAT_TRIES,
 };
 
 use crate::{
     clock::now_ns,
     ctx::Hook,
-    maps::{cfg_value, LB4_BACKENDS, LB4_CONNTRACK, LB4_SNAT},
-    parse::{Headers, Tuple, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    family::{Backend, CtEntry, Family},
+    maps::cfg_value,
+    parse::{Tuple, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     telemetry::count,
 };
 
@@ -46,15 +47,15 @@ const _: () = assert!(size_of::<CtKeyV4>() == 16 && cfg!(target_endian = "little
 /// Records a FIN or RST in a conntrack entry's direction; the agent removes flows that have
 /// closed (FIN both ways, or a RST) once they are quiet.
 #[inline(always)]
-pub(crate) fn note_close(entry: &mut CtEntryV4, tcp_flags: u8) {
+pub(crate) fn note_close(entry: &mut impl CtEntry, tcp_flags: u8) {
     if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         let f = if tcp_flags & TCP_RST != 0 {
             CT_F_RST
         } else {
             CT_F_FIN
         };
-        if entry.flags & f == 0 {
-            entry.flags |= f;
+        if entry.flags() & f == 0 {
+            *entry.flags_mut() |= f;
         }
     }
 }
@@ -73,17 +74,22 @@ pub(crate) fn note_close(entry: &mut CtEntryV4, tcp_flags: u8) {
 ///   otherwise it is chosen again (kube-proxy deletes UDP entries of endpoints that stopped
 ///   serving).
 #[inline(always)]
-pub(crate) fn keep_flow(proto: u8, tcp_flags: u8, entry: &CtEntryV4, to: &Tuple) -> bool {
+pub(crate) fn keep_flow<F: Family>(
+    proto: u8,
+    tcp_flags: u8,
+    entry: &F::Entry,
+    to: &Tuple<F::Addr>,
+) -> bool {
     let new_syn = proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if proto == IPPROTO_TCP && !new_syn {
         return true;
     }
-    if new_syn && close_reply_if_closed(entry, to, proto) {
+    if new_syn && close_reply_if_closed::<F>(entry, to, proto) {
         return false;
     }
     // SAFETY: the value is read at once.
-    match unsafe { LB4_BACKENDS.get(entry.backend_id) } {
-        Some(b) => !new_syn || b.flags & BACKEND_F_TERMINATING == 0,
+    match unsafe { F::backends().get(entry.backend_id()) } {
+        Some(b) => !new_syn || b.flags() & BACKEND_F_TERMINATING == 0,
         None => false,
     }
 }
@@ -93,26 +99,26 @@ pub(crate) fn keep_flow(proto: u8, tcp_flags: u8, entry: &CtEntryV4, to: &Tuple)
 /// clean (and an allocated SNAT port goes back to the range). Only SYNs that hit a forward
 /// entry come here, so the reply lookup costs nothing on the established path.
 #[inline(always)]
-fn close_reply_if_closed(entry: &CtEntryV4, to: &Tuple, proto: u8) -> bool {
-    let reply_key = conntrack_key(to.daddr, to.saddr, to.dport, to.sport, proto);
-    if entry.flags & CT_F_SNAT != 0 {
-        remove_if_closed(&LB4_SNAT, &reply_key, entry.flags)
+fn close_reply_if_closed<F: Family>(entry: &F::Entry, to: &Tuple<F::Addr>, proto: u8) -> bool {
+    let reply_key = F::ct_key(to.daddr, to.saddr, to.dport, to.sport, proto);
+    if entry.flags() & CT_F_SNAT != 0 {
+        remove_if_closed(F::snat(), &reply_key, entry.flags())
     } else {
-        remove_if_closed(&LB4_CONNTRACK, &reply_key, entry.flags)
+        remove_if_closed(F::conntrack(), &reply_key, entry.flags())
     }
 }
 
 /// `close_reply_if_closed` for the map that holds the reply entry (each call site names its
 /// map, as the verifier wants).
 #[inline(always)]
-fn remove_if_closed(
-    map: &LruHashMap<CtKeyV4, CtEntryV4>,
-    reply_key: &CtKeyV4,
+fn remove_if_closed<K, E: CtEntry>(
+    map: &LruHashMap<K, E>,
+    reply_key: &K,
     forward_flags: u16,
 ) -> bool {
     const CLOSED: u16 = CT_F_FIN | CT_F_RST;
     // SAFETY: the value is read at once.
-    let reply_closed = unsafe { map.get(reply_key) }.is_some_and(|r| r.flags & CLOSED != 0);
+    let reply_closed = unsafe { map.get(reply_key) }.is_some_and(|r| r.flags() & CLOSED != 0);
     if forward_flags & CLOSED == 0 && !reply_closed {
         return false;
     }
@@ -121,10 +127,11 @@ fn remove_if_closed(
 }
 
 #[inline(always)]
-pub(crate) fn refresh(entry: &mut CtEntryV4) {
+pub(crate) fn refresh(entry: &mut impl CtEntry) {
     let now = now_ns();
-    if now.wrapping_sub(entry.last_seen_ns) > CT_REFRESH_NS {
-        entry.last_seen_ns = now;
+    let last_seen = entry.last_seen_mut();
+    if now.wrapping_sub(*last_seen) > CT_REFRESH_NS {
+        *last_seen = now;
     }
 }
 
@@ -148,54 +155,45 @@ pub(crate) fn refresh(entry: &mut CtEntryV4) {
 ///
 /// Whether the packet was rewritten.
 #[inline(always)]
-pub(crate) fn remap_direct_flow(
+pub(crate) fn remap_direct_flow<F: Family>(
     ctx: &impl Hook,
-    hdr: &Headers,
-    pkt: &Tuple,
+    hdr: &F::Hdr,
+    pkt: &Tuple<F::Addr>,
     proto: u8,
     tcp_flags: u8,
 ) -> bool {
     if proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         return false;
     }
-    let reply_key = conntrack_key(pkt.daddr, pkt.saddr, pkt.dport, pkt.sport, proto);
+    let reply_key = F::ct_key(pkt.daddr, pkt.saddr, pkt.dport, pkt.sport, proto);
     // SAFETY: the value is copied out at once.
-    let Some(owner) = (unsafe { LB4_CONNTRACK.get(&reply_key) }).copied() else {
+    let Some(owner) = (unsafe { F::conntrack().get(&reply_key) }).copied() else {
         return false;
     };
-    if owner.flags & CT_F_REPLY == 0 || owner.flags & CT_F_DIRECT != 0 {
+    if owner.flags() & CT_F_REPLY == 0 || owner.flags() & CT_F_DIRECT != 0 {
         return false;
     }
     if proto != IPPROTO_TCP {
-        let forward_key = conntrack_key(
-            owner.nat_daddr,
-            owner.nat_saddr,
-            owner.nat_dport,
-            owner.nat_sport,
-            proto,
-        );
-        let _ = LB4_CONNTRACK.remove(&forward_key);
-        let _ = LB4_CONNTRACK.remove(&reply_key);
+        let n = owner.nat();
+        let forward_key = F::ct_key(n.daddr, n.saddr, n.dport, n.sport, proto);
+        let _ = F::conntrack().remove(&forward_key);
+        let _ = F::conntrack().remove(&reply_key);
         count(stat::DIRECT_FLOW_CLAIMED);
         return false;
     }
     let now = now_ns();
-    let reply = CtEntryV4 {
-        last_seen_ns: now,
-        nat_saddr: pkt.daddr,
-        nat_daddr: pkt.saddr,
-        nat_sport: pkt.dport,
-        nat_dport: pkt.sport,
-        backend_id: 0,
-        svc_id: 0,
-        flags: CT_F_REPLY | CT_F_DIRECT,
-        _pad: 0,
+    let back = Tuple {
+        saddr: pkt.daddr,
+        daddr: pkt.saddr,
+        sport: pkt.dport,
+        dport: pkt.sport,
     };
+    let reply = F::Entry::new(&back, 0, 0, CT_F_REPLY | CT_F_DIRECT, now);
     let port = if let Some(port) = direct_port(pkt.sport) {
-        let key = conntrack_key(pkt.daddr, pkt.saddr, pkt.dport, port, proto);
-        let _ = LB4_CONNTRACK.insert(&key, &reply, 0);
+        let key = F::ct_key(pkt.daddr, pkt.saddr, pkt.dport, port, proto);
+        let _ = F::conntrack().insert(&key, &reply, 0);
         port
-    } else if let Some(port) = reserve_port(pkt.daddr, pkt.saddr, pkt.dport, proto, &reply) {
+    } else if let Some(port) = reserve_port::<F>(pkt.daddr, pkt.saddr, pkt.dport, proto, &reply) {
         port
     } else {
         // No port: the Service flow keeps the tuple (counted).
@@ -206,23 +204,13 @@ pub(crate) fn remap_direct_flow(
         sport: port,
         ..*pkt
     };
-    let entry = CtEntryV4 {
-        last_seen_ns: now,
-        nat_saddr: to.saddr,
-        nat_daddr: to.daddr,
-        nat_sport: to.sport,
-        nat_dport: to.dport,
-        backend_id: 0,
-        svc_id: 0,
-        flags: CT_F_FORWARD | CT_F_DIRECT,
-        _pad: 0,
-    };
-    let _ = LB4_CONNTRACK.insert(
-        &conntrack_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, proto),
+    let entry = F::Entry::new(&to, 0, 0, CT_F_FORWARD | CT_F_DIRECT, now);
+    let _ = F::conntrack().insert(
+        &F::ct_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, proto),
         &entry,
         0,
     );
-    ctx.rewrite(hdr, pkt, &to);
+    ctx.rewrite::<F>(hdr, pkt, &to);
     count(stat::DIRECT_FLOW_REMAPPED);
     true
 }
@@ -242,13 +230,13 @@ fn direct_port(port_be: u16) -> Option<u16> {
 /// A new SYN on a remapped direct flow whose connection has closed: the client opens another
 /// one from the same port, which keeps the same mapping; both entries are open again.
 #[inline(always)]
-pub(crate) fn reopen_direct(entry: &mut CtEntryV4, to: &Tuple, proto: u8) {
+pub(crate) fn reopen_direct<F: Family>(entry: &mut F::Entry, to: &Tuple<F::Addr>, proto: u8) {
     const CLOSED: u16 = CT_F_FIN | CT_F_RST;
-    entry.flags &= !CLOSED;
-    let reply_key = conntrack_key(to.daddr, to.saddr, to.dport, to.sport, proto);
-    if let Some(r) = LB4_CONNTRACK.get_ptr_mut(&reply_key) {
+    *entry.flags_mut() &= !CLOSED;
+    let reply_key = F::ct_key(to.daddr, to.saddr, to.dport, to.sport, proto);
+    if let Some(r) = F::conntrack().get_ptr_mut(&reply_key) {
         // SAFETY: a map value pointer returned by the kernel, valid for this program run.
-        unsafe { (*r).flags &= !CLOSED };
+        unsafe { *(*r).flags_mut() &= !CLOSED };
     }
 }
 
@@ -256,12 +244,12 @@ pub(crate) fn reopen_direct(entry: &mut CtEntryV4, to: &Tuple, proto: u8) {
 /// inserting `reply` as the reply entry under it: a port another flow between them holds is
 /// never taken. Network byte order.
 #[inline(always)]
-fn reserve_port(
-    peer: u32,
-    client: u32,
+fn reserve_port<F: Family>(
+    peer: F::Addr,
+    client: F::Addr,
     peer_port: u16,
     proto: u8,
-    reply: &CtEntryV4,
+    reply: &F::Entry,
 ) -> Option<u16> {
     let min = cfg_value(config::SNAT_PORT_MIN);
     let max = cfg_value(config::SNAT_PORT_MAX);
@@ -269,14 +257,14 @@ fn reserve_port(
         return None;
     }
     let range = max - min + 1;
-    let mut key = conntrack_key(peer, client, peer_port, 0, proto);
+    let mut key = F::ct_key(peer, client, peer_port, 0, proto);
     let mut i = 0;
     while i < SNAT_TRIES {
         // SAFETY: bpf_get_prandom_u32 has no preconditions.
         let r = unsafe { bpf_get_prandom_u32() };
         let port = ((min + r.checked_rem(range).unwrap_or(0)) as u16).to_be();
-        key.dport = port;
-        if LB4_CONNTRACK
+        F::set_ct_dport(&mut key, port);
+        if F::conntrack()
             .insert(&key, reply, u64::from(BPF_NOEXIST))
             .is_ok()
         {

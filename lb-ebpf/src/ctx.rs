@@ -4,16 +4,12 @@
 
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
+    helpers::bpf_skb_pull_data,
     programs::{TcContext, XdpContext},
 };
 use lb_common::IFACE_F_POD;
 
-use crate::{
-    csum::skb_rewrite,
-    maps::LB_IFACES,
-    parse::{Headers, Tuple},
-    route::mtu_exceeded,
-};
+use crate::{family::Family, maps::LB_IFACES, parse::Tuple, route::mtu_exceeded};
 
 /// A TC program's "pass on": the next program on the hook runs (tcx's `TCX_NEXT`), then the
 /// stack. `TC_ACT_OK` would end the chain there: when the agent swaps `lb_xdp` and
@@ -36,12 +32,42 @@ pub(crate) enum Verdict {
     FragNeeded(u16),
 }
 
+impl Verdict {
+    /// As one word, returned in a register from a BPF-to-BPF call (an enum with a field
+    /// is returned through the caller's stack): the kind in the low 16 bits, the MTU above.
+    #[inline(always)]
+    pub(crate) fn to_word(self) -> u32 {
+        match self {
+            Self::Pass => 0,
+            Self::Drop => 1,
+            Self::Reject => 2,
+            Self::FragNeeded(mtu) => 3 | u32::from(mtu) << 16,
+        }
+    }
+
+    /// The inverse of `to_word`.
+    #[inline(always)]
+    pub(crate) fn from_word(w: u32) -> Self {
+        match w & 0xffff {
+            0 => Self::Pass,
+            1 => Self::Drop,
+            2 => Self::Reject,
+            _ => Self::FragNeeded((w >> 16) as u16),
+        }
+    }
+}
+
 /// The bounds of a packet's linear data, and its whole length (an skb's payload may lie
 /// beyond the linear part).
 pub(crate) trait Packet {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     fn frame_len(&self) -> u64;
+    /// Makes the first `len` bytes of the frame linear, for direct access (the whole frame
+    /// when it is shorter). XDP frames are linear: nothing to do. Moves the packet: pointers
+    /// into it are taken again after.
+    #[inline(always)]
+    fn linearize(&self, _len: usize) {}
 }
 
 impl Packet for XdpContext {
@@ -72,6 +98,17 @@ impl Packet for TcContext {
     fn frame_len(&self) -> u64 {
         u64::from(self.len())
     }
+    /// A no-op when they are already; a frame shorter than `len` is pulled whole.
+    #[inline(always)]
+    fn linearize(&self, len: usize) {
+        let len = if (self.len() as usize) < len {
+            self.len()
+        } else {
+            len as u32
+        };
+        // SAFETY: skb is the program's own context.
+        unsafe { bpf_skb_pull_data(self.skb.skb.cast(), len) };
+    }
 }
 
 /// Where the translation runs: XDP or TC on external interfaces, TC on pod interfaces.
@@ -79,11 +116,17 @@ pub(crate) trait Hook: Packet {
     /// The packet came in from one of this node's pods.
     fn is_from_pod(&self) -> bool;
     /// Rewrites addresses and ports from `from` to `to`, checksums included.
-    fn rewrite(&self, hdr: &Headers, from: &Tuple, to: &Tuple);
+    fn rewrite<F: Family>(&self, hdr: &F::Hdr, from: &Tuple<F::Addr>, to: &Tuple<F::Addr>);
     /// The route's MTU if this packet, translated to `to`, would not fit it. `tot_len`: the
     /// datagram's length; `hdr_len`: its IP and L4 headers' (for an aggregated skb, whose
     /// segments are what must fit).
-    fn mtu_exceeded(&self, to: &Tuple, proto: u8, tot_len: u16, hdr_len: u16) -> Option<u16>;
+    fn mtu_exceeded<F: Family>(
+        &self,
+        to: &Tuple<F::Addr>,
+        proto: u8,
+        tot_len: u16,
+        hdr_len: u16,
+    ) -> Option<u16>;
 }
 
 impl Hook for XdpContext {
@@ -97,17 +140,23 @@ impl Hook for XdpContext {
     }
 
     #[inline(always)]
-    fn rewrite(&self, hdr: &Headers, from: &Tuple, to: &Tuple) {
-        hdr.rewrite(from, to);
+    fn rewrite<F: Family>(&self, hdr: &F::Hdr, from: &Tuple<F::Addr>, to: &Tuple<F::Addr>) {
+        F::rewrite_direct(self, hdr, from, to);
     }
 
     /// XDP frames are never aggregated: the datagram's own length is checked.
     #[inline(always)]
-    fn mtu_exceeded(&self, to: &Tuple, proto: u8, tot_len: u16, _hdr_len: u16) -> Option<u16> {
+    fn mtu_exceeded<F: Family>(
+        &self,
+        to: &Tuple<F::Addr>,
+        proto: u8,
+        tot_len: u16,
+        _hdr_len: u16,
+    ) -> Option<u16> {
         // SAFETY: ctx.ctx is the program's own context.
         unsafe {
             let ifindex = (*self.ctx).ingress_ifindex;
-            mtu_exceeded(self.ctx.cast(), ifindex, to, proto, tot_len)
+            mtu_exceeded::<F>(self.ctx.cast(), ifindex, to, proto, tot_len)
         }
     }
 }
@@ -129,6 +178,10 @@ impl<const POD: bool> Packet for Skb<'_, POD> {
     fn frame_len(&self) -> u64 {
         self.0.frame_len()
     }
+    #[inline(always)]
+    fn linearize(&self, len: usize) {
+        self.0.linearize(len);
+    }
 }
 
 impl<const POD: bool> Hook for Skb<'_, POD> {
@@ -138,8 +191,8 @@ impl<const POD: bool> Hook for Skb<'_, POD> {
     }
 
     #[inline(always)]
-    fn rewrite(&self, hdr: &Headers, from: &Tuple, to: &Tuple) {
-        skb_rewrite(self.0, hdr, from, to);
+    fn rewrite<F: Family>(&self, hdr: &F::Hdr, from: &Tuple<F::Addr>, to: &Tuple<F::Addr>) {
+        F::rewrite_skb(self.0, hdr, from, to);
     }
 
     /// The route's MTU against the datagram, or for a GRO-aggregated skb against each of the
@@ -147,7 +200,13 @@ impl<const POD: bool> Hook for Skb<'_, POD> {
     /// Ethernet header the skb carries here against a route through a device without one,
     /// such as a tunnel, and refuses packets that fit.)
     #[inline(always)]
-    fn mtu_exceeded(&self, to: &Tuple, proto: u8, tot_len: u16, hdr_len: u16) -> Option<u16> {
+    fn mtu_exceeded<F: Family>(
+        &self,
+        to: &Tuple<F::Addr>,
+        proto: u8,
+        tot_len: u16,
+        hdr_len: u16,
+    ) -> Option<u16> {
         // SAFETY: the skb is the program's own context.
         unsafe {
             let skb = self.0.skb.skb;
@@ -157,7 +216,7 @@ impl<const POD: bool> Hook for Skb<'_, POD> {
             } else {
                 (gso_size as u16).saturating_add(hdr_len)
             };
-            mtu_exceeded(skb.cast(), (*skb).ifindex, to, proto, len)
+            mtu_exceeded::<F>(skb.cast(), (*skb).ifindex, to, proto, len)
         }
     }
 }
@@ -174,6 +233,17 @@ impl<const POD: bool> Hook for Skb<'_, POD> {
 pub(crate) unsafe fn load32(p: *const u8) -> u32 {
     // SAFETY: the caller checked the bounds; see above for the alignment.
     unsafe { p.cast::<u32>().read_volatile() }
+}
+
+/// `load32` for 64 bits (an IPv6 address's halves).
+#[inline(always)]
+#[allow(
+    clippy::cast_ptr_alignment,
+    reason = "an unaligned packet load on purpose (see load32)"
+)]
+pub(crate) unsafe fn load64(p: *const u8) -> u64 {
+    // SAFETY: the caller checked the bounds; see load32 for the alignment.
+    unsafe { p.cast::<u64>().read_volatile() }
 }
 
 #[inline(always)]

@@ -1,8 +1,8 @@
-//! ICMP errors of translated flows (fragmentation needed, port unreachable, time exceeded,
-//! ...), translated like the flow they are about, as the kernel's conntrack does: the quoted
-//! header gets back the addresses and ports its sender knows, the outer destination becomes
-//! that sender, and when the error comes from the flow's peer itself its outer source is
-//! translated too; IPv4, ICMP and quoted L4 checksums follow.
+//! ICMP and ICMPv6 errors of translated flows (fragmentation needed / packet too big, port
+//! unreachable, time exceeded, ...), translated like the flow they are about, as the kernel's
+//! conntrack does: the quoted header gets back the addresses and ports its sender knows, the
+//! outer destination becomes that sender, and when the error comes from the flow's peer
+//! itself its outer source is translated too; IPv4, ICMP(v6) and quoted L4 checksums follow.
 //!
 //! The quoted packet went the other way, so its reply tuple is what conntrack knows: its
 //! entry (in `LB4_CONNTRACK`, or `LB4_SNAT` for a source-NATed flow) says that packets of
@@ -10,12 +10,11 @@
 //! rule serves errors about a forward packet (from a backend or a router on its way: the
 //! entry found is the flow's reply entry) and about a reply (the forward entry).
 
-use lb_common::{config, stat, CtEntryV4, IPPROTO_UDP};
+use lb_common::{stat, IPPROTO_UDP};
 
 use crate::{
-    conntrack::conntrack_key,
-    csum::{csum_apply, csum_diff16, csum_diff32},
-    maps::{cfg_value, LB4_CONNTRACK, LB4_SNAT},
+    csum::{addr6_diff, csum_apply, csum_diff16, csum_diff32, store64},
+    family::{Addr6, CtEntry, Family, V4, V6},
     parse::{IcmpError, Tuple},
     telemetry::count,
 };
@@ -25,39 +24,40 @@ use crate::{
 /// destination stays are translated (one whose destination changes is translated where it
 /// came in, before routing).
 #[inline(always)]
-pub(crate) fn translate_error(e: &IcmpError, egress: bool) -> bool {
+pub(crate) fn translate_error<F: Family>(e: &IcmpError<F>, egress: bool) -> bool {
     let i = &e.inner;
-    let key = conntrack_key(i.daddr, i.saddr, i.dport, i.sport, e.inner_proto);
+    let key = F::ct_key(i.daddr, i.saddr, i.dport, i.sport, e.inner_proto);
     // SAFETY: the value is copied out at once.
-    let entry: CtEntryV4 = match unsafe { LB4_CONNTRACK.get(&key) } {
+    let entry: F::Entry = match unsafe { F::conntrack().get(&key) } {
         Some(c) => *c,
-        None if i.saddr == cfg_value(config::NODE_ADDR) => {
+        None if F::same(i.saddr, F::node_addr()) => {
             // SAFETY: as above.
-            match unsafe { LB4_SNAT.get(&key) } {
+            match unsafe { F::snat().get(&key) } {
                 Some(c) => *c,
                 None => return false,
             }
         }
         None => return false,
     };
+    let nat = entry.nat();
     let inner = Tuple {
-        saddr: entry.nat_daddr,
-        daddr: entry.nat_saddr,
-        sport: entry.nat_dport,
-        dport: entry.nat_sport,
+        saddr: nat.daddr,
+        daddr: nat.saddr,
+        sport: nat.dport,
+        dport: nat.sport,
     };
-    let daddr = entry.nat_daddr;
+    let daddr = nat.daddr;
     // From the quoted packet's destination itself (a backend's port unreachable): it speaks
     // as the frontend the client knows. From a router on the way: its own address stays.
-    let saddr = if e.saddr == i.daddr {
-        entry.nat_saddr
+    let saddr = if F::same(e.saddr, i.daddr) {
+        nat.saddr
     } else {
         e.saddr
     };
-    if egress && daddr != e.daddr {
+    if egress && !F::same(daddr, e.daddr) {
         return false;
     }
-    rewrite_error(e, &inner, saddr, daddr);
+    F::rewrite_error(e, &inner, saddr, daddr);
     count(stat::ICMP_ERROR_NAT);
     true
 }
@@ -67,7 +67,7 @@ pub(crate) fn translate_error(e: &IcmpError, egress: bool) -> bool {
 /// (RFC 1624). Direct writes: ICMP never carries a partial checksum, and every change is
 /// balanced by a checksum field in the same header, so a `CHECKSUM_COMPLETE` sum stays right.
 #[inline(always)]
-fn rewrite_error(e: &IcmpError, inner: &Tuple, saddr: u32, daddr: u32) {
+pub(crate) fn rewrite_error(e: &IcmpError<V4>, inner: &Tuple, saddr: u32, daddr: u32) {
     let i = &e.inner;
     let outer_diff = csum_diff32(e.saddr, saddr) + csum_diff32(e.daddr, daddr);
     let inner_addr_diff = csum_diff32(i.saddr, inner.saddr) + csum_diff32(i.daddr, inner.daddr);
@@ -76,12 +76,13 @@ fn rewrite_error(e: &IcmpError, inner: &Tuple, saddr: u32, daddr: u32) {
     // SAFETY: every pointer of `e` was bounds-checked by parse, and nothing has resized the
     // packet since.
     unsafe {
-        let ip = &mut *e.ip;
+        let e4 = &e.ptrs;
+        let ip = &mut *e4.ip;
         ip.check = csum_apply(u16::from_ne_bytes(ip.check), outer_diff).to_ne_bytes();
         ip.src_addr = saddr.to_ne_bytes();
         ip.dst_addr = daddr.to_ne_bytes();
 
-        let q = &mut *e.inner_ip;
+        let q = &mut *e4.inner_ip;
         let old_check = u16::from_ne_bytes(q.check);
         let new_check = csum_apply(old_check, inner_addr_diff);
         // Everything the ICMP checksum covers that changes: the quoted addresses, ports and
@@ -90,7 +91,7 @@ fn rewrite_error(e: &IcmpError, inner: &Tuple, saddr: u32, daddr: u32) {
         q.check = new_check.to_ne_bytes();
         q.src_addr = inner.saddr.to_ne_bytes();
         q.dst_addr = inner.daddr.to_ne_bytes();
-        if let Some(c) = e.inner_csum {
+        if let Some(c) = e4.inner_csum {
             let old = u16::from_ne_bytes(*c);
             // A UDP checksum of zero means "none": leave it so.
             if !(udp && old == 0) {
@@ -102,11 +103,63 @@ fn rewrite_error(e: &IcmpError, inner: &Tuple, saddr: u32, daddr: u32) {
                 *c = new.to_ne_bytes();
             }
         }
-        let p = &mut *e.inner_ports;
+        let p = &mut *e4.inner_ports;
         p.src = inner.sport.to_ne_bytes();
         p.dst = inner.dport.to_ne_bytes();
 
-        let m = &mut *e.icmp;
+        let m = &mut *e4.icmp;
+        let c = csum_apply(u16::from_ne_bytes([m[2], m[3]]), icmp_diff).to_ne_bytes();
+        m[2] = c[0];
+        m[3] = c[1];
+    }
+}
+
+/// The IPv6 twin of `rewrite_error`. There is no IP header checksum; the ICMPv6 checksum
+/// covers a pseudo-header with the outer addresses, so it balances their change too, and the
+/// quoted L4 checksum covers the quoted addresses. Direct writes, for the same reasons: every
+/// change is balanced by a checksum field of the packet, so a `CHECKSUM_COMPLETE` sum stays
+/// right.
+#[inline(always)]
+pub(crate) fn rewrite_error6(e: &IcmpError<V6>, inner: &Tuple<Addr6>, saddr: Addr6, daddr: Addr6) {
+    let i = &e.inner;
+    let outer_diff = addr6_diff(e.saddr, saddr) + addr6_diff(e.daddr, daddr);
+    let inner_addr_diff = addr6_diff(i.saddr, inner.saddr) + addr6_diff(i.daddr, inner.daddr);
+    let port_diff = csum_diff16(i.sport, inner.sport) + csum_diff16(i.dport, inner.dport);
+    let udp = e.inner_proto == IPPROTO_UDP;
+    let p = &e.ptrs;
+    // SAFETY: every pointer of `e` was bounds-checked by parse6, and nothing has resized the
+    // packet since.
+    unsafe {
+        let ip = p.ip.cast::<u8>();
+        let q = p.inner_ip.cast::<u8>();
+        let mut k = 0;
+        while k < 2 {
+            store64(ip.add(8 + 8 * k), saddr[k]);
+            store64(ip.add(24 + 8 * k), daddr[k]);
+            store64(q.add(8 + 8 * k), inner.saddr[k]);
+            store64(q.add(24 + 8 * k), inner.daddr[k]);
+            k += 1;
+        }
+        // Everything the ICMPv6 checksum covers that changes: the outer addresses (its
+        // pseudo-header), the quoted addresses, ports and L4 checksum.
+        let mut icmp_diff = outer_diff + inner_addr_diff + port_diff;
+        if let Some(c) = p.inner_csum {
+            let old = u16::from_ne_bytes(*c);
+            // A UDP checksum of zero means "none": leave it so.
+            if !(udp && old == 0) {
+                let mut new = csum_apply(old, inner_addr_diff + port_diff);
+                if udp && new == 0 {
+                    new = 0xffff;
+                }
+                icmp_diff += csum_diff16(old, new);
+                *c = new.to_ne_bytes();
+            }
+        }
+        let ports = &mut *p.inner_ports;
+        ports.src = inner.sport.to_ne_bytes();
+        ports.dst = inner.dport.to_ne_bytes();
+
+        let m = &mut *p.icmp;
         let c = csum_apply(u16::from_ne_bytes([m[2], m[3]]), icmp_diff).to_ne_bytes();
         m[2] = c[0];
         m[3] = c[1];

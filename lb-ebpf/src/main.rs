@@ -1,11 +1,12 @@
 //! The service datapath: ClusterIP / NodePort / externalIP / LoadBalancer-IP translation for
-//! IPv4 TCP and UDP, on the external interfaces in XDP (`lb_xdp`, where the driver runs XDP
-//! natively) or in TC (`lb_tc_ext`, elsewhere), and in TC on the pods' interfaces
-//! (`lb_tc_pod`); the TC programs rewrite through the kernel's checksum helpers because local
+//! TCP and UDP over IPv4 and IPv6 (`docs/ipv6.md`), on the external interfaces in XDP
+//! (`lb_xdp`, where the driver runs XDP natively) or in TC (`lb_tc_ext`, elsewhere), and in
+//! TC on the pods' interfaces (`lb_tc_pod`); the TC programs rewrite through the kernel's checksum helpers because local
 //! senders leave partial checksums. All run `process`; cgroup socket hooks for the node's own
 //! processes are in `sock.rs`.
 //!
-//! Per packet: parse Ethernet + IPv4 (no options, no fragments) + TCP/UDP, then
+//! Per packet: parse Ethernet + IPv4 (no options) or IPv6 (extension headers walked within a
+//! bound) + TCP/UDP, fragments with their first's ports, then
 //! 1. conntrack hit in the reply direction → restore the frontend as source (reverse NAT);
 //! 2. conntrack hit in the forward direction → rewrite to the flow's backend;
 //! 3. a reply to a flow this node source-NATed (addressed to the node address and a port of
@@ -55,11 +56,13 @@ mod clock;
 mod conntrack;
 mod csum;
 mod ctx;
+mod family;
 mod frag;
 mod icmp;
 mod maps;
 mod nat;
 mod parse;
+mod parse6;
 mod probe;
 mod reject;
 mod route;
@@ -73,26 +76,29 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lb_common::stat;
 
 use crate::{
     ctx::{Skb, Verdict},
     nat::{process, tc_egress, tc_translate},
     reject::{reject, xdp_frag_needed},
-    telemetry::count,
 };
 
 /// The datapath on external interfaces whose driver runs XDP natively; rejects go on untouched
 /// to `lb_tc_reject`.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    count(stat::RX);
     match process(&ctx) {
         // A reject goes on untouched to lb_tc_reject, in TC ingress on the same interface.
         Verdict::Pass | Verdict::Reject => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
-        Verdict::FragNeeded(mtu) => xdp_frag_needed(&ctx, mtu),
+        Verdict::FragNeeded(mtu) => xdp_too_big(&ctx, mtu),
     }
+}
+
+/// `xdp_frag_needed` as a call of its own: `lb_xdp`'s frame adds up with `process`'s.
+#[inline(never)]
+fn xdp_too_big(ctx: &XdpContext, mtu: u16) -> u32 {
+    xdp_frag_needed(ctx, mtu)
 }
 
 /// The datapath for packets from this node's pods, in TC ingress on their veths. It runs the

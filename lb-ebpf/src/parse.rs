@@ -8,6 +8,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     ctx::{load32, ptr_at, Packet},
+    family::{Family, V4},
     frag,
 };
 
@@ -55,11 +56,12 @@ pub(crate) struct Ports {
     pub(crate) dst: [u8; 2],
 }
 
-/// The addresses and ports of a packet (network byte order, as stored in the headers).
+/// The addresses and ports of a packet (network byte order, as stored in the headers); `A`
+/// is the family's address (`u32`, `family::Addr6`).
 #[derive(Clone, Copy)]
-pub(crate) struct Tuple {
-    pub(crate) saddr: u32,
-    pub(crate) daddr: u32,
+pub(crate) struct Tuple<A = u32> {
+    pub(crate) saddr: A,
+    pub(crate) daddr: A,
     pub(crate) sport: u16,
     pub(crate) dport: u16,
 }
@@ -76,30 +78,43 @@ pub(crate) struct Headers {
 }
 
 /// A TCP or UDP packet (or fragment of one) the datapath may translate.
-pub(crate) struct L4Packet {
-    pub(crate) hdr: Headers,
-    pub(crate) pkt: Tuple,
+pub(crate) struct L4Packet<F: Family = V4> {
+    pub(crate) hdr: F::Hdr,
+    pub(crate) pkt: Tuple<F::Addr>,
     pub(crate) proto: u8,
     pub(crate) tcp_flags: u8,
-    /// The IPv4 flags and fragment offset, host order (`IP_DF`, ...).
+    /// The IPv4 flags and fragment offset, host order (`IP_DF`, ...). IPv6 packets have
+    /// `IP_DF` (routers never fragment them).
     pub(crate) frags: u16,
-    /// Bytes of the IP datagram (or fragment), from the header.
+    /// Bytes of the IP datagram (or fragment), from the header (IPv6: its header included).
     pub(crate) tot_len: u16,
     /// Bytes of the L4 header (TCP's data offset; UDP's 8; 0 for a later fragment).
     pub(crate) l4_hdr_len: u16,
 }
 
-impl L4Packet {
+impl<F: Family> L4Packet<F> {
     /// A fragment after the first: no L4 header, its ports recalled from the first.
     #[inline(always)]
     pub(crate) fn later_fragment(&self) -> bool {
-        !self.hdr.l4
+        !F::has_l4(&self.hdr)
     }
 }
 
-/// An ICMP error (destination unreachable, time exceeded, parameter problem) and the IPv4
-/// header plus L4 ports it quotes: the packet it is about, which went the other way.
-pub(crate) struct IcmpError {
+/// An ICMP error (destination unreachable, time exceeded, parameter problem; IPv6's packet
+/// too big) and the IP header plus L4 ports it quotes: the packet it is about, which went
+/// the other way.
+pub(crate) struct IcmpError<F: Family = V4> {
+    pub(crate) ptrs: F::IcmpPtrs,
+    /// The outer addresses.
+    pub(crate) saddr: F::Addr,
+    pub(crate) daddr: F::Addr,
+    /// The quoted packet's tuple and protocol.
+    pub(crate) inner: Tuple<F::Addr>,
+    pub(crate) inner_proto: u8,
+}
+
+/// Where an IPv4 ICMP error's fields are.
+pub(crate) struct IcmpPtrs4 {
     pub(crate) ip: *mut Ipv4Hdr,
     /// The ICMP header (type, code, checksum, rest).
     pub(crate) icmp: *mut [u8; ICMP_LEN],
@@ -107,18 +122,12 @@ pub(crate) struct IcmpError {
     pub(crate) inner_ports: *mut Ports,
     /// The quoted L4 checksum, when the quote reaches it (UDP's always, TCP's with 18 bytes).
     pub(crate) inner_csum: Option<*mut [u8; 2]>,
-    /// The outer addresses.
-    pub(crate) saddr: u32,
-    pub(crate) daddr: u32,
-    /// The quoted packet's tuple and protocol.
-    pub(crate) inner: Tuple,
-    pub(crate) inner_proto: u8,
 }
 
 /// What the datapath may translate.
-pub(crate) enum Parsed {
-    L4(L4Packet),
-    IcmpError(IcmpError),
+pub(crate) enum Parsed<F: Family = V4> {
+    L4(L4Packet<F>),
+    IcmpError(IcmpError<F>),
 }
 
 /// Parses Ethernet + IPv4 (no options) and TCP/UDP or an ICMP error. Anything else is
@@ -285,11 +294,13 @@ fn parse_icmp_error(
         _ => return Err(stat::PASS_ICMP_UNRELATED),
     };
     Ok(IcmpError {
-        ip,
-        icmp,
-        inner_ip,
-        inner_ports,
-        inner_csum,
+        ptrs: IcmpPtrs4 {
+            ip,
+            icmp,
+            inner_ip,
+            inner_ports,
+            inner_csum,
+        },
         saddr,
         daddr,
         inner: Tuple {

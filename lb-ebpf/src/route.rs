@@ -7,32 +7,30 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup as fib_lookup,
 };
 
-use crate::parse::Tuple;
+use crate::{family::Family, parse::Tuple};
 
-const AF_INET: u32 = 2;
-
-/// The route's MTU if an IPv4 datagram of `tot_len` bytes and `to`'s tuple would not fit it
-/// (the caller checked DF).
+/// The route's MTU if a datagram of `tot_len` bytes (its IP header included) and `to`'s
+/// tuple would not fit it (the caller checked DF for IPv4).
 ///
 /// # Safety
 /// `ctx` must be the program's own context (an `xdp_md` or a `__sk_buff`).
 #[inline(always)]
-pub(crate) unsafe fn mtu_exceeded(
+pub(crate) unsafe fn mtu_exceeded<F: Family>(
     ctx: *mut c_void,
     ifindex: u32,
-    to: &Tuple,
+    to: &Tuple<F::Addr>,
     proto: u8,
     tot_len: u16,
 ) -> Option<u16> {
     // `struct bpf_fib_lookup`, written as words (field by field, the compiler zeroes the
     // unions with calls to `memset`): family, l4 protocol, source port; destination port,
-    // length; ingress ifindex; tos; source address (16 bytes); destination (16); the rest 0.
+    // length; ingress ifindex; tos (IPv6: flow info); source address (16 bytes); destination
+    // (16); the rest 0.
     let mut words = [0u32; 16];
-    words[0] = AF_INET | u32::from(proto) << 8 | u32::from(to.sport) << 16;
+    words[0] = F::AF | u32::from(proto) << 8 | u32::from(to.sport) << 16;
     words[1] = u32::from(to.dport) | u32::from(tot_len) << 16;
     words[2] = ifindex;
-    words[4] = to.saddr;
-    words[8] = to.daddr;
+    F::fib_addrs(&mut words, to);
     const _: () = assert!(size_of::<bpf_fib_lookup>() == 64);
     // SAFETY: `words` is a valid, 4-aligned `bpf_fib_lookup` of the size given, on the stack
     // for the call; the caller vouches for `ctx`. Skipping the neighbour lookup lets the

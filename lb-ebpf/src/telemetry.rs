@@ -1,9 +1,10 @@
 //! Counters (`LB_STATS`, `LB_SVC_STATS`, `LB_BE_STATS`) and flow events (`LB_FLOWS`, sampled).
 
-use lb_common::{config, stat, FlowEvent};
+use lb_common::{config, stat, FlowEvent, FlowEventV6};
 
 use crate::{
     ctx::Verdict,
+    family::{words, Addr6},
     maps::{cfg_value, LB_BE_STATS, LB_FLOWS, LB_FLOW_SEQ, LB_STATS, LB_SVC_STATS},
     parse::Tuple,
 };
@@ -86,5 +87,41 @@ pub(crate) fn report_flow(
         count(stat::FLOW_EVENTS_LOST);
         return false;
     }
+    true
+}
+
+/// `report_flow` for an IPv6 flow: a `FlowEventV6` (the reader tells the two apart by size).
+#[inline(always)]
+pub(crate) fn report_flow6(
+    kind: u8,
+    proto: u8,
+    pkt: &Tuple<Addr6>,
+    to: &Tuple<Addr6>,
+    svc_id: u32,
+    now: u64,
+) -> bool {
+    // Written in place in the ring buffer: a 72-byte event on the stack would not fit beside
+    // the IPv6 path's keys.
+    let Some(mut entry) = LB_FLOWS.reserve::<FlowEventV6>(0) else {
+        count(stat::FLOW_EVENTS_LOST);
+        return false;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points to a reserved record of the event's size; every field is written
+    // before it is submitted.
+    unsafe {
+        (*ev).ts_ns = now;
+        (*ev).client_addr = words(pkt.saddr);
+        (*ev).frontend_addr = words(pkt.daddr);
+        (*ev).backend_addr = words(to.daddr);
+        (*ev).svc_id = svc_id;
+        (*ev).client_port = pkt.sport;
+        (*ev).frontend_port = pkt.dport;
+        (*ev).backend_port = to.dport;
+        (*ev).proto = proto;
+        (*ev).kind = kind;
+        (*ev)._pad = 0;
+    }
+    entry.submit(0);
     true
 }

@@ -10,6 +10,12 @@
 //! the run; where the datapath is known to leave it wrong (`Stale`), the run is counted
 //! apart and the frame run again without the flag to judge its bytes.
 //!
+//! IPv6 frames (`fuzz_ipv6_frames_through_every_program`: extension headers, fragments,
+//! ICMPv6 errors and neighbour discovery, mutated) are judged by a smaller oracle: every run
+//! succeeds, a frame naming none of the datapath's IPv6 addresses passes untouched, answers
+//! and rewrites carry right L4 checksums; `LB_FUZZ6_FRAMES` (default 200,000) sets their
+//! number.
+//!
 //! `LB_FUZZ_SEED` (default `DEFAULT_SEED`) and `LB_FUZZ_FRAMES` (default 1,000,000) set the
 //! seed and the number of frames; each frame runs through all five programs. The seed fixes
 //! the frames generated; the datapath's own random choices (ClusterIP backends, SNAT ports)
@@ -2193,4 +2199,437 @@ endpoints:
         Ok(lb_testkit::TC_NEXT),
         "lb_tc_pod left the CHECKSUM_COMPLETE sum of a UDP datagram without checksum wrong"
     );
+}
+
+// ---- IPv6 ----
+
+const NODE6: [u8; 16] = [0xfd, 0, 1, 0x98, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const CLIENT6: [u8; 16] = [0xfd, 0, 1, 0x98, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const ROUTER6: [u8; 16] = [0xfd, 0, 1, 0x98, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xfe];
+const VIP6: [u8; 16] = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+const EMPTY6: [u8; 16] = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20];
+const LOCAL6: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11];
+const REMOTE6: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11];
+const HAIRPIN6: [u8; 16] = [0xfd, 0x6c, 0x62, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+/// Addresses of the datapath's IPv6 Services, backends and node: a frame without any of them
+/// (outside or quoted) is none of its business.
+const OURS6: [[u8; 16]; 6] = [NODE6, VIP6, EMPTY6, LOCAL6, REMOTE6, HAIRPIN6];
+const ADDRS6: [[u8; 16]; 9] = [
+    NODE6,
+    CLIENT6,
+    ROUTER6,
+    VIP6,
+    EMPTY6,
+    LOCAL6,
+    REMOTE6,
+    HAIRPIN6,
+    [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9],
+];
+const ICMP6: u8 = 58;
+/// Extension headers the generator puts before the upper layer: hop-by-hop, routing,
+/// fragment, destination options, AH, and one the datapath does not know.
+const EXTS6: [u8; 6] = [0, 43, 44, 60, 51, 253];
+
+/// IPv6 frontends written into the `LB6_*` maps (the control plane does not write them
+/// yet): VIP6 TCP 80 and UDP 53, NodePort TCP 30080 on NODE6, to a local and a remote
+/// backend (8080 / 5353); EMPTY6 TCP 80 and UDP 53 without endpoints.
+fn program6(h: &Harness) {
+    use aya::maps::Array;
+    use lb_common::{
+        BackendSlotKey, BackendV6, Ipv6Words, MemberKey, ServiceKeyV6, BACKEND_F_LOCAL,
+        IPPROTO_TCP, IPPROTO_UDP, SVC_F_CLUSTER_IP, SVC_F_NODE_PORT,
+    };
+    let pinned = |name: &str| {
+        MapData::from_pin(h.pin.path().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let mut node: Array<MapData, Ipv6Words> =
+        Array::try_from(Map::Array(pinned(map_names::LB6_NODE_ADDR))).expect("map");
+    node.set(0, lb_common::ipv6_words(NODE6), 0).expect("node");
+    let mut backends: AyaHashMap<MapData, u32, BackendV6> =
+        AyaHashMap::try_from(Map::HashMap(pinned(map_names::LB6_BACKENDS))).expect("map");
+    let mut slots: AyaHashMap<MapData, BackendSlotKey, u32> =
+        AyaHashMap::try_from(Map::HashMap(pinned(map_names::LB_SLOTS))).expect("map");
+    let mut members: AyaHashMap<MapData, MemberKey, u32> =
+        AyaHashMap::try_from(Map::HashMap(pinned(map_names::LB_MEMBERS))).expect("map");
+    let mut services: AyaHashMap<MapData, ServiceKeyV6, ServiceEntry> =
+        AyaHashMap::try_from(Map::HashMap(pinned(map_names::LB6_SERVICES))).expect("map");
+    let fes: [([u8; 16], u16, u8, u16, u32, bool); 5] = [
+        (VIP6, 80, IPPROTO_TCP, 8080, SVC_F_CLUSTER_IP, true),
+        (VIP6, 53, IPPROTO_UDP, 5353, SVC_F_CLUSTER_IP, true),
+        (NODE6, 30080, IPPROTO_TCP, 8080, SVC_F_NODE_PORT, true),
+        (EMPTY6, 80, IPPROTO_TCP, 8080, SVC_F_CLUSTER_IP, false),
+        (EMPTY6, 53, IPPROTO_UDP, 5353, SVC_F_CLUSTER_IP, false),
+    ];
+    for (i, &(addr, port, proto, target, flags, with_backends)) in fes.iter().enumerate() {
+        let svc_id = 60_000 + i as u32;
+        let mut count = 0;
+        if with_backends {
+            for (slot, (b, local)) in [(LOCAL6, true), (REMOTE6, false)].iter().enumerate() {
+                let id = 60_000 + (i * 2 + slot) as u32;
+                let entry = BackendV6 {
+                    addr: lb_common::ipv6_words(*b),
+                    port: target.to_be(),
+                    proto,
+                    flags: if *local { BACKEND_F_LOCAL } else { 0 },
+                };
+                backends.insert(id, entry, 0).expect("backend");
+                let slot = slot as u32;
+                slots
+                    .insert(BackendSlotKey { svc_id, slot }, id, 0)
+                    .expect("slot");
+                members
+                    .insert(
+                        MemberKey {
+                            svc_id,
+                            backend_id: id,
+                        },
+                        slot,
+                        0,
+                    )
+                    .expect("member");
+                count += 1;
+            }
+        }
+        let key = ServiceKeyV6 {
+            addr: lb_common::ipv6_words(addr),
+            port: port.to_be(),
+            proto,
+            scope: SCOPE_ALL,
+        };
+        let entry = ServiceEntry {
+            svc_id,
+            count,
+            flags,
+            affinity_timeout_s: 0,
+            affinity_group: u64::from(svc_id),
+            maglev: 0,
+            _pad: 0,
+        };
+        services.insert(key, entry, 0).expect("service");
+    }
+}
+
+/// An IPv6 packet (no Ethernet header): `exts` before `proto`, then `l4` whose checksum
+/// (TCP, UDP, ICMPv6) is filled in unless `bad_sum`.
+fn ipv6_packet(
+    rng: &mut Rng,
+    src: [u8; 16],
+    dst: [u8; 16],
+    exts: &[u8],
+    proto: u8,
+    mut l4: Vec<u8>,
+    bad_sum: bool,
+) -> Vec<u8> {
+    let sum_at = match proto {
+        TCP => Some(16),
+        UDP => Some(6),
+        ICMP6 => Some(2),
+        _ => None,
+    };
+    if let Some(at) = sum_at.filter(|&at| l4.len() >= at + 2 && !bad_sum) {
+        l4[at] = 0;
+        l4[at + 1] = 0;
+        let len = l4.len() as u64;
+        let s = sum16(&src) + sum16(&dst) + (len >> 16) + (len & 0xffff) + u64::from(proto);
+        let c = !fold(s + sum16(&l4));
+        l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    let mut chain = Vec::new();
+    for (i, &e) in exts.iter().enumerate() {
+        let next = exts.get(i + 1).copied().unwrap_or(proto);
+        match e {
+            44 => {
+                // A fragment header: mostly a first fragment with more to come, or a later one.
+                let off: u16 = match rng.below(3) {
+                    0 => 1,
+                    1 => 64 << 3,
+                    _ => (rng.next() as u16) & !6,
+                };
+                chain.push(next);
+                chain.push(0);
+                chain.extend_from_slice(&off.to_be_bytes());
+                chain.extend_from_slice(&[0x42, 0x42, 0, rng.below(4) as u8]);
+            }
+            43 => {
+                // Routing: type, segments left (zero mostly).
+                chain.extend_from_slice(&[next, 0, 4, u8::from(rng.below(4) == 0), 0, 0, 0, 0]);
+            }
+            _ => {
+                let n = rng.below(3);
+                chain.push(next);
+                chain.push(n as u8);
+                chain.extend_from_slice(&[1, (4 + 8 * n) as u8, 0, 0, 0, 0]);
+                chain.resize(chain.len() + 8 * n, 0);
+            }
+        }
+    }
+    let first = exts.first().copied().unwrap_or(proto);
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&((chain.len() + l4.len()) as u16).to_be_bytes());
+    p.push(first);
+    p.push(64);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&chain);
+    p.extend_from_slice(&l4);
+    p
+}
+
+/// An upper-layer header and payload of `proto` between the ports (flags for TCP).
+fn l4_of(rng: &mut Rng, proto: u8, sport: u16, dport: u16, payload: usize) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    if proto == TCP {
+        l4.extend_from_slice(&(rng.next() as u32).to_be_bytes());
+        l4.extend_from_slice(&(rng.next() as u32).to_be_bytes());
+        l4.extend_from_slice(&[
+            5 << 4,
+            FLAGS[rng.below(FLAGS.len())],
+            0xff,
+            0xff,
+            0,
+            0,
+            0,
+            0,
+        ]);
+    } else {
+        l4.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
+    }
+    l4.extend((0..payload).map(|_| rng.next() as u8));
+    l4
+}
+
+/// A random IPv6 frame: mostly well formed (flows to and from the frontends and backends,
+/// extension headers, fragments, ICMPv6 errors quoting such packets, neighbour discovery),
+/// then mutated at times.
+fn gen6(rng: &mut Rng) -> Vec<u8> {
+    let pick = |rng: &mut Rng| ADDRS6[rng.below(ADDRS6.len())];
+    let ports = [80u16, 53, 8080, 5353, 30080, 40000, 61000, 65000, 0];
+    let port = |rng: &mut Rng| {
+        if rng.below(4) == 0 {
+            rng.next() as u16
+        } else {
+            ports[rng.below(ports.len())]
+        }
+    };
+    let mut exts = Vec::new();
+    if rng.below(3) == 0 {
+        for _ in 0..rng.below(6) {
+            exts.push(EXTS6[rng.below(EXTS6.len())]);
+        }
+    }
+    let (src, dst) = (pick(rng), pick(rng));
+    let packet = match rng.below(6) {
+        0..=2 => {
+            let proto = if rng.below(2) == 0 { TCP } else { UDP };
+            let (s, d, n) = (port(rng), port(rng), rng.below(1400));
+            let l4 = l4_of(rng, proto, s, d, n);
+            let bad = rng.below(8) == 0;
+            ipv6_packet(rng, src, dst, &exts, proto, l4, bad)
+        }
+        3 => {
+            // An ICMPv6 error (or a random type) quoting a packet the other way.
+            let proto = if rng.below(2) == 0 { TCP } else { UDP };
+            let (s, d, n) = (port(rng), port(rng), rng.below(64));
+            let l4 = l4_of(rng, proto, s, d, n);
+            let to = pick(rng);
+            let inner = ipv6_packet(rng, dst, to, &[], proto, l4, false);
+            let ty = [1u8, 2, 3, 4, 128, 129][rng.below(6)];
+            let mut body = vec![ty, rng.below(5) as u8, 0, 0, 0, 0, 0x05, 0x00];
+            let cut = rng.range(0..inner.len() + 1);
+            body.extend_from_slice(&inner[..cut]);
+            let bad = rng.below(8) == 0;
+            ipv6_packet(rng, src, dst, &exts, ICMP6, body, bad)
+        }
+        4 => {
+            // Neighbour discovery and router advertisements.
+            let ty = [133u8, 134, 135, 136, 137][rng.below(5)];
+            let mut body = vec![ty, 0, 0, 0, 0, 0, 0, 0];
+            body.extend_from_slice(&dst);
+            ipv6_packet(rng, src, dst, &[], ICMP6, body, false)
+        }
+        _ => {
+            let proto = rng.next() as u8;
+            let n = rng.below(200);
+            let l4 = (0..n).map(|_| rng.next() as u8).collect();
+            ipv6_packet(rng, src, dst, &exts, proto, l4, false)
+        }
+    };
+    let mut f = Vec::with_capacity(packet.len() + 14);
+    f.extend_from_slice(&NODE_MAC);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&[0x86, 0xdd]);
+    f.extend_from_slice(&packet);
+    match rng.below(8) {
+        0 => {
+            let at = rng.below(f.len() * 8);
+            f[at / 8] ^= 1 << (at % 8);
+        }
+        1 => f.truncate(rng.range(0..f.len())),
+        2 => f.extend((0..rng.below(64)).map(|_| rng.next() as u8)),
+        3 => {
+            let at = rng.range(14..f.len().min(14 + 80));
+            f[at] = rng.next() as u8;
+        }
+        _ => {}
+    }
+    f
+}
+
+/// An IPv6 frame's upper layer: its protocol and where it lies in the frame.
+type Upper6 = Option<(u8, Range<usize>)>;
+
+/// What an IPv6 frame carries, if it is well formed: (addresses the frame names, outside
+/// and quoted; the upper layer's protocol and range when unfragmented and of the length
+/// the header says).
+fn view6(f: &[u8]) -> (Vec<[u8; 16]>, Upper6) {
+    let addr = |at: usize| -> Option<[u8; 16]> { f.get(at..at + 16)?.try_into().ok() };
+    let mut names = Vec::new();
+    if f.len() < 54 || f[12..14] != [0x86, 0xdd] {
+        return (names, None);
+    }
+    names.extend(addr(22));
+    names.extend(addr(38));
+    let plen = usize::from(be16(f, 18));
+    let (mut next, mut at, mut fragment) = (f[20], 54, false);
+    for _ in 0..8 {
+        if !matches!(next, 0 | 43 | 44 | 60 | 51) || at + 8 > f.len() {
+            break;
+        }
+        fragment |= next == 44;
+        let len = match next {
+            44 => 8,
+            51 => (usize::from(f[at + 1]) + 2) * 4,
+            _ => (usize::from(f[at + 1]) + 1) * 8,
+        };
+        next = f[at];
+        at += len;
+    }
+    // A quoted packet's addresses, for ICMPv6 (errors or not: naming them is enough).
+    if next == ICMP6 && at + 8 + 40 <= f.len() {
+        names.extend(addr(at + 8 + 8));
+        names.extend(addr(at + 8 + 24));
+    }
+    let whole = plen + 54 == f.len() && at <= f.len();
+    let l4 =
+        (whole && !fragment && matches!(next, TCP | UDP | ICMP6)).then_some((next, at..f.len()));
+    (names, l4)
+}
+
+/// Whether the upper layer's checksum is right (a UDP datagram without one counts as right).
+fn l4_sum_right6(f: &[u8], proto: u8, r: &Range<usize>) -> bool {
+    let seg = &f[r.clone()];
+    let sum_at = match proto {
+        TCP => 16,
+        UDP => 6,
+        _ => 2,
+    };
+    if seg.len() < sum_at + 2 {
+        return true;
+    }
+    if proto == UDP && seg[6..8] == [0, 0] {
+        return true;
+    }
+    let len = seg.len() as u64;
+    let s = sum16(&f[22..38]) + sum16(&f[38..54]) + (len >> 16) + (len & 0xffff);
+    sums_right(s + u64::from(proto) + sum16(seg))
+}
+
+#[test]
+fn fuzz_ipv6_frames_through_every_program() {
+    lb_testkit::require_root();
+    let seed = env_u64("LB_FUZZ_SEED", DEFAULT_SEED);
+    let frames = env_u64("LB_FUZZ6_FRAMES", 200_000);
+    let h = Harness::new(NodeInfo {
+        name: "node-a".into(),
+        addresses: vec![std::net::Ipv4Addr::from(NODE_IP)],
+        zone: None,
+    })
+    .expect("datapath loads");
+    program6(&h);
+    let mut rng = Rng::new(seed ^ 0x6666);
+    let mut out = Vec::new();
+    let mut outcomes: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    for n in 0..frames {
+        let input = gen6(&mut rng);
+        let (names, l4) = view6(&input);
+        let ours = names.iter().any(|a| OURS6.contains(a));
+        let sum_was_right = l4
+            .as_ref()
+            .is_some_and(|(p, r)| l4_sum_right6(&input, *p, r));
+        for prog in Program::ALL {
+            let verdict = match h.run_into(prog, &input, &mut out).map_err(io_error) {
+                Ok(v) => v,
+                Err(e)
+                    if kernel_refuses(prog, &input) && e.raw_os_error() == Some(libc::EINVAL) =>
+                {
+                    *outcomes.entry((prog.name(), "refused")).or_default() += 1;
+                    continue;
+                }
+                Err(e) => panic!(
+                    "frame {n} (seed {seed:#x}), {}: {e}\n{}",
+                    prog.name(),
+                    hex(&input)
+                ),
+            };
+            let fail = |why: &str| -> ! {
+                panic!(
+                    "frame {n} (seed {seed:#x}), {}: {why} (verdict {verdict:#x})\n in  {}\n out {}",
+                    prog.name(),
+                    hex(&input),
+                    hex(&out)
+                )
+            };
+            let answered = if prog == Program::Xdp {
+                verdict == 3 // XDP_TX: packet too big
+            } else {
+                verdict == TC_ACT_REDIRECT
+            };
+            let passed = verdict == prog.pass();
+            let what = if answered {
+                "answered"
+            } else if !passed {
+                "dropped"
+            } else if out == input {
+                "untouched"
+            } else {
+                "rewritten"
+            };
+            *outcomes.entry((prog.name(), what)).or_default() += 1;
+            if !ours && (out != input || !passed) {
+                fail("a frame none of the datapath's business was not passed untouched");
+            }
+            if !(passed || answered || verdict == XDP_DROP || verdict == TC_ACT_SHOT) {
+                fail("an unknown verdict");
+            }
+            if answered || (passed && out != input) {
+                // Answers are fresh frames; rewrites keep a right checksum right.
+                let (_, l4_out) = view6(&out);
+                match l4_out {
+                    Some((p, r)) if (answered || sum_was_right) && !l4_sum_right6(&out, p, &r) => {
+                        fail("wrong L4 checksum after the program");
+                    }
+                    None if answered => fail("an answer that is no well-formed IPv6 frame"),
+                    _ => {}
+                }
+            }
+        }
+    }
+    eprintln!("IPv6 fuzz, {frames} frames (seed {seed:#x}):");
+    for ((prog, what), count) in &outcomes {
+        eprintln!("  {prog:<16} {what:<10} {count}");
+    }
+    for prog in [Program::Xdp, Program::TcPod] {
+        assert!(
+            outcomes
+                .get(&(prog.name(), "rewritten"))
+                .copied()
+                .unwrap_or(0)
+                > 0,
+            "{}: no frame was translated: the generator misses the frontends",
+            prog.name()
+        );
+    }
 }
