@@ -14,10 +14,13 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{
     ipv6_words, map_names, BackendSlotKey, BackendV6, CtEntryV6, CtKeyV6, MemberKey, ServiceEntry,
-    ServiceKeyV6, SCOPE_ALL, SVC_F_CLUSTER_IP,
+    ServiceKeyV6, BACKEND_F_LOCAL, SCOPE_ALL, SVC_F_CLUSTER_IP,
 };
 use lb_control::{model::Proto, translate::NodeInfo};
-use lb_testkit::{frame::TCP, Harness};
+use lb_testkit::{
+    frame::{Frame6, SYN, TCP, UDP},
+    Harness, XDP_PASS,
+};
 use lb_userspace::{
     cli::{status::status, trace::trace},
     datapath::stats::read_backend_stats,
@@ -66,9 +69,15 @@ fn pinned(h: &Harness, name: &str) -> MapData {
     MapData::from_pin(h.pin.path().join(name)).unwrap_or_else(|e| panic!("{name} pinned: {e}"))
 }
 
-/// Writes IPv6 ClusterIP frontend `vip:port/TCP` as service `svc_id` with `backends` (ids
-/// 40000 and up, under the backend maps' default capacity), as the reconciler will.
-fn program6(h: &Harness, svc_id: u32, vip: Ipv6Addr, port: u16, backends: &[(Ipv6Addr, u16)]) {
+/// Writes IPv6 ClusterIP frontend `vip:port/proto` as service `svc_id` with `backends` (on
+/// this node; ids 40000 and up, under the backend maps' default capacity), as the
+/// reconciler will.
+fn program6(
+    h: &Harness,
+    svc_id: u32,
+    (vip, port, proto): (Ipv6Addr, u16, u8),
+    backends: &[(Ipv6Addr, u16)],
+) {
     let mut services: HashMap<MapData, ServiceKeyV6, ServiceEntry> =
         HashMap::try_from(Map::HashMap(pinned(h, map_names::LB6_SERVICES))).expect("LB6_SERVICES");
     let mut backend_map: HashMap<MapData, u32, BackendV6> =
@@ -82,8 +91,8 @@ fn program6(h: &Harness, svc_id: u32, vip: Ipv6Addr, port: u16, backends: &[(Ipv
         let b = BackendV6 {
             addr: ipv6_words(addr.octets()),
             port: bport.to_be(),
-            proto: TCP,
-            flags: 0,
+            proto,
+            flags: BACKEND_F_LOCAL,
         };
         backend_map.insert(id, b, 0).expect("LB6_BACKENDS");
         let slot = slot as u32;
@@ -104,7 +113,7 @@ fn program6(h: &Harness, svc_id: u32, vip: Ipv6Addr, port: u16, backends: &[(Ipv
     let key = ServiceKeyV6 {
         addr: ipv6_words(vip.octets()),
         port: port.to_be(),
-        proto: TCP,
+        proto,
         scope: SCOPE_ALL,
     };
     let entry = ServiceEntry {
@@ -145,7 +154,7 @@ fn nobody() -> SocketAddr {
 #[test]
 fn status_counts_the_ipv6_maps_beside_the_ipv4_ones() {
     let h = harness();
-    program6(&h, 900, VIP6, 80, &[(POD1, 8080), (POD2, 8080)]);
+    program6(&h, 900, (VIP6, 80, TCP), &[(POD1, 8080), (POD2, 8080)]);
     // A flow in LB6_CONNTRACK, as the datapath leaves one.
     let key = CtKeyV6 {
         saddr: ipv6_words(CLIENT6.octets()),
@@ -202,7 +211,7 @@ fn status_counts_the_ipv6_maps_beside_the_ipv4_ones() {
 #[test]
 fn backend_counters_name_ipv6_backends() {
     let h = harness();
-    program6(&h, 901, VIP6, 80, &[(POD1, 8080)]);
+    program6(&h, 901, (VIP6, 80, TCP), &[(POD1, 8080)]);
     let names: Vec<String> = read_backend_stats(h.pin.path())
         .expect("counters")
         .into_iter()
@@ -225,7 +234,7 @@ fn v6(ip: Ipv6Addr, port: u16) -> SocketAddr {
 #[test]
 fn trace_looks_an_ipv6_packet_up_in_the_ipv6_maps() {
     let h = harness();
-    program6(&h, 902, VIP6, 80, &[(POD1, 8080), (POD2, 8080)]);
+    program6(&h, 902, (VIP6, 80, TCP), &[(POD1, 8080), (POD2, 8080)]);
     let t = trace(
         h.pin.path(),
         Proto::Tcp,
@@ -282,4 +291,76 @@ fn trace_looks_an_ipv6_packet_up_in_the_ipv6_maps() {
         conntrack6(&h).keys().next().is_none(),
         "the trace left flows"
     );
+}
+
+/// The IPv6 twin of the lab's trace test, end to end through the IPv6 datapath: a new flow
+/// to a backend with the rewritten packet's checksums valid and no flow left behind, an
+/// established one, and the rejections of a frontend without endpoints.
+#[test]
+fn trace_explains_an_ipv6_packets_decision_without_leaving_flows_behind() {
+    let h = harness();
+    program6(&h, 903, (VIP6, 80, TCP), &[(POD1, 8080), (POD2, 8080)]);
+    program6(&h, 904, (VIP6, 81, TCP), &[]);
+    program6(&h, 905, (VIP6, 53, UDP), &[]);
+    let run = |proto, sport, dport| {
+        trace(
+            h.pin.path(),
+            proto,
+            v6(CLIENT6, sport),
+            v6(VIP6, dport),
+            None,
+        )
+        .expect("trace")
+    };
+
+    let t = run(Proto::Tcp, 41000, 80);
+    assert!(
+        t.contains("frontend:  [fd00:96::10]:80/TCP ClusterIP (id 903), 2 backend(s)"),
+        "{t}"
+    );
+    assert!(
+        t.contains("decision:  new flow → backend [fd00:10:244::1"),
+        "{t}"
+    );
+    assert!(t.contains(":8080 (id 4004"), "{t}");
+    assert!(
+        t.contains("verdict:   XDP_PASS, rewritten to TCP [2001:db8::1]:41000 → [fd00:10:244::1"),
+        "{t}"
+    );
+    assert!(t.contains("checksums valid"), "{t}");
+    // The synthetic flow left no conntrack entry: tracing it again is a new flow again.
+    assert!(
+        conntrack6(&h).keys().next().is_none(),
+        "the trace left flows"
+    );
+    assert!(run(Proto::Tcp, 41000, 80).contains("new flow"));
+
+    // A flow the datapath already tracks: established, and left as it was.
+    let syn = Frame6::tcp((CLIENT6, 41004), (VIP6, 80), SYN).build();
+    let (verdict, _) = h.run(&syn).expect("SYN through XDP");
+    assert_eq!(verdict, XDP_PASS);
+    let flows = conntrack6(&h).keys().count();
+    assert!(flows >= 1, "the SYN made no flow");
+    let t = run(Proto::Tcp, 41004, 80);
+    assert!(
+        t.contains("decision:  established flow → backend [fd00:10:244::1"),
+        "{t}"
+    );
+    assert_eq!(
+        conntrack6(&h).keys().count(),
+        flows,
+        "the established flow was touched"
+    );
+
+    // No endpoints: TCP is refused with a RST, UDP with ICMPv6 port unreachable.
+    let t = run(Proto::Tcp, 41001, 81);
+    assert!(t.contains("ClusterIP (id 904), 0 backend(s)"), "{t}");
+    assert!(t.contains("no usable endpoint"), "{t}");
+    assert!(
+        t.contains("rejected with TCP [fd00:96::10]:81 → [2001:db8::1]:41001 [ACK,RST]"),
+        "{t}"
+    );
+    let t = run(Proto::Udp, 41002, 53);
+    assert!(t.contains("ICMPv6 port unreachable"), "{t}");
+    assert!(t.contains("→ 2001:db8::1 (connection refused)"), "{t}");
 }
