@@ -11,10 +11,10 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{lpm_trie::Key as LpmKey, HashMap, LpmTrie, Map, MapData};
 use lb_common::{
     ipv6_words, map_names, BackendSlotKey, BackendV6, CtEntryV6, CtKeyV6, MemberKey, ServiceEntry,
-    ServiceKeyV6, BACKEND_F_LOCAL, SCOPE_ALL, SVC_F_CLUSTER_IP,
+    ServiceKeyV6, SourceRangeV6, BACKEND_F_LOCAL, SCOPE_ALL, SVC_F_CLUSTER_IP, SVC_F_SOURCE_RANGES,
 };
 use lb_control::{model::Proto, translate::NodeInfo};
 use lb_testkit::{
@@ -363,4 +363,64 @@ fn trace_explains_an_ipv6_packets_decision_without_leaving_flows_behind() {
     let t = run(Proto::Udp, 41002, 53);
     assert!(t.contains("ICMPv6 port unreachable"), "{t}");
     assert!(t.contains("→ 2001:db8::1 (connection refused)"), "{t}");
+}
+
+/// A packet the datapath drops is explained by the drop counter it raised: here a client
+/// outside the frontend's loadBalancerSourceRanges.
+#[test]
+fn trace_says_why_an_ipv6_packet_is_dropped() {
+    let h = harness();
+    program6(&h, 906, (VIP6, 80, TCP), &[(POD1, 8080)]);
+    // Fence the frontend to fd00:198:18::/64.
+    let mut ranges: LpmTrie<MapData, SourceRangeV6, u8> =
+        LpmTrie::try_from(Map::LpmTrie(pinned(&h, map_names::LB6_SRC_RANGES)))
+            .expect("LB6_SRC_RANGES");
+    let net = Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, 0);
+    let key = LpmKey::new(
+        32 + 64,
+        SourceRangeV6 {
+            svc_id_be: 906u32.to_be(),
+            addr: ipv6_words(net.octets()),
+        },
+    );
+    ranges.insert(&key, 1, 0).expect("range");
+    let mut services: HashMap<MapData, ServiceKeyV6, ServiceEntry> =
+        HashMap::try_from(Map::HashMap(pinned(&h, map_names::LB6_SERVICES))).expect("LB6_SERVICES");
+    let fkey = ServiceKeyV6 {
+        addr: ipv6_words(VIP6.octets()),
+        port: 80u16.to_be(),
+        proto: TCP,
+        scope: SCOPE_ALL,
+    };
+    let mut entry = services.get(&fkey, 0).expect("programmed");
+    entry.flags |= SVC_F_SOURCE_RANGES;
+    services.insert(fkey, entry, 0).expect("LB6_SERVICES");
+
+    let t = trace(
+        h.pin.path(),
+        Proto::Tcp,
+        v6(CLIENT6, 41000),
+        v6(VIP6, 80),
+        None,
+    )
+    .expect("trace");
+    assert!(
+        t.contains(
+            "verdict:   XDP_DROP: the client is outside the frontend's loadBalancerSourceRanges"
+        ),
+        "{t}"
+    );
+    let inside = Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, 1);
+    let t = trace(
+        h.pin.path(),
+        Proto::Tcp,
+        v6(inside, 41000),
+        v6(VIP6, 80),
+        None,
+    )
+    .expect("trace");
+    assert!(
+        t.contains("decision:  new flow → backend [fd00:10:244::11]:8080"),
+        "{t}"
+    );
 }

@@ -27,6 +27,7 @@ use super::frame::{parse, parse6, verify_checksums, Frame, Frame6, ACK, ICMPV6, 
 use crate::datapath::{
     conntrack::partner_key,
     pins::{open_map, pinned_programs, PinnedPrograms},
+    stats::read_stats,
     test_run::run_frame,
 };
 
@@ -191,16 +192,58 @@ fn decision_line(
     Ok(())
 }
 
-/// The verdict line of a packet XDP dropped.
-fn drop_line(out: &mut String, svc: Option<ServiceEntry>) -> Result<()> {
-    let why = match svc {
+/// The verdict line of a packet XDP dropped: why, from the drop counter the run raised
+/// (`grown`: the global counters that grew during the run), else from the frontend's flags.
+fn drop_line(out: &mut String, svc: Option<ServiceEntry>, grown: &[&str]) -> Result<()> {
+    let counted = [
+        (
+            "drop_source_range",
+            "the client is outside the frontend's loadBalancerSourceRanges",
+        ),
+        (
+            "drop_snat_ports",
+            "no free SNAT port for a flow to a backend on another node",
+        ),
+        (
+            "drop_no_local",
+            "no endpoint on this node (Local traffic policy) while some exist elsewhere",
+        ),
+        (
+            "drop_inconsistent",
+            "the service's backend slots are inconsistent",
+        ),
+    ]
+    .into_iter()
+    .find(|(name, _)| grown.contains(name))
+    .map(|(_, why)| why);
+    let why = counted.unwrap_or(match svc {
         Some(s) if s.flags & SVC_F_DROP_NO_ENDPOINTS != 0 => {
             "no endpoint on this node (Local traffic policy) while some exist elsewhere"
         }
         _ => "the service's backend slots are inconsistent",
-    };
+    });
     writeln!(out, "verdict:   XDP_DROP: {why}")?;
     Ok(())
+}
+
+/// Runs `frame` through `prog`: its verdict, the frame it left, and the global counters that
+/// grew meanwhile (the node's own traffic may add to them; a hint, not a proof).
+fn run_counted(
+    pin: &Path,
+    prog: &aya::programs::Xdp,
+    frame: &[u8],
+    ifindex: Option<u32>,
+) -> Result<(u32, Vec<u8>, Vec<&'static str>)> {
+    let before = read_stats(pin)?;
+    let (verdict, buf) = run_frame(prog, frame, ifindex).context("running lb_xdp")?;
+    let after = read_stats(pin)?;
+    let grown = after
+        .iter()
+        .zip(&before)
+        .filter(|((_, a), (_, b))| a > b)
+        .map(|((name, _), _)| *name)
+        .collect();
+    Ok((verdict, buf, grown))
 }
 
 fn checks(buf: &[u8]) -> String {
@@ -301,7 +344,7 @@ fn trace4(
     }
     frontend_line(&mut out, dst.into(), proto, svc.map(|s| (s, fkey.scope)))?;
 
-    let (verdict, buf) = run_frame(&xdp, &bytes, ifindex).context("running lb_xdp")?;
+    let (verdict, buf, grown) = run_counted(pin, &xdp, &bytes, ifindex)?;
 
     match verdict {
         XDP_PASS if buf != bytes => {
@@ -370,7 +413,7 @@ fn trace4(
                 "verdict:   XDP_PASS, untouched: not a Service frontend"
             )?,
         },
-        XDP_DROP => drop_line(&mut out, svc)?,
+        XDP_DROP => drop_line(&mut out, svc, &grown)?,
         v => writeln!(out, "verdict:   XDP verdict {v}")?,
     }
     Ok(out)
@@ -423,7 +466,7 @@ fn trace6(
     }
     frontend_line(&mut out, dst.into(), proto, svc.map(|s| (s, fkey.scope)))?;
 
-    let (verdict, buf) = run_frame(&xdp, &bytes, ifindex).context("running lb_xdp")?;
+    let (verdict, buf, grown) = run_counted(pin, &xdp, &bytes, ifindex)?;
 
     match verdict {
         XDP_PASS if buf != bytes => {
@@ -503,7 +546,7 @@ fn trace6(
                 "verdict:   XDP_PASS, untouched: not a Service frontend"
             )?,
         },
-        XDP_DROP => drop_line(&mut out, svc)?,
+        XDP_DROP => drop_line(&mut out, svc, &grown)?,
         v => writeln!(out, "verdict:   XDP verdict {v}")?,
     }
     Ok(out)
