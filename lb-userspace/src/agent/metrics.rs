@@ -11,7 +11,7 @@ use std::{
 use lb_control::{reconcile::MapFill, source::Changes};
 use prometheus_client::{
     collector::Collector,
-    encoding::{prometheus_text, DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    encoding::{prometheus_text, DescriptorEncoder, EncodeLabelSet, EncodeMetric, LabelSetEncoder},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, MetricType},
     registry::Registry,
 };
@@ -52,9 +52,43 @@ struct SourceLabel {
     source: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// `{map="LB6_SERVICES",family="ipv6"}`: a map, and the address family of a map that holds
+/// one family's entries (`LB4_*`, `LB6_*`); maps both families share (`LB_*`, keyed by
+/// service or backend id) have no family label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct MapLabel {
     map: &'static str,
+    family: Option<&'static str>,
+}
+
+impl MapLabel {
+    fn of(map: &'static str) -> Self {
+        MapLabel {
+            map,
+            family: map_family(map),
+        }
+    }
+}
+
+/// The address family a map's entries are of, from its name: `LB4_*` IPv4, `LB6_*` IPv6.
+pub fn map_family(map: &str) -> Option<&'static str> {
+    if map.starts_with("LB4_") {
+        Some("ipv4")
+    } else if map.starts_with("LB6_") {
+        Some("ipv6")
+    } else {
+        None
+    }
+}
+
+impl EncodeLabelSet for MapLabel {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), fmt::Error> {
+        let mut labels = vec![("map", self.map)];
+        if let Some(family) = self.family {
+            labels.push(("family", family));
+        }
+        EncodeLabelSet::encode(&labels.as_slice(), encoder)
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -280,12 +314,12 @@ impl Metrics {
         }
         self.register(
             "lb_map_entries",
-            "Entries the desired state needs in a map",
+            "Entries the desired state needs in a map (family: the address family of a map per family)",
             self.map_entries.clone(),
         );
         self.register(
             "lb_map_capacity",
-            "Entries a map holds",
+            "Entries a map holds (family: the address family of a map per family)",
             self.map_capacity.clone(),
         );
         self.register(
@@ -381,7 +415,7 @@ impl Metrics {
 
     pub fn set_map_fill(&self, fill: &[MapFill]) {
         for f in fill {
-            let label = MapLabel { map: f.map };
+            let label = MapLabel::of(f.map);
             let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
             self.map_entries.get_or_create(&label).set(n(f.entries));
             self.map_capacity.get_or_create(&label).set(n(f.capacity));
@@ -535,5 +569,35 @@ mod tests {
         assert!(!Metrics::new("manifests", false)
             .render()
             .contains("lb_api_connected"));
+    }
+
+    #[test]
+    fn map_fill_is_labelled_by_family_where_a_map_is_per_family() {
+        let m = Metrics::new("manifests", false);
+        let fill = |map, entries, capacity| MapFill {
+            map,
+            entries,
+            capacity,
+        };
+        m.set_map_fill(&[
+            fill(lb_common::map_names::LB4_SERVICES, 3, 65_536),
+            fill(lb_common::map_names::LB6_SERVICES, 2, 65_536),
+            fill(lb_common::map_names::LB6_BACKENDS, 4, 65_536),
+            fill(lb_common::map_names::LB_SLOTS, 9, 262_144),
+        ]);
+        let text = m.render();
+        for line in [
+            "lb_map_entries{map=\"LB4_SERVICES\",family=\"ipv4\"} 3\n",
+            "lb_map_entries{map=\"LB6_SERVICES\",family=\"ipv6\"} 2\n",
+            "lb_map_entries{map=\"LB6_BACKENDS\",family=\"ipv6\"} 4\n",
+            "lb_map_capacity{map=\"LB6_SERVICES\",family=\"ipv6\"} 65536\n",
+            // Shared by both families: no family label.
+            "lb_map_entries{map=\"LB_SLOTS\"} 9\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in:\n{text}");
+        }
+        assert_eq!(map_family("LB4_CONNTRACK"), Some("ipv4"));
+        assert_eq!(map_family("LB6_CONNTRACK"), Some("ipv6"));
+        assert_eq!(map_family("LB_MAGLEV"), None);
     }
 }

@@ -75,10 +75,10 @@ pub enum Command {
     Trace {
         #[arg(value_enum)]
         proto: TraceProto,
-        /// Client address and port.
-        src: std::net::SocketAddrV4,
-        /// Destination address and port.
-        dst: std::net::SocketAddrV4,
+        /// Client address and port: 198.18.0.1:41000, or [2001:db8::1]:41000 for IPv6.
+        src: SocketAddr,
+        /// Destination address and port, of the client's family.
+        dst: SocketAddr,
         /// The interface the packet arrives on (default: from outside).
         #[arg(long)]
         iface: Option<String>,

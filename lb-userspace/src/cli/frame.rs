@@ -1,11 +1,20 @@
 //! Building test frames and checking them independently of the datapath's own checksum code:
 //! checksums here are computed from scratch over the whole header and payload.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
 pub const ICMP: u8 = 1;
+pub const ICMPV6: u8 = 58;
+
+/// Ethertypes.
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// Bytes of an Ethernet header and of an IPv6 header (which has no options: extension
+/// headers follow it).
+pub const ETH_LEN: usize = 14;
+pub const IPV6_LEN: usize = 40;
 
 pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
@@ -42,6 +51,13 @@ fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
         + u32::from(u16::from_be_bytes([d[2], d[3]]))
         + u32::from(proto)
         + len as u32
+}
+
+/// The IPv6 pseudo-header's sum (RFC 8200 8.1): both addresses, the upper-layer length and
+/// the next header.
+fn pseudo6(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, len: usize) -> u32 {
+    let words = |a: Ipv6Addr| a.segments().iter().map(|w| u32::from(*w)).sum::<u32>();
+    words(src) + words(dst) + (len as u32 >> 16) + (len as u32 & 0xffff) + u32::from(proto)
 }
 
 /// A frame's fields, for building and for reading back.
@@ -161,6 +177,9 @@ impl Frame {
 /// Checks a frame's IPv4 and L4 checksums from scratch. Returns a description of what is
 /// wrong, if anything.
 pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
+    if ethertype(frame) == Some(ETH_P_IPV6) {
+        return verify_checksums6(frame);
+    }
     if frame.len() < 34 {
         return Err(format!("frame of {} bytes has no IPv4 header", frame.len()));
     }
@@ -238,6 +257,218 @@ pub fn parse(frame: &[u8]) -> Frame {
     }
 }
 
+/// The ethertype of an Ethernet frame, if it has a header.
+pub fn ethertype(frame: &[u8]) -> Option<u16> {
+    frame.get(12..14).map(|b| u16::from_be_bytes([b[0], b[1]]))
+}
+
+/// An IPv6 frame's fields (no extension headers), for building and for reading back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame6 {
+    pub eth_dst: [u8; 6],
+    pub eth_src: [u8; 6],
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    /// The upper-layer protocol (the IPv6 header's next header).
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP only.
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    pub payload: Vec<u8>,
+    pub hop_limit: u8,
+    /// The 20-bit flow label.
+    pub flow_label: u32,
+}
+
+impl Frame6 {
+    pub fn tcp(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), flags: u8) -> Frame6 {
+        Frame6 {
+            eth_dst: NODE_MAC,
+            eth_src: CLIENT_MAC,
+            src: src.0,
+            dst: dst.0,
+            proto: TCP,
+            sport: src.1,
+            dport: dst.1,
+            seq: 0x1000_0000,
+            ack: if flags & ACK != 0 { 0x2000_0000 } else { 0 },
+            flags,
+            payload: Vec::new(),
+            hop_limit: 64,
+            flow_label: 0x1_2345,
+        }
+    }
+
+    pub fn udp(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), payload: &[u8]) -> Frame6 {
+        Frame6 {
+            proto: UDP,
+            payload: payload.to_vec(),
+            seq: 0,
+            ..Frame6::tcp(src, dst, 0)
+        }
+    }
+
+    pub fn with_payload(mut self, p: &[u8]) -> Frame6 {
+        self.payload = p.to_vec();
+        self
+    }
+
+    /// The frame's bytes, with correct checksums (UDP over IPv6 always has one).
+    pub fn build(&self) -> Vec<u8> {
+        let l4 = match self.proto {
+            TCP => {
+                let mut h = Vec::with_capacity(20 + self.payload.len());
+                h.extend(self.sport.to_be_bytes());
+                h.extend(self.dport.to_be_bytes());
+                h.extend(self.seq.to_be_bytes());
+                h.extend(self.ack.to_be_bytes());
+                h.push(0x50);
+                h.push(self.flags);
+                h.extend(64240u16.to_be_bytes());
+                h.extend([0, 0, 0, 0]);
+                h.extend(&self.payload);
+                let c = checksum(pseudo6(self.src, self.dst, TCP, h.len()), &h);
+                h[16..18].copy_from_slice(&c.to_be_bytes());
+                h
+            }
+            UDP => {
+                let len = 8 + self.payload.len();
+                let mut h = Vec::with_capacity(len);
+                h.extend(self.sport.to_be_bytes());
+                h.extend(self.dport.to_be_bytes());
+                h.extend((len as u16).to_be_bytes());
+                h.extend([0, 0]);
+                h.extend(&self.payload);
+                let mut c = checksum(pseudo6(self.src, self.dst, UDP, len), &h);
+                if c == 0 {
+                    c = 0xffff;
+                }
+                h[6..8].copy_from_slice(&c.to_be_bytes());
+                h
+            }
+            _ => self.payload.clone(),
+        };
+        let mut out = Vec::with_capacity(ETH_LEN + IPV6_LEN + l4.len());
+        out.extend(self.eth_dst);
+        out.extend(self.eth_src);
+        out.extend(ETH_P_IPV6.to_be_bytes());
+        out.extend((0x6000_0000 | (self.flow_label & 0xf_ffff)).to_be_bytes());
+        out.extend((l4.len() as u16).to_be_bytes());
+        out.push(self.proto);
+        out.push(self.hop_limit);
+        out.extend(self.src.octets());
+        out.extend(self.dst.octets());
+        out.extend(l4);
+        out
+    }
+}
+
+/// The IPv6 header of a frame: (source, destination, next header, payload) with the payload
+/// cut to the header's payload length.
+fn ipv6_parts(frame: &[u8]) -> Result<(Ipv6Addr, Ipv6Addr, u8, &[u8]), String> {
+    let ip = frame
+        .get(ETH_LEN..ETH_LEN + IPV6_LEN)
+        .ok_or_else(|| format!("frame of {} bytes has no IPv6 header", frame.len()))?;
+    if ip[0] >> 4 != 6 {
+        return Err(format!("IP version {} in an IPv6 frame", ip[0] >> 4));
+    }
+    let len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    let payload = frame
+        .get(ETH_LEN + IPV6_LEN..ETH_LEN + IPV6_LEN + len)
+        .ok_or_else(|| {
+            format!(
+                "IPv6 payload length {len} > {} bytes present",
+                frame.len() - ETH_LEN - IPV6_LEN
+            )
+        })?;
+    let addr = |b: &[u8]| {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(b);
+        Ipv6Addr::from(a)
+    };
+    Ok((addr(&ip[8..24]), addr(&ip[24..40]), ip[6], payload))
+}
+
+/// Checks an IPv6 frame's L4 checksum from scratch (IPv6 has no header checksum; TCP, UDP
+/// and ICMPv6 checksums all cover the pseudo-header). Returns what is wrong, if anything.
+pub fn verify_checksums6(frame: &[u8]) -> Result<(), String> {
+    let (src, dst, proto, l4) = ipv6_parts(frame)?;
+    let ok = match proto {
+        TCP if l4.len() >= 20 => checksum(pseudo6(src, dst, TCP, l4.len()), l4) == 0,
+        // Over IPv6 a zero UDP checksum is not allowed (RFC 8200 8.1).
+        UDP if l4.len() >= 8 => {
+            !(l4[6] == 0 && l4[7] == 0) && checksum(pseudo6(src, dst, UDP, l4.len()), l4) == 0
+        }
+        ICMPV6 if l4.len() >= 4 => checksum(pseudo6(src, dst, ICMPV6, l4.len()), l4) == 0,
+        TCP | UDP | ICMPV6 => return Err(format!("truncated header of IP protocol {proto}")),
+        _ => true,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("bad checksum for IP protocol {proto}"))
+    }
+}
+
+/// Reads the fields back from an IPv6 frame built like `Frame6::build` makes them (TCP,
+/// UDP, or another protocol's payload as it is).
+pub fn parse6(frame: &[u8]) -> Result<Frame6, String> {
+    if ethertype(frame) != Some(ETH_P_IPV6) {
+        return Err("not an IPv6 frame".into());
+    }
+    let (src, dst, proto, l4) = ipv6_parts(frame)?;
+    let ip = &frame[ETH_LEN..];
+    let short = || format!("truncated header of IP protocol {proto}");
+    let (sport, dport, seq, ack, flags, payload) = match proto {
+        TCP => {
+            let h = l4.get(..20).ok_or_else(short)?;
+            let doff = usize::from(h[12] >> 4) * 4;
+            (
+                u16::from_be_bytes([h[0], h[1]]),
+                u16::from_be_bytes([h[2], h[3]]),
+                u32::from_be_bytes([h[4], h[5], h[6], h[7]]),
+                u32::from_be_bytes([h[8], h[9], h[10], h[11]]),
+                h[13],
+                l4.get(doff..).ok_or_else(short)?.to_vec(),
+            )
+        }
+        UDP => {
+            let h = l4.get(..8).ok_or_else(short)?;
+            (
+                u16::from_be_bytes([h[0], h[1]]),
+                u16::from_be_bytes([h[2], h[3]]),
+                0,
+                0,
+                0,
+                l4[8..].to_vec(),
+            )
+        }
+        _ => (0, 0, 0, 0, 0, l4.to_vec()),
+    };
+    let mut eth_dst = [0u8; 6];
+    let mut eth_src = [0u8; 6];
+    eth_dst.copy_from_slice(&frame[0..6]);
+    eth_src.copy_from_slice(&frame[6..12]);
+    Ok(Frame6 {
+        eth_dst,
+        eth_src,
+        src,
+        dst,
+        proto,
+        sport,
+        dport,
+        seq,
+        ack,
+        flags,
+        payload,
+        hop_limit: ip[7],
+        flow_label: u32::from_be_bytes([ip[0], ip[1], ip[2], ip[3]]) & 0xf_ffff,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,5 +496,55 @@ mod tests {
         let b = u.build();
         verify_checksums(&b).expect("valid");
         assert_eq!(parse(&b), u);
+    }
+
+    #[test]
+    fn ipv6_frames_verify_and_parse_back() {
+        let (a, b): (Ipv6Addr, Ipv6Addr) = (
+            "2001:db8::1".parse().expect("a"),
+            "fd00::a".parse().expect("b"),
+        );
+        let f = Frame6::tcp((a, 40000), (b, 80), SYN).with_payload(b"abc");
+        let bytes = f.build();
+        assert_eq!(ethertype(&bytes), Some(ETH_P_IPV6));
+        assert_eq!(bytes.len(), ETH_LEN + IPV6_LEN + 20 + 3);
+        verify_checksums(&bytes).expect("valid");
+        assert_eq!(parse6(&bytes), Ok(f));
+        // A flipped bit in an address is caught: the pseudo-header covers all 128 bits.
+        let mut bad = bytes.clone();
+        bad[ETH_LEN + 8 + 9] ^= 0x40;
+        assert!(verify_checksums(&bad).is_err());
+
+        let u = Frame6::udp((a, 5000), (b, 53), b"hello");
+        let bytes = u.build();
+        verify_checksums(&bytes).expect("valid");
+        assert_eq!(parse6(&bytes), Ok(u));
+        // A zero UDP checksum is invalid over IPv6.
+        let mut zero = bytes.clone();
+        zero[ETH_LEN + IPV6_LEN + 6..ETH_LEN + IPV6_LEN + 8].copy_from_slice(&[0, 0]);
+        assert!(verify_checksums6(&zero).is_err());
+        // Truncated input is an error, not a panic.
+        for n in [0, 13, 30, ETH_LEN + IPV6_LEN + 4] {
+            assert!(parse6(&bytes[..n]).is_err(), "{n} bytes");
+            assert!(verify_checksums(&bytes[..n]).is_err(), "{n} bytes");
+        }
+        // An IPv4 frame is not parsed as IPv6.
+        let v4 = Frame::tcp((Ipv4Addr::LOCALHOST, 1), (Ipv4Addr::LOCALHOST, 2), SYN).build();
+        assert!(parse6(&v4).is_err());
+    }
+
+    #[test]
+    fn the_ipv6_checksum_matches_a_known_packet() {
+        // A UDP datagram fe80::1:1234 -> ff02::1:5678 "hi", whose checksum is computed by hand:
+        // sum of the pseudo-header and the header/payload words, folded and inverted.
+        let src: Ipv6Addr = "fe80::1".parse().expect("src");
+        let dst: Ipv6Addr = "ff02::1".parse().expect("dst");
+        let u = Frame6::udp((src, 0x1234), (dst, 0x5678), b"hi");
+        let b = u.build();
+        let sum: u32 = 0xfe80 + 1 + 0xff02 + 1 + 10 + 17 + 0x1234 + 0x5678 + 10 + 0x6869;
+        let folded = (sum & 0xffff) + (sum >> 16);
+        let want = !(folded as u16);
+        let at = ETH_LEN + IPV6_LEN + 6;
+        assert_eq!(u16::from_be_bytes([b[at], b[at + 1]]), want);
     }
 }

@@ -7,8 +7,9 @@ use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr, path::Path};
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{
-    map_names, AffinityEntry, AffinityKeyV4, BackendSlotKey, BackendV4, CtEntryV4, CtKeyV4,
-    MemberKey, ServiceEntry, ServiceKeyV4, IFACE_F_POD,
+    map_names, AffinityEntry, AffinityKeyV4, AffinityKeyV6, BackendSlotKey, BackendV4, BackendV6,
+    CtEntryV4, CtEntryV6, CtKeyV4, CtKeyV6, MemberKey, ServiceEntry, ServiceKeyV4, ServiceKeyV6,
+    IFACE_F_POD,
 };
 
 use super::client;
@@ -100,7 +101,8 @@ pub fn status(pin: &Path, healthz: SocketAddr, metrics: SocketAddr) -> Result<(S
         warnings.push("the datapath is attached to no interface".to_string());
     }
 
-    // Map fill levels, counted in the maps themselves.
+    // Map fill levels, counted in the maps themselves: each family's maps, then those both
+    // families share (slots and members, keyed by service and backend id).
     let fills = [
         (
             map_names::LB4_SERVICES,
@@ -126,6 +128,22 @@ pub fn status(pin: &Path, healthz: SocketAddr, metrics: SocketAddr) -> Result<(S
             map_names::LB4_AFFINITY,
             count::<AffinityKeyV4, AffinityEntry>(pin, map_names::LB4_AFFINITY, true)?,
         ),
+        (
+            map_names::LB6_SERVICES,
+            count::<ServiceKeyV6, ServiceEntry>(pin, map_names::LB6_SERVICES, false)?,
+        ),
+        (
+            map_names::LB6_BACKENDS,
+            count::<u32, BackendV6>(pin, map_names::LB6_BACKENDS, false)?,
+        ),
+        (
+            map_names::LB6_CONNTRACK,
+            count::<CtKeyV6, CtEntryV6>(pin, map_names::LB6_CONNTRACK, true)?,
+        ),
+        (
+            map_names::LB6_AFFINITY,
+            count::<AffinityKeyV6, AffinityEntry>(pin, map_names::LB6_AFFINITY, true)?,
+        ),
     ];
     for (i, (name, (n, max))) in fills.iter().enumerate() {
         let share = *n as f64 / f64::from((*max).max(1));
@@ -136,7 +154,13 @@ pub fn status(pin: &Path, healthz: SocketAddr, metrics: SocketAddr) -> Result<(S
             share * 100.0
         )?;
         // LRU maps evict by design; only the others can run out.
-        let lru = *name == map_names::LB4_CONNTRACK || *name == map_names::LB4_AFFINITY;
+        let lru = [
+            map_names::LB4_CONNTRACK,
+            map_names::LB4_AFFINITY,
+            map_names::LB6_CONNTRACK,
+            map_names::LB6_AFFINITY,
+        ]
+        .contains(name);
         if share >= NEARLY_FULL && !lru {
             warnings.push(format!("map {name} is {:.0}% full", share * 100.0));
         }

@@ -9,16 +9,25 @@
 //! * per packet: the XDP program on a new-flow SYN and on a conntrack hit, next to an XDP
 //!   program that does nothing, by BPF_PROG_TEST_RUN (the kernel's own timing): new flows
 //!   one frame per call; hits and the empty program also many runs of one frame per call.
+//!   The same for IPv6 (`ipv6` in the row): as many IPv6 frontends as Services, written
+//!   straight into the `LB6_*` maps (the control plane does not program IPv6 yet), all
+//!   sharing one slot list of 4 backends, and an IPv6 twin of `loop_service`.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use aya::{
+    maps::{Array, HashMap, Map, MapData},
     programs::{TestRun, TestRunOptions, Xdp},
     EbpfLoader,
+};
+use lb_common::{
+    ipv6_words, map_names, BackendSlotKey, BackendV6, CtEntryV6, CtKeyV6, Ipv6Words, MemberKey,
+    ServiceEntry, ServiceKeyV6, BACKEND_F_LOCAL, SCOPE_ALL, SVC_F_CLUSTER_IP,
 };
 use lb_control::{
     incremental::Engine,
@@ -26,7 +35,7 @@ use lb_control::{
     source::{Objects, ServiceIndex, ServiceKey},
     translate::NodeInfo,
 };
-use lb_testkit::frame::{Frame, ACK, SYN};
+use lb_testkit::frame::{Frame, Frame6, ACK, SYN, TCP};
 use lb_testkit::PinDir;
 use lb_userspace::datapath::{loader::EBPF_OBJECT, Datapath, MapSizes, PinnedMaps};
 use serde_json::{json, Value};
@@ -204,12 +213,170 @@ pub fn measure(n: usize, changes: usize, packets: usize) -> Result<Value> {
     let empty_single_ns = per_packet(pass, &hits)?;
     let hit_single_ns = per_packet(prog, &hits)?;
     let new_ns = per_packet(prog, &new_flows)?;
+    let ipv6 = measure6(pin.path(), prog, &*pass, n, packets, sizes)
+        .unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
     Ok(json!({
         "services": n,
         "map_sizes": {"services": sizes.services, "backends": sizes.backends, "backend_slots": sizes.slots},
         "programming_ms": programming.as_secs_f64() * 1000.0,
         "endpoint_change_p50_ms": percentile(&times, 0.5).as_secs_f64() * 1000.0,
         "endpoint_change_p99_ms": percentile(&times, 0.99).as_secs_f64() * 1000.0,
+        "empty_program_ns": empty_ns,
+        "conntrack_hit_ns": hit_ns,
+        "empty_program_single_run_ns": empty_single_ns,
+        "conntrack_hit_single_run_ns": hit_single_ns,
+        "new_flow_ns": new_ns,
+        "ipv6": ipv6,
+    }))
+}
+
+/// The ClusterIP of the IPv6 twin of `loop_service`.
+const LOOP_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x95, 0, 0, 0, 0, 0, 1);
+/// The IPv6 bench's clients.
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 1, 0, 0, 0, 1);
+/// The node's IPv6 address (the source of SNATed IPv6 flows).
+const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 2);
+
+/// The `i`th IPv6 frontend address: fd00:96::/64 and up.
+fn service_ip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::from((0xfd00_0096_u128 << 96) | i as u128)
+}
+
+fn endpoint_ip6(e: usize) -> Ipv6Addr {
+    Ipv6Addr::from((0xfd00_0010_0244_u128 << 80) | (0x11 + e) as u128)
+}
+
+fn pinned(pin: &Path, name: &str) -> Result<MapData> {
+    MapData::from_pin(pin.join(name)).with_context(|| format!("opening the pinned {name}"))
+}
+
+/// What the IPv6 measurements program: `n` ClusterIP frontends `service_ip6(i)`:80/TCP, all
+/// of service id `svc`, whose slots hold 4 local backends; and the loop frontend (service
+/// id `loop_svc`, its one backend itself). Ids at the top of their maps, above those the
+/// reconciler hands out to the IPv4 Services.
+fn program6(pin: &Path, n: usize, sizes: MapSizes) -> Result<()> {
+    let mut services: HashMap<MapData, ServiceKeyV6, ServiceEntry> =
+        HashMap::try_from(Map::HashMap(pinned(pin, map_names::LB6_SERVICES)?))?;
+    let mut backends: HashMap<MapData, u32, BackendV6> =
+        HashMap::try_from(Map::HashMap(pinned(pin, map_names::LB6_BACKENDS)?))?;
+    let mut slots: HashMap<MapData, BackendSlotKey, u32> =
+        HashMap::try_from(Map::HashMap(pinned(pin, map_names::LB_SLOTS)?))?;
+    let mut members: HashMap<MapData, MemberKey, u32> =
+        HashMap::try_from(Map::HashMap(pinned(pin, map_names::LB_MEMBERS)?))?;
+    let mut node: Array<MapData, Ipv6Words> =
+        Array::try_from(Map::Array(pinned(pin, map_names::LB6_NODE_ADDR)?))?;
+    node.set(0, ipv6_words(NODE_IP6.octets()), 0)
+        .context("LB6_NODE_ADDR")?;
+    let (svc, loop_svc) = (sizes.services - 2, sizes.services - 1);
+    let loop_backend = sizes.backends - 1;
+    let main_backends: Vec<(u32, Ipv6Addr)> = (0..4)
+        .map(|e| (sizes.backends - 2 - e as u32, endpoint_ip6(e)))
+        .collect();
+    let mut set = |svc_id: u32, list: &[(u32, Ipv6Addr)], port: u16| -> Result<()> {
+        for (slot, (id, addr)) in list.iter().enumerate() {
+            let b = BackendV6 {
+                addr: ipv6_words(addr.octets()),
+                port: port.to_be(),
+                proto: TCP,
+                flags: BACKEND_F_LOCAL,
+            };
+            backends.insert(id, b, 0).context("LB6_BACKENDS")?;
+            let slot = slot as u32;
+            slots
+                .insert(BackendSlotKey { svc_id, slot }, id, 0)
+                .context("LB_SLOTS")?;
+            members
+                .insert(
+                    MemberKey {
+                        svc_id,
+                        backend_id: *id,
+                    },
+                    slot,
+                    0,
+                )
+                .context("LB_MEMBERS")?;
+        }
+        Ok(())
+    };
+    set(svc, &main_backends, 8080)?;
+    set(loop_svc, &[(loop_backend, LOOP_IP6)], 80)?;
+    let entry = |svc_id: u32, count: u32| ServiceEntry {
+        svc_id,
+        count,
+        flags: SVC_F_CLUSTER_IP,
+        affinity_timeout_s: 0,
+        affinity_group: u64::from(svc_id),
+        maglev: 0,
+        _pad: 0,
+    };
+    let key = |addr: Ipv6Addr| ServiceKeyV6 {
+        addr: ipv6_words(addr.octets()),
+        port: 80u16.to_be(),
+        proto: TCP,
+        scope: SCOPE_ALL,
+    };
+    for i in 0..n {
+        services
+            .insert(key(service_ip6(i)), entry(svc, 4), 0)
+            .context("LB6_SERVICES")?;
+    }
+    services
+        .insert(key(LOOP_IP6), entry(loop_svc, 1), 0)
+        .context("LB6_SERVICES")?;
+    Ok(())
+}
+
+/// The IPv6 per-packet measurements, as the IPv4 ones: new flows to the last frontend, one
+/// frame per run; conntrack hits of a flow of the loop frontend; the empty program on the
+/// same IPv6 frame.
+fn measure6(
+    pin: &Path,
+    prog: &Xdp,
+    pass: &Xdp,
+    n: usize,
+    packets: usize,
+    sizes: MapSizes,
+) -> Result<Value> {
+    program6(pin, n, sizes)?;
+    let vip = service_ip6(n - 1);
+    // The datapath must translate IPv6 for the numbers to mean anything.
+    let probe = Frame6::tcp((CLIENT6, 1023), (vip, 80), SYN).build();
+    let mut out = vec![0u8; 256];
+    timed(prog, &probe, 1, &mut out)?;
+    if out[..probe.len()] == *probe {
+        bail!(
+            "the XDP program left an IPv6 SYN to an IPv6 frontend untranslated: no IPv6 datapath"
+        );
+    }
+    let new_flows: Vec<Vec<u8>> = (0..packets)
+        .map(|i| Frame6::tcp((CLIENT6, 1024 + (i % 60_000) as u16), (vip, 80), SYN).build())
+        .collect();
+    let open = Frame6::tcp((CLIENT6, 65_000), (LOOP_IP6, 80), SYN).build();
+    per_packet(prog, std::slice::from_ref(&open))?;
+    let conntrack: HashMap<MapData, CtKeyV6, CtEntryV6> =
+        HashMap::try_from(Map::LruHashMap(pinned(pin, map_names::LB6_CONNTRACK)?))?;
+    let key = CtKeyV6 {
+        saddr: ipv6_words(CLIENT6.octets()),
+        daddr: ipv6_words(LOOP_IP6.octets()),
+        sport: 65_000u16.to_be(),
+        dport: 80u16.to_be(),
+        proto: TCP,
+        _pad: [0; 3],
+    };
+    if conntrack.get(&key, 0).is_err() {
+        bail!("the loop flow's SYN left no LB6_CONNTRACK entry: its ACKs would not be hits");
+    }
+    let hit = Frame6::tcp((CLIENT6, 65_000), (LOOP_IP6, 80), ACK).build();
+    let hits = vec![hit.clone(); packets];
+    const REPEAT: u32 = 1000;
+    let rounds = (packets / REPEAT as usize).max(1);
+    let empty_ns = per_run(pass, &hit, REPEAT, rounds)?;
+    let hit_ns = per_run(prog, &hit, REPEAT, rounds)?;
+    let empty_single_ns = per_packet(pass, &hits)?;
+    let hit_single_ns = per_packet(prog, &hits)?;
+    let new_ns = per_packet(prog, &new_flows)?;
+    Ok(json!({
+        "frontends": n,
         "empty_program_ns": empty_ns,
         "conntrack_hit_ns": hit_ns,
         "empty_program_single_run_ns": empty_single_ns,

@@ -282,6 +282,23 @@ fn num(v: &Value, path: &[&str]) -> Option<f64> {
     path.iter().try_fold(v, |v, k| v.get(k))?.as_f64()
 }
 
+/// The per-packet cells of an in-process row (or of its `ipv6` part): empty, hit, hit − empty,
+/// and the one-frame-per-run triple.
+fn per_packet_cells(r: &Value) -> String {
+    let over = num(r, &["conntrack_hit_ns"])
+        .zip(num(r, &["empty_program_ns"]))
+        .map(|(h, e)| h - e);
+    format!(
+        "{} | {} | {} | {} / {} / {}",
+        cell(num(r, &["empty_program_ns"]), 0),
+        cell(num(r, &["conntrack_hit_ns"]), 0),
+        cell(over, 0),
+        cell(num(r, &["empty_program_single_run_ns"]), 0),
+        cell(num(r, &["conntrack_hit_single_run_ns"]), 0),
+        cell(num(r, &["new_flow_ns"]), 0),
+    )
+}
+
 fn cell(x: Option<f64>, decimals: usize) -> String {
     match x {
         Some(x) => format!("{x:.decimals$}"),
@@ -308,26 +325,36 @@ fn wrk_cell(v: &Value) -> String {
 fn markdown(rows: &[Value], machine: &str, opts: &Options) -> Result<String> {
     let mut md = String::new();
     writeln!(md, "## lb-agent in process\n")?;
-    writeln!(md, "| Services | programming (ms) | endpoint change p50 / p99 (ms) | empty XDP (ns) | conntrack hit (ns) | hit − empty (ns) | one frame per run: empty / hit / new flow (ns) |")?;
-    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(md, "| Services | family | programming (ms) | endpoint change p50 / p99 (ms) | empty XDP (ns) | conntrack hit (ns) | hit − empty (ns) | one frame per run: empty / hit / new flow (ns) |")?;
+    writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|")?;
     for r in rows {
-        let over = num(r, &["conntrack_hit_ns"])
-            .zip(num(r, &["empty_program_ns"]))
-            .map(|(h, e)| h - e);
         writeln!(
             md,
-            "| {} | {} | {} / {} | {} | {} | {} | {} / {} / {} |",
+            "| {} | IPv4 | {} | {} / {} | {} |",
             r["services"],
             cell(num(r, &["programming_ms"]), 1),
             cell(num(r, &["endpoint_change_p50_ms"]), 2),
             cell(num(r, &["endpoint_change_p99_ms"]), 2),
-            cell(num(r, &["empty_program_ns"]), 0),
-            cell(num(r, &["conntrack_hit_ns"]), 0),
-            cell(over, 0),
-            cell(num(r, &["empty_program_single_run_ns"]), 0),
-            cell(num(r, &["conntrack_hit_single_run_ns"]), 0),
-            cell(num(r, &["new_flow_ns"]), 0),
+            per_packet_cells(r),
         )?;
+        // IPv6: the same per-packet measurements on as many IPv6 frontends, written to the
+        // maps directly (no programming time of their own).
+        let v6 = &r["ipv6"];
+        match v6.get("error").and_then(Value::as_str) {
+            Some(e) => writeln!(
+                md,
+                "| {} | IPv6 | — | — | not measured: {} |  |  |  |",
+                r["services"],
+                e.replace('|', "/")
+            )?,
+            None if v6.is_object() => writeln!(
+                md,
+                "| {} | IPv6 | — | — | {} |",
+                r["services"],
+                per_packet_cells(v6),
+            )?,
+            None => {}
+        }
     }
 
     let mut failures = Vec::new();
@@ -422,7 +449,9 @@ fn markdown(rows: &[Value], machine: &str, opts: &Options) -> Result<String> {
          kernel's BPF_PROG_TEST_RUN timing: the empty program and a conntrack hit 1,000 runs of \
          one frame per call (a flow of a Service whose endpoint is its own address, so the \
          frame stays as it was), and, with the clock read around every run, one frame per \
-         call; new flows (SYNs of distinct flows to the last Service) one frame per call.",
+         call; new flows (SYNs of distinct flows to the last Service) one frame per call. \
+         The IPv6 rows measure the same on as many IPv6 ClusterIP frontends, written straight \
+         into the LB6 maps (4 local backends each; no programming of their own).",
         opts.changes,
         opts.packets,
         opts.endpoints,
