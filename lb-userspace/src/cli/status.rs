@@ -234,12 +234,11 @@ pub fn status(pin: &Path, healthz: SocketAddr, metrics: SocketAddr) -> Result<(S
     }
     writeln!(
         out,
-        "Features:     IPv4 ClusterIP, NodePort, externalIPs, LoadBalancer IPs (XDP or TC DNAT, conntrack); \
-         backends on other nodes (SNAT); Maglev for external traffic; loadBalancerSourceRanges; \
-         host-network clients (cgroup hooks); rejects (TC); sessionAffinity ClientIP; \
-         topology hints; traffic policies; healthCheckNodePort"
+        "Features:     IPv4 and IPv6 (dual-stack) ClusterIP, NodePort, externalIPs, LoadBalancer IPs \
+         (XDP or TC DNAT, conntrack); backends on other nodes (SNAT); Maglev for external \
+         traffic; loadBalancerSourceRanges; host-network clients (cgroup hooks); rejects (TC); \
+         sessionAffinity ClientIP; topology hints; traffic policies; healthCheckNodePort"
     )?;
-    writeln!(out, "Not yet:      IPv6")?;
     for w in &warnings {
         writeln!(out, "Warning:      {w}")?;
     }
