@@ -214,6 +214,12 @@ pub fn run(pods: usize, requests: usize) -> Result<()> {
             &format!("{NODE_IP}:30080")
         ])?
     );
+    let (from6, to6) = (
+        format!("[{CLIENT_IP6}]:40000"),
+        format!("[{NODE_IP6}]:30090"),
+    );
+    println!("\nAnd over IPv6 (lb-agent trace tcp {from6} {to6}):\n");
+    print!("{}", lab.agent_cli(&["trace", "tcp", &from6, &to6])?);
     println!("\nWhat the datapath holds (lb-agent services --stats):\n");
     println!("{}", lab.services_table().context("lb-agent services")?);
 
