@@ -777,6 +777,39 @@ fn matrix6(network: Network) -> Vec<Row> {
     rows
 }
 
+/// Runs `rows` in two phases: the client's routes to externalIPs and LoadBalancer IPs via
+/// node 1, then via node 2 (each row in the phase its `vips_via` names).
+fn run_phases(cluster: &Cluster, rows: &[Row]) -> Vec<Result_> {
+    let mut results = Vec::new();
+    for via in [1, 2] {
+        cluster.route_vips_via(via).expect("route");
+        let phase: Vec<Row> = rows.iter().filter(|r| r.vips_via == via).cloned().collect();
+        results.extend(run_rows(cluster, phase));
+    }
+    results
+}
+
+/// The failed rows of `results` without a Service (`direct`: the lab's) or with one (the
+/// datapath's), a line each.
+fn failures(results: &[Result_], cluster: &Cluster, direct: bool) -> Vec<String> {
+    results
+        .iter()
+        .filter(|r| !r.pass && r.row.direct == direct)
+        .map(|r| {
+            format!(
+                "{} → {} {} {}: {} [{}] (expected {})",
+                r.row.client,
+                r.row.destination,
+                r.row.to,
+                r.row.proto,
+                r.outcome,
+                failure_mode(&r.row, &r.outcome, cluster),
+                r.row.expect
+            )
+        })
+        .collect()
+}
+
 /// Runs `rows` with at most PARALLEL requests in flight.
 fn run_rows(cluster: &Cluster, rows: Vec<Row>) -> Vec<Result_> {
     let mut results = Vec::new();
@@ -970,12 +1003,7 @@ fn matrix_on(config: ClusterConfig, hook: &str) {
     if cluster.dual_stack() {
         rows.extend(dual_stack_only_rows4(network));
     }
-    let mut results = Vec::new();
-    for via in [1, 2] {
-        cluster.route_vips_via(via).expect("route");
-        let phase: Vec<Row> = rows.iter().filter(|r| r.vips_via == via).cloned().collect();
-        results.extend(run_rows(&cluster, phase));
-    }
+    let results = run_phases(&cluster, &rows);
     let after = counters(&cluster);
     let passed = results.iter().filter(|r| r.pass).count();
     let stack = if cluster.dual_stack() {
@@ -1008,25 +1036,10 @@ fn matrix_on(config: ClusterConfig, hook: &str) {
         }
     }
 
-    let failed = |direct: bool| -> Vec<String> {
-        results
-            .iter()
-            .filter(|r| !r.pass && r.row.direct == direct)
-            .map(|r| {
-                format!(
-                    "{} → {} {} {}: {} [{}] (expected {})",
-                    r.row.client,
-                    r.row.destination,
-                    r.row.to,
-                    r.row.proto,
-                    r.outcome,
-                    failure_mode(&r.row, &r.outcome, &cluster),
-                    r.row.expect
-                )
-            })
-            .collect()
-    };
-    let (lab, datapath) = (failed(true), failed(false));
+    let (lab, datapath) = (
+        failures(&results, &cluster, true),
+        failures(&results, &cluster, false),
+    );
     assert!(
         lab.is_empty() && overlay_idle.is_empty(),
         "the {network} lab itself is broken: rows without a Service fail:\n{}\noverlay devices that carried nothing: {overlay_idle:?}",
@@ -1157,12 +1170,7 @@ fn matrix6_on(network: Network) {
     cluster.start_all().expect("servers, manifests, agents");
     let ready = started.elapsed();
     let rows = matrix6(network);
-    let mut results = Vec::new();
-    for via in [1, 2] {
-        cluster.route_vips_via(via).expect("route");
-        let phase: Vec<Row> = rows.iter().filter(|r| r.vips_via == via).cloned().collect();
-        results.extend(run_rows(&cluster, phase));
-    }
+    let results = run_phases(&cluster, &rows);
     let passed = results.iter().filter(|r| r.pass).count();
     println!(
         "\nIPv6 reachability matrix, {network} network ({passed} of {} rows pass; cluster ready in {:.1} s, all in {:.1} s):\n\n{}",
@@ -1173,25 +1181,10 @@ fn matrix6_on(network: Network) {
     );
     let same_pods = both_families_reach_the_same_pods(&cluster);
     println!("dual, by its IPv4 and its IPv6 ClusterIP: {same_pods:?}");
-    let failed = |direct: bool| -> Vec<String> {
-        results
-            .iter()
-            .filter(|r| !r.pass && r.row.direct == direct)
-            .map(|r| {
-                format!(
-                    "{} → {} {} {}: {} [{}] (expected {})",
-                    r.row.client,
-                    r.row.destination,
-                    r.row.to,
-                    r.row.proto,
-                    r.outcome,
-                    failure_mode(&r.row, &r.outcome, &cluster),
-                    r.row.expect
-                )
-            })
-            .collect()
-    };
-    let (lab, datapath) = (failed(true), failed(false));
+    let (lab, datapath) = (
+        failures(&results, &cluster, true),
+        failures(&results, &cluster, false),
+    );
     assert!(
         lab.is_empty(),
         "the dual-stack {network} lab itself is broken: IPv6 rows without a Service fail:\n{}",

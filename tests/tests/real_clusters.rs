@@ -107,6 +107,81 @@ fn wait_outcome(
     }
 }
 
+/// The tunnel between the nodes narrowed to 1400 bytes, the pods' links and the outside at
+/// 1500: what crosses from a pod or the outside to the other node must learn the path's MTU.
+fn narrow_the_tunnel(c: &Cluster) {
+    for node in &c.nodes {
+        run(&["ip", "-n", &node.ns, "link", "set", "tun0", "mtu", "1400"]).expect("tun0 mtu");
+    }
+    for pod in &c.pods {
+        let node = &c.nodes[pod.node - 1].ns;
+        run(&[
+            "ip",
+            "-n",
+            node,
+            "link",
+            "set",
+            &pod.host_iface,
+            "mtu",
+            "1500",
+        ])
+        .expect("mtu");
+        run(&["ip", "-n", &pod.ns, "link", "set", "eth0", "mtu", "1500"]).expect("mtu");
+    }
+}
+
+/// 1 MB uploaded from each origin to its address arrives whole.
+fn uploads_arrive_whole(c: &Cluster, cases: &[(Origin, String)]) {
+    let size = (1 << 20).to_string();
+    for (origin, to) in cases {
+        let (code, out) = lab_client(
+            c,
+            origin,
+            &["upload", to, "--size", &size, "--timeout-ms", "8000"],
+        );
+        println!("{origin:?} → {to}: {out}");
+        assert_eq!(code, 0, "{origin:?} → {to}: {out}");
+    }
+}
+
+/// Ten 2900-byte datagrams from each origin to its address come back whole, in one of
+/// `rounds` rounds (a new socket each).
+fn echoes_come_back_whole(
+    c: &Cluster,
+    network: Network,
+    cases: &[(Origin, String)],
+    rounds: usize,
+) {
+    for (origin, to) in cases {
+        let mut outs = Vec::new();
+        while outs.len() < rounds {
+            let (code, out) = lab_client(
+                c,
+                origin,
+                &[
+                    "udp-echo",
+                    to,
+                    "--size",
+                    "2900",
+                    "--count",
+                    "10",
+                    "--timeout-ms",
+                    "1000",
+                ],
+            );
+            outs.push(out);
+            if code == 0 {
+                break;
+            }
+        }
+        println!("{network}: {origin:?} → {to}: {outs:?}");
+        assert!(
+            outs.last().is_some_and(|r| r == "echoed=10/10"),
+            "{network}: {origin:?} → {to}: no round came back whole: {outs:?}"
+        );
+    }
+}
+
 /// kube-proxy's e2e "should be able to handle large requests: udp": a 2900-byte datagram
 /// (two fragments at MTU 1500) echoed back whole, ten times, from a pod to a ClusterIP and
 /// from outside to a NodePort of every node (each Service's endpoints are on both nodes, so
@@ -130,24 +205,7 @@ fn large_udp_datagrams_through_services_come_back_whole() {
                 SocketAddrV4::new(node_ip(2), WEB_NODEPORT_UDP).to_string(),
             ),
         ];
-        for (origin, to) in cases {
-            let (code, out) = lab_client(
-                &c,
-                &origin,
-                &[
-                    "udp-echo",
-                    &to,
-                    "--size",
-                    "2900",
-                    "--count",
-                    "10",
-                    "--timeout-ms",
-                    "1000",
-                ],
-            );
-            println!("{network}: {origin:?} → {to}: {out}");
-            assert_eq!(code, 0, "{network}: {origin:?} → {to}: {out}");
-        }
+        echoes_come_back_whole(&c, network, &cases, 1);
         for k in [1, 2] {
             assert!(
                 datapath_counter(&c, k, "fragment_nat") > 0,
@@ -198,37 +256,7 @@ fn large_udp_datagrams_through_ipv6_services_come_back_whole() {
                 SocketAddr::from((node_ip6(2), on_node_udp(1))).to_string(),
             ),
         ];
-        for (origin, to) in cases {
-            let echo = |count: &str| {
-                lab_client(
-                    &c,
-                    &origin,
-                    &[
-                        "udp-echo",
-                        &to,
-                        "--size",
-                        "2900",
-                        "--count",
-                        count,
-                        "--timeout-ms",
-                        "1000",
-                    ],
-                )
-            };
-            let mut rounds = Vec::new();
-            while rounds.len() < 5 {
-                let (code, out) = echo("10");
-                rounds.push(out);
-                if code == 0 {
-                    break;
-                }
-            }
-            println!("{network}: {origin:?} → {to}: {rounds:?}");
-            assert!(
-                rounds.last().is_some_and(|r| r == "echoed=10/10"),
-                "{network}: {origin:?} → {to}: no round came back whole: {rounds:?}"
-            );
-        }
+        echoes_come_back_whole(&c, network, &cases, 5);
         for k in [1, 2] {
             assert!(
                 datapath_counter(&c, k, "fragment_nat") > 0,
@@ -249,24 +277,7 @@ fn path_mtu_discovery_works_across_a_service() {
     require_root();
     let _turn = turn();
     let c = cluster(Network::Tunnel);
-    for node in &c.nodes {
-        run(&["ip", "-n", &node.ns, "link", "set", "tun0", "mtu", "1400"]).expect("tun0 mtu");
-    }
-    for pod in &c.pods {
-        let node = &c.nodes[pod.node - 1].ns;
-        run(&[
-            "ip",
-            "-n",
-            node,
-            "link",
-            "set",
-            &pod.host_iface,
-            "mtu",
-            "1500",
-        ])
-        .expect("mtu");
-        run(&["ip", "-n", &pod.ns, "link", "set", "eth0", "mtu", "1500"]).expect("mtu");
-    }
+    narrow_the_tunnel(&c);
     // A sink Service whose only endpoint is node 2's first pod (lab-server's port 9000).
     let sink_vip = Ipv4Addr::new(10, 96, 1, 60);
     let pod = c
@@ -301,7 +312,6 @@ endpoints:
     )
     .expect("manifest");
     std::thread::sleep(Duration::from_secs(1));
-    let size = (1 << 20).to_string();
     let cases = [
         (
             Origin::Outside(CLIENT_IP),
@@ -312,15 +322,7 @@ endpoints:
             SocketAddrV4::new(sink_vip, 9000).to_string(),
         ),
     ];
-    for (origin, to) in cases {
-        let (code, out) = lab_client(
-            &c,
-            &origin,
-            &["upload", &to, "--size", &size, "--timeout-ms", "8000"],
-        );
-        println!("{origin:?} → {to}: {out}");
-        assert_eq!(code, 0, "{origin:?} → {to}: {out}");
-    }
+    uploads_arrive_whole(&c, &cases);
     assert!(
         datapath_counter(&c, 1, "frag_needed_sent") > 0,
         "node 1 sent no fragmentation-needed"
@@ -344,24 +346,7 @@ fn path_mtu_discovery_works_across_an_ipv6_service() {
         dual_stack: true,
         ..ClusterConfig::new(2, 2)
     });
-    for node in &c.nodes {
-        run(&["ip", "-n", &node.ns, "link", "set", "tun0", "mtu", "1400"]).expect("tun0 mtu");
-    }
-    for pod in &c.pods {
-        let node = &c.nodes[pod.node - 1].ns;
-        run(&[
-            "ip",
-            "-n",
-            node,
-            "link",
-            "set",
-            &pod.host_iface,
-            "mtu",
-            "1500",
-        ])
-        .expect("mtu");
-        run(&["ip", "-n", &pod.ns, "link", "set", "eth0", "mtu", "1500"]).expect("mtu");
-    }
+    narrow_the_tunnel(&c);
     let sink_vip: Ipv6Addr = "fd00:10:96::1:60".parse().expect("address");
     let pod = c
         .pods
@@ -402,7 +387,6 @@ endpoints:
         datapath_counter(&c, 1, "frag_needed_sent"),
         datapath_counter(&c, 1, "icmp_error_nat"),
     );
-    let size = (1 << 20).to_string();
     let cases = [
         (
             Origin::Outside6(CLIENT_IP6),
@@ -413,15 +397,7 @@ endpoints:
             SocketAddr::from((sink_vip, 9000)).to_string(),
         ),
     ];
-    for (origin, to) in cases {
-        let (code, out) = lab_client(
-            &c,
-            &origin,
-            &["upload", &to, "--size", &size, "--timeout-ms", "8000"],
-        );
-        println!("{origin:?} → {to}: {out}");
-        assert_eq!(code, 0, "{origin:?} → {to}: {out}");
-    }
+    uploads_arrive_whole(&c, &cases);
     assert!(
         datapath_counter(&c, 1, "frag_needed_sent") > sent,
         "node 1 sent no ICMPv6 packet too big"
