@@ -2414,15 +2414,43 @@ mod tests {
                 ("IPv6".to_string(), n1v6),
             ]
         );
-        // What an IPv4 agent programs from them is what it programs from the IPv4 manifests.
+        // Their IPv4 side is what the IPv4 manifests give, and they add IPv6 frontends of
+        // IPv6 endpoints only.
         let node = NodeInfo {
             name: node_name(2),
-            addresses: vec![node_ip(2)],
+            addresses: vec![node_ip(2).into(), node_ip6(2).into()],
             zone: None,
         };
         let (t4, t6) = (translate(&v4, &node), translate(&dual, &node));
         assert!(t6.warnings.is_empty(), "{:?}", t6.warnings);
-        assert_eq!(format!("{:?}", t6.desired), format!("{:?}", t4.desired));
+        fn pick<V: std::fmt::Debug>(
+            m: &std::collections::BTreeMap<lb_control::model::L4Addr, V>,
+            v6: bool,
+        ) -> String {
+            let of_family: Vec<_> = m.iter().filter(|(a, _)| a.addr.is_ipv6() == v6).collect();
+            format!("{of_family:?}")
+        }
+        let of = |d: &lb_control::model::Desired, v6: bool| {
+            (
+                pick(&d.frontends, v6),
+                pick(&d.pod_frontends, v6),
+                pick(&d.serving, v6),
+            )
+        };
+        assert_eq!(of(&t6.desired, false), of(&t4.desired, false));
+        assert_eq!(
+            of(&t4.desired, true),
+            ("[]".into(), "[]".into(), "[]".into())
+        );
+        let v6 = &t6.desired.frontends;
+        assert!(
+            v6.keys().any(|a| a.addr.is_ipv6())
+                && v6
+                    .iter()
+                    .filter(|(a, _)| a.addr.is_ipv6())
+                    .all(|(_, f)| f.backends.iter().all(|b| b.addr.addr.is_ipv6())),
+            "IPv6 frontends of IPv6 backends: {v6:?}"
+        );
         // And the IPv4 manifests are as they always were: nothing of IPv6 in them.
         for (name, text) in default_manifests(&plan("t", 2, 2, false).1) {
             for word in [
@@ -2509,7 +2537,7 @@ mod tests {
         );
         let node = NodeInfo {
             name: node_name(2),
-            addresses: vec![node_ip(2)],
+            addresses: vec![node_ip(2).into()],
             zone: None,
         };
         let t = translate(&objects, &node);

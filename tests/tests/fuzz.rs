@@ -2544,7 +2544,7 @@ fn fuzz_ipv6_frames_through_every_program() {
     let frames = env_u64("LB_FUZZ6_FRAMES", 200_000);
     let h = Harness::new(NodeInfo {
         name: "node-a".into(),
-        addresses: vec![std::net::Ipv4Addr::from(NODE_IP)],
+        addresses: vec![std::net::Ipv4Addr::from(NODE_IP).into()],
         zone: None,
     })
     .expect("datapath loads");

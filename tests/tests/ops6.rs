@@ -35,7 +35,7 @@ const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 fn harness() -> Harness {
     let mut h = Harness::new(NodeInfo {
         name: "node-a".into(),
-        addresses: vec![NODE_IP],
+        addresses: vec![NODE_IP.into()],
         zone: None,
     })
     .expect("datapath loads");

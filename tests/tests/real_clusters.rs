@@ -53,12 +53,11 @@ fn cluster_with(config: ClusterConfig) -> Cluster {
 /// Runs lab-client from `origin`: (exit code, stdout).
 fn lab_client(c: &Cluster, origin: &Origin, args: &[&str]) -> (i32, String) {
     let mut all: Vec<&str> = args.to_vec();
-    let bind;
-    match origin {
-        Origin::Outside(ip) => bind = ip.to_string(),
-        Origin::Outside6(ip) => bind = ip.to_string(),
-        _ => bind = String::new(),
-    }
+    let bind = match origin {
+        Origin::Outside(ip) => ip.to_string(),
+        Origin::Outside6(ip) => ip.to_string(),
+        _ => String::new(),
+    };
     if !bind.is_empty() {
         all.extend(["--bind", &bind]);
     }
