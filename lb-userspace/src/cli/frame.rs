@@ -42,6 +42,80 @@ pub fn checksum(initial: u32, data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
+/// What a TCP or UDP segment is built from, in frames of either family.
+trait Segment {
+    fn proto(&self) -> u8;
+    fn ports(&self) -> (u16, u16);
+    /// Sequence and acknowledgement numbers, and the TCP flags.
+    fn tcp(&self) -> (u32, u32, u8);
+    fn payload(&self) -> &[u8];
+}
+
+impl Segment for Frame {
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+    fn ports(&self) -> (u16, u16) {
+        (self.sport, self.dport)
+    }
+    fn tcp(&self) -> (u32, u32, u8) {
+        (self.seq, self.ack, self.flags)
+    }
+    fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+}
+
+impl Segment for Frame6 {
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+    fn ports(&self) -> (u16, u16) {
+        (self.sport, self.dport)
+    }
+    fn tcp(&self) -> (u32, u32, u8) {
+        (self.seq, self.ack, self.flags)
+    }
+    fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+}
+
+/// A frame's TCP or UDP header and payload, with its checksum over `pseudo(length)`, the
+/// sum of its family's pseudo-header; `udp_checksum` false leaves a UDP checksum zero
+/// ("none", IPv4 only).
+fn segment(f: &impl Segment, pseudo: impl Fn(usize) -> u32, udp_checksum: bool) -> Vec<u8> {
+    let ((sport, dport), payload) = (f.ports(), f.payload());
+    let mut h = Vec::with_capacity(20 + payload.len());
+    h.extend(sport.to_be_bytes());
+    h.extend(dport.to_be_bytes());
+    if f.proto() == TCP {
+        let (seq, ack, flags) = f.tcp();
+        h.extend(seq.to_be_bytes());
+        h.extend(ack.to_be_bytes());
+        h.push(0x50);
+        h.push(flags);
+        h.extend(64240u16.to_be_bytes());
+        h.extend([0, 0, 0, 0]);
+        h.extend(payload);
+        let c = checksum(pseudo(h.len()), &h);
+        h[16..18].copy_from_slice(&c.to_be_bytes());
+    } else {
+        let len = 8 + payload.len();
+        h.extend((len as u16).to_be_bytes());
+        h.extend([0, 0]);
+        h.extend(payload);
+        if udp_checksum {
+            let mut c = checksum(pseudo(len), &h);
+            if c == 0 {
+                c = 0xffff;
+            }
+            h[6..8].copy_from_slice(&c.to_be_bytes());
+        }
+    }
+    h
+}
+
 fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
     let s = src.octets();
     let d = dst.octets();
@@ -118,38 +192,11 @@ impl Frame {
     /// The frame's bytes, with correct checksums.
     pub fn build(&self) -> Vec<u8> {
         let l4 = match self.proto {
-            TCP => {
-                let mut h = Vec::with_capacity(20 + self.payload.len());
-                h.extend(self.sport.to_be_bytes());
-                h.extend(self.dport.to_be_bytes());
-                h.extend(self.seq.to_be_bytes());
-                h.extend(self.ack.to_be_bytes());
-                h.push(0x50);
-                h.push(self.flags);
-                h.extend(64240u16.to_be_bytes());
-                h.extend([0, 0, 0, 0]);
-                h.extend(&self.payload);
-                let c = checksum(pseudo(self.src, self.dst, TCP, h.len()), &h);
-                h[16..18].copy_from_slice(&c.to_be_bytes());
-                h
-            }
-            UDP => {
-                let len = 8 + self.payload.len();
-                let mut h = Vec::with_capacity(len);
-                h.extend(self.sport.to_be_bytes());
-                h.extend(self.dport.to_be_bytes());
-                h.extend((len as u16).to_be_bytes());
-                h.extend([0, 0]);
-                h.extend(&self.payload);
-                if !self.udp_no_checksum {
-                    let mut c = checksum(pseudo(self.src, self.dst, UDP, len), &h);
-                    if c == 0 {
-                        c = 0xffff;
-                    }
-                    h[6..8].copy_from_slice(&c.to_be_bytes());
-                }
-                h
-            }
+            TCP | UDP => segment(
+                self,
+                |len| pseudo(self.src, self.dst, self.proto, len),
+                !self.udp_no_checksum,
+            ),
             _ => self.payload.clone(),
         };
         let mut out = Vec::with_capacity(34 + l4.len());
@@ -319,36 +366,11 @@ impl Frame6 {
     /// The frame's bytes, with correct checksums (UDP over IPv6 always has one).
     pub fn build(&self) -> Vec<u8> {
         let l4 = match self.proto {
-            TCP => {
-                let mut h = Vec::with_capacity(20 + self.payload.len());
-                h.extend(self.sport.to_be_bytes());
-                h.extend(self.dport.to_be_bytes());
-                h.extend(self.seq.to_be_bytes());
-                h.extend(self.ack.to_be_bytes());
-                h.push(0x50);
-                h.push(self.flags);
-                h.extend(64240u16.to_be_bytes());
-                h.extend([0, 0, 0, 0]);
-                h.extend(&self.payload);
-                let c = checksum(pseudo6(self.src, self.dst, TCP, h.len()), &h);
-                h[16..18].copy_from_slice(&c.to_be_bytes());
-                h
-            }
-            UDP => {
-                let len = 8 + self.payload.len();
-                let mut h = Vec::with_capacity(len);
-                h.extend(self.sport.to_be_bytes());
-                h.extend(self.dport.to_be_bytes());
-                h.extend((len as u16).to_be_bytes());
-                h.extend([0, 0]);
-                h.extend(&self.payload);
-                let mut c = checksum(pseudo6(self.src, self.dst, UDP, len), &h);
-                if c == 0 {
-                    c = 0xffff;
-                }
-                h[6..8].copy_from_slice(&c.to_be_bytes());
-                h
-            }
+            TCP | UDP => segment(
+                self,
+                |len| pseudo6(self.src, self.dst, self.proto, len),
+                true,
+            ),
             _ => self.payload.clone(),
         };
         let mut out = Vec::with_capacity(ETH_LEN + IPV6_LEN + l4.len());

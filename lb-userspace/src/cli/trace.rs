@@ -8,7 +8,7 @@
 
 use std::{
     fmt::Write as _,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
 };
 
@@ -62,58 +62,6 @@ fn describe(proto: u8, src: SocketAddr, dst: SocketAddr, flags: u8) -> String {
         let _ = write!(s, " [{}]", flags.join(","));
     }
     s
-}
-
-fn describe4(f: &Frame) -> String {
-    describe(
-        f.proto,
-        SocketAddr::from((f.src, f.sport)),
-        SocketAddr::from((f.dst, f.dport)),
-        f.flags,
-    )
-}
-
-fn describe6(f: &Frame6) -> String {
-    describe(
-        f.proto,
-        SocketAddr::from((f.src, f.sport)),
-        SocketAddr::from((f.dst, f.dport)),
-        f.flags,
-    )
-}
-
-fn ct_key(f: &Frame) -> CtKeyV4 {
-    CtKeyV4 {
-        saddr: u32::from_ne_bytes(f.src.octets()),
-        daddr: u32::from_ne_bytes(f.dst.octets()),
-        sport: f.sport.to_be(),
-        dport: f.dport.to_be(),
-        proto: f.proto,
-        _pad: [0; 3],
-    }
-}
-
-fn ct_key6(f: &Frame6) -> CtKeyV6 {
-    CtKeyV6 {
-        saddr: ipv6_words(f.src.octets()),
-        daddr: ipv6_words(f.dst.octets()),
-        sport: f.sport.to_be(),
-        dport: f.dport.to_be(),
-        proto: f.proto,
-        _pad: [0; 3],
-    }
-}
-
-/// The IPv6 twin of `partner_key`: the other direction's entry of a flow.
-fn partner_key6(key: &CtKeyV6, e: &CtEntryV6) -> CtKeyV6 {
-    CtKeyV6 {
-        saddr: e.nat_daddr,
-        daddr: e.nat_saddr,
-        sport: e.nat_dport,
-        dport: e.nat_sport,
-        proto: key.proto,
-        _pad: [0; 3],
-    }
 }
 
 /// The frontend's kind, from its flags (as `lb-agent services` names it).
@@ -287,8 +235,12 @@ pub fn trace(
     // same decisions (one translation function); lb_xdp stands in for them here, told
     // whether the interface is a pod's.
     match (src, dst) {
-        (SocketAddr::V4(s), SocketAddr::V4(d)) => trace4(pin, proto, s, d, iface),
-        (SocketAddr::V6(s), SocketAddr::V6(d)) => trace6(pin, proto, s, d, iface),
+        (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+            trace_family::<Frame>(pin, proto, (*s.ip(), s.port()), (*d.ip(), d.port()), iface)
+        }
+        (SocketAddr::V6(s), SocketAddr::V6(d)) => {
+            trace_family::<Frame6>(pin, proto, (*s.ip(), s.port()), (*d.ip(), d.port()), iface)
+        }
         _ => bail!(
             "{src} and {dst} are of different address families: a packet has one \
              (an IPv4 client of an IPv6 socket is traced with its IPv4 address)"
@@ -296,81 +248,260 @@ pub fn trace(
     }
 }
 
-fn trace4(
+/// What the trace needs of an address family: its frame, its maps and their keys, and how
+/// its answers read.
+trait Family: Sized {
+    type Addr: Copy + Into<std::net::IpAddr>;
+    type SvcKey: aya::Pod;
+    type Backend: aya::Pod;
+    type CtKey: aya::Pod;
+    type CtEntry: aya::Pod;
+    const SERVICES: &'static str;
+    const BACKENDS: &'static str;
+    const CONNTRACK: &'static str;
+    const SNAT: &'static str;
+
+    fn frame(proto: Proto, src: (Self::Addr, u16), dst: (Self::Addr, u16)) -> Self;
+    fn bytes(&self) -> Vec<u8>;
+    /// The packet as the trace prints it.
+    fn describe(&self) -> String;
+    fn ct_key(&self) -> Self::CtKey;
+    /// The frontend's key, as the program looks the packet's destination up.
+    fn svc_key(key: &Self::CtKey, scope: u8) -> Self::SvcKey;
+    /// The other direction's entry of a flow.
+    fn partner(key: &Self::CtKey, e: &Self::CtEntry) -> Self::CtKey;
+    /// A flow's backend id, and whether it is source-NATed.
+    fn flow(e: &Self::CtEntry) -> (u32, bool);
+    /// A backend's address and flags.
+    fn backend(b: &Self::Backend) -> (SocketAddr, u8);
+    /// A frame the program rewrote, as the trace prints it.
+    fn rewritten(frame: &[u8]) -> String;
+    /// What `lb_tc_reject` answered with (`TC_ACT_REDIRECT`), as the trace prints it.
+    fn rejected(proto: Proto, frame: &[u8]) -> String;
+}
+
+impl Family for Frame {
+    type Addr = Ipv4Addr;
+    type SvcKey = ServiceKeyV4;
+    type Backend = BackendV4;
+    type CtKey = CtKeyV4;
+    type CtEntry = CtEntryV4;
+    const SERVICES: &'static str = map_names::LB4_SERVICES;
+    const BACKENDS: &'static str = map_names::LB4_BACKENDS;
+    const CONNTRACK: &'static str = map_names::LB4_CONNTRACK;
+    const SNAT: &'static str = map_names::LB4_SNAT;
+
+    fn frame(proto: Proto, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Frame {
+        match proto {
+            Proto::Tcp => Frame::tcp(src, dst, SYN),
+            Proto::Udp => Frame::udp(src, dst, b"lb-agent trace"),
+        }
+    }
+    fn bytes(&self) -> Vec<u8> {
+        self.build()
+    }
+    fn describe(&self) -> String {
+        describe(
+            self.proto,
+            SocketAddr::from((self.src, self.sport)),
+            SocketAddr::from((self.dst, self.dport)),
+            self.flags,
+        )
+    }
+    fn ct_key(&self) -> CtKeyV4 {
+        CtKeyV4 {
+            saddr: u32::from_ne_bytes(self.src.octets()),
+            daddr: u32::from_ne_bytes(self.dst.octets()),
+            sport: self.sport.to_be(),
+            dport: self.dport.to_be(),
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+    fn svc_key(key: &CtKeyV4, scope: u8) -> ServiceKeyV4 {
+        ServiceKeyV4 {
+            addr: key.daddr,
+            port: key.dport,
+            proto: key.proto,
+            scope,
+        }
+    }
+    fn partner(key: &CtKeyV4, e: &CtEntryV4) -> CtKeyV4 {
+        partner_key(key, e)
+    }
+    fn flow(e: &CtEntryV4) -> (u32, bool) {
+        (e.backend_id, e.flags & CT_F_SNAT != 0)
+    }
+    fn backend(b: &BackendV4) -> (SocketAddr, u8) {
+        let addr = Ipv4Addr::from(b.addr.to_ne_bytes());
+        (SocketAddr::from((addr, u16::from_be(b.port))), b.flags)
+    }
+    fn rewritten(frame: &[u8]) -> String {
+        match frame.len() {
+            34.. => parse(frame).describe(),
+            n => format!("a truncated frame of {n} bytes"),
+        }
+    }
+    fn rejected(proto: Proto, frame: &[u8]) -> String {
+        match (proto, frame.get(26..34)) {
+            (Proto::Tcp, Some(_)) => Self::rewritten(frame),
+            (Proto::Udp, Some(a)) => format!(
+                "ICMP port unreachable {} → {}",
+                Ipv4Addr::new(a[0], a[1], a[2], a[3]),
+                Ipv4Addr::new(a[4], a[5], a[6], a[7])
+            ),
+            (_, None) => format!("a truncated frame of {} bytes", frame.len()),
+        }
+    }
+}
+
+impl Family for Frame6 {
+    type Addr = Ipv6Addr;
+    type SvcKey = ServiceKeyV6;
+    type Backend = BackendV6;
+    type CtKey = CtKeyV6;
+    type CtEntry = CtEntryV6;
+    const SERVICES: &'static str = map_names::LB6_SERVICES;
+    const BACKENDS: &'static str = map_names::LB6_BACKENDS;
+    const CONNTRACK: &'static str = map_names::LB6_CONNTRACK;
+    const SNAT: &'static str = map_names::LB6_SNAT;
+
+    fn frame(proto: Proto, src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16)) -> Frame6 {
+        match proto {
+            Proto::Tcp => Frame6::tcp(src, dst, SYN),
+            Proto::Udp => Frame6::udp(src, dst, b"lb-agent trace"),
+        }
+    }
+    fn bytes(&self) -> Vec<u8> {
+        self.build()
+    }
+    fn describe(&self) -> String {
+        describe(
+            self.proto,
+            SocketAddr::from((self.src, self.sport)),
+            SocketAddr::from((self.dst, self.dport)),
+            self.flags,
+        )
+    }
+    fn ct_key(&self) -> CtKeyV6 {
+        CtKeyV6 {
+            saddr: ipv6_words(self.src.octets()),
+            daddr: ipv6_words(self.dst.octets()),
+            sport: self.sport.to_be(),
+            dport: self.dport.to_be(),
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+    fn svc_key(key: &CtKeyV6, scope: u8) -> ServiceKeyV6 {
+        ServiceKeyV6 {
+            addr: key.daddr,
+            port: key.dport,
+            proto: key.proto,
+            scope,
+        }
+    }
+    fn partner(key: &CtKeyV6, e: &CtEntryV6) -> CtKeyV6 {
+        CtKeyV6 {
+            saddr: e.nat_daddr,
+            daddr: e.nat_saddr,
+            sport: e.nat_dport,
+            dport: e.nat_sport,
+            proto: key.proto,
+            _pad: [0; 3],
+        }
+    }
+    fn flow(e: &CtEntryV6) -> (u32, bool) {
+        (e.backend_id, e.flags & CT_F_SNAT != 0)
+    }
+    fn backend(b: &BackendV6) -> (SocketAddr, u8) {
+        let addr = Ipv6Addr::from(ipv6_bytes(b.addr));
+        (SocketAddr::from((addr, u16::from_be(b.port))), b.flags)
+    }
+    fn rewritten(frame: &[u8]) -> String {
+        match parse6(frame) {
+            Ok(o) => o.describe(),
+            Err(e) => format!("an unreadable frame ({e})"),
+        }
+    }
+    fn rejected(_: Proto, frame: &[u8]) -> String {
+        match parse6(frame) {
+            // Type 1 (destination unreachable), code 4 (port unreachable).
+            Ok(r) if r.proto == ICMPV6 => {
+                let what = match r.payload.get(..2) {
+                    Some([1, 4]) => "ICMPv6 port unreachable".to_string(),
+                    Some([t, c]) => format!("ICMPv6 type {t} code {c}"),
+                    _ => "a truncated ICMPv6 message".to_string(),
+                };
+                format!("{what} {} → {}", r.src, r.dst)
+            }
+            Ok(r) => r.describe(),
+            Err(e) => format!("an unreadable frame ({e})"),
+        }
+    }
+}
+
+/// `trace` for one family.
+fn trace_family<F: Family>(
     pin: &Path,
     proto: Proto,
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
+    src: (F::Addr, u16),
+    dst: (F::Addr, u16),
     iface: Option<&str>,
 ) -> Result<String> {
     let PinnedPrograms {
         xdp, tc_reject: tc, ..
     } = pinned_programs(pin)?;
-    let frame = match proto {
-        Proto::Tcp => Frame::tcp((*src.ip(), src.port()), (*dst.ip(), dst.port()), SYN),
-        Proto::Udp => Frame::udp(
-            (*src.ip(), src.port()),
-            (*dst.ip(), dst.port()),
-            b"lb-agent trace",
-        ),
-    };
-    let bytes = frame.build();
+    let frame = F::frame(proto, src, dst);
+    let bytes = frame.bytes();
     let (ifindex, from_pod, words) = origin(pin, iface)?;
 
-    let services: HashMap<MapData, ServiceKeyV4, ServiceEntry> =
-        open_hash(pin, map_names::LB4_SERVICES)?;
-    let backends: HashMap<MapData, u32, BackendV4> = open_hash(pin, map_names::LB4_BACKENDS)?;
-    let mut conntrack: HashMap<MapData, CtKeyV4, CtEntryV4> =
-        open_hash(pin, map_names::LB4_CONNTRACK)?;
-    let key = ct_key(&frame);
+    let services: HashMap<MapData, F::SvcKey, ServiceEntry> = open_hash(pin, F::SERVICES)?;
+    let backends: HashMap<MapData, u32, F::Backend> = open_hash(pin, F::BACKENDS)?;
+    let mut conntrack: HashMap<MapData, F::CtKey, F::CtEntry> = open_hash(pin, F::CONNTRACK)?;
+    let key = frame.ct_key();
     let existing = conntrack.get(&key, 0).ok();
 
     let mut out = String::new();
-    writeln!(out, "packet:    {} ({words})", describe4(&frame))?;
+    writeln!(out, "packet:    {} ({words})", frame.describe())?;
 
     // The frontend the packet is addressed to, as the program looks it up.
-    let mut fkey = ServiceKeyV4 {
-        addr: key.daddr,
-        port: key.dport,
-        proto: key.proto,
-        scope: SCOPE_ALL,
-    };
-    let mut svc = services.get(&fkey, 0).ok();
+    let mut scope = SCOPE_ALL;
+    let mut svc = services.get(&F::svc_key(&key, scope), 0).ok();
     if let Some(s) = svc {
         if s.flags & SVC_F_POD_SCOPE != 0 && from_pod {
-            fkey.scope = SCOPE_PODS;
-            svc = services.get(&fkey, 0).ok().or(svc);
+            scope = SCOPE_PODS;
+            svc = services.get(&F::svc_key(&key, scope), 0).ok().or(svc);
         }
     }
-    frontend_line(&mut out, dst.into(), proto, svc.map(|s| (s, fkey.scope)))?;
+    let dst = SocketAddr::new(dst.0.into(), dst.1);
+    frontend_line(&mut out, dst, proto, svc.map(|s| (s, scope)))?;
 
     let (verdict, buf, grown) = run_counted(pin, &xdp, &bytes, ifindex)?;
 
     match verdict {
         XDP_PASS if buf != bytes => {
-            let o = parse(&buf);
             let created = conntrack.get(&key, 0).ok();
-            let backend = created.or(existing).and_then(|e| {
-                let b = backends.get(&e.backend_id, 0).ok()?;
-                let addr =
-                    SocketAddr::from((Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port)));
-                Some((e.backend_id, addr, b.flags))
+            let backend = created.as_ref().or(existing.as_ref()).and_then(|e| {
+                let (id, _) = F::flow(e);
+                let (addr, flags) = F::backend(&backends.get(&id, 0).ok()?);
+                Some((id, addr, flags))
             });
             decision_line(&mut out, existing.is_some(), backend)?;
             writeln!(
                 out,
                 "verdict:   XDP_PASS, rewritten to {} ({})",
-                describe4(&o),
+                F::rewritten(&buf),
                 checks(&buf)
             )?;
             // Leave no trace of the synthetic flow (a source-NATed one's reply entry, which
-            // holds its port, is in LB4_SNAT).
+            // holds its port, is in the SNAT map).
             if existing.is_none() {
                 if let Some(e) = created {
-                    let reply = partner_key(&key, &e);
-                    if e.flags & CT_F_SNAT != 0 {
-                        let mut snat: HashMap<MapData, CtKeyV4, CtEntryV4> =
-                            open_hash(pin, map_names::LB4_SNAT)?;
+                    let reply = F::partner(&key, &e);
+                    if F::flow(&e).1 {
+                        let mut snat: HashMap<MapData, F::CtKey, F::CtEntry> =
+                            open_hash(pin, F::SNAT)?;
                         let _ = snat.remove(&reply);
                     } else {
                         let _ = conntrack.remove(&reply);
@@ -388,153 +519,13 @@ fn trace4(
                 let (tc_verdict, tbuf) =
                     run_frame(&tc, &bytes, None).context("running lb_tc_reject")?;
                 match tc_verdict {
-                    TC_ACT_REDIRECT if proto == Proto::Tcp => {
-                        writeln!(out, "verdict:   rejected with {} (connection refused)", describe4(&parse(&tbuf)))?;
-                    }
-                    TC_ACT_REDIRECT => match tbuf.get(26..34) {
-                        Some(a) => writeln!(
-                            out,
-                            "verdict:   rejected with ICMP port unreachable {} → {} (connection refused)",
-                            Ipv4Addr::new(a[0], a[1], a[2], a[3]),
-                            Ipv4Addr::new(a[4], a[5], a[6], a[7])
-                        )?,
-                        None => writeln!(out, "verdict:   rejected with a truncated frame of {} bytes", tbuf.len())?,
-                    },
-                    TC_ACT_SHOT => writeln!(out, "verdict:   dropped by lb_tc_reject")?,
-                    v => writeln!(
-                        out,
-                        "verdict:   passed on by lb_tc_reject (TC verdict {})",
-                        v as i32
-                    )?,
-                }
-            }
-            _ => writeln!(
-                out,
-                "verdict:   XDP_PASS, untouched: not a Service frontend"
-            )?,
-        },
-        XDP_DROP => drop_line(&mut out, svc, &grown)?,
-        v => writeln!(out, "verdict:   XDP verdict {v}")?,
-    }
-    Ok(out)
-}
-
-fn trace6(
-    pin: &Path,
-    proto: Proto,
-    src: SocketAddrV6,
-    dst: SocketAddrV6,
-    iface: Option<&str>,
-) -> Result<String> {
-    let PinnedPrograms {
-        xdp, tc_reject: tc, ..
-    } = pinned_programs(pin)?;
-    let frame = match proto {
-        Proto::Tcp => Frame6::tcp((*src.ip(), src.port()), (*dst.ip(), dst.port()), SYN),
-        Proto::Udp => Frame6::udp(
-            (*src.ip(), src.port()),
-            (*dst.ip(), dst.port()),
-            b"lb-agent trace",
-        ),
-    };
-    let bytes = frame.build();
-    let (ifindex, from_pod, words) = origin(pin, iface)?;
-
-    let services: HashMap<MapData, ServiceKeyV6, ServiceEntry> =
-        open_hash(pin, map_names::LB6_SERVICES)?;
-    let backends: HashMap<MapData, u32, BackendV6> = open_hash(pin, map_names::LB6_BACKENDS)?;
-    let mut conntrack: HashMap<MapData, CtKeyV6, CtEntryV6> =
-        open_hash(pin, map_names::LB6_CONNTRACK)?;
-    let key = ct_key6(&frame);
-    let existing = conntrack.get(&key, 0).ok();
-
-    let mut out = String::new();
-    writeln!(out, "packet:    {} ({words})", describe6(&frame))?;
-
-    let mut fkey = ServiceKeyV6 {
-        addr: key.daddr,
-        port: key.dport,
-        proto: key.proto,
-        scope: SCOPE_ALL,
-    };
-    let mut svc = services.get(&fkey, 0).ok();
-    if let Some(s) = svc {
-        if s.flags & SVC_F_POD_SCOPE != 0 && from_pod {
-            fkey.scope = SCOPE_PODS;
-            svc = services.get(&fkey, 0).ok().or(svc);
-        }
-    }
-    frontend_line(&mut out, dst.into(), proto, svc.map(|s| (s, fkey.scope)))?;
-
-    let (verdict, buf, grown) = run_counted(pin, &xdp, &bytes, ifindex)?;
-
-    match verdict {
-        XDP_PASS if buf != bytes => {
-            let created = conntrack.get(&key, 0).ok();
-            let backend = created.or(existing).and_then(|e| {
-                let b = backends.get(&e.backend_id, 0).ok()?;
-                let addr =
-                    SocketAddr::from((Ipv6Addr::from(ipv6_bytes(b.addr)), u16::from_be(b.port)));
-                Some((e.backend_id, addr, b.flags))
-            });
-            decision_line(&mut out, existing.is_some(), backend)?;
-            let rewritten = match parse6(&buf) {
-                Ok(o) => describe6(&o),
-                Err(e) => format!("an unreadable frame ({e})"),
-            };
-            writeln!(
-                out,
-                "verdict:   XDP_PASS, rewritten to {rewritten} ({})",
-                checks(&buf)
-            )?;
-            // Leave no trace of the synthetic flow (a source-NATed one's reply entry is in
-            // LB6_SNAT).
-            if existing.is_none() {
-                if let Some(e) = created {
-                    let reply = partner_key6(&key, &e);
-                    if e.flags & CT_F_SNAT != 0 {
-                        let mut snat: HashMap<MapData, CtKeyV6, CtEntryV6> =
-                            open_hash(pin, map_names::LB6_SNAT)?;
-                        let _ = snat.remove(&reply);
-                    } else {
-                        let _ = conntrack.remove(&reply);
-                    }
-                    let _ = conntrack.remove(&key);
-                }
-            }
-        }
-        XDP_PASS => match svc {
-            Some(s) if s.count == 0 => {
-                writeln!(
-                    out,
-                    "decision:  no usable endpoint → handed to lb_tc_reject"
-                )?;
-                let (tc_verdict, tbuf) =
-                    run_frame(&tc, &bytes, None).context("running lb_tc_reject")?;
-                match (tc_verdict, parse6(&tbuf)) {
-                    (TC_ACT_REDIRECT, Ok(r)) if r.proto == ICMPV6 => {
-                        // Type 1 (destination unreachable), code 4 (port unreachable).
-                        let what = match r.payload.get(..2) {
-                            Some([1, 4]) => "ICMPv6 port unreachable".to_string(),
-                            Some([t, c]) => format!("ICMPv6 type {t} code {c}"),
-                            _ => "a truncated ICMPv6 message".to_string(),
-                        };
-                        writeln!(
-                            out,
-                            "verdict:   rejected with {what} {} → {} (connection refused)",
-                            r.src, r.dst
-                        )?;
-                    }
-                    (TC_ACT_REDIRECT, Ok(r)) => writeln!(
+                    TC_ACT_REDIRECT => writeln!(
                         out,
                         "verdict:   rejected with {} (connection refused)",
-                        describe6(&r)
+                        F::rejected(proto, &tbuf)
                     )?,
-                    (TC_ACT_REDIRECT, Err(e)) => {
-                        writeln!(out, "verdict:   rejected with an unreadable frame ({e})")?;
-                    }
-                    (TC_ACT_SHOT, _) => writeln!(out, "verdict:   dropped by lb_tc_reject")?,
-                    (v, _) => writeln!(
+                    TC_ACT_SHOT => writeln!(out, "verdict:   dropped by lb_tc_reject")?,
+                    v => writeln!(
                         out,
                         "verdict:   passed on by lb_tc_reject (TC verdict {})",
                         v as i32
