@@ -566,32 +566,46 @@ fn wrk_rate(c: &Cluster, origin: &Origin, url: &str, secs: u32) -> f64 {
 /// ports within seconds) must not have the direct flow's replies rewritten by the old Service
 /// flows, nor meet the backend's TIME_WAIT of them: its direct connection rate stays what it
 /// was before the Service traffic. The agents sweep at their defaults (closed flows kept as
-/// long as the peers' TIME_WAIT).
+/// long as the peers' TIME_WAIT). Over each family of the dual-stack lab.
 #[test]
 fn direct_connections_after_service_traffic_are_not_slowed() {
     require_root();
     let _turn = turn();
     let c = cluster_with(ClusterConfig {
         fast_sweep: false,
+        dual_stack: true,
         ..ClusterConfig::new(2, 2)
     });
     let client = Origin::Pod("node1-pod2".into());
     let backend = c.pods.iter().find(|p| p.node == 1).expect("node1-pod1");
-    let direct = format!("http://{}:8080/", backend.ip);
-    let via_service = format!("http://{}:80/", on_node(1));
-    let before = wrk_rate(&c, &client, &direct, 3);
-    let service = wrk_rate(&c, &client, &via_service, 3);
-    let after = wrk_rate(&c, &client, &direct, 3);
-    println!(
-        "new connections a second: direct {before:.0}, through the ClusterIP {service:.0}, \
-         direct right after {after:.0}"
-    );
-    assert!(
-        before > 500.0,
-        "the lab serves too few connections: {before:.0}/s"
-    );
-    assert!(
-        after > before * 0.5,
-        "direct connections dropped from {before:.0}/s to {after:.0}/s after Service traffic"
-    );
+    let ip6 = backend.ip6.expect("a dual-stack pod");
+    for (family, direct, via_service) in [
+        (
+            "IPv4",
+            format!("http://{}:8080/", backend.ip),
+            format!("http://{}:80/", on_node(1)),
+        ),
+        (
+            "IPv6",
+            format!("http://[{ip6}]:8080/"),
+            format!("http://[{}]:80/", on_node6(1)),
+        ),
+    ] {
+        let before = wrk_rate(&c, &client, &direct, 3);
+        let service = wrk_rate(&c, &client, &via_service, 3);
+        let after = wrk_rate(&c, &client, &direct, 3);
+        println!(
+            "{family}: new connections a second: direct {before:.0}, through the ClusterIP \
+             {service:.0}, direct right after {after:.0}"
+        );
+        assert!(
+            before > 500.0,
+            "{family}: the lab serves too few connections: {before:.0}/s"
+        );
+        assert!(
+            after > before * 0.5,
+            "{family}: direct connections dropped from {before:.0}/s to {after:.0}/s after \
+             Service traffic"
+        );
+    }
 }
