@@ -272,6 +272,43 @@ pub fn overlay_ip(k: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, k as u8, 0)
 }
 
+/// What differs between the two families' VXLAN devices (`flannel.1`, `flannel-v6.1`).
+struct VxlanFamily {
+    family: &'static str,
+    device: &'static str,
+    mtu: u16,
+    /// The prefix length of the device's own (host) address.
+    host_prefix: u8,
+    /// A node's address the tunnel runs over.
+    underlay: fn(&ClusterNode) -> Option<IpAddr>,
+    /// A node's address on the device.
+    overlay: fn(usize) -> IpAddr,
+    mac: fn(usize) -> String,
+    pod_cidr: fn(usize) -> String,
+}
+
+const VXLAN_V4: VxlanFamily = VxlanFamily {
+    family: "IPv4",
+    device: VXLAN_DEVICE,
+    mtu: VXLAN_MTU,
+    host_prefix: 32,
+    underlay: |n| Some(n.ip.into()),
+    overlay: |k| overlay_ip(k).into(),
+    mac: vxlan_mac,
+    pod_cidr,
+};
+
+const VXLAN_V6: VxlanFamily = VxlanFamily {
+    family: "IPv6",
+    device: VXLAN6_DEVICE,
+    mtu: VXLAN6_MTU,
+    host_prefix: 128,
+    underlay: |n| n.ip6.map(IpAddr::from),
+    overlay: |k| overlay_ip6(k).into(),
+    mac: vxlan6_mac,
+    pod_cidr: pod_cidr6,
+};
+
 /// Node K's IPv6 address on its overlay device: fd00:10:244:K:: (/128), the first address of
 /// its IPv6 pod CIDR, as flannel numbers it ([`overlay_ip`]'s twin).
 pub fn overlay_ip6(k: usize) -> Ipv6Addr {
@@ -1008,85 +1045,59 @@ impl Cluster {
 
     /// `flannel.1` on `node` and, for every other node, what flanneld programs: the route to
     /// its pod CIDR through its `flannel.1` address (onlink), that address's MAC (a permanent
-    /// neighbour entry) and where that MAC is (an fdb entry: its node IP).
+    /// neighbour entry) and where that MAC is (an fdb entry: its node IP). In a dual-stack
+    /// lab, `flannel-v6.1` beside it, as flanneld makes it: the same VNI and port over the
+    /// nodes' IPv6 addresses, with the same entries for the IPv6 pod CIDRs.
     fn vxlan(&self, node: &ClusterNode) -> Result<()> {
-        let ns = node.ns.as_str();
-        let ip = |args: &[&str]| -> Result<String> {
-            let mut cmd = vec!["ip", "-n", ns];
-            cmd.extend_from_slice(args);
-            run(&cmd)
-        };
-        let (vni, port, mtu) = (
-            VXLAN_VNI.to_string(),
-            VXLAN_PORT.to_string(),
-            VXLAN_MTU.to_string(),
-        );
-        let (local, mac) = (node.ip.to_string(), vxlan_mac(node.index));
-        #[rustfmt::skip]
-        ip(&["link", "add", VXLAN_DEVICE, "type", "vxlan", "id", &vni, "local", &local, "dev",
-            "eth0", "dstport", &port, "nolearning"])?;
-        ip(&["link", "set", VXLAN_DEVICE, "address", &mac, "mtu", &mtu])?;
-        let addr = format!("{}/32", overlay_ip(node.index));
-        ip(&["addr", "add", &addr, "dev", VXLAN_DEVICE])?;
-        ip(&["link", "set", VXLAN_DEVICE, "up"])?;
-        for other in self.nodes.iter().filter(|o| o.index != node.index) {
-            let (gw, mac) = (overlay_ip(other.index).to_string(), vxlan_mac(other.index));
-            let cidr = pod_cidr(other.index);
-            #[rustfmt::skip]
-            ip(&["route", "add", &cidr, "via", &gw, "dev", VXLAN_DEVICE, "onlink"])?;
-            #[rustfmt::skip]
-            ip(&["neigh", "replace", &gw, "lladdr", &mac, "dev", VXLAN_DEVICE, "nud", "permanent"])?;
-            #[rustfmt::skip]
-            run(&["bridge", "-n", ns, "fdb", "append", &mac, "dev", VXLAN_DEVICE, "dst",
-                &other.ip.to_string(), "self", "permanent"])?;
-        }
+        self.vxlan_device(node, &VXLAN_V4)?;
         if node.ip6.is_some() {
-            self.vxlan6(node)?;
+            self.vxlan_device(node, &VXLAN_V6)?;
         }
         Ok(())
     }
 
-    /// `flannel-v6.1` on `node` (a dual-stack lab), as flanneld makes it beside `flannel.1`:
-    /// the same VNI and port over the nodes' IPv6 addresses, and for every other node the
-    /// route to its IPv6 pod CIDR through its `flannel-v6.1` address (onlink), that
-    /// address's MAC and where that MAC is (its node IPv6 address).
-    fn vxlan6(&self, node: &ClusterNode) -> Result<()> {
+    /// One family's VXLAN device on `node` and its entries for the other nodes.
+    fn vxlan_device(&self, node: &ClusterNode, f: &VxlanFamily) -> Result<()> {
         let ns = node.ns.as_str();
         let ip = |args: &[&str]| -> Result<String> {
             let mut cmd = vec!["ip", "-n", ns];
             cmd.extend_from_slice(args);
             run(&cmd)
         };
-        let (vni, port, mtu) = (
+        let underlay = |n: &ClusterNode| {
+            (f.underlay)(n)
+                .map(|a| a.to_string())
+                .with_context(|| format!("{} has no {} address", n.name, f.family))
+        };
+        let (dev, vni, port, mtu) = (
+            f.device,
             VXLAN_VNI.to_string(),
             VXLAN_PORT.to_string(),
-            VXLAN6_MTU.to_string(),
+            f.mtu.to_string(),
         );
-        let local = node.ip6.context("no IPv6 address")?.to_string();
-        let mac = vxlan6_mac(node.index);
+        let (local, mac) = (underlay(node)?, (f.mac)(node.index));
         #[rustfmt::skip]
-        ip(&["link", "add", VXLAN6_DEVICE, "type", "vxlan", "id", &vni, "local", &local, "dev",
-            "eth0", "dstport", &port, "nolearning"])?;
-        ip(&["link", "set", VXLAN6_DEVICE, "address", &mac, "mtu", &mtu])?;
-        let addr = format!("{}/128", overlay_ip6(node.index));
-        ip(&["addr", "add", &addr, "dev", VXLAN6_DEVICE, "nodad"])?;
-        ip(&["link", "set", VXLAN6_DEVICE, "up"])?;
+        ip(&["link", "add", dev, "type", "vxlan", "id", &vni, "local", &local, "dev", "eth0",
+            "dstport", &port, "nolearning"])?;
+        ip(&["link", "set", dev, "address", &mac, "mtu", &mtu])?;
+        let addr = format!("{}/{}", (f.overlay)(node.index), f.host_prefix);
+        let mut add = vec!["addr", "add", &addr, "dev", dev];
+        if f.host_prefix == 128 {
+            // No duplicate address detection: the address works at once.
+            add.push("nodad");
+        }
+        ip(&add)?;
+        ip(&["link", "set", dev, "up"])?;
         for other in self.nodes.iter().filter(|o| o.index != node.index) {
-            let (gw, mac) = (
-                overlay_ip6(other.index).to_string(),
-                vxlan6_mac(other.index),
-            );
-            let (cidr, dst) = (
-                pod_cidr6(other.index),
-                other.ip6.context("no IPv6 address")?.to_string(),
-            );
+            let (gw, mac) = ((f.overlay)(other.index).to_string(), (f.mac)(other.index));
+            let (cidr, dst) = ((f.pod_cidr)(other.index), underlay(other)?);
             #[rustfmt::skip]
-            ip(&["route", "add", &cidr, "via", &gw, "dev", VXLAN6_DEVICE, "onlink"])?;
+            ip(&["route", "add", &cidr, "via", &gw, "dev", dev, "onlink"])?;
             #[rustfmt::skip]
-            ip(&["neigh", "replace", &gw, "lladdr", &mac, "dev", VXLAN6_DEVICE, "nud", "permanent"])?;
+            ip(&["neigh", "replace", &gw, "lladdr", &mac, "dev", dev, "nud", "permanent"])?;
             #[rustfmt::skip]
-            run(&["bridge", "-n", ns, "fdb", "append", &mac, "dev", VXLAN6_DEVICE, "dst", &dst,
-                "self", "permanent"])?;
+            run(&["bridge", "-n", ns, "fdb", "append", &mac, "dev", dev, "dst", &dst, "self",
+                "permanent"])?;
         }
         Ok(())
     }
