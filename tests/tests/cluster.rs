@@ -777,6 +777,30 @@ fn matrix6(network: Network) -> Vec<Row> {
     rows
 }
 
+/// Prints each node's packets on overlay device `dev` between two readings of its counters,
+/// and returns the devices that did not both receive and send.
+fn idle_devices(
+    before: &[Option<LinkCounters>],
+    after: &[Option<LinkCounters>],
+    dev: &str,
+) -> Vec<String> {
+    let mut idle = Vec::new();
+    for (k, (b, a)) in before.iter().zip(after).enumerate() {
+        let (Some(b), Some(a)) = (b, a) else {
+            continue;
+        };
+        let (rx, tx) = (
+            a.rx_packets.saturating_sub(b.rx_packets),
+            a.tx_packets.saturating_sub(b.tx_packets),
+        );
+        println!("  node{}: +{rx} packets received, +{tx} sent ({a})", k + 1);
+        if rx == 0 || tx == 0 {
+            idle.push(format!("node{}'s {dev}", k + 1));
+        }
+    }
+    idle
+}
+
 /// Runs `rows` in two phases: the client's routes to externalIPs and LoadBalancer IPs via
 /// node 1, then via node 2 (each row in the phase its `vips_via` names).
 fn run_phases(cluster: &Cluster, rows: &[Row]) -> Vec<Result_> {
@@ -1018,23 +1042,13 @@ fn matrix_on(config: ClusterConfig, hook: &str) {
         started.elapsed().as_secs_f64(),
         table(&cluster, &results)
     );
-    let mut overlay_idle = Vec::new();
-    if let Some(dev) = network.overlay_device() {
-        println!("{dev} counters during the matrix:");
-        for (k, (b, a)) in before.iter().zip(&after).enumerate() {
-            let (Some(b), Some(a)) = (b, a) else {
-                continue;
-            };
-            let (rx, tx) = (
-                a.rx_packets.saturating_sub(b.rx_packets),
-                a.tx_packets.saturating_sub(b.tx_packets),
-            );
-            println!("  node{}: +{rx} packets received, +{tx} sent ({a})", k + 1);
-            if rx == 0 || tx == 0 {
-                overlay_idle.push(format!("node{}'s {dev}", k + 1));
-            }
+    let overlay_idle = match network.overlay_device() {
+        Some(dev) => {
+            println!("{dev} counters during the matrix:");
+            idle_devices(&before, &after, dev)
         }
-    }
+        None => Vec::new(),
+    };
 
     let (lab, datapath) = (
         failures(&results, &cluster, true),
@@ -1106,36 +1120,15 @@ fn dual_stack_lab_carries_ipv6_between_pods_nodes_and_the_client() {
                 table(&cluster, &results)
             );
             println!("1 MiB over IPv6, node2-pod1 → node1-pod1: {upload:?}");
-            let mut idle = Vec::new();
-            for (k, (b, a)) in before.iter().zip(&after).enumerate() {
-                if let (Some(b), Some(a)) = (b, a) {
-                    let (rx, tx) = (a.rx_packets - b.rx_packets, a.tx_packets - b.tx_packets);
-                    let dev = network.overlay_device6().unwrap_or_default();
-                    println!(
-                        "node{}'s {dev} during the IPv6 rows: +{rx} received, +{tx} sent",
-                        k + 1
-                    );
-                    if rx == 0 || tx == 0 {
-                        idle.push(format!("node{}'s {dev}", k + 1));
-                    }
+            let idle = match network.overlay_device6() {
+                Some(dev) => {
+                    println!("{dev} counters during the IPv6 rows:");
+                    idle_devices(&before, &after, dev)
                 }
-            }
-            let failed: Vec<String> = results
-                .iter()
-                .filter(|r| !r.pass)
-                .map(|r| {
-                    format!(
-                        "{} → {} {} {}: {} [{}] (expected {})",
-                        r.row.client,
-                        r.row.destination,
-                        r.row.to,
-                        r.row.proto,
-                        r.outcome,
-                        failure_mode(&r.row, &r.outcome, &cluster),
-                        r.row.expect
-                    )
-                })
-                .collect();
+                None => Vec::new(),
+            };
+            // Every row here is one without a Service.
+            let failed = failures(&results, &cluster, true);
             assert!(
                 failed.is_empty() && idle.is_empty() && upload.is_ok(),
                 "the dual-stack {network} lab, {phase}: rows without a Service fail:\n{}\n\
